@@ -1,0 +1,59 @@
+//! Benchmarks behind `kiln bench`: each prints its figures next to a baseline
+//! measured in the same run, with the ratio, so numbers compare across machines.
+
+pub mod store;
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The store core: latest_version at 1 vs 1,000,000 events; append throughput
+    /// with 1 and 64 concurrent appenders.
+    Store(store::StoreBenchArgs),
+}
+
+/// Runs a benchmark to completion on a fresh multi-threaded runtime.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        BenchCommand::Store(args) => rt.block_on(store::run(args)),
+    }
+}
+
+/// Latency samples of one operation.
+#[derive(Default)]
+pub struct Samples(Vec<Duration>);
+
+impl Samples {
+    pub fn with_capacity(n: usize) -> Self {
+        Samples(Vec::with_capacity(n))
+    }
+
+    pub fn push(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+
+    /// The `q` quantile (0.5 = median), or zero when empty.
+    pub fn quantile(&mut self, q: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.sort_unstable();
+        let idx = ((self.0.len() - 1) as f64 * q).round() as usize;
+        self.0[idx.min(self.0.len() - 1)]
+    }
+}
+
+/// `a / b`, or NaN when `b` is zero.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 { f64::NAN } else { a / b }
+}
+
+/// A duration in microseconds with two decimals, for tables.
+pub fn micros(d: Duration) -> String {
+    format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}

@@ -1,0 +1,7 @@
+//! Harnesses shared by kiln's integration and end-to-end tests.
+//!
+//! - [`conformance`]: the store core's contract, run against every backend.
+//! - [`embedded`]: a [`conformance::Harness`] for the embedded RocksDB store.
+
+pub mod conformance;
+pub mod embedded;
