@@ -2,9 +2,13 @@
 //!
 //! Start reading at `ARCHITECTURE.md` in the repository root. Modules:
 //! - [`store`]: the event log (embedded RocksDB or NATS JetStream).
+//! - [`runtime`]: the WebAssembly projection runtime (wasmtime, kiln's host ABI).
+//! - [`views`]: view documents and checkpoints, one RocksDB column family per view.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
 //! - [`cli`]: the `kiln` command line.
 
 pub mod bench;
 pub mod cli;
+pub mod runtime;
 pub mod store;
+pub mod views;

@@ -1,1 +1,288 @@
-//! kiln-sdk: author projections for kiln (the guest ABI lands with the runtime).
+//! kiln-sdk: write kiln projections in Rust, run them as WebAssembly in the
+//! daemon, and unit test the very same code natively.
+//!
+//! A projection is a type implementing [`Projection`]: typed events in, reads and
+//! writes of typed JSON documents by key through a [`View`]. One event may touch
+//! several documents. [`StreamProjection`] is the simpler per-stream form (one
+//! state document per stream, `apply(state, event) -> state`), adapted by
+//! [`PerStream`]. [`export!`] turns a projection into a module: it embeds the
+//! manifest and emits the ABI exports when building for `wasm32`, and nothing
+//! else on native targets, where [`Harness`] feeds events and shows documents.
+//!
+//! ```ignore
+//! use kiln_sdk::{Event, Projection, View};
+//! #[derive(serde::Deserialize)]
+//! pub enum UserEvent { UserRegistered { name: String } }
+//! #[derive(serde::Serialize, serde::Deserialize, Default)]
+//! pub struct Profile { name: String, logins: u64 }
+//! pub struct Users;
+//! impl Projection for Users {
+//!     const NAME: &'static str = "users";
+//!     const EVENTS: &'static [&'static str] = &["UserRegistered"];
+//!     type Event = UserEvent;
+//!     fn handle(e: &Event<UserEvent>, view: &mut View) -> kiln_sdk::Result<()> {
+//!         let UserEvent::UserRegistered { name } = &e.data;
+//!         view.put(e.stream, &Profile { name: name.clone(), logins: 0 })
+//!     }
+//! }
+//! kiln_sdk::export!(Users);
+//! ```
+//!
+//! The wire-level contract is `sdk/ABI.md`; [`abi`] is its single implementation.
+
+pub mod abi;
+pub mod event;
+#[doc(hidden)]
+pub mod guest;
+#[cfg(not(target_arch = "wasm32"))]
+mod harness;
+pub mod manifest;
+
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use event::Event;
+#[cfg(not(target_arch = "wasm32"))]
+pub use harness::{Harness, HarnessError};
+pub use manifest::Manifest;
+
+/// A projection's failure: a message the host reports with the projection's
+/// name, version and the event's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl Error {
+    pub fn msg(message: impl std::fmt::Display) -> Self {
+        Error(message.to_string())
+    }
+
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a [`View`]'s documents live: the daemon's view (through host calls) in
+/// wasm, a map in the native [`Harness`]. Reads see earlier writes.
+pub trait Backend {
+    fn get(&mut self, key: &str) -> Option<&[u8]>;
+    fn put(&mut self, key: &str, value: &[u8]);
+    fn delete(&mut self, key: &str);
+    /// Every document whose key starts with `prefix`, in key order.
+    fn scan(&mut self, prefix: &str) -> Vec<(String, Vec<u8>)>;
+}
+
+/// A projection's handle on its view: JSON documents by key.
+pub struct View<'a> {
+    backend: &'a mut dyn Backend,
+    scratch: Vec<u8>,
+}
+
+impl<'a> View<'a> {
+    pub fn new(backend: &'a mut dyn Backend) -> Self {
+        View {
+            backend,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The document at `key`, if any.
+    pub fn get<D: DeserializeOwned>(&mut self, key: &str) -> Result<Option<D>> {
+        match self.backend.get(key) {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map(Some)
+                .map_err(|e| Error(format!("document {key:?} does not decode: {e}"))),
+        }
+    }
+
+    /// The document at `key`, or `D::default()`.
+    pub fn get_or_default<D: DeserializeOwned + Default>(&mut self, key: &str) -> Result<D> {
+        Ok(self.get(key)?.unwrap_or_default())
+    }
+
+    /// Writes `doc` at `key`, replacing any previous document.
+    pub fn put<D: Serialize + ?Sized>(&mut self, key: &str, doc: &D) -> Result<()> {
+        self.scratch.clear();
+        serde_json::to_writer(&mut self.scratch, doc)?;
+        self.backend.put(key, &self.scratch);
+        Ok(())
+    }
+
+    /// Reads the document at `key` (or the default), lets `f` change it, writes it back.
+    pub fn update<D, F>(&mut self, key: &str, f: F) -> Result<()>
+    where
+        D: Serialize + DeserializeOwned + Default,
+        F: FnOnce(&mut D),
+    {
+        let mut doc = self.get_or_default(key)?;
+        f(&mut doc);
+        self.put(key, &doc)
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        self.backend.delete(key);
+    }
+
+    /// Every document whose key starts with `prefix`, in key order.
+    pub fn scan<D: DeserializeOwned>(&mut self, prefix: &str) -> Result<Vec<(String, D)>> {
+        self.backend
+            .scan(prefix)
+            .into_iter()
+            .map(|(k, v)| match serde_json::from_slice(&v) {
+                Ok(d) => Ok((k, d)),
+                Err(e) => Err(Error(format!("document {k:?} does not decode: {e}"))),
+            })
+            .collect()
+    }
+}
+
+/// A projection: events in, document reads and writes out. It keeps no state of
+/// its own between events (everything lives in the view), so a replay rebuilds
+/// the same view byte for byte.
+pub trait Projection {
+    /// The view's name; the module's version comes from the crate's version.
+    const NAME: &'static str;
+    /// Event types handled; the host delivers only these. Empty = all types.
+    const EVENTS: &'static [&'static str] = &[];
+    /// Stream categories read; empty = all categories.
+    const CATEGORIES: &'static [&'static str] = &[];
+    /// The typed events: an enum whose variants are the event types.
+    type Event: DeserializeOwned;
+
+    fn handle(event: &Event<'_, Self::Event>, view: &mut View<'_>) -> Result<()>;
+}
+
+/// The per-stream form: one state document per stream, keyed by stream id.
+pub trait StreamProjection {
+    const NAME: &'static str;
+    const EVENTS: &'static [&'static str] = &[];
+    const CATEGORIES: &'static [&'static str] = &[];
+    type Event: DeserializeOwned;
+    type State: Serialize + DeserializeOwned + Default;
+
+    /// The stream's state after `event`.
+    fn apply(state: Self::State, event: &Event<'_, Self::Event>) -> Self::State;
+
+    /// The document key of a stream's state (the stream id by default).
+    fn key(stream: &str) -> String {
+        stream.to_string()
+    }
+}
+
+/// Adapts a [`StreamProjection`] into a [`Projection`]: `kiln_sdk::export!(PerStream<MyProjection>)`.
+pub struct PerStream<S>(PhantomData<S>);
+
+impl<S: StreamProjection> Projection for PerStream<S> {
+    const NAME: &'static str = S::NAME;
+    const EVENTS: &'static [&'static str] = S::EVENTS;
+    const CATEGORIES: &'static [&'static str] = S::CATEGORIES;
+    type Event = S::Event;
+
+    fn handle(event: &Event<'_, S::Event>, view: &mut View<'_>) -> Result<()> {
+        let key = S::key(event.stream);
+        let state = view.get_or_default::<S::State>(&key)?;
+        view.put(&key, &S::apply(state, event))
+    }
+}
+
+/// Why a batch stopped: the index of the event within the batch and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    pub index: u32,
+    pub message: String,
+}
+
+/// Applies an encoded batch: decodes each event, skips those the manifest does
+/// not want, calls `P::handle`. The same code runs in wasm and in the harness.
+pub fn run_batch<P: Projection>(
+    input: &[u8],
+    backend: &mut dyn Backend,
+    mut on_event: impl FnMut(u32),
+) -> Result<(), BatchError> {
+    let fail = |index: u32, message: String| BatchError { index, message };
+    let mut reader =
+        abi::BatchReader::new(input).map_err(|e| fail(0, format!("malformed batch: {e}")))?;
+    let mut view = View::new(backend);
+    let mut index = 0u32;
+    loop {
+        let raw = match reader.next_event() {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(fail(index, format!("malformed batch: {e}"))),
+        };
+        on_event(index);
+        if wanted::<P>(raw.stream, raw.event_type) {
+            let event = event::decode::<P::Event>(&raw).map_err(|e| {
+                fail(
+                    index,
+                    format!("event of type {:?} does not decode: {e}", raw.event_type),
+                )
+            })?;
+            P::handle(&event, &mut view).map_err(|e| fail(index, e.0))?;
+        }
+        index += 1;
+    }
+}
+
+fn wanted<P: Projection>(stream: &str, event_type: &str) -> bool {
+    let category = stream.split('-').next().unwrap_or(stream);
+    (P::EVENTS.is_empty() || P::EVENTS.contains(&event_type))
+        && (P::CATEGORIES.is_empty() || P::CATEGORIES.contains(&category))
+}
+
+/// Turns a [`Projection`] into a kiln module: embeds the manifest (name, the
+/// crate's `CARGO_PKG_VERSION`, event types, categories, ABI version) in the
+/// `kiln-manifest` custom section and emits the ABI exports. On native targets
+/// it only checks the manifest at compile time.
+#[macro_export]
+macro_rules! export {
+    ($projection:ty) => {
+        const _: () = {
+            const KILN_MANIFEST_LEN: usize = $crate::manifest::encoded_len(
+                <$projection as $crate::Projection>::NAME,
+                env!("CARGO_PKG_VERSION"),
+                <$projection as $crate::Projection>::EVENTS,
+                <$projection as $crate::Projection>::CATEGORIES,
+            );
+            #[cfg_attr(target_arch = "wasm32", unsafe(link_section = "kiln-manifest"))]
+            #[used]
+            static KILN_MANIFEST: [u8; KILN_MANIFEST_LEN] =
+                $crate::manifest::encode::<KILN_MANIFEST_LEN>(
+                    <$projection as $crate::Projection>::NAME,
+                    env!("CARGO_PKG_VERSION"),
+                    <$projection as $crate::Projection>::EVENTS,
+                    <$projection as $crate::Projection>::CATEGORIES,
+                );
+
+            #[cfg(target_arch = "wasm32")]
+            #[unsafe(no_mangle)]
+            extern "C" fn kiln_alloc(len: i32) -> i32 {
+                $crate::guest::alloc(len)
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            #[unsafe(no_mangle)]
+            extern "C" fn kiln_apply(ptr: i32, len: i32) -> i32 {
+                $crate::guest::apply::<$projection>(ptr, len)
+            }
+        };
+    };
+}

@@ -1,6 +1,7 @@
 //! Benchmarks behind `kiln bench`: each prints its figures next to a baseline
 //! measured in the same run, with the ratio, so numbers compare across machines.
 
+pub mod projection;
 pub mod store;
 
 use std::time::Duration;
@@ -12,6 +13,9 @@ pub enum BenchCommand {
     /// The store core: latest_version at 1 vs 1,000,000 events; append throughput
     /// with 1 and 64 concurrent appenders.
     Store(store::StoreBenchArgs),
+    /// Replay generated events from the embedded log through the `users`
+    /// projection, as wasm and natively, and print events/s and their ratio.
+    Projection(projection::ProjectionBenchArgs),
 }
 
 /// Runs a benchmark to completion on a fresh multi-threaded runtime.
@@ -21,6 +25,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         .build()?;
     match cmd {
         BenchCommand::Store(args) => rt.block_on(store::run(args)),
+        BenchCommand::Projection(args) => rt.block_on(projection::run(args)),
     }
 }
 

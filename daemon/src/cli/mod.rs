@@ -3,6 +3,8 @@
 //! Each subcommand's implementation lives in its own module; this file only
 //! declares the surface (`kiln --help`) and maps errors to exit codes.
 
+pub mod run;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,9 @@ pub enum Command {
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a projection module offline over a JSONL file of events and print
+    /// the resulting documents as JSONL.
+    Run(run::RunArgs),
 }
 
 /// Entry point of the binary.
@@ -29,6 +34,7 @@ pub fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

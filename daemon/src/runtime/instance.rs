@@ -1,0 +1,367 @@
+//! Running a module: an [`Instance`] applies batches of events and returns their
+//! writes; a [`Projector`] commits them, with the checkpoint, to a view.
+
+use kiln_sdk::abi::{APPLY_FAILED, APPLY_OK, BatchWriter, EXPORT_ALLOC, EXPORT_APPLY};
+use wasmtime::{Store, Trap, TypedFunc};
+
+use super::host::{Fault, HostState};
+use super::{EPOCH_TICK, Module, ProjectionError};
+use crate::store::{Position, RecordedEvent};
+use crate::views::{DocumentSource, ViewId, ViewStore, Writes};
+
+struct Live {
+    store: Store<HostState>,
+    alloc: TypedFunc<i32, i32>,
+    apply: TypedFunc<(i32, i32), i32>,
+}
+
+/// One instance of a module, reading committed documents from a
+/// [`DocumentSource`]. After a trap its memory is discarded and the next batch
+/// runs in a fresh instance.
+pub struct Instance {
+    module: Module,
+    live: Option<Live>,
+    /// The source, while no instance is live (between a trap and the next batch).
+    idle_source: Option<Box<dyn DocumentSource>>,
+    batch: BatchWriter,
+    positions: Vec<Position>,
+}
+
+impl Instance {
+    pub fn new(module: &Module, source: Box<dyn DocumentSource>) -> Result<Self, ProjectionError> {
+        let mut inst = Instance {
+            module: module.clone(),
+            live: None,
+            idle_source: Some(source),
+            batch: BatchWriter::new(),
+            positions: Vec::new(),
+        };
+        inst.ensure_live()?;
+        Ok(inst)
+    }
+
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+
+    fn error_ctx(&self) -> (String, String) {
+        (
+            self.module.name().to_string(),
+            self.module.version().to_string(),
+        )
+    }
+
+    fn ensure_live(&mut self) -> Result<&mut Live, ProjectionError> {
+        if self.live.is_none() {
+            let source = self
+                .idle_source
+                .take()
+                .ok_or_else(|| self.instantiate_error("lost its view source"))?;
+            let live = self.instantiate(source)?;
+            self.live = Some(live);
+        }
+        self.live.as_mut().ok_or_else(|| unreachable_live())
+    }
+
+    fn instantiate_error(&self, reason: &str) -> ProjectionError {
+        let (projection, version) = self.error_ctx();
+        ProjectionError::Instantiate {
+            projection,
+            version,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn instantiate(&mut self, source: Box<dyn DocumentSource>) -> Result<Live, ProjectionError> {
+        let rt = self.module.runtime();
+        let mut store = Store::new(&rt.engine, HostState::new(source, rt.config.memory_cap));
+        store.limiter(|st| st as &mut dyn wasmtime::ResourceLimiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(rt.config.batch_deadline));
+        let fail = |e: wasmtime::Error| format!("{e:#}");
+        let made = self
+            .module
+            .pre()
+            .instantiate(&mut store)
+            .map_err(fail)
+            .and_then(|instance| {
+                let memory = instance
+                    .get_memory(&mut store, "memory")
+                    .ok_or_else(|| "no memory export".to_string())?;
+                store.data_mut().memory = Some(memory);
+                let alloc = instance
+                    .get_typed_func::<i32, i32>(&mut store, EXPORT_ALLOC)
+                    .map_err(fail)?;
+                let apply = instance
+                    .get_typed_func::<(i32, i32), i32>(&mut store, EXPORT_APPLY)
+                    .map_err(fail)?;
+                Ok((alloc, apply))
+            });
+        match made {
+            Ok((alloc, apply)) => Ok(Live {
+                store,
+                alloc,
+                apply,
+            }),
+            Err(reason) => {
+                // Keep the source for another attempt.
+                self.idle_source = Some(store.into_data().source);
+                Err(self.instantiate_error(&reason))
+            }
+        }
+    }
+
+    /// Runs `events` through the projection (those its manifest does not want are
+    /// skipped) and returns the batch's writes. Nothing is committed here.
+    pub fn apply(&mut self, events: &[RecordedEvent]) -> Result<Writes, ProjectionError> {
+        self.batch.clear();
+        self.positions.clear();
+        for e in events {
+            if self.module.wants(e.stream.as_str(), &e.event_type) {
+                self.positions.push(e.position);
+                encode_event(&mut self.batch, e);
+            }
+        }
+        if self.batch.is_empty() {
+            return Ok(Writes::new());
+        }
+        let first = events.first().map_or(0, |e| e.position);
+        let last = events.last().map_or(0, |e| e.position);
+        let result = self.call_guest();
+        let live = self.live.as_mut().ok_or_else(unreachable_live)?;
+        let st = live.store.data_mut();
+        let outcome = match result {
+            Ok(APPLY_OK) => return Ok(std::mem::take(&mut st.writes)),
+            Ok(APPLY_FAILED) => match st.failure.take() {
+                Some((index, message)) => Outcome::Failed { index, message },
+                None => Outcome::Malformed(
+                    "kiln_apply returned 1 (failed) without calling kiln.fail".into(),
+                ),
+            },
+            Ok(other) => {
+                Outcome::Malformed(format!("kiln_apply returned {other}, expected 0 or 1"))
+            }
+            Err(e) => classify(st, &e),
+        };
+        // The guest's state is suspect after anything but success: start afresh.
+        if !matches!(outcome, Outcome::Failed { .. }) {
+            self.retire_live();
+        } else if let Some(live) = self.live.as_mut() {
+            live.store.data_mut().reset();
+        }
+        Err(self.error(outcome, first, last))
+    }
+
+    fn call_guest(&mut self) -> Result<i32, wasmtime::Error> {
+        let deadline = deadline_ticks(self.module.runtime().config.batch_deadline);
+        if let Err(e) = self.ensure_live() {
+            return Err(wasmtime::Error::msg(e.to_string()));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Err(wasmtime::Error::msg("no live instance"));
+        };
+        live.store.data_mut().reset();
+        live.store.set_epoch_deadline(deadline);
+        let bytes = self.batch.bytes();
+        let len = i32::try_from(bytes.len())
+            .map_err(|_| wasmtime::Error::msg("batch larger than 2 GiB"))?;
+        let ptr = live.alloc.call(&mut live.store, len)?;
+        let memory = live
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| wasmtime::Error::msg("instance has no memory"))?;
+        if memory
+            .write(&mut live.store, ptr as u32 as usize, bytes)
+            .is_err()
+        {
+            let reason = format!("kiln_alloc({len}) returned {ptr}, outside the guest's memory");
+            live.store.data_mut().fault = Some(Fault::Malformed(reason.clone()));
+            return Err(wasmtime::Error::msg(reason));
+        }
+        live.apply.call(&mut live.store, (ptr, len))
+    }
+
+    fn retire_live(&mut self) {
+        if let Some(live) = self.live.take() {
+            self.idle_source = Some(live.store.into_data().source);
+        }
+    }
+
+    fn error(&self, outcome: Outcome, first: Position, last: Position) -> ProjectionError {
+        let (projection, version) = self.error_ctx();
+        let position_of = |index: u32| self.positions.get(index as usize).copied().unwrap_or(first);
+        match outcome {
+            Outcome::Failed { index, message } => ProjectionError::Failed {
+                projection,
+                version,
+                position: position_of(index),
+                message,
+            },
+            Outcome::Panic { index, message } => ProjectionError::Panic {
+                projection,
+                version,
+                position: position_of(index),
+                message,
+            },
+            Outcome::Deadline => ProjectionError::Deadline {
+                projection,
+                version,
+                first,
+                last,
+                millis: self.module.runtime().config.batch_deadline.as_millis(),
+            },
+            Outcome::MemoryCap(wanted) => ProjectionError::MemoryCap {
+                projection,
+                version,
+                first,
+                last,
+                cap: self.module.runtime().config.memory_cap,
+                wanted,
+            },
+            Outcome::Malformed(reason) => ProjectionError::Malformed {
+                projection,
+                version,
+                first,
+                last,
+                reason,
+            },
+            Outcome::View(source) => ProjectionError::View {
+                view: self.module.view_id().clone(),
+                first,
+                last,
+                source,
+            },
+            Outcome::Trap(reason) => ProjectionError::Trap {
+                projection,
+                version,
+                first,
+                last,
+                reason,
+            },
+        }
+    }
+}
+
+/// Appends a recorded event to a batch in the ABI's encoding.
+pub fn encode_event(batch: &mut BatchWriter, e: &RecordedEvent) {
+    batch.push(
+        e.position,
+        e.version,
+        e.timestamp,
+        e.stream.as_str(),
+        &e.event_type,
+        &e.data,
+        e.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+}
+
+enum Outcome {
+    Failed { index: u32, message: String },
+    Panic { index: u32, message: String },
+    Deadline,
+    MemoryCap(usize),
+    Malformed(String),
+    View(crate::views::ViewError),
+    Trap(String),
+}
+
+/// What a trapped call means, from what the host saw during it.
+fn classify(st: &mut HostState, e: &wasmtime::Error) -> Outcome {
+    if let Some((index, message)) = st.panic.take() {
+        return Outcome::Panic { index, message };
+    }
+    if let Some(wanted) = st.memory_refused.take() {
+        return Outcome::MemoryCap(wanted);
+    }
+    match st.fault.take() {
+        Some(Fault::Malformed(reason)) => return Outcome::Malformed(reason),
+        Some(Fault::View(e)) => return Outcome::View(e),
+        None => {}
+    }
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return Outcome::Deadline;
+    }
+    Outcome::Trap(format!("{e:#}"))
+}
+
+fn deadline_ticks(deadline: std::time::Duration) -> u64 {
+    (deadline.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
+}
+
+fn unreachable_live() -> ProjectionError {
+    ProjectionError::Instantiate {
+        projection: String::new(),
+        version: String::new(),
+        reason: "no live instance".into(),
+    }
+}
+
+/// A module bound to its view: applies batches and commits each batch's writes
+/// with the view's new checkpoint in one RocksDB write batch.
+pub struct Projector {
+    instance: Instance,
+    views: ViewStore,
+    view: ViewId,
+    checkpoint: Position,
+}
+
+impl Projector {
+    /// Opens (creating if needed) the module's view and reads its checkpoint.
+    pub fn open(module: &Module, views: &ViewStore) -> Result<Self, ProjectionError> {
+        let view = module.view_id().clone();
+        let view_err = |source| ProjectionError::View {
+            view: view.clone(),
+            first: 0,
+            last: 0,
+            source,
+        };
+        views.ensure(&view).map_err(view_err)?;
+        let checkpoint = views.checkpoint(&view).map_err(view_err)?;
+        let source = views.source(&view).map_err(view_err)?;
+        Ok(Projector {
+            instance: Instance::new(module, Box::new(source))?,
+            views: views.clone(),
+            view,
+            checkpoint,
+        })
+    }
+
+    pub fn view(&self) -> &ViewId {
+        &self.view
+    }
+
+    pub fn module(&self) -> &Module {
+        self.instance.module()
+    }
+
+    /// The last position committed to the view (0 for a fresh one).
+    pub fn checkpoint(&self) -> Position {
+        self.checkpoint
+    }
+
+    /// Applies the events after the checkpoint (earlier ones were applied
+    /// already and are skipped) and commits their writes and the new checkpoint
+    /// atomically. On error nothing is committed and the checkpoint stays.
+    pub fn apply(&mut self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        let start = events.partition_point(|e| e.position <= self.checkpoint);
+        let events = &events[start..];
+        let Some(last) = events.last().map(|e| e.position) else {
+            return Ok(());
+        };
+        let _span =
+            tracing::debug_span!("batch", view = %self.view, first = events[0].position, last)
+                .entered();
+        let writes = self.instance.apply(events)?;
+        self.views
+            .commit(&self.view, &writes, last)
+            .map_err(|source| ProjectionError::View {
+                view: self.view.clone(),
+                first: events[0].position,
+                last,
+                source,
+            })?;
+        self.checkpoint = last;
+        Ok(())
+    }
+}

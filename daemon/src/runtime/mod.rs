@@ -1,0 +1,251 @@
+//! The WebAssembly projection runtime.
+//!
+//! One [`Runtime`] owns one `wasmtime::Engine`, configured for determinism (NaN
+//! canonicalization, deterministic relaxed SIMD, no WASI: a module can import
+//! nothing but kiln's host module, so it has no clock, randomness or files) and
+//! for speed (modules are compiled once, cached on disk by content hash, and
+//! pre-instantiated). An epoch ticker thread bounds each batch's run time.
+//!
+//! - [`Runtime::load`] validates a module and reads its manifest without running
+//!   it, giving a [`Module`] (manifest, [`ViewId`], [`Fingerprint`]), or a
+//!   [`LoadError`] naming the module and the reason.
+//! - [`Instance`] runs a module over batches of events against a
+//!   [`DocumentSource`]; each batch yields its writes, or a [`ProjectionError`]
+//!   naming the projection, version, event position and reason.
+//! - [`Projector`] is an instance bound to a view in the [`ViewStore`](crate::views::ViewStore): each batch's
+//!   writes and the view's checkpoint commit in one RocksDB write batch.
+//!
+//! The guest side of the contract is `sdk/ABI.md`, implemented by `kiln-sdk`.
+
+mod host;
+mod instance;
+mod module;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, Linker, OptLevel};
+
+pub use instance::{Instance, Projector, encode_event};
+pub use module::{Fingerprint, Module};
+
+use crate::store::Position;
+use crate::views::{ViewError, ViewId};
+use host::HostState;
+
+/// The ABI version this runtime accepts.
+pub const ABI_VERSION: u32 = kiln_sdk::abi::ABI_VERSION;
+
+/// How often the epoch ticker advances; the unit of batch deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits and caching of a runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Most linear memory one instance may use, in bytes.
+    pub memory_cap: usize,
+    /// Longest one batch may run before it is interrupted.
+    pub batch_deadline: Duration,
+    /// Where compiled modules are cached (by content hash); `None` = no cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            memory_cap: 256 << 20,
+            batch_deadline: Duration::from_secs(10),
+            cache_dir: None,
+        }
+    }
+}
+
+/// Why a module was refused at load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("module {module}: cannot read it: {source}")]
+    Read {
+        module: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module {module}: not a WebAssembly module: {reason}")]
+    NotWasm { module: String, reason: String },
+    #[error(
+        "module {module}: imports {import}, but a projection may import only kiln's host module \"kiln\" (no WASI or other host APIs)"
+    )]
+    ForeignImport { module: String, import: String },
+    #[error(
+        "module {module}: imports kiln.{name}, which kiln's host module does not provide (ABI {ABI_VERSION})"
+    )]
+    UnknownHostFunction { module: String, name: String },
+    #[error(
+        "module {module}: no kiln manifest (custom section \"kiln-manifest\"); build projections with kiln_sdk::export!"
+    )]
+    MissingManifest { module: String },
+    #[error("module {module}: malformed kiln manifest: {reason}")]
+    MalformedManifest { module: String, reason: String },
+    #[error(
+        "module {module}: projection {name} {version} targets ABI version {abi}, but this kiln supports version {ABI_VERSION}"
+    )]
+    UnsupportedAbi {
+        module: String,
+        name: String,
+        version: String,
+        abi: u32,
+    },
+    #[error("module {module}: missing or mistyped export {export} (expected {expected})")]
+    MissingExport {
+        module: String,
+        export: String,
+        expected: String,
+    },
+    #[error("module {module}: does not compile: {reason}")]
+    Compile { module: String, reason: String },
+}
+
+/// Why a batch could not be applied. Every variant names the projection, its
+/// version and the log position of the event (or the batch's range).
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("projection {projection} {version} panicked at event position {position}: {message}")]
+    Panic {
+        projection: String,
+        version: String,
+        position: Position,
+        message: String,
+    },
+    #[error("projection {projection} {version} failed at event position {position}: {message}")]
+    Failed {
+        projection: String,
+        version: String,
+        position: Position,
+        message: String,
+    },
+    #[error(
+        "projection {projection} {version} trapped in the batch at positions {first}..={last}: {reason}"
+    )]
+    Trap {
+        projection: String,
+        version: String,
+        first: Position,
+        last: Position,
+        reason: String,
+    },
+    #[error(
+        "projection {projection} {version} exceeded its deadline of {millis} ms in the batch at positions {first}..={last} (infinite loop?)"
+    )]
+    Deadline {
+        projection: String,
+        version: String,
+        first: Position,
+        last: Position,
+        millis: u128,
+    },
+    #[error(
+        "projection {projection} {version} exceeded its memory cap of {cap} bytes (wanted {wanted}) in the batch at positions {first}..={last}"
+    )]
+    MemoryCap {
+        projection: String,
+        version: String,
+        first: Position,
+        last: Position,
+        cap: usize,
+        wanted: usize,
+    },
+    #[error(
+        "projection {projection} {version} returned malformed data in the batch at positions {first}..={last}: {reason}"
+    )]
+    Malformed {
+        projection: String,
+        version: String,
+        first: Position,
+        last: Position,
+        reason: String,
+    },
+    #[error("projection {projection} {version} could not be instantiated: {reason}")]
+    Instantiate {
+        projection: String,
+        version: String,
+        reason: String,
+    },
+    #[error("view {view} at batch positions {first}..={last}: {source}")]
+    View {
+        view: ViewId,
+        first: Position,
+        last: Position,
+        #[source]
+        source: ViewError,
+    },
+}
+
+/// The engine, the host functions, and the epoch ticker. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: std::sync::Arc<Linker<HostState>>,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let mut c = Config::new();
+        c.cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true)
+            .epoch_interruption(true)
+            .cranelift_opt_level(OptLevel::Speed)
+            .parallel_compilation(true);
+        let engine = Engine::new(&c).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
+        let linker = host::linker(&engine)
+            .map_err(|e| anyhow::anyhow!("defining kiln's host functions: {e}"))?;
+        start_epoch_ticker(&engine)?;
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating the module cache {}: {e}", dir.display()))?;
+        }
+        Ok(Runtime {
+            engine,
+            linker: std::sync::Arc::new(linker),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Validates `bytes` as a projection module named `label` (a path, usually)
+    /// and prepares it for instantiation. Nothing in the module runs.
+    pub fn load(&self, label: &str, bytes: &[u8]) -> Result<Module, LoadError> {
+        Module::load(self, label, bytes)
+    }
+
+    /// [`Runtime::load`] on a file.
+    pub fn load_file(&self, path: impl AsRef<std::path::Path>) -> Result<Module, LoadError> {
+        let path = path.as_ref();
+        let label = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            module: label.clone(),
+            source,
+        })?;
+        self.load(&label, &bytes)
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("kiln-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the epoch ticker: {e}"))?;
+    Ok(())
+}

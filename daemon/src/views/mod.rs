@@ -1,0 +1,544 @@
+//! Views: the documents projections build, one RocksDB column family per
+//! physical view, in a RocksDB instance of their own (separate from the log).
+//!
+//! A physical view is named by a [`ViewId`], `<name>-<major>_<minor>_<patch>`
+//! (`users-1_2_0`, `users-2_0_0-rc_1`), ordered by name then semver. Each view's
+//! checkpoint (the log position it has applied up to) lives in the default column
+//! family under `checkpoint/<view-id>`; [`ViewStore::commit`] writes a batch's
+//! documents **and** the checkpoint in one RocksDB write batch, so after a crash
+//! a view is exactly at its checkpoint, never ahead or behind.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
+use semver::Version;
+
+use crate::store::Position;
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+const DEFAULT_CF: &str = "default";
+const CHECKPOINT_PREFIX: &str = "checkpoint/";
+/// Longest view name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// What can go wrong with view ids and the view store.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("invalid view name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid view id {id:?}: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("invalid version {version:?} for view {name:?}: {reason}")]
+    InvalidVersion {
+        name: String,
+        version: String,
+        reason: String,
+    },
+    #[error("view {0} does not exist")]
+    NotFound(ViewId),
+    #[error("view {0} already exists")]
+    AlreadyExists(ViewId),
+    #[error("view {view}: corrupt checkpoint: {reason}")]
+    CorruptCheckpoint { view: ViewId, reason: String },
+    #[error("{op}: {source}")]
+    Storage {
+        op: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+}
+
+fn storage(op: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> ViewError {
+    move |source| ViewError::Storage {
+        op: op.into(),
+        source,
+    }
+}
+
+/// The id of one physical view: a projection's name and its module's version.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ViewId {
+    name: String,
+    version: Version,
+}
+
+impl ViewId {
+    /// Checks the name and version; build metadata (`+...`) is refused because
+    /// it does not order versions and would give two ids one precedence.
+    pub fn new(name: &str, version: Version) -> Result<Self, ViewError> {
+        check_name(name)?;
+        if !version.build.is_empty() {
+            return Err(ViewError::InvalidVersion {
+                name: name.to_string(),
+                version: version.to_string(),
+                reason: "build metadata (+...) is not allowed in a view version".into(),
+            });
+        }
+        Ok(ViewId {
+            name: name.to_string(),
+            version,
+        })
+    }
+
+    /// A view id from a name and a version string, e.g. `("users", "1.2.0")`.
+    pub fn from_parts(name: &str, version: &str) -> Result<Self, ViewError> {
+        let v = Version::parse(version).map_err(|e| ViewError::InvalidVersion {
+            name: name.to_string(),
+            version: version.to_string(),
+            reason: e.to_string(),
+        })?;
+        ViewId::new(name, v)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+}
+
+/// Names are `-`-separated segments of ASCII letters, digits and `_`, each
+/// starting with a letter, so the version in an id starts at the first `-`
+/// followed by a digit.
+pub fn check_name(name: &str) -> Result<(), ViewError> {
+    let bad = |reason: &str| {
+        Err(ViewError::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return bad(&format!("it must be 1 to {MAX_NAME_LEN} bytes"));
+    }
+    for segment in name.split('-') {
+        if !segment.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return bad("each '-'-separated part must start with an ASCII letter");
+        }
+        if let Some(c) = segment
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+        {
+            return bad(&format!(
+                "character {c:?} is not allowed (use ASCII letters, digits, _ and -)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for ViewId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = &self.version;
+        write!(f, "{}-{}_{}_{}", self.name, v.major, v.minor, v.patch)?;
+        if !v.pre.is_empty() {
+            write!(f, "-{}", v.pre.as_str().replace('.', "_"))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ViewId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ViewId({self})")
+    }
+}
+
+impl FromStr for ViewId {
+    type Err = ViewError;
+
+    fn from_str(id: &str) -> Result<Self, ViewError> {
+        let invalid = |reason: &str| ViewError::InvalidId {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        };
+        let split = id
+            .match_indices('-')
+            .map(|(i, _)| i)
+            .find(|i| id[i + 1..].starts_with(|c: char| c.is_ascii_digit()))
+            .ok_or_else(|| invalid("expected <name>-<major>_<minor>_<patch>"))?;
+        let (name, version) = (&id[..split], &id[split + 1..]);
+        let (core, pre) = match version.split_once('-') {
+            Some((core, pre)) => (core, Some(pre)),
+            None => (version, None),
+        };
+        let mut text = core.replace('_', ".");
+        if let Some(pre) = pre {
+            text.push('-');
+            text.push_str(&pre.replace('_', "."));
+        }
+        let version = Version::parse(&text).map_err(|e| invalid(&format!("bad version: {e}")))?;
+        let view = ViewId::new(name, version)?;
+        if view.to_string() != id {
+            return Err(invalid("not in canonical form (e.g. users-1_2_0)"));
+        }
+        Ok(view)
+    }
+}
+
+impl PartialOrd for ViewId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ViewId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.name
+            .cmp(&other.name)
+            .then_with(|| self.version.cmp_precedence(&other.version))
+    }
+}
+
+/// A batch's document writes: key → new document, or `None` for a delete.
+pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Reads a view's committed documents (what a projection's `get`/`scan` fall
+/// back to after the batch's own writes).
+pub trait DocumentSource: Send {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError>;
+    /// Every document whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError>;
+}
+
+/// The views database. Cheap to clone.
+#[derive(Clone)]
+pub struct ViewStore {
+    db: Arc<Db>,
+    path: PathBuf,
+}
+
+impl ViewStore {
+    /// Opens (or creates) the views database at `dir`, with every view in it.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, ViewError> {
+        let path = dir.as_ref().to_path_buf();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = match Db::list_cf(&opts, &path) {
+            Ok(cfs) => cfs,
+            Err(_) => vec![DEFAULT_CF.to_string()],
+        };
+        let db = Db::open_cf(&opts, &path, cfs).map_err(storage(format!(
+            "opening the views database at {}",
+            path.display()
+        )))?;
+        Ok(ViewStore {
+            db: Arc::new(db),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every view in the database, in [`ViewId`] order. Column families whose
+    /// names are not view ids are skipped.
+    pub fn views(&self) -> Result<Vec<ViewId>, ViewError> {
+        let names =
+            Db::list_cf(&Options::default(), &self.path).map_err(storage("listing the views"))?;
+        let mut ids: Vec<ViewId> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn exists(&self, view: &ViewId) -> bool {
+        self.db.cf_handle(&view.to_string()).is_some()
+    }
+
+    /// Creates an empty view at checkpoint 0.
+    pub fn create(&self, view: &ViewId) -> Result<(), ViewError> {
+        if self.exists(view) {
+            return Err(ViewError::AlreadyExists(view.clone()));
+        }
+        self.db
+            .create_cf(view.to_string(), &Options::default())
+            .map_err(storage(format!("creating view {view}")))
+    }
+
+    /// Creates the view unless it exists.
+    pub fn ensure(&self, view: &ViewId) -> Result<(), ViewError> {
+        match self.create(view) {
+            Err(ViewError::AlreadyExists(_)) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops the view's column family and its checkpoint.
+    pub fn drop_view(&self, view: &ViewId) -> Result<(), ViewError> {
+        if !self.exists(view) {
+            return Err(ViewError::NotFound(view.clone()));
+        }
+        self.db
+            .delete(checkpoint_key(view))
+            .map_err(storage(format!("deleting the checkpoint of {view}")))?;
+        self.db
+            .drop_cf(&view.to_string())
+            .map_err(storage(format!("dropping view {view}")))
+    }
+
+    /// The position the view has applied up to (0 for a fresh view).
+    pub fn checkpoint(&self, view: &ViewId) -> Result<Position, ViewError> {
+        if !self.exists(view) {
+            return Err(ViewError::NotFound(view.clone()));
+        }
+        let got = self
+            .db
+            .get_pinned(checkpoint_key(view))
+            .map_err(storage(format!("reading the checkpoint of {view}")))?;
+        match got {
+            None => Ok(0),
+            Some(v) => <[u8; 8]>::try_from(&v[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| ViewError::CorruptCheckpoint {
+                    view: view.clone(),
+                    reason: format!("{} bytes, expected 8", v.len()),
+                }),
+        }
+    }
+
+    /// One document.
+    pub fn get(&self, view: &ViewId, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+        let cf = self.cf(view)?;
+        self.db
+            .get_cf(&cf, key)
+            .map_err(storage(format!("reading {view}")))
+    }
+
+    /// Up to `limit` documents whose keys start with `prefix`, in key order,
+    /// starting after `start_after` when given (for paging).
+    pub fn scan(
+        &self,
+        view: &ViewId,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+        let cf = self.cf(view)?;
+        let mut it = self.db.raw_iterator_cf(&cf);
+        match start_after {
+            Some(after) if after >= prefix => {
+                it.seek(after);
+                if it.key() == Some(after) {
+                    it.next();
+                }
+            }
+            _ => it.seek(prefix),
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status().map_err(storage(format!("scanning {view}")))?;
+        Ok(out)
+    }
+
+    /// Writes a batch's documents and the view's new checkpoint in **one**
+    /// RocksDB write batch: both land or neither does.
+    pub fn commit(
+        &self,
+        view: &ViewId,
+        writes: &Writes,
+        checkpoint: Position,
+    ) -> Result<(), ViewError> {
+        let cf = self.cf(view)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.put_cf(&cf, k, v),
+                None => batch.delete_cf(&cf, k),
+            }
+        }
+        batch.put(checkpoint_key(view), checkpoint.to_be_bytes());
+        self.db.write(batch).map_err(storage(format!(
+            "committing {view} at position {checkpoint}"
+        )))
+    }
+
+    /// A [`DocumentSource`] reading `view`'s committed documents.
+    pub fn source(&self, view: &ViewId) -> Result<ViewSource, ViewError> {
+        self.cf(view)?;
+        Ok(ViewSource {
+            store: self.clone(),
+            cf: view.to_string(),
+            view: view.clone(),
+        })
+    }
+
+    fn cf(&self, view: &ViewId) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>, ViewError> {
+        self.db
+            .cf_handle(&view.to_string())
+            .ok_or_else(|| ViewError::NotFound(view.clone()))
+    }
+
+    /// A document of the column family named `cf` (the hot path of projections'
+    /// reads: no view id formatting).
+    fn get_in(&self, cf: &str, view: &ViewId, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+        let handle = self
+            .db
+            .cf_handle(cf)
+            .ok_or_else(|| ViewError::NotFound(view.clone()))?;
+        self.db
+            .get_cf(&handle, key)
+            .map_err(storage(format!("reading {view}")))
+    }
+}
+
+fn checkpoint_key(view: &ViewId) -> Vec<u8> {
+    format!("{CHECKPOINT_PREFIX}{view}").into_bytes()
+}
+
+/// One view's committed documents, as a [`DocumentSource`].
+pub struct ViewSource {
+    store: ViewStore,
+    cf: String,
+    view: ViewId,
+}
+
+impl DocumentSource for ViewSource {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+        self.store.get_in(&self.cf, &self.view, key)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+        self.store.scan(&self.view, prefix, None, usize::MAX)
+    }
+}
+
+/// Documents in memory (offline runs, tests), as a [`DocumentSource`].
+#[derive(Default, Clone)]
+pub struct MemoryDocuments(pub BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl MemoryDocuments {
+    /// Applies a batch's writes.
+    pub fn apply(&mut self, writes: Writes) {
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.0.insert(k, v),
+                None => self.0.remove(&k),
+            };
+        }
+    }
+}
+
+impl DocumentSource for MemoryDocuments {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+        Ok(self
+            .0
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+/// In-memory documents shared between an [`Instance`](crate::runtime::Instance)
+/// (which reads them) and its driver (which applies each batch's writes).
+#[derive(Default, Clone)]
+pub struct SharedDocuments(pub Arc<std::sync::RwLock<MemoryDocuments>>);
+
+impl SharedDocuments {
+    /// Applies a batch's writes.
+    pub fn apply(&self, writes: Writes) {
+        if let Ok(mut docs) = self.0.write() {
+            docs.apply(writes);
+        }
+    }
+
+    /// A copy of every document.
+    pub fn snapshot(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.0.read().map(|d| d.0.clone()).unwrap_or_default()
+    }
+}
+
+impl DocumentSource for SharedDocuments {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+        Ok(self.0.read().ok().and_then(|d| d.0.get(key).cloned()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+        match self.0.read() {
+            Ok(d) => d.scan_prefix(prefix),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_ids_round_trip_and_order_by_semver() {
+        for (name, version, id) in [
+            ("users", "1.2.0", "users-1_2_0"),
+            ("user-profiles", "10.0.3", "user-profiles-10_0_3"),
+            ("users", "2.0.0-rc.1", "users-2_0_0-rc_1"),
+            ("users", "2.0.0-alpha-x.3", "users-2_0_0-alpha-x_3"),
+        ] {
+            let v = ViewId::from_parts(name, version).unwrap();
+            assert_eq!(v.to_string(), id);
+            let back: ViewId = id.parse().unwrap();
+            assert_eq!(back, v);
+            assert_eq!(back.version().to_string(), version);
+        }
+        let mut ids: Vec<ViewId> = [
+            "users-1_10_0",
+            "users-1_2_0",
+            "users-1_10_0-rc_1",
+            "accounts-9_0_0",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        ids.sort();
+        let sorted: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            sorted,
+            [
+                "accounts-9_0_0",
+                "users-1_2_0",
+                "users-1_10_0-rc_1",
+                "users-1_10_0"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_names_and_ids_are_refused_with_reasons() {
+        for bad in ["", "1users", "users-2x", "us ers", "users.v2"] {
+            let e = check_name(bad).unwrap_err();
+            assert!(matches!(e, ViewError::InvalidName { .. }), "{bad:?}: {e}");
+        }
+        for bad in [
+            "users",
+            "users-1_2",
+            "users-01_2_0",
+            "users-1.2.0",
+            "-1_0_0",
+        ] {
+            assert!(bad.parse::<ViewId>().is_err(), "{bad:?} parsed");
+        }
+        let e = ViewId::from_parts("users", "1.0.0+build5").unwrap_err();
+        assert!(e.to_string().contains("build metadata"), "{e}");
+    }
+}

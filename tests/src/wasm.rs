@@ -1,0 +1,160 @@
+//! The example projections built for wasm32 by `tests/build.rs`, and helpers
+//! to run modules in tests.
+
+use std::path::Path;
+
+use kiln::runtime::{Module, Runtime, RuntimeConfig};
+use kiln::store::{RecordedEvent, StreamId};
+
+/// `projections/users` as a module.
+pub const USERS: &str = env!("KILN_WASM_USERS");
+/// `projections/orders` as a module.
+pub const ORDERS: &str = env!("KILN_WASM_ORDERS");
+/// `projections/inventory` as a module.
+pub const INVENTORY: &str = env!("KILN_WASM_INVENTORY");
+/// `projections/chaos` (deliberately faulty) as a module.
+pub const CHAOS: &str = env!("KILN_WASM_CHAOS");
+
+/// A runtime with default limits and no compile cache.
+pub fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig::default()).expect("runtime")
+}
+
+/// Loads a module that must load.
+pub fn load(rt: &Runtime, path: &str) -> Module {
+    rt.load_file(Path::new(path))
+        .unwrap_or_else(|e| panic!("loading {path}: {e}"))
+}
+
+/// Builds recorded events at positions `first..`, versions counted per stream.
+pub struct EventLog {
+    events: Vec<RecordedEvent>,
+    versions: std::collections::HashMap<String, u64>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventLog {
+    pub fn new() -> Self {
+        EventLog {
+            events: Vec::new(),
+            versions: Default::default(),
+        }
+    }
+
+    /// Appends an event (timestamp = position, like the SDK's native harness).
+    pub fn push(&mut self, stream: &str, event_type: &str, data: serde_json::Value) -> &mut Self {
+        let position = self.events.len() as u64 + 1;
+        let version = self.versions.entry(stream.to_string()).or_insert(0);
+        *version += 1;
+        self.events.push(RecordedEvent {
+            id: uuid::Uuid::new_v4(),
+            stream: StreamId::new(stream).expect("stream id"),
+            event_type: event_type.to_string(),
+            version: *version,
+            position,
+            timestamp: position,
+            metadata: Default::default(),
+            tags: Vec::new(),
+            data: data.to_string().into(),
+        });
+        self
+    }
+
+    pub fn events(&self) -> &[RecordedEvent] {
+        &self.events
+    }
+}
+
+/// `module` with its `kiln-manifest` custom section's content replaced by
+/// `manifest` (the other sections untouched, in order).
+pub fn with_manifest(module: &[u8], manifest: &str) -> Vec<u8> {
+    let mut out = module[..8].to_vec();
+    let mut at = 8;
+    while at < module.len() {
+        let id = module[at];
+        let (size, body) = leb(module, at + 1);
+        let end = body + size;
+        let payload = &module[body..end];
+        let (name_len, name_at) = leb(payload, 0);
+        if id == 0 && &payload[name_at..name_at + name_len] == b"kiln-manifest" {
+            let mut section = Vec::new();
+            put_leb(&mut section, name_len);
+            section.extend_from_slice(b"kiln-manifest");
+            section.extend_from_slice(manifest.as_bytes());
+            out.push(0);
+            put_leb(&mut out, section.len());
+            out.extend_from_slice(&section);
+        } else {
+            out.extend_from_slice(&module[at..end]);
+        }
+        at = end;
+    }
+    out
+}
+
+/// `module`'s manifest, as JSON.
+pub fn manifest_of(module: &[u8]) -> serde_json::Value {
+    let mut at = 8;
+    while at < module.len() {
+        let (size, body) = leb(module, at + 1);
+        let payload = &module[body..body + size];
+        let (name_len, name_at) = leb(payload, 0);
+        if module[at] == 0 && &payload[name_at..name_at + name_len] == b"kiln-manifest" {
+            return serde_json::from_slice(&payload[name_at + name_len..]).expect("manifest JSON");
+        }
+        at = body + size;
+    }
+    panic!("no kiln-manifest section");
+}
+
+fn leb(bytes: &[u8], mut at: usize) -> (usize, usize) {
+    let (mut v, mut shift) = (0usize, 0);
+    loop {
+        let b = bytes[at];
+        at += 1;
+        v |= ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            return (v, at);
+        }
+        shift += 7;
+    }
+}
+
+fn put_leb(out: &mut Vec<u8>, mut v: usize) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A hand-written module (WAT) with a kiln manifest, for malformed-guest tests:
+/// `imports` and `body` are spliced into a module exporting memory,
+/// `kiln_alloc` (always 1024) and `kiln_apply` (whose body is `body`).
+pub fn wat_module(imports: &str, data: &str, body: &str, manifest: Option<&str>) -> Vec<u8> {
+    let manifest = manifest
+        .map(|m| format!("(@custom \"kiln-manifest\" \"{}\")", m.replace('"', "\\\"")))
+        .unwrap_or_default();
+    let text = format!(
+        r#"(module
+            {imports}
+            (memory (export "memory") 1)
+            {data}
+            (func (export "kiln_alloc") (param i32) (result i32) (i32.const 1024))
+            (func (export "kiln_apply") (param i32 i32) (result i32) {body})
+            {manifest})"#
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test WAT: {e}\n{text}"))
+}
+
+/// A manifest for hand-written test modules.
+pub const RAW_MANIFEST: &str = r#"{"abi":1,"name":"raw","version":"0.1.0"}"#;
