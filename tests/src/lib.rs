@@ -2,8 +2,10 @@
 //!
 //! - [`conformance`]: the store core's contract, run against every backend.
 //! - [`embedded`]: a [`conformance::Harness`] for the embedded RocksDB store.
+//! - [`nats`]: a real `nats-server` per test, and the JetStream store's harness.
 //! - [`wasm`]: the example projections built for wasm32, and event-log helpers.
 
 pub mod conformance;
 pub mod embedded;
+pub mod nats;
 pub mod wasm;

@@ -1,1 +1,0 @@
-//! The NATS JetStream backend (in progress).
