@@ -1,7 +1,7 @@
 //! The store conformance suite on the embedded RocksDB backend, plus what only
 //! the embedded backend promises (gap-free positions).
 
-use kiln::store::{AppendRequest, EventStore, ExpectedVersion};
+use kiln::store::{AppendRequest, ExpectedVersion};
 use kiln_tests::conformance::{Harness, collect_tail, events, sid};
 use kiln_tests::embedded::EmbeddedHarness;
 

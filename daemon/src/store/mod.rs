@@ -167,10 +167,11 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    /// A new event with a fresh random id and no metadata or tags.
+    /// A new event with a fresh id and no metadata or tags. Ids are UUIDv7
+    /// (time-ordered), which keeps the embedded store's id index append-mostly.
     pub fn new(event_type: impl Into<String>, data: impl Into<Bytes>) -> Self {
         NewEvent {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             event_type: event_type.into(),
             data: data.into(),
             metadata: BTreeMap::new(),
@@ -238,7 +239,7 @@ impl AppendRequest {
 }
 
 /// What an append committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AppendResult {
     /// Position of the first event written.
     pub first_position: Position,
