@@ -4,6 +4,11 @@
 //!    on one with 1,000,000 events, in the same run, and their ratio (flat ≈ 1).
 //! 2. Group commit: append throughput with 1 appender and with 64 concurrent
 //!    appenders (each appending one event per call), and their ratio.
+//!
+//! `--backend jetstream` measures the same on a NATS server (see [`jetstream`]),
+//! next to the raw JetStream baselines of the same server.
+
+mod jetstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,11 +40,15 @@ pub struct StoreBenchArgs {
     /// Directory for the embedded store (a temp dir, removed afterwards, by default).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// NATS server for `--backend jetstream` (a JetStream-enabled nats-server).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
+    Jetstream,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +58,9 @@ pub enum DurabilityArg {
 }
 
 pub async fn run(args: StoreBenchArgs) -> anyhow::Result<()> {
+    if args.backend == Backend::Jetstream {
+        return jetstream::run(args).await;
+    }
     let temp = tempfile_dir(&args)?;
     let mut config = EmbeddedConfig::new(temp.join("log"));
     config.durability = match args.durability {
@@ -80,11 +92,18 @@ fn tempfile_dir(args: &StoreBenchArgs) -> anyhow::Result<std::path::PathBuf> {
 }
 
 fn payload(n: u64) -> NewEvent {
-    NewEvent::json("Benched", &serde_json::json!({ "n": n, "name": "user name", "ok": true }))
+    NewEvent::json(
+        "Benched",
+        &serde_json::json!({ "n": n, "name": "user name", "ok": true }),
+    )
 }
 
 /// Fills a stream with `count` events, in appends as large as the limits allow.
-pub async fn fill(store: &Arc<dyn EventStore>, stream: &StreamId, count: u64) -> anyhow::Result<f64> {
+pub async fn fill(
+    store: &Arc<dyn EventStore>,
+    stream: &StreamId,
+    count: u64,
+) -> anyhow::Result<f64> {
     let chunk = 500u64;
     let start = Instant::now();
     let mut written = 0;
@@ -92,7 +111,11 @@ pub async fn fill(store: &Arc<dyn EventStore>, stream: &StreamId, count: u64) ->
         let n = chunk.min(count - written);
         let events = (written..written + n).map(payload).collect();
         store
-            .append(AppendRequest::new(stream.clone(), ExpectedVersion::Exact(written), events))
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Exact(written),
+                events,
+            ))
             .await
             .with_context(|| format!("filling {stream} at version {written}"))?;
         written += n;
@@ -100,11 +123,12 @@ pub async fn fill(store: &Arc<dyn EventStore>, stream: &StreamId, count: u64) ->
     Ok(count as f64 / start.elapsed().as_secs_f64())
 }
 
-/// latest_version median on a 1-event stream vs an `args.events`-event stream.
+/// latest_version median on a 1-event stream vs an `args.events`-event stream;
+/// returns both medians.
 pub async fn latest_version_bench(
     store: &Arc<dyn EventStore>,
     args: &StoreBenchArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Duration, Duration)> {
     let short = StreamId::new("bench-short")?;
     let long = StreamId::new("bench-long")?;
     fill(store, &short, 1).await?;
@@ -129,7 +153,10 @@ pub async fn latest_version_bench(
         anyhow::ensure!(v == args.events, "long stream at version {v}");
     }
     let (m1, m2) = (s_short.quantile(0.5), s_long.quantile(0.5));
-    println!("latest_version median, stream of 1 event:          {}", micros(m1));
+    println!(
+        "latest_version median, stream of 1 event:          {}",
+        micros(m1)
+    );
     println!(
         "latest_version median, stream of {} events:  {}",
         args.events,
@@ -139,11 +166,14 @@ pub async fn latest_version_bench(
         "latest_version ratio (long / short):              {:.2}  (goal ≤ 1.2)",
         ratio(m2.as_secs_f64(), m1.as_secs_f64())
     );
-    Ok(())
+    Ok((m1, m2))
 }
 
-/// Events/s for 1 appender, then for 64 concurrent appenders.
-pub async fn append_bench(store: &Arc<dyn EventStore>, args: &StoreBenchArgs) -> anyhow::Result<()> {
+/// Events/s for 1 appender, then for 64 concurrent appenders; returns both.
+pub async fn append_bench(
+    store: &Arc<dyn EventStore>,
+    args: &StoreBenchArgs,
+) -> anyhow::Result<(f64, f64)> {
     let window = Duration::from_secs_f64(args.seconds);
     let one = appenders(store, 1, window).await?;
     println!("append throughput, 1 appender:    {one:>10.0} events/s");
@@ -153,7 +183,7 @@ pub async fn append_bench(store: &Arc<dyn EventStore>, args: &StoreBenchArgs) ->
         "append throughput ratio (64 / 1): {:.1}x  (group commit)",
         ratio(many, one)
     );
-    Ok(())
+    Ok((one, many))
 }
 
 async fn appenders(store: &Arc<dyn EventStore>, n: usize, window: Duration) -> anyhow::Result<f64> {
