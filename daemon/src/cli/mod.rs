@@ -3,6 +3,7 @@
 //! Each subcommand's implementation lives in its own module; this file only
 //! declares the surface (`kiln --help`) and maps errors to exit codes.
 
+pub mod client;
 pub mod run;
 
 use std::process::ExitCode;
@@ -12,7 +13,11 @@ use clap::{Parser, Subcommand};
 use crate::bench::{self, BenchCommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "kiln", version, about = "WebAssembly projection and view-builder daemon")]
+#[command(
+    name = "kiln",
+    version,
+    about = "WebAssembly projection and view-builder daemon"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,6 +31,8 @@ pub enum Command {
     /// Run a projection module offline over a JSONL file of events and print
     /// the resulting documents as JSONL.
     Run(run::RunArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 /// Entry point of the binary.
@@ -35,6 +42,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run::run(args),
+        Command::Client(cmd) => return client::main(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

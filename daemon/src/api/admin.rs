@@ -1,0 +1,168 @@
+//! Admin endpoints: deploy a module, promote, roll back, retire, and list / retry
+//! parked events. When the server has an admin token, each needs
+//! `Authorization: Bearer <token>` (compared in constant time).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::views::{path_error, query_error};
+use super::{ApiError, AppState, read_body};
+use crate::lifecycle::DeployOutcome;
+use crate::views::ViewId;
+
+/// Refuses admin requests without the configured bearer token.
+pub async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.config.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        if !ok {
+            let message = if given.is_some() {
+                "the bearer token is wrong for admin endpoints"
+            } else {
+                "admin endpoints need an 'Authorization: Bearer <token>' header"
+            };
+            let mut res =
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"kiln admin\""),
+            );
+            return Ok(res);
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let ha = blake3::hash(a);
+    let hb = blake3::hash(b);
+    // blake3::Hash's equality is constant time.
+    ha == hb
+}
+
+/// An exact id (`users-1_2_0`), or a spec the lifecycle resolves (`users@^2`).
+fn version_id(state: &AppState, text: &str) -> Result<ViewId, ApiError> {
+    match text.parse::<ViewId>() {
+        Ok(id) => Ok(id),
+        Err(e) if text.contains('@') => {
+            let _ = e;
+            Ok(state.lifecycle.resolve(text)?)
+        }
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_view",
+            format!("{e} (admin actions take an exact version id like users-1_2_0)"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployQuery {
+    /// Where the module came from, for logs and status (e.g. its file name).
+    label: Option<String>,
+}
+
+/// `POST /admin/views` with the module's bytes as the body.
+pub async fn deploy(
+    State(state): State<AppState>,
+    query: Result<Query<DeployQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(query_error)?;
+    let wasm = read_body(body, state.config.body_limit, "the uploaded module").await?;
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(ApiError::bad_request(
+            "invalid_module",
+            format!(
+                "the uploaded body ({} bytes) is not a WebAssembly module (no \\0asm header)",
+                wasm.len()
+            ),
+        ));
+    }
+    let label = q.label.unwrap_or_else(|| "upload".to_string());
+    let outcome = state.lifecycle.deploy(&wasm, &label).await?;
+    let (status, body) = match outcome {
+        DeployOutcome::Warming(id) => (
+            StatusCode::ACCEPTED,
+            json!({ "outcome": "warming", "id": id.to_string() }),
+        ),
+        DeployOutcome::Alias { id, of } => (
+            StatusCode::OK,
+            json!({ "outcome": "alias", "id": id.to_string(), "of": of.to_string() }),
+        ),
+        DeployOutcome::AlreadyDeployed(id) => (
+            StatusCode::OK,
+            json!({ "outcome": "already_deployed", "id": id.to_string() }),
+        ),
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// `POST /admin/views/{id}/promote`.
+pub async fn promote(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(text) = path.map_err(path_error)?;
+    let id = version_id(&state, &text)?;
+    state.lifecycle.promote(&id).await?;
+    Ok(Json(json!({ "name": id.name(), "active": id.to_string() })))
+}
+
+/// `POST /admin/views/{name}/rollback`: the previous active version becomes active.
+pub async fn rollback(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(name) = path.map_err(path_error)?;
+    let id = state.lifecycle.rollback(&name).await?;
+    Ok(Json(json!({ "name": name, "active": id.to_string() })))
+}
+
+/// `POST /admin/views/{id}/retire`.
+pub async fn retire(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(text) = path.map_err(path_error)?;
+    let id = version_id(&state, &text)?;
+    state.lifecycle.retire(&id).await?;
+    Ok(Json(json!({ "retired": id.to_string() })))
+}
+
+/// `GET /admin/views/{id}/parked`.
+pub async fn parked(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(text) = path.map_err(path_error)?;
+    let id = version_id(&state, &text)?;
+    let parked = state.lifecycle.parked(&id)?;
+    Ok(Json(json!({ "view": id.to_string(), "parked": parked })))
+}
+
+/// `POST /admin/views/{id}/parked/retry`.
+pub async fn retry_parked(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(text) = path.map_err(path_error)?;
+    let id = version_id(&state, &text)?;
+    let retried = state.lifecycle.retry_parked(&id).await?;
+    Ok(Json(json!({ "view": id.to_string(), "retried": retried })))
+}

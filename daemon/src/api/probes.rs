@@ -1,0 +1,277 @@
+//! Probes, metrics and the status page.
+//!
+//! - `GET /healthz`: liveness; 200 while the process serves HTTP.
+//! - `GET /readyz`: the daemon is ready when the store answers and every view
+//!   name that has live versions has an active one (503 naming those that do not).
+//! - `GET /readyz/{view}`: one version (exact id, bare name or `name@req`); 200 once
+//!   it is ready, active or standby, 503 while warming (with progress), failed or
+//!   retired. Deploy pipelines poll it before promoting.
+//! - `GET /metrics`: Prometheus text, per view version.
+//! - `GET /`: a status page that polls `GET /views`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::json;
+
+use super::views::path_error;
+use super::{ApiError, AppState};
+use crate::lifecycle::{ViewState, ViewStatus};
+use crate::views::ViewId;
+
+/// `GET /healthz`.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state.lifecycle.store().clone();
+    match tokio::time::timeout(Duration::from_secs(2), store.head()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("the event store does not answer: {e}"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the event store did not answer within 2 s",
+            )
+            .into_response();
+        }
+    }
+    let waiting = names_without_active(&state.lifecycle.status());
+    if waiting.is_empty() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("no active version yet for view(s) {}", waiting.join(", ")),
+        )
+        .with("waiting", waiting)
+        .into_response()
+    }
+}
+
+/// Names with a live (non-retired) version but no active one.
+fn names_without_active(views: &[ViewStatus]) -> Vec<String> {
+    let mut live: Vec<&str> = views
+        .iter()
+        .filter(|v| v.state != ViewState::Retired)
+        .map(|v| v.name.as_str())
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    live.into_iter()
+        .filter(|n| {
+            !views
+                .iter()
+                .any(|v| v.name == *n && v.state == ViewState::Active)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// `GET /readyz/{view}`.
+pub async fn readyz_view(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(spec) = path.map_err(path_error)?;
+    let id = match spec.parse::<ViewId>() {
+        Ok(id) => id,
+        Err(_) => state.lifecycle.resolve(&spec)?,
+    };
+    let Some(s) = state.lifecycle.status_of(&id) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_view",
+            format!("no view version {id}"),
+        ));
+    };
+    let body = json!({
+        "id": s.id, "state": s.state, "checkpoint": s.checkpoint, "head": s.head,
+        "lag": s.lag, "eta_secs": s.eta_secs,
+    });
+    if s.state.is_servable() {
+        Ok(Json(body).into_response())
+    } else {
+        let why = match s.state {
+            ViewState::Warming => format!(
+                "view {} is warming: at position {} of {}",
+                s.id, s.checkpoint, s.head
+            ),
+            ViewState::Failed => format!(
+                "view {} has failed: {}",
+                s.id,
+                s.last_error.as_deref().unwrap_or("unknown error")
+            ),
+            other => format!("view {} is {other}", s.id),
+        };
+        Ok(
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why)
+                .with("view", body)
+                .into_response(),
+        )
+    }
+}
+
+const STATES: [ViewState; 6] = [
+    ViewState::Warming,
+    ViewState::Ready,
+    ViewState::Active,
+    ViewState::Standby,
+    ViewState::Retired,
+    ViewState::Failed,
+];
+
+/// `GET /metrics`: Prometheus text format 0.0.4.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let views = state.lifecycle.status();
+    let mut out = String::with_capacity(4096);
+    let per_view: [(&str, &str, &str, fn(&ViewStatus) -> f64); 6] = [
+        (
+            "kiln_view_events_applied_total",
+            "counter",
+            "Events applied by this view version since the daemon started.",
+            |v| v.events_applied as f64,
+        ),
+        (
+            "kiln_view_position",
+            "gauge",
+            "Log position the view version has applied up to (its checkpoint).",
+            |v| v.checkpoint as f64,
+        ),
+        (
+            "kiln_view_lag_events",
+            "gauge",
+            "Events between the log head and the view version's checkpoint.",
+            |v| v.lag as f64,
+        ),
+        (
+            "kiln_view_events_per_second",
+            "gauge",
+            "Recent apply rate of the view version.",
+            |v| v.events_per_sec,
+        ),
+        (
+            "kiln_view_parked_events",
+            "gauge",
+            "Events parked (dead-lettered) by the view version.",
+            |v| v.parked as f64,
+        ),
+        (
+            "kiln_view_eta_seconds",
+            "gauge",
+            "While warming: seconds to catch up at the recent rate (-1 when not warming).",
+            |v| v.eta_secs.unwrap_or(-1.0),
+        ),
+    ];
+    for (name, kind, help, value) in per_view {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for v in &views {
+            let _ = writeln!(
+                out,
+                "{name}{{view=\"{}\",name=\"{}\",version=\"{}\"}} {}",
+                v.id,
+                v.name,
+                v.version,
+                value(v)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kiln_view_state 1 for the state the view version is in.\n# TYPE kiln_view_state gauge"
+    );
+    for v in &views {
+        for s in STATES {
+            let _ = writeln!(
+                out,
+                "kiln_view_state{{view=\"{}\",state=\"{s}\"}} {}",
+                v.id,
+                u8::from(v.state == s)
+            );
+        }
+    }
+    let head = views.iter().map(|v| v.head).max().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP kiln_log_head Last log position the daemon has seen.\n# TYPE kiln_log_head gauge\nkiln_log_head {head}"
+    );
+    let c = &state.counters;
+    let _ = writeln!(
+        out,
+        "# HELP kiln_http_requests_total HTTP requests answered, by status class.\n# TYPE kiln_http_requests_total counter"
+    );
+    for (class, n) in [
+        ("2xx", &c.requests_2xx),
+        ("4xx", &c.requests_4xx),
+        ("5xx", &c.requests_5xx),
+    ] {
+        let _ = writeln!(
+            out,
+            "kiln_http_requests_total{{class=\"{class}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    for (name, help, n) in [
+        (
+            "kiln_api_appends_total",
+            "Appends committed through the API.",
+            &c.appends,
+        ),
+        (
+            "kiln_api_append_conflicts_total",
+            "Appends refused on a version or tag conflict.",
+            &c.append_conflicts,
+        ),
+        (
+            "kiln_api_ryw_waits_total",
+            "Queries that waited for read-your-writes.",
+            &c.ryw_waits,
+        ),
+        (
+            "kiln_api_ryw_timeouts_total",
+            "Read-your-writes waits that timed out (504).",
+            &c.ryw_timeouts,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    let uptime = c.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let _ = writeln!(
+        out,
+        "# HELP kiln_uptime_seconds Seconds since the API started.\n# TYPE kiln_uptime_seconds gauge\nkiln_uptime_seconds {uptime:.3}"
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// `GET /`: the status page (static HTML; its script polls `GET /views`).
+pub async fn status_page() -> Html<&'static str> {
+    Html(include_str!("status.html"))
+}
