@@ -28,7 +28,7 @@ mod config;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -59,6 +59,8 @@ pub const TAIL_BATCH: usize = 1024;
 /// Most write attempts of one append whose expected version still holds while
 /// other writers keep moving the stream (relaxed appends under contention).
 const MAX_ATTEMPTS: u32 = 1000;
+/// Most stream heads remembered from this process's own appends.
+const HEAD_HINTS: usize = 65_536;
 
 // JetStream API error codes kiln reacts to.
 const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
@@ -84,6 +86,11 @@ struct Inner {
     config: JetStreamConfig,
     /// Bumped on every (re)connect, so tails recreate their consumer at once.
     reconnects: watch::Receiver<u64>,
+    /// The head each stream had after this process's last append to it: a hint
+    /// that saves the read before the next append. Never trusted for a decision:
+    /// the server checks the guard built from it, and a refusal or a conflict
+    /// reads the real head. The mutex is never held across an await.
+    head_hints: Mutex<HashMap<StreamId, StreamHead>>,
 }
 
 impl JetStreamStore {
@@ -197,6 +204,7 @@ impl JetStreamStore {
                 subjects,
                 config,
                 reconnects: gen_rx,
+                head_hints: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -566,6 +574,31 @@ impl Inner {
         }
     }
 
+    fn head_hint(&self, stream: &StreamId) -> Option<StreamHead> {
+        self.head_hints.lock().ok()?.get(stream).copied()
+    }
+
+    fn remember_head(&self, stream: &StreamId, result: AppendResult) {
+        if let Ok(mut hints) = self.head_hints.lock() {
+            if hints.len() >= HEAD_HINTS && !hints.contains_key(stream) {
+                hints.clear();
+            }
+            hints.insert(
+                stream.clone(),
+                StreamHead {
+                    version: result.version,
+                    position: result.position,
+                },
+            );
+        }
+    }
+
+    fn forget_head(&self, stream: &StreamId) {
+        if let Ok(mut hints) = self.head_hints.lock() {
+            hints.remove(stream);
+        }
+    }
+
     async fn tag_state(&self, tag: &str) -> Result<TagState, StoreError> {
         match self.last_on(&self.events, &self.subjects.tag(tag)).await? {
             None => Ok(TagState::default()),
@@ -708,10 +741,10 @@ impl Inner {
         let mut markers: BTreeMap<&str, MarkerPlan> = BTreeMap::new();
         fn marker<'m, 'a>(
             markers: &'m mut BTreeMap<&'a str, MarkerPlan>,
-            tag: &'a String,
+            tag: &'a str,
         ) -> &'m mut MarkerPlan {
-            markers.entry(tag.as_str()).or_insert_with(|| MarkerPlan {
-                tag: tag.clone(),
+            markers.entry(tag).or_insert_with(|| MarkerPlan {
+                tag: tag.to_string(),
                 carried_by: None,
                 guarded: false,
             })
@@ -861,7 +894,15 @@ impl Inner {
         let single = markers.is_empty() && req.events.len() == 1;
         let mut busy = None;
         for attempt in 0..MAX_ATTEMPTS {
-            let head = self.head_of(&req.stream).await?;
+            let hint = if attempt == 0 {
+                self.head_hint(&req.stream)
+            } else {
+                None
+            };
+            let head = match hint {
+                Some(h) if req.expected.admits(h.version) => h,
+                _ => self.head_of(&req.stream).await?,
+            };
             if !req.expected.admits(head.version) {
                 if let Some(original) = self.replay(&req).await? {
                     return Ok(original);
@@ -900,7 +941,10 @@ impl Inner {
                 self.publish_batch(&req, head, &markers, &states).await?
             };
             match outcome {
-                Outcome::Committed(result) => return Ok(result),
+                Outcome::Committed(result) => {
+                    self.remember_head(&req.stream, result);
+                    return Ok(result);
+                }
                 Outcome::Duplicate(seq) => return self.replayed_from(seq, &req).await,
                 Outcome::DuplicateInBatch => {
                     return match self.replay(&req).await? {
@@ -911,6 +955,7 @@ impl Inner {
                 // Someone else wrote first: read again. The next round reports a
                 // conflict if the expectation no longer holds, or retries if it does.
                 Outcome::GuardMoved => {
+                    self.forget_head(&req.stream);
                     if attempt >= 3 {
                         tokio::time::sleep(jitter(u64::from(attempt.min(50)))).await;
                     }
