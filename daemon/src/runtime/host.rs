@@ -5,7 +5,6 @@
 //! Anything malformed the guest hands over (out-of-bounds pointers, keys that
 //! are not UTF-8, documents that are not JSON) records a [`Fault`] and traps.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use kiln_sdk::abi::{ABSENT, HOST_MODULE, encode_entries};
@@ -43,6 +42,7 @@ pub(crate) struct HostState {
     pub(super) memory_refused: Option<usize>,
     pub(super) memory_cap: usize,
     scratch: Vec<u8>,
+    read_buf: Vec<u8>,
 }
 
 impl HostState {
@@ -57,6 +57,7 @@ impl HostState {
             memory_refused: None,
             memory_cap,
             scratch: Vec::new(),
+            read_buf: Vec::new(),
         }
     }
 
@@ -82,16 +83,13 @@ impl HostState {
     }
 
     /// The overlay's document, else the committed one.
-    fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<Cow<'_, [u8]>>> {
+    fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<&[u8]>> {
         if self.writes.contains_key(key) {
-            return Ok(self
-                .writes
-                .get(key)
-                .and_then(|v| v.as_deref())
-                .map(Cow::Borrowed));
+            return Ok(self.writes.get(key).and_then(|v| v.as_deref()));
         }
-        match self.source.get(key) {
-            Ok(v) => Ok(v.map(Cow::Owned)),
+        match self.source.get_into(key, &mut self.read_buf) {
+            Ok(true) => Ok(Some(&self.read_buf)),
+            Ok(false) => Ok(None),
             Err(e) => Err(self.view_error(e)),
         }
     }
@@ -238,7 +236,7 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             };
             match st.lookup(&bytes[k])? {
                 None => Ok(ABSENT),
-                Some(value) => Ok(deliver(bytes, out, &value)),
+                Some(value) => Ok(deliver(bytes, out, value)),
             }
         },
     )?;
@@ -261,7 +259,17 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             });
             match checked {
                 Ok((k, v)) => {
-                    st.writes.insert(bytes[k].to_vec(), Some(bytes[v].to_vec()));
+                    // Rewrites of a key within a batch reuse its buffer.
+                    match st.writes.get_mut(&bytes[k.clone()]) {
+                        Some(Some(doc)) => {
+                            doc.clear();
+                            doc.extend_from_slice(&bytes[v]);
+                        }
+                        Some(slot) => *slot = Some(bytes[v].to_vec()),
+                        None => {
+                            st.writes.insert(bytes[k].to_vec(), Some(bytes[v].to_vec()));
+                        }
+                    }
                     Ok(())
                 }
                 Err(reason) => Err(st.malformed(reason)),

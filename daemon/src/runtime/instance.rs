@@ -1,6 +1,10 @@
 //! Running a module: an [`Instance`] applies batches of events and returns their
 //! writes; a [`Projector`] commits them, with the checkpoint, to a view.
 
+// A ProjectionError carries names, positions and messages for the operator; it
+// is returned once per failed batch (which stops the view), never in a loop.
+#![allow(clippy::result_large_err)]
+
 use kiln_sdk::abi::{APPLY_FAILED, APPLY_OK, BatchWriter, EXPORT_ALLOC, EXPORT_APPLY};
 use wasmtime::{Store, Trap, TypedFunc};
 
@@ -60,7 +64,7 @@ impl Instance {
             let live = self.instantiate(source)?;
             self.live = Some(live);
         }
-        self.live.as_mut().ok_or_else(|| unreachable_live())
+        self.live.as_mut().ok_or_else(unreachable_live)
     }
 
     fn instantiate_error(&self, reason: &str) -> ProjectionError {

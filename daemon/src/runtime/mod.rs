@@ -195,6 +195,10 @@ impl Runtime {
             .epoch_interruption(true)
             .cranelift_opt_level(OptLevel::Speed)
             .parallel_compilation(true);
+        if std::env::var_os("KILN_WASM_PERFMAP").is_some() {
+            // Lets `perf` name guest functions (/tmp/perf-<pid>.map).
+            c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&c).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
         let linker = host::linker(&engine)
             .map_err(|e| anyhow::anyhow!("defining kiln's host functions: {e}"))?;

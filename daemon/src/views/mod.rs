@@ -197,15 +197,19 @@ impl Ord for ViewId {
     }
 }
 
+/// Documents as (key, document) pairs, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A batch's document writes: key → new document, or `None` for a delete.
 pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Reads a view's committed documents (what a projection's `get`/`scan` fall
 /// back to after the batch's own writes).
 pub trait DocumentSource: Send {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError>;
+    /// Copies the document at `key` into `out` (cleared first); `false` if absent.
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError>;
     /// Every document whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError>;
 }
 
 /// The views database. Cheap to clone.
@@ -321,7 +325,7 @@ impl ViewStore {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+    ) -> Result<Entries, ViewError> {
         let cf = self.cf(view)?;
         let mut it = self.db.raw_iterator_cf(&cf);
         match start_after {
@@ -386,16 +390,31 @@ impl ViewStore {
             .ok_or_else(|| ViewError::NotFound(view.clone()))
     }
 
-    /// A document of the column family named `cf` (the hot path of projections'
-    /// reads: no view id formatting).
-    fn get_in(&self, cf: &str, view: &ViewId, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
+    /// A document of the column family named `cf` copied into `out` (the hot
+    /// path of projections' reads: no view id formatting, no allocation).
+    fn get_in(
+        &self,
+        cf: &str,
+        view: &ViewId,
+        key: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ViewError> {
         let handle = self
             .db
             .cf_handle(cf)
             .ok_or_else(|| ViewError::NotFound(view.clone()))?;
-        self.db
-            .get_cf(&handle, key)
-            .map_err(storage(format!("reading {view}")))
+        let got = self
+            .db
+            .get_pinned_cf(&handle, key)
+            .map_err(storage(format!("reading {view}")))?;
+        out.clear();
+        match got {
+            Some(v) => {
+                out.extend_from_slice(&v);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 
@@ -411,11 +430,11 @@ pub struct ViewSource {
 }
 
 impl DocumentSource for ViewSource {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
-        self.store.get_in(&self.cf, &self.view, key)
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError> {
+        self.store.get_in(&self.cf, &self.view, key, out)
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
         self.store.scan(&self.view, prefix, None, usize::MAX)
     }
 }
@@ -436,12 +455,24 @@ impl MemoryDocuments {
     }
 }
 
+/// Copies `found` into `out`; whether there was a document.
+fn copy_out(found: Option<&Vec<u8>>, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    match found {
+        Some(v) => {
+            out.extend_from_slice(v);
+            true
+        }
+        None => false,
+    }
+}
+
 impl DocumentSource for MemoryDocuments {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
-        Ok(self.0.get(key).cloned())
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError> {
+        Ok(copy_out(self.0.get(key), out))
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
         Ok(self
             .0
             .range(prefix.to_vec()..)
@@ -471,11 +502,14 @@ impl SharedDocuments {
 }
 
 impl DocumentSource for SharedDocuments {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ViewError> {
-        Ok(self.0.read().ok().and_then(|d| d.0.get(key).cloned()))
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError> {
+        match self.0.read() {
+            Ok(d) => Ok(copy_out(d.0.get(key), out)),
+            Err(_) => Ok(copy_out(None, out)),
+        }
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ViewError> {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
         match self.0.read() {
             Ok(d) => d.scan_prefix(prefix),
             Err(_) => Ok(Vec::new()),
