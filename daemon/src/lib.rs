@@ -4,11 +4,13 @@
 //! - [`store`]: the event log (embedded RocksDB or NATS JetStream).
 //! - [`runtime`]: the WebAssembly projection runtime (wasmtime, kiln's host ABI).
 //! - [`views`]: view documents and checkpoints, one RocksDB column family per view.
+//! - [`lifecycle`]: versioned views: warm-up, cutover, standby, hot deploy.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
 //! - [`cli`]: the `kiln` command line.
 
 pub mod bench;
 pub mod cli;
+pub mod lifecycle;
 pub mod runtime;
 pub mod store;
 pub mod views;

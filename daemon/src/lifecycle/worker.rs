@@ -1,0 +1,492 @@
+//! One worker per running physical view: tails the log from the view's
+//! checkpoint and applies batches through its [`Projector`] (documents and
+//! checkpoint in one RocksDB batch), on a blocking thread.
+//!
+//! A warming worker applies at most `warmup_batch` events at a time and, before
+//! each, waits until no live worker (ready, active, standby) is applying a
+//! batch: live views get the CPU first, the warm-up takes what is left.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use super::{Inner, LifecycleError, PoisonPolicy, parked};
+use crate::runtime::{Instance, Module, ProjectionError, Projector};
+use crate::store::{Position, RecordedEvent};
+use crate::views::{ViewId, Writes};
+
+/// How long a worker waits before re-opening a tail that returned an error.
+const TAIL_RETRY: Duration = Duration::from_millis(500);
+
+/// Live workers applying a batch right now; warming workers wait for zero.
+#[derive(Default)]
+pub(super) struct Priority {
+    busy: AtomicUsize,
+    idle: Notify,
+}
+
+struct Busy<'a>(&'a Priority);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Priority {
+    fn enter(&self) -> Busy<'_> {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.busy.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What a physical view's worker has done, read by status and waiters.
+pub(super) struct Progress {
+    pub checkpoint: AtomicU64,
+    pub applied: AtomicU64,
+    pub warming: AtomicBool,
+    pub parked: AtomicUsize,
+    /// Bumped on every commit (and on failure, to wake waiters).
+    pub checkpoint_tx: watch::Sender<Position>,
+    /// (when, applied then, events/s).
+    pub rate: std::sync::Mutex<(Instant, u64, f64)>,
+}
+
+impl Progress {
+    pub fn new(checkpoint: Position, warming: bool, parked: usize) -> Arc<Self> {
+        Arc::new(Progress {
+            checkpoint: AtomicU64::new(checkpoint),
+            applied: AtomicU64::new(0),
+            warming: AtomicBool::new(warming),
+            parked: AtomicUsize::new(parked),
+            checkpoint_tx: watch::Sender::new(checkpoint),
+            rate: std::sync::Mutex::new((Instant::now(), 0, 0.0)),
+        })
+    }
+
+    pub fn checkpoint(&self) -> Position {
+        self.checkpoint.load(Ordering::Acquire)
+    }
+
+    /// Updates the rate from the applied count (called about once a second).
+    pub fn sample_rate(&self) {
+        if let Ok(mut r) = self.rate.lock() {
+            let now = Instant::now();
+            let applied = self.applied.load(Ordering::Relaxed);
+            let secs = now.duration_since(r.0).as_secs_f64();
+            if secs >= 0.5 {
+                let current = (applied - r.1.min(applied)) as f64 / secs;
+                r.2 = if r.2 == 0.0 { current } else { 0.5 * r.2 + 0.5 * current };
+                r.0 = now;
+                r.1 = applied;
+            }
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate.lock().map(|r| r.2).unwrap_or(0.0)
+    }
+}
+
+pub(super) enum Command {
+    RetryParked(oneshot::Sender<Result<usize, LifecycleError>>),
+}
+
+/// The lifecycle's hold on a running worker.
+pub(super) struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker after its current batch and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.join.await;
+    }
+}
+
+/// Starts the worker of `module`'s physical view.
+pub(super) fn spawn(
+    inner: &Arc<Inner>,
+    module: Module,
+    progress: Arc<Progress>,
+    poison: PoisonPolicy,
+) -> WorkerHandle {
+    let (stop, stop_rx) = watch::channel(false);
+    let (commands, commands_rx) = mpsc::channel(8);
+    let view = module.view_id().clone();
+    let span = tracing::info_span!("view", view = %view);
+    let worker = Worker {
+        inner: inner.clone(),
+        view,
+        module,
+        progress,
+        poison,
+        projector: None,
+        retry: None,
+    };
+    let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
+    WorkerHandle {
+        stop,
+        join,
+        commands,
+    }
+}
+
+struct Worker {
+    inner: Arc<Inner>,
+    view: ViewId,
+    module: Module,
+    progress: Arc<Progress>,
+    poison: PoisonPolicy,
+    projector: Option<Projector>,
+    /// A second instance for retrying parked events (made on first use).
+    retry: Option<Instance>,
+}
+
+/// Why a worker stopped applying.
+enum Halt {
+    Stopped,
+    Failed { position: Option<Position>, reason: String },
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut stop_rx: watch::Receiver<bool>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
+        if let Err(e) = self.open().await {
+            self.fail(None, e.to_string());
+            return;
+        }
+        let warming = self.progress.warming.load(Ordering::Acquire);
+        tracing::info!(checkpoint = self.progress.checkpoint(), warming, "view worker started");
+        if warming && let Err(e) = check_caught_up(&self.inner, &self.view, &self.progress).await {
+            tracing::warn!("reading the log head: {e}");
+        }
+        let mut tail = self.inner.store.tail(self.progress.checkpoint() + 1);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop_rx.changed() => break,
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                next = tail.next() => match next {
+                    None => {
+                        tracing::info!("the log's tail ended (store closed)");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("tailing the log: {e}; retrying in {TAIL_RETRY:?}");
+                        tokio::select! {
+                            _ = stop_rx.changed() => break,
+                            _ = tokio::time::sleep(TAIL_RETRY) => {}
+                        }
+                        tail = self.inner.store.tail(self.progress.checkpoint() + 1);
+                    }
+                    Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
+                        Ok(()) => {}
+                        Err(Halt::Stopped) => break,
+                        Err(Halt::Failed { position, reason }) => {
+                            self.fail(position, reason);
+                            return;
+                        }
+                    },
+                },
+            }
+        }
+        tracing::info!(checkpoint = self.progress.checkpoint(), "view worker stopped");
+    }
+
+    async fn open(&mut self) -> Result<(), ProjectionError> {
+        let module = self.module.clone();
+        let views = self.inner.views.clone();
+        let projector = tokio::task::spawn_blocking(move || Projector::open(&module, &views))
+            .await
+            .map_err(|e| ProjectionError::Instantiate {
+                projection: self.module.name().to_string(),
+                version: self.module.version().to_string(),
+                reason: format!("opening the view panicked: {e}"),
+            })??;
+        self.progress
+            .checkpoint
+            .store(projector.checkpoint(), Ordering::Release);
+        self.progress.checkpoint_tx.send_replace(projector.checkpoint());
+        self.projector = Some(projector);
+        Ok(())
+    }
+
+    fn fail(&self, position: Option<Position>, reason: String) {
+        tracing::error!(?position, "view version failed: {reason}");
+        self.inner.on_failed(&self.view, position, reason);
+        self.progress.checkpoint_tx.send_modify(|_| {});
+    }
+
+    /// Applies one batch from the tail.
+    async fn batch(
+        &mut self,
+        batch: Vec<RecordedEvent>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), Halt> {
+        if let Some(last) = batch.last() {
+            self.inner.head.fetch_max(last.position, Ordering::AcqRel);
+        }
+        let batch = Arc::new(batch);
+        if !self.progress.warming.load(Ordering::Acquire) {
+            let priority = self.inner.priority.clone();
+            let _busy = priority.enter();
+            return self.apply(&batch, 0..batch.len()).await;
+        }
+        let step = self.inner.config.warmup_batch.max(1);
+        let mut at = 0;
+        while at < batch.len() {
+            tokio::select! {
+                biased;
+                _ = stop_rx.changed() => return Err(Halt::Stopped),
+                _ = self.inner.priority.wait_idle() => {}
+            }
+            let end = (at + step).min(batch.len());
+            self.apply(&batch, at..end).await?;
+            at = end;
+            if !self.progress.warming.load(Ordering::Acquire) {
+                // Promoted to live mid-batch (it cannot be, but stay correct).
+                return self.apply(&batch, at..batch.len()).await;
+            }
+        }
+        check_caught_up(&self.inner, &self.view, &self.progress)
+            .await
+            .map_err(|e| tracing::warn!("reading the log head: {e}"))
+            .ok();
+        Ok(())
+    }
+
+    /// Applies `batch[range]`; a projection failure is handled by the poison
+    /// policy (the events are re-applied one by one to find the poison one).
+    async fn apply(
+        &mut self,
+        batch: &Arc<Vec<RecordedEvent>>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), Halt> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        match self.apply_blocking(batch, range.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if !is_poison(&e) => {
+                return Err(Halt::Failed {
+                    position: None,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => tracing::warn!("batch refused, re-applying it event by event: {e}"),
+        }
+        for i in range {
+            if batch[i].position <= self.progress.checkpoint() {
+                continue;
+            }
+            match self.apply_blocking(batch, i..i + 1).await {
+                Ok(()) => {}
+                Err(e) if !is_poison(&e) => {
+                    return Err(Halt::Failed {
+                        position: Some(batch[i].position),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => match self.poison {
+                    PoisonPolicy::Stop => {
+                        return Err(Halt::Failed {
+                            position: Some(batch[i].position),
+                            reason: e.to_string(),
+                        });
+                    }
+                    PoisonPolicy::Park => self.park(&batch[i], e).await?,
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `event` in the dead letters, then moves the checkpoint past it.
+    async fn park(&mut self, event: &RecordedEvent, error: ProjectionError) -> Result<(), Halt> {
+        let position = event.position;
+        tracing::warn!(position, "parking a poison event: {error}");
+        let failed = |reason: String| Halt::Failed {
+            position: Some(position),
+            reason,
+        };
+        let count = parked::park(
+            &self.inner.parked_dir(),
+            &self.view,
+            parked::ParkedEvent::new(event, error.to_string()),
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        self.progress.parked.store(count, Ordering::Release);
+        self.inner
+            .views
+            .commit(&self.view, &Writes::new(), position)
+            .map_err(|e| failed(format!("moving the checkpoint past a parked event: {e}")))?;
+        // The projector's checkpoint is behind the view's now: open it again.
+        self.projector = None;
+        self.open().await.map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn apply_blocking(
+        &mut self,
+        batch: &Arc<Vec<RecordedEvent>>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ProjectionError> {
+        let Some(mut projector) = self.projector.take() else {
+            return Err(ProjectionError::Instantiate {
+                projection: self.module.name().to_string(),
+                version: self.module.version().to_string(),
+                reason: "the projector was lost after an earlier failure".into(),
+            });
+        };
+        let events = batch.clone();
+        let before = projector.checkpoint();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = projector.apply(&events[range]);
+            (projector, result)
+        })
+        .await;
+        let (projector, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                return Err(ProjectionError::Instantiate {
+                    projection: self.module.name().to_string(),
+                    version: self.module.version().to_string(),
+                    reason: format!("applying a batch panicked: {e}"),
+                });
+            }
+        };
+        let after = projector.checkpoint();
+        self.projector = Some(projector);
+        result?;
+        if after > before {
+            let applied = batch
+                .iter()
+                .filter(|e| e.position > before && e.position <= after)
+                .count() as u64;
+            self.progress.applied.fetch_add(applied, Ordering::Relaxed);
+            self.progress.checkpoint.store(after, Ordering::Release);
+            self.progress.checkpoint_tx.send_replace(after);
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::RetryParked(reply) => {
+                let result = self.retry_parked().await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Runs each parked event through the projection again, in position order;
+    /// those that now succeed have their writes committed (the checkpoint does
+    /// not move) and leave the list.
+    async fn retry_parked(&mut self) -> Result<usize, LifecycleError> {
+        let dir = self.inner.parked_dir();
+        let all = parked::load(&dir, &self.view)?;
+        if all.is_empty() {
+            return Ok(0);
+        }
+        let view = self.view.clone();
+        let views = self.inner.views.clone();
+        let module = self.module.clone();
+        let checkpoint = self.progress.checkpoint();
+        let retry = self.retry.take();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut instance = match retry {
+                Some(i) => i,
+                None => {
+                    let source = views.source(&view)?;
+                    Instance::new(&module, Box::new(source))?
+                }
+            };
+            let mut left = Vec::new();
+            let mut retried = 0;
+            for p in all {
+                let Some(event) = p.to_recorded() else {
+                    left.push(p);
+                    continue;
+                };
+                match instance.apply(std::slice::from_ref(&event)) {
+                    Ok(writes) => {
+                        views.commit(&view, &writes, checkpoint)?;
+                        retried += 1;
+                    }
+                    Err(e) => {
+                        let mut p = p;
+                        p.error = e.to_string();
+                        left.push(p);
+                    }
+                }
+            }
+            Ok::<_, LifecycleError>((instance, left, retried))
+        })
+        .await
+        .map_err(|e| LifecycleError::Failed {
+            id: self.view.clone(),
+            reason: format!("retrying parked events panicked: {e}"),
+        })?;
+        let (instance, left, retried) = joined?;
+        self.retry = Some(instance);
+        parked::save(&dir, &self.view, &left)?;
+        self.progress.parked.store(left.len(), Ordering::Release);
+        tracing::info!(retried, still_parked = left.len(), "retried parked events");
+        Ok(retried)
+    }
+}
+
+/// Warming and at the head (a fresh read of it)? Then tell the lifecycle.
+async fn check_caught_up(
+    inner: &Arc<Inner>,
+    view: &ViewId,
+    progress: &Arc<Progress>,
+) -> Result<(), LifecycleError> {
+    if !progress.warming.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let checkpoint = progress.checkpoint();
+    if checkpoint < inner.head.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let head = inner.store.head().await?;
+    inner.head.fetch_max(head, Ordering::AcqRel);
+    if checkpoint >= head {
+        inner.on_caught_up(view);
+    }
+    Ok(())
+}
+
+/// Is this error about the event (the guest refused or misbehaved on it),
+/// rather than about the host (storage, instantiation)?
+fn is_poison(e: &ProjectionError) -> bool {
+    !matches!(
+        e,
+        ProjectionError::View { .. } | ProjectionError::Instantiate { .. }
+    )
+}
