@@ -80,7 +80,10 @@ pub enum ViewState {
 impl ViewState {
     /// May a semver requirement (`users@^1`) resolve to a version in this state?
     pub fn is_servable(self) -> bool {
-        matches!(self, ViewState::Ready | ViewState::Active | ViewState::Standby)
+        matches!(
+            self,
+            ViewState::Ready | ViewState::Active | ViewState::Standby
+        )
     }
 }
 
@@ -176,6 +179,9 @@ impl LifecycleConfig {
             .unwrap_or(self.standby_grace)
     }
 }
+
+/// Documents as (key, document) pairs, in key order.
+pub type Documents = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// One version's status, as `GET /views` shows it. Times are milliseconds
 /// since the Unix epoch.
@@ -284,7 +290,7 @@ pub enum LifecycleError {
     #[error(transparent)]
     View(#[from] ViewError),
     #[error(transparent)]
-    Projection(#[from] ProjectionError),
+    Projection(Box<ProjectionError>),
     #[error("{what} ({path}): {source}")]
     Io {
         what: String,
@@ -298,6 +304,12 @@ pub enum LifecycleError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<ProjectionError> for LifecycleError {
+    fn from(e: ProjectionError) -> Self {
+        LifecycleError::Projection(Box::new(e))
+    }
 }
 
 impl LifecycleError {
@@ -480,10 +492,11 @@ impl Lifecycle {
             spec: spec.to_string(),
         };
         if let Some((name, req)) = spec.split_once('@') {
-            let parsed = semver::VersionReq::parse(req).map_err(|e| LifecycleError::InvalidSpec {
-                spec: spec.to_string(),
-                reason: format!("bad semver requirement: {e}"),
-            })?;
+            let parsed =
+                semver::VersionReq::parse(req).map_err(|e| LifecycleError::InvalidSpec {
+                    spec: spec.to_string(),
+                    reason: format!("bad semver requirement: {e}"),
+                })?;
             if reg.of_name(name).next().is_none() {
                 return Err(unknown());
             }
@@ -534,7 +547,7 @@ impl Lifecycle {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LifecycleError> {
+    ) -> Result<Documents, LifecycleError> {
         let physical = self.inner.physical(view)?;
         self.inner
             .views
@@ -943,7 +956,9 @@ impl Inner {
             return Err(e);
         }
         match previous {
-            Some(prev) => tracing::info!(view = %id, previous = %prev, "cutover: active (previous active is standby)"),
+            Some(prev) => {
+                tracing::info!(view = %id, previous = %prev, "cutover: active (previous active is standby)")
+            }
             None => tracing::info!(view = %id, "cutover: active"),
         }
         Ok(())
@@ -994,7 +1009,7 @@ impl Inner {
             tracing::error!(view = %id, "recording readiness: {e}");
         }
         tracing::info!(view = %id, "caught up: ready");
-        self.auto_cutover(&mut st, &id.name().to_string());
+        self.auto_cutover(&mut st, id.name());
     }
 
     /// A worker stopped on an error: `failed`, with the position and reason.
@@ -1118,7 +1133,7 @@ impl Inner {
             }
             let expired: Vec<ViewId> = {
                 let st = self.lock();
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     for p in st.progress.values() {
                         p.sample_rate();
                     }

@@ -84,12 +84,19 @@ pub(super) fn load(dir: &Path, view: &ViewId) -> Result<Vec<ParkedEvent>, Lifecy
             reason: format!("dead letters of {view}: {e}"),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(LifecycleError::io(format!("reading the dead letters of {view}"), &path)(e)),
+        Err(e) => Err(LifecycleError::io(
+            format!("reading the dead letters of {view}"),
+            &path,
+        )(e)),
     }
 }
 
 /// Replaces the view's parked events (removing the file when there are none).
-pub(super) fn save(dir: &Path, view: &ViewId, events: &[ParkedEvent]) -> Result<(), LifecycleError> {
+pub(super) fn save(
+    dir: &Path,
+    view: &ViewId,
+    events: &[ParkedEvent],
+) -> Result<(), LifecycleError> {
     let path = path(dir, view);
     if events.is_empty() {
         return match std::fs::remove_file(&path) {
@@ -104,7 +111,11 @@ pub(super) fn save(dir: &Path, view: &ViewId, events: &[ParkedEvent]) -> Result<
         path: path.clone(),
         reason: format!("serializing the dead letters of {view}: {e}"),
     })?;
-    write_atomically(&path, &bytes, &format!("writing the dead letters of {view}"))
+    write_atomically(
+        &path,
+        &bytes,
+        &format!("writing the dead letters of {view}"),
+    )
 }
 
 /// Adds `event` to the view's list (replacing one at the same position).

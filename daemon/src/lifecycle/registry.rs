@@ -77,18 +77,16 @@ impl Registry {
     pub fn load(path: &Path) -> Result<Registry, LifecycleError> {
         let entries = match std::fs::read(path) {
             Ok(bytes) => {
-                let file: File =
-                    serde_json::from_slice(&bytes).map_err(|e| LifecycleError::CorruptRegistry {
+                let file: File = serde_json::from_slice(&bytes).map_err(|e| {
+                    LifecycleError::CorruptRegistry {
                         path: path.to_path_buf(),
                         reason: e.to_string(),
-                    })?;
+                    }
+                })?;
                 if file.format != FORMAT {
                     return Err(LifecycleError::CorruptRegistry {
                         path: path.to_path_buf(),
-                        reason: format!(
-                            "format {} (this kiln reads format {FORMAT})",
-                            file.format
-                        ),
+                        reason: format!("format {} (this kiln reads format {FORMAT})", file.format),
                     });
                 }
                 file.versions
@@ -111,10 +109,11 @@ impl Registry {
             format: FORMAT,
             versions: self.entries.values().cloned().collect(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| LifecycleError::CorruptRegistry {
-            path: self.path.clone(),
-            reason: format!("serializing: {e}"),
-        })?;
+        let bytes =
+            serde_json::to_vec_pretty(&file).map_err(|e| LifecycleError::CorruptRegistry {
+                path: self.path.clone(),
+                reason: format!("serializing: {e}"),
+            })?;
         write_atomically(&self.path, &bytes, "writing the registry")
     }
 
@@ -145,7 +144,11 @@ impl Registry {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename, then
 /// syncs the directory: readers and crashes see the old file or the new one.
-pub(super) fn write_atomically(path: &Path, bytes: &[u8], what: &str) -> Result<(), LifecycleError> {
+pub(super) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(), LifecycleError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let io = |e| LifecycleError::io(what, path)(e);
     let mut f = std::fs::File::create(&tmp).map_err(io)?;

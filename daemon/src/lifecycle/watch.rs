@@ -23,8 +23,10 @@ pub(super) async fn start(
     lifecycle: Lifecycle,
     dir: PathBuf,
 ) -> Result<tokio::task::JoinHandle<()>, LifecycleError> {
-    std::fs::create_dir_all(&dir)
-        .map_err(LifecycleError::io("creating the projections directory", &dir))?;
+    std::fs::create_dir_all(&dir).map_err(LifecycleError::io(
+        "creating the projections directory",
+        &dir,
+    ))?;
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {

@@ -94,7 +94,11 @@ impl Progress {
             let secs = now.duration_since(r.0).as_secs_f64();
             if secs >= 0.5 {
                 let current = (applied - r.1.min(applied)) as f64 / secs;
-                r.2 = if r.2 == 0.0 { current } else { 0.5 * r.2 + 0.5 * current };
+                r.2 = if r.2 == 0.0 {
+                    current
+                } else {
+                    0.5 * r.2 + 0.5 * current
+                };
                 r.0 = now;
                 r.1 = applied;
             }
@@ -167,7 +171,10 @@ struct Worker {
 /// Why a worker stopped applying.
 enum Halt {
     Stopped,
-    Failed { position: Option<Position>, reason: String },
+    Failed {
+        position: Option<Position>,
+        reason: String,
+    },
 }
 
 impl Worker {
@@ -181,7 +188,11 @@ impl Worker {
             return;
         }
         let warming = self.progress.warming.load(Ordering::Acquire);
-        tracing::info!(checkpoint = self.progress.checkpoint(), warming, "view worker started");
+        tracing::info!(
+            checkpoint = self.progress.checkpoint(),
+            warming,
+            "view worker started"
+        );
         if warming && let Err(e) = check_caught_up(&self.inner, &self.view, &self.progress).await {
             tracing::warn!("reading the log head: {e}");
         }
@@ -215,23 +226,30 @@ impl Worker {
                 },
             }
         }
-        tracing::info!(checkpoint = self.progress.checkpoint(), "view worker stopped");
+        tracing::info!(
+            checkpoint = self.progress.checkpoint(),
+            "view worker stopped"
+        );
     }
 
     async fn open(&mut self) -> Result<(), ProjectionError> {
         let module = self.module.clone();
         let views = self.inner.views.clone();
-        let projector = tokio::task::spawn_blocking(move || Projector::open(&module, &views))
-            .await
-            .map_err(|e| ProjectionError::Instantiate {
-                projection: self.module.name().to_string(),
-                version: self.module.version().to_string(),
-                reason: format!("opening the view panicked: {e}"),
-            })??;
+        let projector =
+            tokio::task::spawn_blocking(move || Projector::open(&module, &views).map_err(Box::new))
+                .await
+                .map_err(|e| ProjectionError::Instantiate {
+                    projection: self.module.name().to_string(),
+                    version: self.module.version().to_string(),
+                    reason: format!("opening the view panicked: {e}"),
+                })?
+                .map_err(|e| *e)?;
         self.progress
             .checkpoint
             .store(projector.checkpoint(), Ordering::Release);
-        self.progress.checkpoint_tx.send_replace(projector.checkpoint());
+        self.progress
+            .checkpoint_tx
+            .send_replace(projector.checkpoint());
         self.projector = Some(projector);
         Ok(())
     }
