@@ -57,13 +57,6 @@ struct AppendIn {
     condition: Option<ConditionIn>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum AppendBody {
-    Full(AppendIn),
-    Events(Vec<EventIn>),
-}
-
 /// Parses `3`, `"3"`, `"any"`, `"no_stream"`, `"exists"`.
 pub fn parse_expected(v: &Value) -> Result<ExpectedVersion, String> {
     match v {
@@ -99,14 +92,19 @@ pub async fn append(
     let Path(stream) = path.map_err(path_error)?;
     let stream = StreamId::new(stream)?;
     let bytes = read_body(body, state.config.body_limit, "the append body").await?;
-    let parsed: AppendBody = serde_json::from_slice(&bytes).map_err(|e| {
+    let malformed = |e: serde_json::Error| {
         ApiError::malformed_body(format!(
             "append body for stream '{stream}' is not {{\"events\": [...]}} or an array of events: {e}"
         ))
-    })?;
-    let (field, events, condition) = match parsed {
-        AppendBody::Full(a) => (a.expected_version, a.events, a.condition),
-        AppendBody::Events(events) => (None, events, None),
+    };
+    // An array is the events alone; anything else must be the full form.
+    let is_array = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let (field, events, condition) = if is_array {
+        let events: Vec<EventIn> = serde_json::from_slice(&bytes).map_err(malformed)?;
+        (None, events, None)
+    } else {
+        let a: AppendIn = serde_json::from_slice(&bytes).map_err(malformed)?;
+        (a.expected_version, a.events, a.condition)
     };
     let from_field = field
         .as_ref()

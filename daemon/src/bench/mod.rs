@@ -1,6 +1,7 @@
 //! Benchmarks behind `kiln bench`: each prints its figures next to a baseline
 //! measured in the same run, with the ratio, so numbers compare across machines.
 
+pub mod http;
 pub mod projection;
 pub mod store;
 
@@ -16,6 +17,9 @@ pub enum BenchCommand {
     /// Replay generated events from the embedded log through the `users`
     /// projection, as wasm and natively, and print events/s and their ratio.
     Projection(projection::ProjectionBenchArgs),
+    /// The HTTP API on loopback: appends through the API vs straight to the
+    /// store, and `GET /views/users/{key}` at a fixed rate (p50/p99 latency).
+    Http(http::HttpBenchArgs),
 }
 
 /// Runs a benchmark to completion on a fresh multi-threaded runtime.
@@ -26,6 +30,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Store(args) => rt.block_on(store::run(args)),
         BenchCommand::Projection(args) => rt.block_on(projection::run(args)),
+        BenchCommand::Http(args) => rt.block_on(http::run(args)),
     }
 }
 
