@@ -19,7 +19,10 @@ fn run(module: &str, input: &str, batch: usize) -> anyhow::Result<Vec<Value>> {
     )?;
     Ok(String::from_utf8(out)?
         .lines()
-        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .map(|l| {
+            assert!(l.starts_with(r#"{"key":"#), "key first: {l}");
+            serde_json::from_str(l).expect("each output line is JSON")
+        })
         .collect())
 }
 
