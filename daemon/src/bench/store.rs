@@ -67,15 +67,19 @@ pub async fn run(args: StoreBenchArgs) -> anyhow::Result<()> {
         DurabilityArg::Fsync => Durability::Fsync,
         DurabilityArg::Buffered => Durability::Buffered,
     };
-    let store: Arc<dyn EventStore> =
-        Arc::new(EmbeddedStore::open(config).context("opening the embedded store")?);
+    let embedded = EmbeddedStore::open(config).context("opening the embedded store")?;
+    let store: Arc<dyn EventStore> = Arc::new(embedded.clone());
     println!(
         "kiln bench store — backend: embedded, durability: {:?}",
         args.durability
     );
     latest_version_bench(&store, &args).await?;
     append_bench(&store, &args).await?;
-    drop(store);
+    println!(
+        "group commit: {:.1} jobs per write batch on average",
+        embedded.writer_stats().mean_group_size()
+    );
+    drop((store, embedded));
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
