@@ -5,11 +5,15 @@
 //! - [`runtime`]: the WebAssembly projection runtime (wasmtime, kiln's host ABI).
 //! - [`views`]: view documents and checkpoints, one RocksDB column family per view.
 //! - [`lifecycle`]: versioned views: warm-up, cutover, standby, hot deploy.
+//! - [`api`]: the HTTP API: queries, read-your-writes, appends, admin, probes, metrics.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
+//! - [`config`]: `kiln serve`'s configuration (TOML file, `KILN_*` variables, flags).
 //! - [`cli`]: the `kiln` command line.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod lifecycle;
 pub mod runtime;
 pub mod store;

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod run;
+pub mod serve;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,8 @@ pub enum Command {
     /// Run a projection module offline over a JSONL file of events and print
     /// the resulting documents as JSONL.
     Run(run::RunArgs),
+    /// Run the daemon: tail the log, build the views, serve the HTTP API.
+    Serve(crate::config::ServeArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -42,6 +45,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Client(cmd) => return client::main(cmd),
     };
     match result {

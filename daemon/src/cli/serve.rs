@@ -1,0 +1,89 @@
+//! `kiln serve`: runs the daemon. Opens the event store (embedded or
+//! JetStream), the WebAssembly runtime and the view [`Lifecycle`], serves the
+//! HTTP API, and on SIGTERM or Ctrl-C stops taking requests, lets every view
+//! finish its current batch and writes the registry a last time.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::{ServeArgs, ServeConfig, StoreBackend};
+use crate::lifecycle::Lifecycle;
+use crate::runtime::Runtime;
+use crate::store::EventStore;
+use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
+use crate::store::jetstream::JetStreamStore;
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::load(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(config))
+}
+
+/// Runs the daemon until SIGTERM or Ctrl-C.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let store: Arc<dyn EventStore> = match config.store {
+        StoreBackend::Embedded => {
+            let path = config.data_dir.join("log");
+            Arc::new(
+                EmbeddedStore::open(EmbeddedConfig::new(&path))
+                    .with_context(|| format!("opening the embedded store at {}", path.display()))?,
+            )
+        }
+        StoreBackend::Jetstream => Arc::new(
+            JetStreamStore::connect(config.jetstream.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to JetStream at {}",
+                        config.jetstream.servers.join(",")
+                    )
+                })?,
+        ),
+    };
+    let runtime = Runtime::new(config.runtime())?;
+    let lifecycle = Lifecycle::start(config.lifecycle(), store, runtime)
+        .await
+        .context("starting the view lifecycle")?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        store = ?config.store,
+        projections = ?config.projections_dir,
+        "kiln serving"
+    );
+    let served = crate::api::serve(lifecycle.clone(), &config.api, shutdown_signal()).await;
+    tracing::info!("shutting down");
+    lifecycle.shutdown().await;
+    served
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,392 @@
+//! `kiln serve`'s configuration: a TOML file, then `KILN_*` environment
+//! variables, then flags, each overriding the one before; everything has a
+//! default, so `kiln serve` alone runs the embedded store in `./data` with
+//! `./projections` watched and the API on 127.0.0.1:7070.
+//!
+//! See `kiln.example.toml` at the repository root for every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiConfig;
+use crate::lifecycle::{CutoverPolicy, LifecycleConfig, PoisonPolicy, ViewPolicy};
+use crate::runtime::RuntimeConfig;
+use crate::store::jetstream::JetStreamConfig;
+
+/// Which event store the daemon runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// RocksDB in `<data-dir>/log`: nothing to set up.
+    #[default]
+    Embedded,
+    /// NATS JetStream (the `[jetstream]` table, `--nats-url`).
+    Jetstream,
+}
+
+/// Limits of the WebAssembly runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeLimits {
+    /// Most linear memory one projection instance may use, in MiB.
+    pub memory_mib: usize,
+    /// Longest one batch may run, in milliseconds.
+    pub batch_deadline_ms: u64,
+    /// Cache compiled modules in `<data-dir>/cache`.
+    pub compile_cache: bool,
+}
+
+impl Default for RuntimeLimits {
+    fn default() -> Self {
+        RuntimeLimits {
+            memory_mib: 256,
+            batch_deadline_ms: 10_000,
+            compile_cache: true,
+        }
+    }
+}
+
+/// Everything `kiln serve` needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Holds the embedded log (`log/`), the views (`views/`), the registry,
+    /// deployed modules, dead letters and the compile cache.
+    pub data_dir: PathBuf,
+    /// Directory of `*.wasm` modules deployed at start and watched; empty
+    /// string in the file or `--no-watch` to disable.
+    pub projections_dir: Option<PathBuf>,
+    pub store: StoreBackend,
+    pub jetstream: JetStreamConfig,
+    pub api: ApiConfig,
+    /// How long a standby version keeps tailing before it is retired.
+    pub standby_grace_secs: u64,
+    /// How long a module file must be quiet before it is loaded.
+    pub watch_debounce_ms: u64,
+    /// Most events a warming version applies between yields to live views.
+    pub warmup_batch: usize,
+    /// Policies of view names not listed in `views`.
+    pub default_policy: ViewPolicy,
+    /// Policies per view name: `[views.users] cutover = "manual"`.
+    pub views: BTreeMap<String, ViewPolicy>,
+    pub runtime: RuntimeLimits,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("data"),
+            projections_dir: Some(PathBuf::from("projections")),
+            store: StoreBackend::Embedded,
+            jetstream: JetStreamConfig::default(),
+            api: ApiConfig::default(),
+            standby_grace_secs: 300,
+            watch_debounce_ms: 300,
+            warmup_batch: 256,
+            default_policy: ViewPolicy::default(),
+            views: BTreeMap::new(),
+            runtime: RuntimeLimits::default(),
+        }
+    }
+}
+
+/// `kiln serve`'s flags; each also reads its `KILN_*` environment variable.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// A TOML configuration file (see kiln.example.toml).
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "KILN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory of *.wasm modules to deploy and watch [default: ./projections].
+    #[arg(long, env = "KILN_PROJECTIONS")]
+    pub projections: Option<PathBuf>,
+    /// Do not deploy or watch a projections directory.
+    #[arg(long, env = "KILN_NO_WATCH")]
+    pub no_watch: bool,
+    /// Event store backend [default: embedded].
+    #[arg(long, env = "KILN_STORE", value_enum)]
+    pub store: Option<StoreBackend>,
+    /// NATS server URL(s), comma-separated (JetStream backend).
+    #[arg(long, env = "KILN_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+    /// JetStream stream holding the events [default: KILN].
+    #[arg(long, env = "KILN_NATS_STREAM")]
+    pub nats_stream: Option<String>,
+    /// Address of the HTTP API [default: 127.0.0.1:7070].
+    #[arg(long, env = "KILN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required by the admin endpoints.
+    #[arg(long, env = "KILN_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Seconds a standby version keeps tailing before it is retired [default: 300].
+    #[arg(long, env = "KILN_STANDBY_GRACE_SECS")]
+    pub standby_grace_secs: Option<u64>,
+    /// Milliseconds a module file must be quiet before it is loaded [default: 300].
+    #[arg(long, env = "KILN_WATCH_DEBOUNCE_MS")]
+    pub watch_debounce_ms: Option<u64>,
+    /// Default cutover policy: auto or manual [default: auto].
+    #[arg(long, env = "KILN_CUTOVER", value_parser = parse_cutover)]
+    pub cutover: Option<CutoverPolicy>,
+    /// Default poison-event policy: stop or park [default: stop].
+    #[arg(long, env = "KILN_POISON", value_parser = parse_poison)]
+    pub poison: Option<PoisonPolicy>,
+    /// Per-view policy, `name:key=value` (keys: cutover, poison,
+    /// standby_grace_secs); repeatable, e.g. `--view users:cutover=manual`.
+    #[arg(long = "view", env = "KILN_VIEWS", value_delimiter = ';')]
+    pub view_policies: Vec<String>,
+    /// Memory cap per projection instance, in MiB [default: 256].
+    #[arg(long, env = "KILN_MEMORY_MIB")]
+    pub memory_mib: Option<usize>,
+    /// Deadline of one batch, in milliseconds [default: 10000].
+    #[arg(long, env = "KILN_BATCH_DEADLINE_MS")]
+    pub batch_deadline_ms: Option<u64>,
+}
+
+fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
+    match s {
+        "auto" => Ok(CutoverPolicy::Auto),
+        "manual" => Ok(CutoverPolicy::Manual),
+        _ => Err(format!("{s:?} is not a cutover policy (auto or manual)")),
+    }
+}
+
+fn parse_poison(s: &str) -> Result<PoisonPolicy, String> {
+    match s {
+        "stop" => Ok(PoisonPolicy::Stop),
+        "park" => Ok(PoisonPolicy::Park),
+        _ => Err(format!("{s:?} is not a poison policy (stop or park)")),
+    }
+}
+
+impl ServeConfig {
+    /// Reads the file named by `args.config` (if any), then applies the
+    /// flags and environment variables over it.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
+        let mut config = match &args.config {
+            Some(path) => ServeConfig::from_file(path)?,
+            None => ServeConfig::default(),
+        };
+        config.apply(args)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A TOML file's configuration (defaults for what it does not name).
+    pub fn from_file(path: &Path) -> anyhow::Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration file {}", path.display()))?;
+        let mut config: ServeConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing the configuration file {}", path.display()))?;
+        if config
+            .projections_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            config.projections_dir = None;
+        }
+        Ok(config)
+    }
+
+    fn apply(&mut self, a: &ServeArgs) -> anyhow::Result<()> {
+        if let Some(d) = &a.data_dir {
+            self.data_dir = d.clone();
+        }
+        if let Some(p) = &a.projections {
+            self.projections_dir = Some(p.clone());
+        }
+        if a.no_watch {
+            self.projections_dir = None;
+        }
+        if let Some(s) = a.store {
+            self.store = s;
+        }
+        if !a.nats_url.is_empty() {
+            self.jetstream.servers = a.nats_url.clone();
+            if a.store.is_none() {
+                self.store = StoreBackend::Jetstream;
+            }
+        }
+        if let Some(s) = &a.nats_stream {
+            self.jetstream.stream = s.clone();
+        }
+        if let Some(l) = a.listen {
+            self.api.listen = l;
+        }
+        if let Some(t) = &a.admin_token {
+            self.api.admin_token = Some(t.clone());
+        }
+        if let Some(g) = a.standby_grace_secs {
+            self.standby_grace_secs = g;
+        }
+        if let Some(d) = a.watch_debounce_ms {
+            self.watch_debounce_ms = d;
+        }
+        if let Some(c) = a.cutover {
+            self.default_policy.cutover = c;
+        }
+        if let Some(p) = a.poison {
+            self.default_policy.poison = p;
+        }
+        for spec in a.view_policies.iter().filter(|s| !s.is_empty()) {
+            self.apply_view_policy(spec)?;
+        }
+        if let Some(m) = a.memory_mib {
+            self.runtime.memory_mib = m;
+        }
+        if let Some(d) = a.batch_deadline_ms {
+            self.runtime.batch_deadline_ms = d;
+        }
+        Ok(())
+    }
+
+    /// `users:cutover=manual,poison=park`.
+    fn apply_view_policy(&mut self, spec: &str) -> anyhow::Result<()> {
+        let (name, settings) = spec.split_once(':').with_context(|| {
+            format!("view policy {spec:?}: expected name:key=value[,key=value]")
+        })?;
+        crate::views::check_name(name).with_context(|| format!("view policy {spec:?}"))?;
+        let policy = self
+            .views
+            .entry(name.to_string())
+            .or_insert_with(|| self.default_policy.clone());
+        for kv in settings.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("view policy {spec:?}: {kv:?} is not key=value"))?;
+            let bad = |e: String| anyhow::anyhow!("view policy {spec:?}: {e}");
+            match k {
+                "cutover" => policy.cutover = parse_cutover(v).map_err(bad)?,
+                "poison" => policy.poison = parse_poison(v).map_err(bad)?,
+                "standby_grace_secs" => {
+                    policy.standby_grace_secs = Some(
+                        v.parse()
+                            .map_err(|e| bad(format!("standby_grace_secs {v:?}: {e}")))?,
+                    )
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (cutover, poison, standby_grace_secs)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses settings that cannot work, naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for name in self.views.keys() {
+            crate::views::check_name(name).context("a [views.<name>] table")?;
+        }
+        anyhow::ensure!(
+            self.runtime.memory_mib > 0,
+            "runtime.memory_mib must be above 0"
+        );
+        anyhow::ensure!(
+            self.runtime.batch_deadline_ms > 0,
+            "runtime.batch_deadline_ms must be above 0"
+        );
+        anyhow::ensure!(self.warmup_batch > 0, "warmup_batch must be above 0");
+        if self.store == StoreBackend::Jetstream {
+            self.jetstream
+                .validate()
+                .context("the [jetstream] configuration")?;
+        }
+        Ok(())
+    }
+
+    /// The lifecycle's part.
+    pub fn lifecycle(&self) -> LifecycleConfig {
+        let mut c = LifecycleConfig::new(&self.data_dir);
+        c.projections_dir = self.projections_dir.clone();
+        c.watch_debounce = Duration::from_millis(self.watch_debounce_ms);
+        c.default_policy = self.default_policy.clone();
+        c.policies = self.views.clone();
+        c.standby_grace = Duration::from_secs(self.standby_grace_secs);
+        c.warmup_batch = self.warmup_batch;
+        c
+    }
+
+    /// The runtime's part.
+    pub fn runtime(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            memory_cap: self.runtime.memory_mib << 20,
+            batch_deadline: Duration::from_millis(self.runtime.batch_deadline_ms),
+            cache_dir: self
+                .runtime
+                .compile_cache
+                .then(|| self.data_dir.join("cache")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_embedded_in_data_with_projections_watched() {
+        let c = ServeConfig::load(&ServeArgs::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert_eq!(c.projections_dir, Some(PathBuf::from("projections")));
+        assert_eq!(c.store, StoreBackend::Embedded);
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(
+            &path,
+            r#"
+data_dir = "/var/lib/kiln"
+store = "jetstream"
+standby_grace_secs = 60
+[jetstream]
+servers = ["nats://a:4222"]
+[views.users]
+cutover = "manual"
+poison = "park"
+"#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            standby_grace_secs: Some(5),
+            view_policies: vec!["orders:poison=park,standby_grace_secs=9".into()],
+            ..ServeArgs::default()
+        };
+        let c = ServeConfig::load(&args).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/kiln"));
+        assert_eq!(c.store, StoreBackend::Jetstream);
+        assert_eq!(c.standby_grace_secs, 5);
+        assert_eq!(c.views["users"].cutover, CutoverPolicy::Manual);
+        assert_eq!(c.views["orders"].poison, PoisonPolicy::Park);
+        assert_eq!(c.views["orders"].standby_grace_secs, Some(9));
+        assert_eq!(c.lifecycle().policy("users").poison, PoisonPolicy::Park);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let args = ServeArgs {
+            view_policies: vec!["users:cutover=sometimes".into()],
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::load(&args).unwrap_err();
+        assert!(format!("{e:#}").contains("sometimes"), "{e:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "data_dirr = \"x\"\n").unwrap();
+        let e = ServeConfig::from_file(&path).unwrap_err();
+        assert!(format!("{e:#}").contains("data_dirr"), "{e:#}");
+    }
+}
