@@ -1,0 +1,505 @@
+//! The view lifecycle, in process, on the real embedded store, real RocksDB
+//! views and real wasm: warm-up, automatic and manual cutover with readers
+//! running, aliases on unchanged logic, immutability, rollback, retirement
+//! after the grace period, restart, poison events.
+//!
+//! "Changed logic" for `users` 1.1.0 is the real `users` module with a manifest
+//! that no longer subscribes to `LoginFailed`: a different fingerprint and a
+//! visibly different view (`failed_logins` stays 0). 1.2.0 is the same as
+//! 1.1.0 with only the version bumped: the same fingerprint.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln::lifecycle::{
+    CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError, PoisonPolicy,
+    ViewPolicy, ViewState,
+};
+use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
+use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
+use kiln::views::ViewId;
+use kiln_tests::wasm::{self, CHAOS, USERS, manifest_of, with_manifest};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `users` at `version`; `changed` drops `LoginFailed` from its events.
+fn users_module(version: &str, changed: bool) -> Vec<u8> {
+    let bytes = std::fs::read(USERS).expect("users module");
+    let mut m = manifest_of(&bytes);
+    m["version"] = json!(version);
+    if changed {
+        let events: Vec<serde_json::Value> = m["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| *e != "LoginFailed")
+            .cloned()
+            .collect();
+        m["events"] = json!(events);
+    }
+    with_manifest(&bytes, &m.to_string())
+}
+
+fn id(s: &str) -> ViewId {
+    s.parse().expect("view id")
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: Arc<dyn EventStore>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(dir.path());
+        Env { dir, store }
+    }
+
+    fn config(&self) -> LifecycleConfig {
+        let mut c = LifecycleConfig::new(self.dir.path().join("data"));
+        c.standby_grace = Duration::from_secs(3600);
+        c
+    }
+
+    async fn start(&self, config: LifecycleConfig) -> Lifecycle {
+        Lifecycle::start(config, self.store.clone(), wasm::runtime())
+            .await
+            .expect("lifecycle starts")
+    }
+}
+
+fn open_store(dir: &std::path::Path) -> Arc<dyn EventStore> {
+    Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.join("log"))).expect("embedded store"))
+}
+
+/// Appends `n` events over 10 users: a registration each, then logins and
+/// failed logins alternating. Returns the head.
+async fn append_users(store: &Arc<dyn EventStore>, n: usize, offset: usize) -> u64 {
+    let mut head = 0;
+    for chunk in (offset..offset + n).collect::<Vec<_>>().chunks(200) {
+        for user in 0..10 {
+            let events: Vec<NewEvent> = chunk
+                .iter()
+                .filter(|i| *i % 10 == user)
+                .map(|i| match i / 10 {
+                    0 => NewEvent::json(
+                        "UserRegistered",
+                        &json!({"name": format!("u{user}"), "email": "x@y"}),
+                    ),
+                    k if k % 2 == 1 => NewEvent::json("LoginFailed", &json!({})),
+                    _ => NewEvent::json("UserLoggedIn", &json!({})),
+                })
+                .collect();
+            if events.is_empty() {
+                continue;
+            }
+            let stream = StreamId::new(format!("user-{user}")).unwrap();
+            let r = store
+                .append(AppendRequest::new(stream, ExpectedVersion::Any, events))
+                .await
+                .expect("append");
+            head = head.max(r.position);
+        }
+    }
+    head
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn state(lc: &Lifecycle, v: &str) -> Option<ViewState> {
+    lc.status_of(&id(v)).map(|s| s.state)
+}
+
+fn failed_logins(doc: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(doc).expect("profile JSON");
+    v["failed_logins"].as_u64().expect("failed_logins")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_then_auto_cutover_while_readers_read_one_version_each() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    let d = lc
+        .deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    assert_eq!(d, DeployOutcome::Warming(id("users-1_0_0")));
+    wait_until("1.0.0 active", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Active)
+    })
+    .await;
+    let head = append_users(&env.store, 4000, 0).await;
+    lc.wait_for_position(&id("users-1_0_0"), head, WAIT)
+        .await
+        .unwrap();
+
+    // A reader resolving `users` and reading user-3 continuously: 1.0.0 counts
+    // failed logins, 1.1.0 does not, so each document shows which version it
+    // came from, and it must be the one `resolve` named.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (old_reads, new_reads, failures) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let reader = {
+        let (lc, stop) = (lc.clone(), stop.clone());
+        let (old_reads, new_reads, failures) =
+            (old_reads.clone(), new_reads.clone(), failures.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let outcome = lc
+                    .resolve("users")
+                    .and_then(|v| Ok((lc.get(&v, b"user-3")?, v)));
+                match outcome {
+                    Ok((Some(doc), v)) if v == id("users-1_0_0") && failed_logins(&doc) > 0 => {
+                        old_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((Some(doc), v)) if v == id("users-1_1_0") && failed_logins(&doc) == 0 => {
+                        new_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        eprintln!(
+                            "bad read: {:?}",
+                            other.map(|(d, v)| (d.map(String::from_utf8), v))
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    wait_until("reads of 1.0.0", || old_reads.load(Ordering::Relaxed) > 10).await;
+
+    let d = lc
+        .deploy(&users_module("1.1.0", true), "test")
+        .await
+        .unwrap();
+    assert_eq!(d, DeployOutcome::Warming(id("users-1_1_0")));
+    // Appends keep coming while it warms.
+    let head = append_users(&env.store, 1000, 4000).await;
+    wait_until("1.1.0 active", || {
+        state(&lc, "users-1_1_0") == Some(ViewState::Active)
+    })
+    .await;
+    wait_until("reads of 1.1.0", || new_reads.load(Ordering::Relaxed) > 10).await;
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed or mixed reads");
+
+    lc.wait_for_position(&id("users-1_1_0"), head, WAIT)
+        .await
+        .unwrap();
+    let new = lc.status_of(&id("users-1_1_0")).unwrap();
+    assert_eq!(
+        new.events_applied, head,
+        "1.1.0 replayed the log from the first event"
+    );
+    let (deployed, ready, active) = (
+        new.deployed_at,
+        new.ready_at.unwrap(),
+        new.activated_at.unwrap(),
+    );
+    assert!(
+        deployed <= ready && ready <= active,
+        "warming → ready → active"
+    );
+    assert_eq!(state(&lc, "users-1_0_0"), Some(ViewState::Standby));
+    // The standby keeps tailing.
+    let head = append_users(&env.store, 100, 5000).await;
+    lc.wait_for_position(&id("users-1_0_0"), head, WAIT)
+        .await
+        .unwrap();
+    lc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_logic_is_an_alias_with_nothing_replayed() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    lc.deploy(&users_module("1.1.0", true), "test")
+        .await
+        .unwrap();
+    let head = append_users(&env.store, 1000, 0).await;
+    lc.wait_for_position(&id("users-1_1_0"), head, WAIT)
+        .await
+        .unwrap();
+    wait_until("1.1.0 active", || {
+        state(&lc, "users-1_1_0") == Some(ViewState::Active)
+    })
+    .await;
+    let applied_before = lc.status_of(&id("users-1_1_0")).unwrap().events_applied;
+    assert_eq!(applied_before, head);
+
+    let d = lc
+        .deploy(&users_module("1.2.0", true), "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        d,
+        DeployOutcome::Alias {
+            id: id("users-1_2_0"),
+            of: id("users-1_1_0")
+        }
+    );
+    let alias = lc.status_of(&id("users-1_2_0")).unwrap();
+    assert_eq!(alias.events_applied, 0, "an alias replays nothing");
+    assert_eq!(alias.alias_of.as_deref(), Some("users-1_1_0"));
+    assert_eq!(
+        alias.state,
+        ViewState::Active,
+        "ready at once, auto cutover"
+    );
+    assert_eq!(
+        lc.status_of(&id("users-1_1_0")).unwrap().events_applied,
+        applied_before,
+        "the physical view replayed nothing either"
+    );
+    assert!(
+        !lc.views().exists(&id("users-1_2_0")),
+        "no column family of its own"
+    );
+    assert_eq!(lc.resolve("users").unwrap(), id("users-1_1_0"));
+    assert_eq!(lc.resolve("users@^1.2").unwrap(), id("users-1_1_0"));
+    assert_eq!(lc.resolve("users-1_2_0").unwrap(), id("users-1_1_0"));
+    assert!(lc.get(&id("users-1_2_0"), b"user-1").unwrap().is_some());
+    lc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_are_immutable() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    lc.deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    let again = lc
+        .deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    assert_eq!(again, DeployOutcome::AlreadyDeployed(id("users-1_0_0")));
+    let err = lc
+        .deploy(&users_module("1.0.0", true), "test")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LifecycleError::ImmutableVersion { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("users-1_0_0"), "{err}");
+    lc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_cutover_rollback_and_retirement_after_grace() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.standby_grace = Duration::from_millis(1500);
+    config.policies.insert(
+        "users".into(),
+        ViewPolicy {
+            cutover: CutoverPolicy::Manual,
+            ..ViewPolicy::default()
+        },
+    );
+    let lc = env.start(config).await;
+    let head = append_users(&env.store, 500, 0).await;
+    lc.deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    wait_until("1.0.0 ready", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Ready)
+    })
+    .await;
+    assert!(matches!(
+        lc.resolve("users"),
+        Err(LifecycleError::NoActiveVersion { .. })
+    ));
+    lc.promote(&id("users-1_0_0")).await.unwrap();
+    lc.deploy(&users_module("1.1.0", true), "test")
+        .await
+        .unwrap();
+    wait_until("1.1.0 ready", || {
+        state(&lc, "users-1_1_0") == Some(ViewState::Ready)
+    })
+    .await;
+    assert_eq!(
+        lc.resolve("users").unwrap(),
+        id("users-1_0_0"),
+        "manual: no cutover yet"
+    );
+    assert!(matches!(
+        lc.rollback("users").await,
+        Err(LifecycleError::NoStandby { .. })
+    ));
+    lc.promote(&id("users-1_1_0")).await.unwrap();
+    assert_eq!(lc.resolve("users").unwrap(), id("users-1_1_0"));
+    assert_eq!(state(&lc, "users-1_0_0"), Some(ViewState::Standby));
+
+    // Rollback is instant: the standby kept tailing.
+    let back = lc.rollback("users").await.unwrap();
+    assert_eq!(back, id("users-1_0_0"));
+    assert_eq!(lc.resolve("users").unwrap(), id("users-1_0_0"));
+    assert_eq!(state(&lc, "users-1_1_0"), Some(ViewState::Standby));
+    assert!(lc.status_of(&id("users-1_0_0")).unwrap().checkpoint >= head);
+
+    // After the grace period the standby is retired and its column family dropped.
+    wait_until("1.1.0 retired", || {
+        state(&lc, "users-1_1_0") == Some(ViewState::Retired)
+    })
+    .await;
+    wait_until("1.1.0 dropped", || !lc.views().exists(&id("users-1_1_0"))).await;
+    let on_disk = lc.views().views().unwrap();
+    assert!(!on_disk.contains(&id("users-1_1_0")), "{on_disk:?}");
+    assert!(on_disk.contains(&id("users-1_0_0")), "{on_disk:?}");
+    assert!(matches!(
+        lc.resolve("users-1_1_0"),
+        Err(LifecycleError::Retired { .. })
+    ));
+    lc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_every_version_from_its_checkpoint() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    lc.deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    let head = append_users(&env.store, 1000, 0).await;
+    wait_until("1.0.0 active", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Active)
+    })
+    .await;
+    lc.deploy(&users_module("1.1.0", true), "test")
+        .await
+        .unwrap();
+    lc.deploy(&users_module("1.2.0", true), "test")
+        .await
+        .unwrap();
+    for v in ["users-1_0_0", "users-1_1_0"] {
+        lc.wait_for_position(&id(v), head, WAIT).await.unwrap();
+    }
+    wait_until("1.2.0 active", || {
+        state(&lc, "users-1_2_0") == Some(ViewState::Active)
+    })
+    .await;
+    let before: Vec<_> = lc.status().into_iter().map(|s| (s.id, s.state)).collect();
+    lc.shutdown().await;
+
+    let lc = env.start(env.config()).await;
+    let after: Vec<_> = lc.status().into_iter().map(|s| (s.id, s.state)).collect();
+    assert_eq!(before, after, "states and the active pointer survive");
+    assert_eq!(lc.resolve("users").unwrap(), id("users-1_1_0"));
+    let head2 = append_users(&env.store, 100, 1000).await;
+    for v in ["users-1_0_0", "users-1_1_0"] {
+        lc.wait_for_position(&id(v), head2, WAIT).await.unwrap();
+        let s = lc.status_of(&id(v)).unwrap();
+        assert_eq!(
+            s.events_applied,
+            head2 - head,
+            "{v} resumed from its checkpoint"
+        );
+    }
+    lc.shutdown().await;
+}
+
+async fn chaos_events(store: &Arc<dyn EventStore>) -> u64 {
+    let stream = StreamId::new("chaos-1").unwrap();
+    let events = vec![
+        NewEvent::json("Note", &json!({"text": "one"})),
+        NewEvent::json("Fail", &json!({"message": "poison pill"})),
+        NewEvent::json("Note", &json!({"text": "three"})),
+    ];
+    store
+        .append(AppendRequest::new(stream, ExpectedVersion::Any, events))
+        .await
+        .unwrap()
+        .position
+}
+
+fn chaos_module() -> Vec<u8> {
+    std::fs::read(CHAOS).expect("chaos module")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_stop_fails_only_that_view_with_position_and_message() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    lc.deploy(&users_module("1.0.0", false), "test")
+        .await
+        .unwrap();
+    lc.deploy(&chaos_module(), "test").await.unwrap();
+    let head = chaos_events(&env.store).await;
+    let chaos = lc.status().into_iter().find(|s| s.name == "chaos").unwrap();
+    let chaos_id = id(&chaos.id);
+    wait_until("chaos failed", || {
+        state(&lc, &chaos.id) == Some(ViewState::Failed)
+    })
+    .await;
+    let s = lc.status_of(&chaos_id).unwrap();
+    assert_eq!(s.failed_position, Some(head - 1));
+    assert!(s.last_error.unwrap().contains("poison pill"));
+    assert_eq!(
+        s.checkpoint,
+        head - 2,
+        "stopped right before the poison event"
+    );
+    let err = lc
+        .wait_for_position(&chaos_id, head, WAIT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LifecycleError::Failed { .. }), "{err}");
+    // users is unaffected.
+    let head = append_users(&env.store, 50, 0).await;
+    lc.wait_for_position(&id("users-1_0_0"), head, WAIT)
+        .await
+        .unwrap();
+    lc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_park_records_the_event_and_goes_on() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.default_policy.poison = PoisonPolicy::Park;
+    let lc = env.start(config).await;
+    lc.deploy(&chaos_module(), "test").await.unwrap();
+    let head = chaos_events(&env.store).await;
+    let chaos_id = lc.resolve("chaos").ok();
+    let chaos_id = match chaos_id {
+        Some(v) => v,
+        None => {
+            wait_until("chaos active", || lc.resolve("chaos").is_ok()).await;
+            lc.resolve("chaos").unwrap()
+        }
+    };
+    lc.wait_for_position(&chaos_id, head, WAIT).await.unwrap();
+    let parked = lc.parked(&chaos_id).unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].position, head - 1);
+    assert!(
+        parked[0].error.contains("poison pill"),
+        "{}",
+        parked[0].error
+    );
+    assert_eq!(lc.status_of(&chaos_id).unwrap().parked, 1);
+    assert!(
+        lc.get(&chaos_id, b"note/chaos-1").unwrap().is_some(),
+        "the event after the parked one was applied"
+    );
+    // It fails again on retry, so it stays parked.
+    assert_eq!(lc.retry_parked(&chaos_id).await.unwrap(), 0);
+    assert_eq!(lc.parked(&chaos_id).unwrap().len(), 1);
+    lc.shutdown().await;
+}
