@@ -109,7 +109,10 @@ pub async fn collect_tail(store: &dyn EventStore, from: u64, count: usize) -> Ve
     while out.len() < count {
         match tokio::time::timeout_at(deadline, tail.next()).await {
             Ok(Some(Ok(batch))) => {
-                assert!(!batch.is_empty(), "a tail must never hand out an empty batch");
+                assert!(
+                    !batch.is_empty(),
+                    "a tail must never hand out an empty batch"
+                );
                 out.extend(batch)
             }
             Ok(Some(Err(e))) => panic!("tail failed: {e}"),
@@ -143,7 +146,13 @@ pub async fn empty_stream_is_version_zero<H: Harness>() {
         store.latest(&sid("nobody-1")).await.unwrap(),
         StreamHead::default()
     );
-    assert!(store.read_stream(&sid("nobody-1"), 1, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_stream(&sid("nobody-1"), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.head().await.unwrap(), 0);
 }
 
@@ -198,12 +207,24 @@ pub async fn expected_version_kinds<H: Harness>() {
         Err(StoreError::VersionConflict { actual, .. }) => assert_eq!(actual, want_actual),
         other => panic!("expected a version conflict, got {other:?}"),
     };
-    conflict(append(s, "k-1", ExpectedVersion::Exists, vec![event(0)]).await, 0);
-    conflict(append(s, "k-1", ExpectedVersion::Exact(1), vec![event(0)]).await, 0);
+    conflict(
+        append(s, "k-1", ExpectedVersion::Exists, vec![event(0)]).await,
+        0,
+    );
+    conflict(
+        append(s, "k-1", ExpectedVersion::Exact(1), vec![event(0)]).await,
+        0,
+    );
     must_append(s, "k-1", ExpectedVersion::NoStream, vec![event(1)]).await;
-    conflict(append(s, "k-1", ExpectedVersion::NoStream, vec![event(0)]).await, 1);
+    conflict(
+        append(s, "k-1", ExpectedVersion::NoStream, vec![event(0)]).await,
+        1,
+    );
     must_append(s, "k-1", ExpectedVersion::Exists, vec![event(2)]).await;
-    conflict(append(s, "k-1", ExpectedVersion::Exact(1), vec![event(0)]).await, 2);
+    conflict(
+        append(s, "k-1", ExpectedVersion::Exact(1), vec![event(0)]).await,
+        2,
+    );
     must_append(s, "k-1", ExpectedVersion::Exact(2), vec![event(3)]).await;
     must_append(s, "k-1", ExpectedVersion::Any, vec![event(4)]).await;
     must_append(s, "k-2", ExpectedVersion::Exact(0), vec![event(5)]).await;
@@ -235,7 +256,10 @@ pub async fn latest_version_after_every_kind_of_append<H: Harness>() {
     must_append(s, "lv-2", ExpectedVersion::Any, events(0, 4)).await;
     assert_eq!(version(s, "lv-1").await, 8);
     let head = s.latest(&sid("lv-1")).await.unwrap();
-    assert_eq!(head.position, r.position, "latest position is the last event's");
+    assert_eq!(
+        head.position, r.position,
+        "latest position is the last event's"
+    );
     // A failed append changes nothing.
     let _ = append(s, "lv-1", ExpectedVersion::Exact(1), vec![event(9)]).await;
     assert_eq!(version(s, "lv-1").await, 8);
@@ -248,15 +272,29 @@ pub async fn latest_version_on_a_100k_event_stream<H: Harness>() {
     let s = &*h.store();
     let mut last = None;
     for i in 0..TOTAL / CHUNK {
-        let r = must_append(s, "long-1", ExpectedVersion::Exact(i * CHUNK), events(i * CHUNK, CHUNK))
-            .await;
+        let r = must_append(
+            s,
+            "long-1",
+            ExpectedVersion::Exact(i * CHUNK),
+            events(i * CHUNK, CHUNK),
+        )
+        .await;
         last = Some(r);
     }
     let last = last.expect("appended");
     assert_eq!(last.version, TOTAL);
     assert_eq!(version(s, "long-1").await, TOTAL);
-    assert_eq!(s.latest(&sid("long-1")).await.unwrap().position, last.position);
-    must_append(s, "long-1", ExpectedVersion::Exact(TOTAL), vec![event(TOTAL)]).await;
+    assert_eq!(
+        s.latest(&sid("long-1")).await.unwrap().position,
+        last.position
+    );
+    must_append(
+        s,
+        "long-1",
+        ExpectedVersion::Exact(TOTAL),
+        vec![event(TOTAL)],
+    )
+    .await;
     assert_eq!(version(s, "long-1").await, TOTAL + 1);
     let tail_end = s.read_stream(&sid("long-1"), TOTAL - 1, 10).await.unwrap();
     let versions: Vec<u64> = tail_end.iter().map(|e| e.version).collect();
@@ -280,16 +318,31 @@ pub async fn multi_event_append_is_all_or_nothing<H: Harness>() {
     }
     // A stale expected version: the whole append is refused.
     let r = append(s, "atomic-0", ExpectedVersion::Exact(0), events(1, 5)).await;
-    assert!(matches!(r, Err(StoreError::VersionConflict { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::VersionConflict { .. })),
+        "{r:?}"
+    );
     // A later event reuses a committed id: the whole append is refused.
     let committed = s.read_stream(&sid("atomic-0"), 1, 1).await.unwrap()[0].id;
     let evs = vec![event(1), event(2).with_id(committed)];
     let r = append(s, "atomic-1", ExpectedVersion::Any, evs).await;
-    assert!(matches!(r, Err(StoreError::DuplicateEventId { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::DuplicateEventId { .. })),
+        "{r:?}"
+    );
     assert_eq!(version(s, "atomic-1").await, 0);
     assert_eq!(version(s, "atomic-0").await, 1);
-    assert!(s.read_stream(&sid("atomic-1"), 1, 10).await.unwrap().is_empty());
-    assert_eq!(s.head().await.unwrap(), head, "a refused append writes nothing");
+    assert!(
+        s.read_stream(&sid("atomic-1"), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.head().await.unwrap(),
+        head,
+        "a refused append writes nothing"
+    );
     // And a good multi-event append lands whole, in order.
     let r = must_append(s, "atomic-1", ExpectedVersion::NoStream, events(10, 4)).await;
     assert_eq!(r.version, 4);
@@ -328,15 +381,25 @@ pub async fn idempotent_retry_returns_original_result<H: Harness>() {
     for t in handles {
         results.insert(t.await.unwrap().expect("every retry succeeds"));
     }
-    assert_eq!(results.len(), 1, "all retries report one result: {results:?}");
+    assert_eq!(
+        results.len(),
+        1,
+        "all retries report one result: {results:?}"
+    );
     assert_eq!(version(s, "idem-2").await, 2);
     // Only part of the ids were committed: that is not a retry but a conflict.
     let partial = vec![evs[0].clone(), event(7)];
     let r = append(s, "idem-1", ExpectedVersion::Any, partial).await;
-    assert!(matches!(r, Err(StoreError::DuplicateEventId { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::DuplicateEventId { .. })),
+        "{r:?}"
+    );
     // The same ids on another stream: a conflict too.
     let r = append(s, "idem-3", ExpectedVersion::Any, evs).await;
-    assert!(matches!(r, Err(StoreError::DuplicateEventId { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::DuplicateEventId { .. })),
+        "{r:?}"
+    );
     assert_eq!(version(s, "idem-3").await, 0);
 }
 
@@ -400,19 +463,28 @@ pub async fn tag_condition_only_sees_its_tags_after_its_position<H: Harness>() {
         )
     };
     // The tagged event is at r.position: a condition taken at or after it passes.
-    s.append(conditioned(&["alpha"], r.position)).await.expect("not after");
+    s.append(conditioned(&["alpha"], r.position))
+        .await
+        .expect("not after");
     // Taken before it: fails, naming the tag and the position.
-    match s.append(conditioned(&["gamma", "beta"], r.position - 1)).await {
+    match s
+        .append(conditioned(&["gamma", "beta"], r.position - 1))
+        .await
+    {
         Err(StoreError::TagConflict { tag, position, .. }) => {
             assert_eq!((tag.as_str(), position), ("beta", r.position))
         }
         other => panic!("expected a tag conflict, got {other:?}"),
     }
     // Tags nobody carries never conflict.
-    s.append(conditioned(&["gamma"], 0)).await.expect("unused tag");
+    s.append(conditioned(&["gamma"], 0))
+        .await
+        .expect("unused tag");
     // Untagged events never move a tag.
     must_append(s, "tagged-3", ExpectedVersion::Any, vec![event(3)]).await;
-    s.append(conditioned(&["alpha"], r.position)).await.expect("still not after");
+    s.append(conditioned(&["alpha"], r.position))
+        .await
+        .expect("still not after");
     let evs = s.read_stream(&sid("tagged-1"), 1, 1).await.unwrap();
     assert_eq!(evs[0].tags, vec!["alpha".to_string(), "beta".to_string()]);
 }
@@ -460,13 +532,20 @@ pub async fn tail_sees_every_event_once_in_order_across_reopen<H: Harness>() {
             .map(|e| e.version)
             .collect();
         let want: Vec<u64> = (1..=per_stream.len() as u64).collect();
-        assert_eq!(per_stream, want, "stream tail-{w} is delivered in version order");
+        assert_eq!(
+            per_stream, want,
+            "stream tail-{w} is delivered in version order"
+        );
     }
     let checkpoint = seen.last().unwrap().position;
     drop(store);
     h.reopen().await;
     let store = h.store();
-    assert_eq!(store.head().await.unwrap(), checkpoint, "the head survives a reopen");
+    assert_eq!(
+        store.head().await.unwrap(),
+        checkpoint,
+        "the head survives a reopen"
+    );
     let later = events(9000, 5);
     let later_ids: Vec<Uuid> = later.iter().map(|e| e.id).collect();
     let r = must_append(&*store, "tail-after", ExpectedVersion::NoStream, later).await;
@@ -474,7 +553,11 @@ pub async fn tail_sees_every_event_once_in_order_across_reopen<H: Harness>() {
     let resumed = collect_tail(&*store, checkpoint + 1, 5).await;
     assert_eq!(resumed.iter().map(|e| e.id).collect::<Vec<_>>(), later_ids);
     let everything = collect_tail(&*store, 1, seen.len() + 5).await;
-    assert_eq!(&everything[..seen.len()], &seen[..], "the log reads the same after reopen");
+    assert_eq!(
+        &everything[..seen.len()],
+        &seen[..],
+        "the log reads the same after reopen"
+    );
 }
 
 pub async fn tail_from_the_middle_starts_there<H: Harness>() {
@@ -525,7 +608,12 @@ pub async fn read_stream_pages_by_version<H: Harness>() {
     // A stream id that is a prefix of another reads only its own events.
     must_append(s, "page", ExpectedVersion::Any, vec![event(0)]).await;
     assert_eq!(s.read_stream(&sid("page"), 1, 100).await.unwrap().len(), 1);
-    assert!(s.read_stream(&sid("page-1"), 26, 10).await.unwrap().is_empty());
+    assert!(
+        s.read_stream(&sid("page-1"), 26, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn snapshots_distinguish_missing_from_present<H: Harness>() {
@@ -536,10 +624,16 @@ pub async fn snapshots_distinguish_missing_from_present<H: Harness>() {
         other => panic!("expected SnapshotNotFound, got {other:?}"),
     }
     must_append(s, "snap-1", ExpectedVersion::Any, events(0, 5)).await;
-    s.save_snapshot(&sid("snap-1"), 2, "state-at-2".into()).await.unwrap();
-    s.save_snapshot(&sid("snap-1"), 5, "state-at-5".into()).await.unwrap();
+    s.save_snapshot(&sid("snap-1"), 2, "state-at-2".into())
+        .await
+        .unwrap();
+    s.save_snapshot(&sid("snap-1"), 5, "state-at-5".into())
+        .await
+        .unwrap();
     // An older snapshot arriving late does not replace a newer one.
-    s.save_snapshot(&sid("snap-1"), 3, "state-at-3".into()).await.unwrap();
+    s.save_snapshot(&sid("snap-1"), 3, "state-at-3".into())
+        .await
+        .unwrap();
     let snap = s.latest_snapshot(&sid("snap-1")).await.unwrap();
     assert_eq!((snap.version, &snap.data[..]), (5, &b"state-at-5"[..]));
     match s.save_snapshot(&sid("snap-1"), 6, "ahead".into()).await {
@@ -559,7 +653,10 @@ pub async fn bad_input_is_refused_and_nothing_written<H: Harness>() {
     let s = &*h.store();
     for bad in ["", "has space", "dot.ted", "wild*", "tail>", "ünïcode"] {
         let e = StreamId::new(bad).unwrap_err();
-        assert!(matches!(e, StoreError::InvalidStreamId { .. }), "{bad:?}: {e}");
+        assert!(
+            matches!(e, StoreError::InvalidStreamId { .. }),
+            "{bad:?}: {e}"
+        );
         assert!(e.to_string().contains("invalid stream id"), "{e}");
     }
     let e = StreamId::new("x".repeat(201)).unwrap_err();
@@ -567,7 +664,10 @@ pub async fn bad_input_is_refused_and_nothing_written<H: Harness>() {
     let refusals: Vec<(&str, Vec<NewEvent>)> = vec![
         ("zero events", vec![]),
         ("not JSON", vec![NewEvent::new("T", "hello")]),
-        ("oversized", vec![NewEvent::new("T", format!("\"{}\"", "x".repeat(1 << 20)))]),
+        (
+            "oversized",
+            vec![NewEvent::new("T", format!("\"{}\"", "x".repeat(1 << 20)))],
+        ),
         ("duplicate ids", {
             let e = event(1);
             vec![e.clone(), e]
@@ -591,7 +691,9 @@ pub async fn bad_input_is_refused_and_nothing_written<H: Harness>() {
         assert!(e.to_string().contains("bad-1") || matches!(e, StoreError::InvalidTag { .. }));
     }
     let too_many = events(0, 10_000);
-    let e = append(s, "bad-1", ExpectedVersion::Any, too_many).await.unwrap_err();
+    let e = append(s, "bad-1", ExpectedVersion::Any, too_many)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::TooLarge { .. }), "{e}");
     assert_eq!(s.head().await.unwrap(), 0, "nothing was written");
     assert_eq!(version(s, "bad-1").await, 0);
@@ -624,7 +726,10 @@ pub async fn recorded_envelope_round_trips<H: Harness>() {
     assert_eq!(rec.tags, ev.tags);
     let data: serde_json::Value = serde_json::from_slice(&rec.data).unwrap();
     assert_eq!(data, serde_json::json!({"name": "Ada", "tags": [1, 2]}));
-    assert!(rec.timestamp + 5_000 >= before, "timestamp is the commit time");
+    assert!(
+        rec.timestamp + 5_000 >= before,
+        "timestamp is the commit time"
+    );
     let tailed = collect_tail(s, r.position, 1).await;
     assert_eq!(&tailed[0], rec, "tail and read_stream agree");
 }

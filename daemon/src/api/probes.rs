@@ -138,11 +138,14 @@ const STATES: [ViewState; 6] = [
     ViewState::Failed,
 ];
 
+/// A per-view metric: name, Prometheus type, help text, and how to read it.
+type PerViewMetric = (&'static str, &'static str, &'static str, fn(&ViewStatus) -> f64);
+
 /// `GET /metrics`: Prometheus text format 0.0.4.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let views = state.lifecycle.status();
     let mut out = String::with_capacity(4096);
-    let per_view: [(&str, &str, &str, fn(&ViewStatus) -> f64); 6] = [
+    let per_view: [PerViewMetric; 6] = [
         (
             "kiln_view_events_applied_total",
             "counter",

@@ -216,7 +216,10 @@ mod tests {
 
     #[test]
     fn position_keys_sort_in_position_order() {
-        let mut keys: Vec<_> = [300u64, 2, 1 << 40, 1].iter().map(|p| position_key(*p)).collect();
+        let mut keys: Vec<_> = [300u64, 2, 1 << 40, 1]
+            .iter()
+            .map(|p| position_key(*p))
+            .collect();
         keys.sort();
         let back: Vec<_> = keys.iter().map(|k| decode_position(k).unwrap()).collect();
         assert_eq!(back, vec![1, 2, 300, 1 << 40]);

@@ -332,7 +332,10 @@ enum Reply {
         oneshot::Sender<Result<AppendResult, StoreError>>,
         Result<AppendResult, StoreError>,
     ),
-    Snapshot(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Snapshot(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
 }
 
 impl Writer {
@@ -347,7 +350,9 @@ impl Writer {
                 }
             }
             self.stats.groups.fetch_add(1, Ordering::Relaxed);
-            self.stats.jobs.fetch_add(group.len() as u64, Ordering::Relaxed);
+            self.stats
+                .jobs
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
             self.commit_group(group.drain(..));
         }
     }
@@ -371,7 +376,8 @@ impl Writer {
                     data,
                     reply,
                 } => {
-                    let r = self.prepare_snapshot(&stream, version, &data, &mut overlay, &mut batch);
+                    let r =
+                        self.prepare_snapshot(&stream, version, &data, &mut overlay, &mut batch);
                     Reply::Snapshot(reply, r)
                 }
             })
@@ -381,9 +387,7 @@ impl Writer {
         } else {
             let mut opts = WriteOptions::default();
             opts.set_sync(self.durability == Durability::Fsync);
-            self.db
-                .write_opt(batch, &opts)
-                .map_err(|e| e.to_string())
+            self.db.write_opt(batch, &opts).map_err(|e| e.to_string())
         };
         if written.is_ok() && overlay.head != self.head {
             self.head = overlay.head;
@@ -518,7 +522,11 @@ impl Writer {
                 data: ev.data.clone(),
             };
             batch.put_cf(events_cf, position_key(ov.head), encode_event(&record));
-            batch.put_cf(index_cf, stream_index_key(stream, version), position_key(ov.head));
+            batch.put_cf(
+                index_cf,
+                stream_index_key(stream, version),
+                position_key(ov.head),
+            );
             let entry = IdEntry {
                 stream: stream.as_str().to_string(),
                 position: ov.head,
@@ -535,7 +543,11 @@ impl Writer {
             version,
             position: ov.head,
         };
-        batch.put_cf(cf(&self.db, CF_STREAMS), stream.as_str(), encode_head(new_head));
+        batch.put_cf(
+            cf(&self.db, CF_STREAMS),
+            stream.as_str(),
+            encode_head(new_head),
+        );
         ov.streams.insert(stream.clone(), new_head);
         Ok(AppendResult {
             first_position,

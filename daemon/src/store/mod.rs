@@ -103,7 +103,10 @@ fn check_id(id: &str) -> Result<(), String> {
         return Err("it is empty".into());
     }
     if id.len() > MAX_ID_LEN {
-        return Err(format!("it is {} bytes long, the limit is {MAX_ID_LEN}", id.len()));
+        return Err(format!(
+            "it is {} bytes long, the limit is {MAX_ID_LEN}",
+            id.len()
+        ));
     }
     if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
         return Err(format!(
@@ -317,13 +320,17 @@ impl Default for Limits {
 /// distinct variants from I/O failures and timeouts.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("version conflict on stream '{stream}': expected {expected}, but the stream is at version {actual}")]
+    #[error(
+        "version conflict on stream '{stream}': expected {expected}, but the stream is at version {actual}"
+    )]
     VersionConflict {
         stream: StreamId,
         expected: ExpectedVersion,
         actual: u64,
     },
-    #[error("append condition failed on stream '{stream}': tag '{tag}' has an event at position {position}, after position {after}")]
+    #[error(
+        "append condition failed on stream '{stream}': tag '{tag}' has an event at position {position}, after position {after}"
+    )]
     TagConflict {
         stream: StreamId,
         tag: String,
@@ -358,7 +365,9 @@ pub enum StoreError {
     },
     #[error("no snapshot for stream '{stream}'")]
     SnapshotNotFound { stream: StreamId },
-    #[error("snapshot of stream '{stream}' at version {version} is ahead of the stream's latest version {latest}")]
+    #[error(
+        "snapshot of stream '{stream}' at version {version} is ahead of the stream's latest version {latest}"
+    )]
     SnapshotAhead {
         stream: StreamId,
         version: u64,
@@ -522,7 +531,9 @@ pub fn validate_append(req: &AppendRequest, limits: &Limits) -> Result<(), Store
                 )));
             }
             if v.chars().any(|c| c == '\r' || c == '\n') {
-                return Err(invalid(format!("metadata value of {k:?} contains a line break")));
+                return Err(invalid(format!(
+                    "metadata value of {k:?} contains a line break"
+                )));
             }
             total += k.len() + v.len();
         }
@@ -600,11 +611,17 @@ mod tests {
         let e = validate_append(&req(vec![]), &limits).unwrap_err();
         assert!(matches!(e, StoreError::NoEvents { .. }));
         let e = validate_append(
-            &req(vec![NewEvent::new("ok", "{}"), NewEvent::new("bad", "{nope")]),
+            &req(vec![
+                NewEvent::new("ok", "{}"),
+                NewEvent::new("bad", "{nope"),
+            ]),
             &limits,
         )
         .unwrap_err();
-        assert!(matches!(e, StoreError::InvalidEvent { index: 1, .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::InvalidEvent { index: 1, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("not valid JSON"), "{e}");
         let big = format!("\"{}\"", "x".repeat(limits.max_event_bytes));
         let e = validate_append(&req(vec![NewEvent::new("big", big)]), &limits).unwrap_err();
@@ -614,8 +631,11 @@ mod tests {
         assert!(matches!(e, StoreError::DuplicateEventId { .. }), "{e}");
         let e = validate_append(&req(vec![NewEvent::new("has space", "{}")]), &limits).unwrap_err();
         assert!(matches!(e, StoreError::InvalidEvent { .. }), "{e}");
-        let e = validate_append(&req(vec![NewEvent::new("t", "1").with_tags(["a.b"])]), &limits)
-            .unwrap_err();
+        let e = validate_append(
+            &req(vec![NewEvent::new("t", "1").with_tags(["a.b"])]),
+            &limits,
+        )
+        .unwrap_err();
         assert!(matches!(e, StoreError::InvalidTag { .. }), "{e}");
     }
 }
