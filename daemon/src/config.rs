@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::ApiConfig;
 use crate::lifecycle::{CutoverPolicy, LifecycleConfig, PoisonPolicy, ViewPolicy};
 use crate::runtime::RuntimeConfig;
+use crate::store::embedded::Durability;
 use crate::store::jetstream::JetStreamConfig;
 
 /// Which event store the daemon runs on.
@@ -28,6 +29,15 @@ pub enum StoreBackend {
     Embedded,
     /// NATS JetStream (the `[jetstream]` table, `--nats-url`).
     Jetstream,
+}
+
+/// Options of the embedded store (`[embedded]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedOptions {
+    /// `fsync` (an acknowledged append survives a power loss) or `buffered`
+    /// (it survives the process being killed, not a power loss).
+    pub durability: Durability,
 }
 
 /// Limits of the WebAssembly runtime.
@@ -63,6 +73,7 @@ pub struct ServeConfig {
     /// string in the file or `--no-watch` to disable.
     pub projections_dir: Option<PathBuf>,
     pub store: StoreBackend,
+    pub embedded: EmbeddedOptions,
     pub jetstream: JetStreamConfig,
     pub api: ApiConfig,
     /// How long a standby version keeps tailing before it is retired.
@@ -84,6 +95,7 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("data"),
             projections_dir: Some(PathBuf::from("projections")),
             store: StoreBackend::Embedded,
+            embedded: EmbeddedOptions::default(),
             jetstream: JetStreamConfig::default(),
             api: ApiConfig::default(),
             standby_grace_secs: 300,
@@ -114,6 +126,9 @@ pub struct ServeArgs {
     /// Event store backend [default: embedded].
     #[arg(long, env = "KILN_STORE", value_enum)]
     pub store: Option<StoreBackend>,
+    /// Embedded store durability: fsync or buffered [default: fsync].
+    #[arg(long, env = "KILN_DURABILITY", value_parser = parse_durability)]
+    pub durability: Option<Durability>,
     /// NATS server URL(s), comma-separated (JetStream backend).
     #[arg(long, env = "KILN_NATS_URL", value_delimiter = ',')]
     pub nats_url: Vec<String>,
@@ -155,6 +170,14 @@ fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
         "auto" => Ok(CutoverPolicy::Auto),
         "manual" => Ok(CutoverPolicy::Manual),
         _ => Err(format!("{s:?} is not a cutover policy (auto or manual)")),
+    }
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "fsync" => Ok(Durability::Fsync),
+        "buffered" => Ok(Durability::Buffered),
+        _ => Err(format!("{s:?} is not a durability (fsync or buffered)")),
     }
 }
 
@@ -207,6 +230,9 @@ impl ServeConfig {
         }
         if let Some(s) = a.store {
             self.store = s;
+        }
+        if let Some(d) = a.durability {
+            self.embedded.durability = d;
         }
         if !a.nats_url.is_empty() {
             self.jetstream.servers = a.nats_url.clone();
@@ -373,6 +399,41 @@ poison = "park"
         assert_eq!(c.views["orders"].poison, PoisonPolicy::Park);
         assert_eq!(c.views["orders"].standby_grace_secs, Some(9));
         assert_eq!(c.lifecycle().policy("users").poison, PoisonPolicy::Park);
+    }
+
+    #[test]
+    fn the_example_file_names_every_key_at_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln.example.toml");
+        let c = ServeConfig::from_file(&path).unwrap();
+        let d = ServeConfig::default();
+        // Compare as TOML values: every key the file sets is at its default.
+        let as_toml = |c: &ServeConfig| toml::Value::try_from(c).unwrap();
+        assert_eq!(as_toml(&c), as_toml(&d));
+    }
+
+    #[test]
+    fn durability_from_file_and_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "[embedded]\ndurability = \"buffered\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            ServeConfig::load(&args).unwrap().embedded.durability,
+            Durability::Buffered
+        );
+        let args = ServeArgs {
+            config: Some(path),
+            durability: Some(Durability::Fsync),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            ServeConfig::load(&args).unwrap().embedded.durability,
+            Durability::Fsync
+        );
+        assert!(parse_durability("sometimes").unwrap_err().contains("sometimes"));
     }
 
     #[test]

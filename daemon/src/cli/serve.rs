@@ -31,8 +31,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let store: Arc<dyn EventStore> = match config.store {
         StoreBackend::Embedded => {
             let path = config.data_dir.join("log");
+            let mut embedded = EmbeddedConfig::new(&path);
+            embedded.durability = config.embedded.durability;
             Arc::new(
-                EmbeddedStore::open(EmbeddedConfig::new(&path))
+                EmbeddedStore::open(embedded)
                     .with_context(|| format!("opening the embedded store at {}", path.display()))?,
             )
         }
