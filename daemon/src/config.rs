@@ -433,7 +433,11 @@ poison = "park"
             ServeConfig::load(&args).unwrap().embedded.durability,
             Durability::Fsync
         );
-        assert!(parse_durability("sometimes").unwrap_err().contains("sometimes"));
+        assert!(
+            parse_durability("sometimes")
+                .unwrap_err()
+                .contains("sometimes")
+        );
     }
 
     #[test]
