@@ -1,12 +1,13 @@
 //! Typed events: a projection's event enum is decoded from the event's type
 //! (the variant name) and its JSON data (the variant's content).
 //!
-//! ```ignore
+//! ```
 //! #[derive(serde::Deserialize)]
 //! enum UserEvent {
 //!     UserRegistered { name: String, email: String },
 //!     UserLoggedIn {},
 //! }
+//! # let _ = (UserEvent::UserLoggedIn {}, UserEvent::UserRegistered { name: String::new(), email: String::new() });
 //! ```
 //!
 //! An event of type `UserRegistered` with data `{"name":"Ada","email":"a@x"}`

@@ -25,10 +25,31 @@ impl std::error::Error for HarnessError {}
 
 /// Feeds events to projection `P` and keeps its documents in memory.
 ///
-/// ```ignore
+/// ```
+/// # use kiln_sdk::{Event, Harness, PerStream, StreamProjection};
+/// # #[derive(serde::Deserialize)]
+/// # enum UserEvent { UserRegistered { name: String } }
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)]
+/// # struct Profile { name: String }
+/// # struct U;
+/// # impl StreamProjection for U {
+/// #     const NAME: &'static str = "users";
+/// #     const EVENTS: &'static [&'static str] = &["UserRegistered"];
+/// #     type Event = UserEvent;
+/// #     type State = Profile;
+/// #     fn apply(_: Profile, e: &Event<UserEvent>) -> Profile {
+/// #         let UserEvent::UserRegistered { name } = &e.data;
+/// #         Profile { name: name.clone() }
+/// #     }
+/// # }
+/// # type Users = PerStream<U>;
+/// # use serde_json::json;
+/// # fn main() -> Result<(), kiln_sdk::HarnessError> {
 /// let mut h = Harness::<Users>::new();
 /// h.event("user-1", "UserRegistered", json!({"name": "Ada"}))?;
 /// assert_eq!(h.doc::<Profile>("user-1").unwrap().name, "Ada");
+/// # Ok(())
+/// # }
 /// ```
 pub struct Harness<P> {
     docs: MapBackend,

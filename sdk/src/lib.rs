@@ -9,7 +9,7 @@
 //! manifest and emits the ABI exports when building for `wasm32`, and nothing
 //! else on native targets, where [`Harness`] feeds events and shows documents.
 //!
-//! ```ignore
+//! ```
 //! use kiln_sdk::{Event, Projection, View};
 //! #[derive(serde::Deserialize)]
 //! pub enum UserEvent { UserRegistered { name: String } }
@@ -26,6 +26,14 @@
 //!     }
 //! }
 //! kiln_sdk::export!(Users);
+//!
+//! # fn main() -> Result<(), kiln_sdk::HarnessError> {
+//! // The same code, natively, in a unit test:
+//! let mut h = kiln_sdk::Harness::<Users>::new();
+//! h.event("user-1", "UserRegistered", serde_json::json!({"name": "Ada"}))?;
+//! assert_eq!(h.doc::<Profile>("user-1").unwrap().name, "Ada");
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The wire-level contract is `sdk/ABI.md`; [`abi`] is its single implementation.
