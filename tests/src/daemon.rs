@@ -151,9 +151,10 @@ impl Daemon {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(self.addr.to_string());
-        if let Some(p) = &self.options.projections {
-            cmd.arg("--projections").arg(p);
-        }
+        match &self.options.projections {
+            Some(p) => cmd.arg("--projections").arg(p),
+            None => cmd.arg("--no-watch"),
+        };
         match &self.options.backend {
             Backend::Embedded => {}
             Backend::JetStream { url } => {

@@ -30,8 +30,14 @@ pub async fn require_token(
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "));
         let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        let had_token = given.is_some();
         if !ok {
-            let message = if given.is_some() {
+            // Read (and drop) the body first, up to the body limit: answering
+            // while a client still uploads a module makes the server close the
+            // connection, and the client would see a reset instead of the 401.
+            let limit = state.config.body_limit;
+            let _ = axum::body::to_bytes(req.into_body(), limit).await;
+            let message = if had_token {
                 "the bearer token is wrong for admin endpoints"
             } else {
                 "admin endpoints need an 'Authorization: Bearer <token>' header"
@@ -61,7 +67,7 @@ fn version_id(state: &AppState, text: &str) -> Result<ViewId, ApiError> {
         Ok(id) => Ok(id),
         Err(e) if text.contains('@') => {
             let _ = e;
-            Ok(state.lifecycle.resolve(text)?)
+            Ok(state.lifecycle.resolve_version(text)?.version)
         }
         Err(e) => Err(ApiError::bad_request(
             "invalid_view",

@@ -41,10 +41,10 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token the admin endpoints require, when set (`--admin-token`, `KILN_ADMIN_TOKEN`).
     pub admin_token: Option<String>,
-    /// Longest a read-your-writes query waits for its view (`--ryw-max-wait-ms`).
-    #[serde(with = "millis")]
+    /// Longest a read-your-writes query waits for its view (`ryw_max_wait_ms`).
+    #[serde(with = "millis", rename = "ryw_max_wait_ms")]
     pub ryw_max_wait: Duration,
-    /// Largest request body in bytes, uploads of modules included (`--body-limit`).
+    /// Largest request body in bytes, uploads of modules included.
     pub body_limit: usize,
     /// Most documents one listing page returns.
     pub max_page: usize,

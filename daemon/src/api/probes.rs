@@ -93,7 +93,7 @@ pub async fn readyz_view(
     let Path(spec) = path.map_err(path_error)?;
     let id = match spec.parse::<ViewId>() {
         Ok(id) => id,
-        Err(_) => state.lifecycle.resolve(&spec)?,
+        Err(_) => state.lifecycle.resolve_version(&spec)?.version,
     };
     let Some(s) = state.lifecycle.status_of(&id) else {
         return Err(ApiError::new(
@@ -139,7 +139,12 @@ const STATES: [ViewState; 6] = [
 ];
 
 /// A per-view metric: name, Prometheus type, help text, and how to read it.
-type PerViewMetric = (&'static str, &'static str, &'static str, fn(&ViewStatus) -> f64);
+type PerViewMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ViewStatus) -> f64,
+);
 
 /// `GET /metrics`: Prometheus text format 0.0.4.
 pub async fn metrics(State(state): State<AppState>) -> Response {
@@ -195,6 +200,28 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 value(v)
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kiln_view_batch_seconds Time to apply one batch and commit it with its checkpoint.\n# TYPE kiln_view_batch_seconds histogram"
+    );
+    for v in &views {
+        let labels = format!(
+            "view=\"{}\",name=\"{}\",version=\"{}\"",
+            v.id, v.name, v.version
+        );
+        let b = &v.batch_latency;
+        for (le, n) in &b.buckets {
+            let _ = writeln!(
+                out,
+                "kiln_view_batch_seconds_bucket{{{labels},le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "kiln_view_batch_seconds_bucket{{{labels},le=\"+Inf\"}} {}\nkiln_view_batch_seconds_sum{{{labels}}} {}\nkiln_view_batch_seconds_count{{{labels}}} {}",
+            b.count, b.sum_secs, b.count
+        );
     }
     let _ = writeln!(
         out,

@@ -256,45 +256,21 @@ pub async fn tail(
     let body = if until < from {
         Body::empty()
     } else {
-        let lines = store
-            .tail(from)
-            .map(move |batch| match batch {
-                Ok(events) => {
-                    let mut out = String::new();
-                    let mut done = false;
-                    for e in events {
-                        if e.position > until {
-                            done = true;
-                            break;
-                        }
-                        done = e.position >= until;
-                        match serde_json::to_string(&e) {
-                            Ok(line) => {
-                                out.push_str(&line);
-                                out.push('\n');
-                            }
-                            Err(err) => {
-                                return Err(std::io::Error::other(format!(
-                                    "encoding event at position {}: {err}",
-                                    e.position
-                                )));
-                            }
-                        }
-                    }
-                    Ok((out, done))
-                }
+        // Ends right after the batch holding `until` (without waiting for the
+        // log to grow), or at the first error.
+        let batches = store.tail(from);
+        let lines = futures::stream::unfold(Some(batches), move |batches| async move {
+            let mut batches = batches?;
+            let item = match batches.next().await? {
+                Ok(events) => encode_lines(events, until),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
-            })
-            .scan(false, |finished, item| {
-                if *finished {
-                    return futures::future::ready(None);
-                }
-                let out = item.map(|(text, done)| {
-                    *finished = done;
-                    text
-                });
-                futures::future::ready(Some(out))
-            });
+            };
+            match item {
+                Ok((text, false)) => Some((Ok(text), Some(batches))),
+                Ok((text, true)) => Some((Ok(text), None)),
+                Err(e) => Some((Err(e), None)),
+            }
+        });
         Body::from_stream(lines)
     };
     Ok((
@@ -302,4 +278,27 @@ pub async fn tail(
         body,
     )
         .into_response())
+}
+
+/// NDJSON lines of `events` up to position `until`, and whether `until` was
+/// reached (the tail is then done).
+fn encode_lines(
+    events: Vec<crate::store::RecordedEvent>,
+    until: u64,
+) -> Result<(String, bool), std::io::Error> {
+    let mut out = String::new();
+    for e in events {
+        if e.position > until {
+            return Ok((out, true));
+        }
+        let line = serde_json::to_string(&e).map_err(|err| {
+            std::io::Error::other(format!("encoding event at position {}: {err}", e.position))
+        })?;
+        out.push_str(&line);
+        out.push('\n');
+        if e.position >= until {
+            return Ok((out, true));
+        }
+    }
+    Ok((out, false))
 }

@@ -4,7 +4,8 @@
 //! `{view}` is a bare name (its active version), an exact id (`users-1_2_0`) or a
 //! semver requirement (`users@^1.2`, the newest ready match). It is resolved once
 //! per request; the answer names the version it came from (`view` field and the
-//! `kiln-view` header).
+//! `kiln-view` header) and the physical view holding that version's documents
+//! (`backed_by`: the same id, or the view an alias shares its logic with).
 //!
 //! **Read-your-writes**: `?stream=user-42` makes the query wait until the view has
 //! applied that stream's latest event (its position is read through the store's
@@ -23,8 +24,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
+use crate::lifecycle::Resolved;
 use crate::store::StreamId;
-use crate::views::ViewId;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -78,8 +79,9 @@ async fn resolve_consistent(
     state: &AppState,
     spec: &str,
     c: Consistency,
-) -> Result<ViewId, ApiError> {
-    let id = state.lifecycle.resolve(spec)?;
+) -> Result<Resolved, ApiError> {
+    let resolved = state.lifecycle.resolve_version(spec)?;
+    let id = &resolved.version;
     let target = match (&c.stream, c.position) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -105,7 +107,7 @@ async fn resolve_consistent(
             .counters
             .ryw_waits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = state.lifecycle.wait_for_position(&id, position, wait).await {
+        if let Err(e) = state.lifecycle.wait_for_position(id, position, wait).await {
             let err = ApiError::from(e);
             if err.code == "read_your_writes_timeout" {
                 state
@@ -116,7 +118,7 @@ async fn resolve_consistent(
             return Err(err);
         }
     }
-    Ok(id)
+    Ok(resolved)
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
@@ -144,9 +146,12 @@ pub fn doc_value(bytes: &[u8]) -> Value {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-fn with_view_header(id: &ViewId, body: Value) -> Response {
+/// The answer, with the `view` and `backed_by` fields and the `kiln-view` header.
+fn view_answer(r: &Resolved, mut body: Value) -> Response {
+    body["view"] = Value::from(r.version.to_string());
+    body["backed_by"] = Value::from(r.physical.to_string());
     let mut res = Json(body).into_response();
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&r.version.to_string()) {
         res.headers_mut().insert("kiln-view", v);
     }
     res
@@ -174,11 +179,12 @@ pub async fn get_doc(
         position: q.position,
         wait_ms: q.wait_ms,
     };
-    let id = resolve_consistent(&state, &spec, c).await?;
-    match state.lifecycle.get(&id, key.as_bytes())? {
-        Some(doc) => Ok(with_view_header(
-            &id,
-            json!({ "view": id.to_string(), "key": key, "doc": doc_value(&doc) }),
+    let r = resolve_consistent(&state, &spec, c).await?;
+    let id = &r.version;
+    match state.lifecycle.get(id, key.as_bytes())? {
+        Some(doc) => Ok(view_answer(
+            &r,
+            json!({ "view": null, "backed_by": null, "key": key, "doc": doc_value(&doc) }),
         )),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -222,7 +228,8 @@ pub async fn list_docs(
         position: q.position,
         wait_ms: q.wait_ms,
     };
-    let id = resolve_consistent(&state, &spec, c).await?;
+    let r = resolve_consistent(&state, &spec, c).await?;
+    let id = &r.version;
 
     // `from` is inclusive: look it up, then continue strictly after it.
     let mut items: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -230,7 +237,7 @@ pub async fn list_docs(
     if let Some(from) = &q.from {
         let past_cursor = q.after.as_deref().is_some_and(|a| a >= from.as_str());
         if !past_cursor {
-            if let Some(doc) = state.lifecycle.get(&id, from.as_bytes())? {
+            if let Some(doc) = state.lifecycle.get(id, from.as_bytes())? {
                 items.push((from.as_bytes().to_vec(), doc));
             }
             after = Some(from.clone());
@@ -239,7 +246,7 @@ pub async fn list_docs(
     // One extra row tells whether there is a next page.
     let want = limit + 1 - items.len();
     let rows = state.lifecycle.scan(
-        &id,
+        id,
         prefix.as_bytes(),
         after.as_deref().map(str::as_bytes),
         want,
@@ -269,8 +276,8 @@ pub async fn list_docs(
             }
         })
         .collect();
-    Ok(with_view_header(
-        &id,
-        json!({ "view": id.to_string(), "items": docs, "next": next }),
+    Ok(view_answer(
+        &r,
+        json!({ "view": null, "backed_by": null, "items": docs, "next": next }),
     ))
 }

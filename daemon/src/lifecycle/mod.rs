@@ -183,6 +183,29 @@ impl LifecycleConfig {
 /// Documents as (key, document) pairs, in key order.
 pub type Documents = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// What a view spec resolved to (see [`Lifecycle::resolve_version`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The registered version the spec names, e.g. `users-1_0_1`.
+    pub version: ViewId,
+    /// The view holding its documents: `version` itself, or the view it is an
+    /// alias of.
+    pub physical: ViewId,
+}
+
+/// How long a view version's batches take to apply and commit, as a
+/// Prometheus-style histogram (`kiln_view_batch_seconds`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BatchLatency {
+    /// Batches applied since the daemon started.
+    pub count: u64,
+    /// Their total time, in seconds.
+    pub sum_secs: f64,
+    /// Cumulative: (upper bound in seconds, batches that took at most that).
+    #[serde(skip)]
+    pub buckets: Vec<(f64, u64)>,
+}
+
 /// One version's status, as `GET /views` shows it. Times are milliseconds
 /// since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -208,6 +231,8 @@ pub struct ViewStatus {
     pub events_applied: u64,
     /// Recent apply rate.
     pub events_per_sec: f64,
+    /// Batch apply-and-commit times (empty for an alias: it applies nothing).
+    pub batch_latency: BatchLatency,
     /// While warming: seconds to catch up at the recent rate.
     pub eta_secs: Option<f64>,
     /// Events in the dead-letter list.
@@ -486,48 +511,20 @@ impl Lifecycle {
     /// and a semver requirement (`users@^1.2`, the newest ready, active or
     /// standby match). Aliases resolve to the view they read.
     pub fn resolve(&self, spec: &str) -> Result<ViewId, LifecycleError> {
+        self.resolve_version(spec).map(|r| r.physical)
+    }
+
+    /// Like [`Lifecycle::resolve`], but keeps the registered version `spec`
+    /// names (`users-1_0_1`) next to the physical view holding its documents
+    /// (`users-1_0_0` when 1.0.1 is an alias of it). The API answers with the
+    /// version, so a client sees the version it asked for (or the active one).
+    pub fn resolve_version(&self, spec: &str) -> Result<Resolved, LifecycleError> {
         let st = self.inner.lock();
-        let reg = &st.registry;
-        let unknown = || LifecycleError::UnknownView {
-            spec: spec.to_string(),
-        };
-        if let Some((name, req)) = spec.split_once('@') {
-            let parsed =
-                semver::VersionReq::parse(req).map_err(|e| LifecycleError::InvalidSpec {
-                    spec: spec.to_string(),
-                    reason: format!("bad semver requirement: {e}"),
-                })?;
-            if reg.of_name(name).next().is_none() {
-                return Err(unknown());
-            }
-            return reg
-                .of_name(name)
-                .filter(|e| e.state.is_servable() && parsed.matches(e.id.version()))
-                .max_by(|a, b| a.id.cmp(&b.id))
-                .map(|e| e.physical().clone())
-                .ok_or_else(|| LifecycleError::NoMatchingVersion {
-                    name: name.to_string(),
-                    req: req.to_string(),
-                });
-        }
-        if let Ok(id) = spec.parse::<ViewId>() {
-            return match reg.entries.get(&id) {
-                Some(e) if e.state == ViewState::Retired => Err(LifecycleError::Retired { id }),
-                Some(e) => Ok(e.physical().clone()),
-                None => Err(unknown()),
-            };
-        }
-        crate::views::check_name(spec).map_err(|e| LifecycleError::InvalidSpec {
-            spec: spec.to_string(),
-            reason: e.to_string(),
-        })?;
-        match reg.active(spec) {
-            Some(e) => Ok(e.physical().clone()),
-            None if reg.of_name(spec).next().is_some() => Err(LifecycleError::NoActiveVersion {
-                name: spec.to_string(),
-            }),
-            None => Err(unknown()),
-        }
+        let e = resolve_entry(&st.registry, spec)?;
+        Ok(Resolved {
+            version: e.id.clone(),
+            physical: e.physical().clone(),
+        })
     }
 
     /// One document of view `view` (an id from [`Lifecycle::resolve`]).
@@ -1103,6 +1100,9 @@ impl Inner {
                 .filter(|_| own)
                 .map_or(0, |p| p.applied.load(Ordering::Relaxed)),
             events_per_sec: rate,
+            batch_latency: progress
+                .filter(|_| own)
+                .map_or_else(BatchLatency::default, |p| p.batch_latency.snapshot()),
             eta_secs: (e.state == ViewState::Warming && rate > 0.0).then(|| lag as f64 / rate),
             parked: progress.map_or(0, |p| p.parked.load(Ordering::Relaxed)),
             last_error: e.last_error.clone(),
@@ -1158,5 +1158,47 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The registry entry `spec` names (see [`Lifecycle::resolve`]).
+fn resolve_entry<'a>(reg: &'a Registry, spec: &'a str) -> Result<&'a Entry, LifecycleError> {
+    let unknown = || LifecycleError::UnknownView {
+        spec: spec.to_string(),
+    };
+    if let Some((name, req)) = spec.split_once('@') {
+        let parsed = semver::VersionReq::parse(req).map_err(|e| LifecycleError::InvalidSpec {
+            spec: spec.to_string(),
+            reason: format!("bad semver requirement: {e}"),
+        })?;
+        if reg.of_name(name).next().is_none() {
+            return Err(unknown());
+        }
+        return reg
+            .of_name(name)
+            .filter(|e| e.state.is_servable() && parsed.matches(e.id.version()))
+            .max_by(|a, b| a.id.cmp(&b.id))
+            .ok_or_else(|| LifecycleError::NoMatchingVersion {
+                name: name.to_string(),
+                req: req.to_string(),
+            });
+    }
+    if let Ok(id) = spec.parse::<ViewId>() {
+        return match reg.entries.get(&id) {
+            Some(e) if e.state == ViewState::Retired => Err(LifecycleError::Retired { id }),
+            Some(e) => Ok(e),
+            None => Err(unknown()),
+        };
+    }
+    crate::views::check_name(spec).map_err(|e| LifecycleError::InvalidSpec {
+        spec: spec.to_string(),
+        reason: e.to_string(),
+    })?;
+    match reg.active(spec) {
+        Some(e) => Ok(e),
+        None if reg.of_name(spec).next().is_some() => Err(LifecycleError::NoActiveVersion {
+            name: spec.to_string(),
+        }),
+        None => Err(unknown()),
     }
 }

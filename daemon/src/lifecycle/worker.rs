@@ -68,6 +68,8 @@ pub(super) struct Progress {
     pub checkpoint_tx: watch::Sender<Position>,
     /// (when, applied then, events/s).
     pub rate: std::sync::Mutex<(Instant, u64, f64)>,
+    /// How long batches take to apply and commit.
+    pub batch_latency: LatencyHistogram,
 }
 
 impl Progress {
@@ -79,6 +81,7 @@ impl Progress {
             parked: AtomicUsize::new(parked),
             checkpoint_tx: watch::Sender::new(checkpoint),
             rate: std::sync::Mutex::new((Instant::now(), 0, 0.0)),
+            batch_latency: LatencyHistogram::default(),
         })
     }
 
@@ -107,6 +110,49 @@ impl Progress {
 
     pub fn rate(&self) -> f64 {
         self.rate.lock().map(|r| r.2).unwrap_or(0.0)
+    }
+}
+
+/// Upper bounds (seconds) of the batch latency buckets.
+const BATCH_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A lock-free latency histogram over [`BATCH_BUCKETS`] (plus `+Inf`).
+#[derive(Default)]
+pub(super) struct LatencyHistogram {
+    /// Per bucket, not cumulative; a time above the last bound is only counted.
+    buckets: [AtomicU64; BATCH_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = BATCH_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> super::BatchLatency {
+        let mut total = 0;
+        let buckets = BATCH_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(bound, n)| {
+                total += n.load(Ordering::Relaxed);
+                (*bound, total)
+            })
+            .collect();
+        super::BatchLatency {
+            count: self.count.load(Ordering::Relaxed),
+            sum_secs: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            buckets,
+        }
     }
 }
 
@@ -383,11 +429,13 @@ impl Worker {
         };
         let events = batch.clone();
         let before = projector.checkpoint();
+        let started = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let result = projector.apply(&events[range]);
             (projector, result)
         })
         .await;
+        let took = started.elapsed();
         let (projector, result) = match joined {
             Ok(done) => done,
             Err(e) => {
@@ -401,6 +449,7 @@ impl Worker {
         let after = projector.checkpoint();
         self.projector = Some(projector);
         result?;
+        self.progress.batch_latency.record(took);
         if after > before {
             let applied = batch
                 .iter()

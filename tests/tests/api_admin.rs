@@ -1,0 +1,205 @@
+//! Admin and probes through real HTTP: deploy (upload), promote, rollback,
+//! retire; the bearer token; liveness, daemon readiness and per-version
+//! readiness flipping exactly when the version has caught up.
+
+use std::time::{Duration, Instant};
+
+use kiln_tests::daemon::{Api, Daemon, Options, module_version};
+use kiln_tests::wasm::USERS;
+use serde_json::{Value, json};
+
+async fn fill(api: &Api, users: usize, events_each: usize) -> u64 {
+    let mut last = 0;
+    for u in 0..users {
+        let mut events = vec![
+            json!({ "type": "UserRegistered", "data": { "name": format!("u{u}"), "email": "e" } }),
+        ];
+        for i in 1..events_each {
+            events.push(json!({ "type": "UserRenamed", "data": { "name": format!("u{u}-{i}") } }));
+        }
+        let (s, b) = api
+            .post_json(
+                &format!("/streams/user-{u}/events"),
+                &json!({ "events": events }),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        last = b["position"].as_u64().expect("position");
+    }
+    last
+}
+
+fn state_of(views: &Value, id: &str) -> Option<String> {
+    views["views"]
+        .as_array()?
+        .iter()
+        .find(|v| v["id"] == id)
+        .and_then(|v| v["state"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
+    let d = Daemon::start();
+    let api = Api::new(&d);
+    // Liveness and readiness with nothing deployed.
+    assert_eq!(api.get("/healthz").await.0, 200);
+    assert_eq!(api.get("/readyz").await.0, 200);
+    let (s, b) = api.get("/readyz/users-1_0_0").await;
+    assert_eq!(s, 404, "{b}");
+
+    let head = fill(&api, 200, 100).await; // 20,000 events to warm through
+
+    // v1: warms from the first event; the daemon is not ready until users has
+    // an active version, and readiness never claims it early.
+    let (s, b) = api.deploy(module_version(USERS, "1.0.0", None)).await;
+    assert_eq!((s, b["outcome"].as_str()), (202, Some("warming")), "{b}");
+    assert_eq!(b["id"], "users-1_0_0");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, body) = api.get("/readyz/users-1_0_0").await;
+        if s == 200 {
+            assert!(
+                body["checkpoint"].as_u64().unwrap_or(0) >= head,
+                "ready before catching up to {head}: {body}"
+            );
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert_eq!(body["error"]["code"], "not_ready");
+        assert!(Instant::now() < deadline, "users-1_0_0 never became ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, body) = api.get("/readyz").await;
+        let (_, views) = api.get("/views").await;
+        if s == 200 {
+            assert_eq!(
+                state_of(&views, "users-1_0_0").as_deref(),
+                Some("active"),
+                "{views}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never became ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, b) = api.get("/views/users/user-7").await;
+    assert_eq!((s, b["doc"]["name"].as_str()), (200, Some("u7-99")), "{b}");
+
+    // The same logic under a new version is an alias, ready at once.
+    let (s, b) = api.deploy(module_version(USERS, "1.0.1", None)).await;
+    assert_eq!((s, b["outcome"].as_str()), (200, Some("alias")), "{b}");
+    assert_eq!(b["of"], "users-1_0_0");
+    // The very same module again changes nothing.
+    let (s, b) = api.deploy(module_version(USERS, "1.0.1", None)).await;
+    assert_eq!(
+        (s, b["outcome"].as_str()),
+        (200, Some("already_deployed")),
+        "{b}"
+    );
+    // Other logic under an existing version is refused.
+    let (s, b) = api
+        .deploy(module_version(USERS, "1.0.0", Some("SomethingElse")))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("immutable_version")),
+        "{b}"
+    );
+
+    // v2: new logic, warms; its probe is 503 until it has caught up.
+    let (s, b) = api
+        .deploy(module_version(USERS, "2.0.0", Some("Ignored")))
+        .await;
+    assert_eq!((s, b["outcome"].as_str()), (202, Some("warming")), "{b}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, body) = api.get("/readyz/users-2_0_0").await;
+        if s == 200 {
+            assert!(body["checkpoint"].as_u64().unwrap_or(0) >= head, "{body}");
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert!(Instant::now() < deadline, "users-2_0_0 never became ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Reads by requirement pick the newest ready match.
+    let (s, b) = api.get("/views/users@%5E2/user-3").await;
+    assert_eq!((s, b["view"].as_str()), (200, Some("users-2_0_0")), "{b}");
+
+    // Promote v2 (a no-op if the cutover policy already did), roll back to the
+    // previous active, promote again, then retire the standby.
+    let (s, b) = api
+        .post_json("/admin/views/users-2_0_0/promote", &json!({}))
+        .await;
+    assert_eq!((s, b["active"].as_str()), (200, Some("users-2_0_0")), "{b}");
+    let (_, b) = api.get("/views/users/user-3").await;
+    assert_eq!(b["view"], "users-2_0_0");
+    let (s, b) = api
+        .post_json("/admin/views/users/rollback", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let rolled_back_to = b["active"].as_str().expect("active").to_string();
+    assert_ne!(rolled_back_to, "users-2_0_0");
+    let (_, b) = api.get("/views/users/user-3").await;
+    assert_eq!(b["view"], rolled_back_to.as_str(), "{b}");
+    let (s, b) = api
+        .post_json("/admin/views/users-2_0_0/promote", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api
+        .post_json(&format!("/admin/views/{rolled_back_to}/retire"), &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api.get(&format!("/readyz/{rolled_back_to}")).await;
+    assert_eq!(s, 503, "a retired version is not ready: {b}");
+    assert_eq!(api.get("/readyz").await.0, 200);
+
+    // Metrics name every version with its state.
+    let (status, metrics) = d.get_raw("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("kiln_view_state{view=\"users-2_0_0\",state=\"active\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_view_position{view=\"users-2_0_0\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kiln_view_lag_events{"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_need_the_bearer_token_when_one_is_configured() {
+    let d = Daemon::start_with(Options::default().admin_token("s3cret"));
+    let mut api = Api::new(&d);
+    api.token = None;
+    let wasm = module_version(USERS, "1.0.0", None);
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{b}"
+    );
+    api.token = Some("wrong".into());
+    let (s, _) = api.deploy(wasm.clone()).await;
+    assert_eq!(s, 401);
+    // Queries and appends stay open.
+    let (s, _) = api
+        .append(
+            "user-1",
+            json!("any"),
+            "UserRegistered",
+            json!({ "name": "a", "email": "b" }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(api.get("/views").await.0, 200);
+    api.token = Some("s3cret".into());
+    let (s, b) = api.deploy(wasm).await;
+    assert_eq!(s, 202, "{b}");
+}

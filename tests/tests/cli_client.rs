@@ -1,0 +1,246 @@
+//! The `kiln` client subcommands against a real daemon: `--help` everywhere,
+//! `--json` output, and exit codes scripts can rely on (0 ok, 3 conflict,
+//! 4 not found, 5 unreachable, 6 timeout, 8 unauthorized).
+
+use std::time::Duration;
+
+use kiln_tests::daemon::{Api, Daemon, Options, kiln_bin, kiln_cli, projections_dir};
+use kiln_tests::wasm::USERS;
+use serde_json::Value;
+
+const SUBCOMMANDS: [&str; 9] = [
+    "status", "deploy", "promote", "rollback", "retire", "append", "get", "ls", "tail",
+];
+
+#[test]
+fn every_client_subcommand_has_help_naming_the_url_flag() {
+    for sub in SUBCOMMANDS {
+        let out = std::process::Command::new(kiln_bin())
+            .args([sub, "--help"])
+            .output()
+            .expect("kiln --help");
+        assert!(out.status.success(), "kiln {sub} --help failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("--url") && text.contains("KILN_URL"),
+            "kiln {sub} --help:\n{text}"
+        );
+        assert!(text.contains("--json"), "kiln {sub} --help:\n{text}");
+    }
+    let out = std::process::Command::new(kiln_bin())
+        .arg("--help")
+        .output()
+        .expect("kiln --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in SUBCOMMANDS {
+        assert!(text.contains(sub), "kiln --help lists {sub}:\n{text}");
+    }
+}
+
+fn json_of(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_get_ls_status_tail_with_json_and_exit_codes() {
+    let dir = projections_dir(&[USERS]);
+    let d = Daemon::start_with(Options::default().projections(dir.path()));
+    Api::new(&d)
+        .wait_state("users-1_0_0", "active", Duration::from_secs(60))
+        .await;
+
+    let (code, out, err) = kiln_cli(
+        &d,
+        &[
+            "append",
+            "user-1",
+            "UserRegistered",
+            r#"{"name": "Ada", "email": "a@x"}"#,
+            "--expect",
+            "no_stream",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["version"], 1);
+    let (code, out, _) = kiln_cli(
+        &d,
+        &[
+            "append",
+            "user-1",
+            "UserRenamed",
+            r#"{"name": "Ada L."}"#,
+            "-e",
+            "0",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 3, "a version conflict exits 3");
+    assert_eq!(json_of(&out)["error"]["current_version"], 1);
+    let (code, out, _) = kiln_cli(
+        &d,
+        &[
+            "append",
+            "user-1",
+            "UserRenamed",
+            r#"{"name": "Ada L."}"#,
+            "-e",
+            "1",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("version 2"), "{out}");
+
+    // get, with read-your-writes on the stream just written.
+    let (code, out, err) = kiln_cli(
+        &d,
+        &[
+            "get",
+            "users",
+            "user-1",
+            "--after-stream",
+            "user-1",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let doc = json_of(&out);
+    assert_eq!(doc["doc"]["name"], "Ada L.");
+    assert_eq!(doc["view"], "users-1_0_0");
+    let (code, out, _) = kiln_cli(&d, &["get", "users@^1", "user-1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"Ada L.\""), "pretty JSON document: {out}");
+    let (code, _, err) = kiln_cli(&d, &["get", "users", "user-404"]);
+    assert_eq!(code, 4, "unknown key exits 4: {err}");
+    assert!(err.contains("user-404"), "{err}");
+    let (code, _, _) = kiln_cli(&d, &["get", "nope", "k"]);
+    assert_eq!(code, 4);
+    let (code, _, _) = kiln_cli(
+        &d,
+        &[
+            "get",
+            "users",
+            "user-1",
+            "--after-position",
+            "999999",
+            "--wait-ms",
+            "100",
+        ],
+    );
+    assert_eq!(code, 6, "a read-your-writes timeout exits 6");
+
+    // ls: pages followed with --all, keys only.
+    for n in 2..=7 {
+        let (code, _, err) = kiln_cli(
+            &d,
+            &[
+                "append",
+                &format!("user-{n}"),
+                "UserRegistered",
+                r#"{"name": "x", "email": "y"}"#,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, out, err) = kiln_cli(
+        &d,
+        &[
+            "ls",
+            "users",
+            "--prefix",
+            "user-",
+            "--limit",
+            "2",
+            "--all",
+            "--keys",
+            "--after-stream",
+            "user-7",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let keys: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        keys,
+        [
+            "user-1", "user-2", "user-3", "user-4", "user-5", "user-6", "user-7"
+        ]
+    );
+    let (code, out, _) = kiln_cli(&d, &["ls", "users", "--limit", "3", "--json"]);
+    assert_eq!(code, 0);
+    let page = json_of(&out);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(3));
+    assert_eq!(page["next"], "user-3");
+
+    // status, human and JSON.
+    let (code, out, _) = kiln_cli(&d, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("users-1_0_0") && out.contains("active"),
+        "{out}"
+    );
+    let (code, out, _) = kiln_cli(&d, &["status", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json_of(&out)["views"][0]["id"], "users-1_0_0");
+
+    // tail up to the head: every event, in position order.
+    let (code, out, err) = kiln_cli(&d, &["tail", "--no-follow", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let positions: Vec<u64> = out
+        .lines()
+        .map(|l| json_of(l)["position"].as_u64().expect("position"))
+        .collect();
+    assert_eq!(positions, (1..=8).collect::<Vec<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_wait_promote_rollback_from_the_command_line() {
+    let d = Daemon::start_with(Options::default().admin_token("tok"));
+    let modules = tempfile::tempdir().expect("temp dir");
+    let v1 = modules.path().join("users-v1.wasm");
+    std::fs::write(
+        &v1,
+        kiln_tests::daemon::module_version(USERS, "1.0.0", None),
+    )
+    .expect("write");
+    let v2 = modules.path().join("users-v2.wasm");
+    std::fs::write(
+        &v2,
+        kiln_tests::daemon::module_version(USERS, "2.0.0", Some("X")),
+    )
+    .expect("write");
+    let v1s = v1.to_str().expect("utf-8 path");
+    let v2s = v2.to_str().expect("utf-8 path");
+
+    let (code, _, err) = kiln_cli(&d, &["deploy", v1s]);
+    assert_eq!(code, 8, "no token: exit 8 ({err})");
+    let (code, out, err) = kiln_cli(&d, &["deploy", v1s, "--wait", "--token", "tok"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("users-1_0_0"), "{out}");
+    let (code, out, err) = kiln_cli(
+        &d,
+        &["deploy", v2s, "--promote", "--token", "tok", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().map(json_of).expect("output");
+    assert_eq!(last["active"], "users-2_0_0");
+    let (code, out, err) = kiln_cli(&d, &["rollback", "users", "--token", "tok", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["active"], "users-1_0_0");
+    let (code, out, _) = kiln_cli(&d, &["promote", "users-2_0_0", "--token", "tok"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("users-2_0_0"), "{out}");
+    let (code, _, _) = kiln_cli(&d, &["promote", "users-7_0_0", "--token", "tok"]);
+    assert_eq!(code, 4, "unknown version exits 4");
+}
+
+#[test]
+fn an_unreachable_daemon_exits_5_and_says_where_it_looked() {
+    let port = kiln_tests::daemon::free_port();
+    let out = std::process::Command::new(kiln_bin())
+        .args(["status", "--url", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .expect("kiln status");
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&port.to_string()), "{err}");
+}
