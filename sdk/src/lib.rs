@@ -46,6 +46,8 @@ pub mod guest;
 mod harness;
 pub mod manifest;
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use serde::Serialize;
@@ -101,6 +103,8 @@ pub trait Backend {
 pub struct View<'a> {
     backend: &'a mut dyn Backend,
     scratch: Vec<u8>,
+    /// Decoded documents [`PerStream`] keeps for the rest of the batch.
+    memo: Option<Box<dyn Any>>,
 }
 
 impl<'a> View<'a> {
@@ -108,7 +112,16 @@ impl<'a> View<'a> {
         View {
             backend,
             scratch: Vec::new(),
+            memo: None,
         }
+    }
+
+    /// Takes the batch's memo of type `M` (a new one if there is none yet).
+    fn take_memo<M: Default + 'static>(&mut self) -> Box<M> {
+        self.memo
+            .take()
+            .and_then(|m| m.downcast::<M>().ok())
+            .unwrap_or_default()
     }
 
     /// The document at `key`, if any.
@@ -176,6 +189,13 @@ pub trait Projection {
     type Event: DeserializeOwned;
 
     fn handle(event: &Event<'_, Self::Event>, view: &mut View<'_>) -> Result<()>;
+
+    /// Called once after the last event of every batch, before its writes are
+    /// committed; a failure fails the batch. Nothing to do by default.
+    fn finish_batch(view: &mut View<'_>) -> Result<()> {
+        let _ = view;
+        Ok(())
+    }
 }
 
 /// The per-stream form: one state document per stream, keyed by stream id.
@@ -184,7 +204,7 @@ pub trait StreamProjection {
     const EVENTS: &'static [&'static str] = &[];
     const CATEGORIES: &'static [&'static str] = &[];
     type Event: DeserializeOwned;
-    type State: Serialize + DeserializeOwned + Default;
+    type State: Serialize + DeserializeOwned + Default + 'static;
 
     /// The stream's state after `event`.
     fn apply(state: Self::State, event: &Event<'_, Self::Event>) -> Self::State;
@@ -204,10 +224,35 @@ impl<S: StreamProjection> Projection for PerStream<S> {
     const CATEGORIES: &'static [&'static str] = S::CATEGORIES;
     type Event = S::Event;
 
+    /// Keeps each stream's decoded state for the rest of the batch and writes
+    /// every state touched once, in [`Projection::finish_batch`]: a stream with
+    /// many events in one batch is read, decoded, encoded and written once.
+    /// The documents are the same as writing after every event; the batch's
+    /// writes commit together either way.
     fn handle(event: &Event<'_, S::Event>, view: &mut View<'_>) -> Result<()> {
-        let key = S::key(event.stream);
-        let state = view.get_or_default::<S::State>(&key)?;
-        view.put(&key, &S::apply(state, event))
+        let mut memo = view.take_memo::<HashMap<String, S::State>>();
+        let result = (|| {
+            let key = S::key(event.stream);
+            let state = match memo.remove(&key) {
+                Some(state) => state,
+                None => view.get_or_default::<S::State>(&key)?,
+            };
+            memo.insert(key, S::apply(state, event));
+            Ok(())
+        })();
+        view.memo = Some(memo);
+        result
+    }
+
+    fn finish_batch(view: &mut View<'_>) -> Result<()> {
+        let memo = view.take_memo::<HashMap<String, S::State>>();
+        // Key order: the same writes in the same order on every run.
+        let mut states: Vec<_> = memo.into_iter().collect();
+        states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, state) in states {
+            view.put(&key, &state)?;
+        }
+        Ok(())
     }
 }
 
@@ -233,7 +278,9 @@ pub fn run_batch<P: Projection>(
     loop {
         let raw = match reader.next_event() {
             Ok(Some(raw)) => raw,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                return P::finish_batch(&mut view).map_err(|e| fail(index.saturating_sub(1), e.0));
+            }
             Err(e) => return Err(fail(index, format!("malformed batch: {e}"))),
         };
         on_event(index);
@@ -293,4 +340,104 @@ macro_rules! export {
             }
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::BatchWriter;
+
+    #[derive(serde::Deserialize)]
+    enum CounterEvent {
+        Added { n: u64 },
+    }
+
+    #[derive(Default, Serialize, serde::Deserialize)]
+    struct Total {
+        n: u64,
+        events: u64,
+        last_position: u64,
+    }
+
+    struct Counter;
+
+    impl StreamProjection for Counter {
+        const NAME: &'static str = "counter";
+        type Event = CounterEvent;
+        type State = Total;
+
+        fn apply(mut t: Total, e: &Event<'_, CounterEvent>) -> Total {
+            let CounterEvent::Added { n } = &e.data;
+            t.n += n;
+            t.events += 1;
+            t.last_position = e.position;
+            t
+        }
+    }
+
+    /// Streams interleaved in one batch, with a key shared by two streams.
+    const EVENTS: &[(&str, u64)] = &[
+        ("c-a", 1),
+        ("c-b", 2),
+        ("c-a", 3),
+        ("c-c", 4),
+        ("c-b", 5),
+        ("c-a", 6),
+        ("c-a", 7),
+    ];
+
+    fn batch(events: &[(&str, u64)], first: u64) -> BatchWriter {
+        let mut b = BatchWriter::new();
+        for (i, (stream, n)) in events.iter().enumerate() {
+            let data = format!("{{\"n\":{n}}}");
+            let p = first + i as u64;
+            b.push(
+                p,
+                p,
+                p,
+                stream,
+                "Added",
+                data.as_bytes(),
+                std::iter::empty(),
+            );
+        }
+        b
+    }
+
+    #[test]
+    fn per_stream_batches_build_the_documents_event_by_event_does() {
+        let mut one_batch = Harness::<PerStream<Counter>>::new();
+        one_batch
+            .apply_encoded(batch(EVENTS, 1).bytes(), 1)
+            .unwrap();
+        let mut one_by_one = Harness::<PerStream<Counter>>::new();
+        for (i, e) in EVENTS.iter().enumerate() {
+            let p = i as u64 + 1;
+            one_by_one
+                .apply_encoded(batch(std::slice::from_ref(e), p).bytes(), p)
+                .unwrap();
+        }
+        assert_eq!(one_batch.documents(), one_by_one.documents());
+        let a: Total = one_batch.doc("c-a").unwrap();
+        assert_eq!((a.n, a.events, a.last_position), (17, 4, 7));
+        // A second batch starts from what the first one wrote.
+        one_batch
+            .apply_encoded(batch(&[("c-a", 10), ("c-c", 1)], 8).bytes(), 8)
+            .unwrap();
+        let a: Total = one_batch.doc("c-a").unwrap();
+        assert_eq!((a.n, a.events, a.last_position), (27, 5, 8));
+    }
+
+    #[test]
+    fn a_failing_batch_writes_nothing_of_its_per_stream_states() {
+        let mut h = Harness::<PerStream<Counter>>::new();
+        h.apply_encoded(batch(&[("c-a", 1)], 1).bytes(), 1).unwrap();
+        let mut b = batch(&[("c-a", 2), ("c-b", 3)], 2);
+        b.push(4, 4, 4, "c-a", "Nope", b"{}", std::iter::empty());
+        let e = h.apply_encoded(b.bytes(), 2).unwrap_err();
+        assert_eq!(e.position, 4, "{e}");
+        let a: Total = h.doc("c-a").unwrap();
+        assert_eq!(a.n, 1, "the failed batch's states were not written");
+        assert!(h.doc::<Total>("c-b").is_none());
+    }
 }
