@@ -70,6 +70,27 @@ impl EventLog {
     }
 }
 
+/// `projections/users` at `version`. With `changed`, its manifest no longer
+/// subscribes to `LoginFailed`: a different fingerprint ("changed logic") and a
+/// visibly different view (`failed_logins` stays 0). Two calls that differ only
+/// in `version` give the same fingerprint ("identical logic": an alias).
+pub fn users_module(version: &str, changed: bool) -> Vec<u8> {
+    let bytes = std::fs::read(USERS).expect("users module");
+    let mut m = manifest_of(&bytes);
+    m["version"] = serde_json::Value::from(version);
+    if changed {
+        let events: Vec<serde_json::Value> = m["events"]
+            .as_array()
+            .expect("the users manifest lists its events")
+            .iter()
+            .filter(|e| *e != "LoginFailed")
+            .cloned()
+            .collect();
+        m["events"] = serde_json::Value::from(events);
+    }
+    with_manifest(&bytes, &m.to_string())
+}
+
 /// `module` with its `kiln-manifest` custom section's content replaced by
 /// `manifest` (the other sections untouched, in order).
 pub fn with_manifest(module: &[u8], manifest: &str) -> Vec<u8> {

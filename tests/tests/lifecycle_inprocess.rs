@@ -19,28 +19,10 @@ use kiln::lifecycle::{
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use kiln::views::ViewId;
-use kiln_tests::wasm::{self, CHAOS, USERS, manifest_of, with_manifest};
+use kiln_tests::wasm::{self, CHAOS, users_module};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// `users` at `version`; `changed` drops `LoginFailed` from its events.
-fn users_module(version: &str, changed: bool) -> Vec<u8> {
-    let bytes = std::fs::read(USERS).expect("users module");
-    let mut m = manifest_of(&bytes);
-    m["version"] = json!(version);
-    if changed {
-        let events: Vec<serde_json::Value> = m["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .filter(|e| *e != "LoginFailed")
-            .cloned()
-            .collect();
-        m["events"] = json!(events);
-    }
-    with_manifest(&bytes, &m.to_string())
-}
 
 fn id(s: &str) -> ViewId {
     s.parse().expect("view id")
