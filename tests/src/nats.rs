@@ -30,17 +30,27 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store_dir: tempfile::TempDir,
+    /// Extra command-line options (authentication, TLS), kept for restarts.
+    options: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a fresh server on a random port with an empty store dir.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// [`NatsServer::start`] with extra `nats-server` options, e.g.
+    /// `["--user", "kiln", "--pass", "secret"]` or `--tls*` options.
+    pub fn start_with(options: &[&str]) -> NatsServer {
         let store_dir = tempfile::tempdir().expect("temp dir for the nats-server store");
-        let (child, port) = spawn(store_dir.path(), None);
+        let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+        let (child, port) = spawn(store_dir.path(), None, &options);
         NatsServer {
             child: Some(child),
             port,
             store_dir,
+            options,
         }
     }
 
@@ -68,7 +78,7 @@ impl NatsServer {
             self.child.is_none(),
             "kill the server before starting it again"
         );
-        let (child, port) = spawn(self.store_dir.path(), Some(self.port));
+        let (child, port) = spawn(self.store_dir.path(), Some(self.port), &self.options);
         assert_eq!(port, self.port);
         self.child = Some(child);
     }
@@ -88,11 +98,12 @@ impl Drop for NatsServer {
 
 /// Runs `nats-server` and waits for "Server is ready" on its log (stderr), reading
 /// the port it listens on from the log when it picked one itself.
-fn spawn(store_dir: &Path, port: Option<u16>) -> (Child, u16) {
+fn spawn(store_dir: &Path, port: Option<u16>, options: &[String]) -> (Child, u16) {
     let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
     let mut child = Command::new("nats-server")
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
         .arg(store_dir)
+        .args(options)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use kiln::store::jetstream::{JetStreamConfig, JetStreamStore};
-use kiln::store::{AppendCondition, AppendRequest, ExpectedVersion, StoreError};
+use kiln::store::jetstream::{JetStreamConfig, JetStreamStore, NatsAuth, NatsTls};
+use kiln::store::{AppendCondition, AppendRequest, EventStore, ExpectedVersion, StoreError};
 use kiln_tests::conformance::{Harness, collect_tail, event, events, sid};
 use kiln_tests::nats::{JetStreamHarness, NatsServer, test_config};
 use uuid::Uuid;
@@ -232,4 +232,161 @@ where
 {
     f.await
         .unwrap_or_else(|e| panic!("append should succeed: {e}"))
+}
+
+/// Connects with `config`, appends and reads the version back: the connection
+/// options worked end to end.
+async fn round_trip(config: JetStreamConfig) {
+    let store = JetStreamStore::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("connecting: {e}"));
+    must(store.append(AppendRequest::new(
+        sid("auth-1"),
+        ExpectedVersion::Any,
+        vec![event(1)],
+    )))
+    .await;
+    assert!(store.latest_version(&sid("auth-1")).await.unwrap() >= 1);
+}
+
+/// Connecting with `config` fails with an error naming the server.
+async fn refused(config: JetStreamConfig, why: &str) -> String {
+    let attempt = tokio::time::timeout(Duration::from_secs(20), JetStreamStore::connect(config));
+    match attempt.await {
+        Ok(Ok(_)) => panic!("{why}: the connection was accepted"),
+        Ok(Err(e)) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("connecting to NATS at"),
+                "{why}: {message}"
+            );
+            message
+        }
+        Err(_) => panic!("{why}: connect neither succeeded nor failed within 20 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_and_token_authentication() {
+    let server = tokio::task::spawn_blocking(|| {
+        NatsServer::start_with(&["--user", "kiln", "--pass", "s3cret"])
+    })
+    .await
+    .unwrap();
+    let mut config = test_config(&server.url());
+    config.auth = NatsAuth::UserPassword {
+        user: "kiln".into(),
+        password: "s3cret".into(),
+    };
+    round_trip(config.clone()).await;
+    config.auth = NatsAuth::UserPassword {
+        user: "kiln".into(),
+        password: "wrong".into(),
+    };
+    let m = refused(config.clone(), "a wrong password").await;
+    assert!(m.to_lowercase().contains("authoriz"), "{m}");
+    config.auth = NatsAuth::None;
+    refused(config, "no credentials").await;
+
+    let server =
+        tokio::task::spawn_blocking(|| NatsServer::start_with(&["--auth", "t0ken-for-kiln"]))
+            .await
+            .unwrap();
+    let mut config = test_config(&server.url());
+    config.auth = NatsAuth::Token {
+        token: "t0ken-for-kiln".into(),
+    };
+    round_trip(config.clone()).await;
+    config.auth = NatsAuth::Token {
+        token: "another".into(),
+    };
+    refused(config, "a wrong token").await;
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl (apt package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=kiln test CA"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    run(&csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let (cert, key) = (
+        certs.path().join("server.pem"),
+        certs.path().join("server.key"),
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        NatsServer::start_with(&["--tls", "--tlscert", cert, "--tlskey", key])
+    })
+    .await
+    .unwrap();
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let mut config = test_config(&url);
+    config.tls = Some(NatsTls {
+        ca_file: Some(certs.path().join("ca.pem")),
+        ..NatsTls::default()
+    });
+    round_trip(config.clone()).await;
+    // Without the CA the server's certificate is not trusted.
+    config.tls = Some(NatsTls::default());
+    refused(config, "an untrusted certificate").await;
 }
