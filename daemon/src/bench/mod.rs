@@ -2,6 +2,7 @@
 //! measured in the same run, with the ratio, so numbers compare across machines.
 
 pub mod http;
+pub mod lag;
 pub mod projection;
 pub mod store;
 
@@ -20,6 +21,10 @@ pub enum BenchCommand {
     /// The HTTP API on loopback: appends through the API vs straight to the
     /// store, and `GET /views/users/{key}` at a fixed rate (p50/p99 latency).
     Http(http::HttpBenchArgs),
+    /// Live lag (append → visible in the active view), p50/p99, with no
+    /// warm-up running and while a new version replays the whole log, in the
+    /// same run, and their ratio.
+    Lag(lag::LagBenchArgs),
 }
 
 /// Runs a benchmark to completion on a fresh multi-threaded runtime.
@@ -31,6 +36,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Store(args) => rt.block_on(store::run(args)),
         BenchCommand::Projection(args) => rt.block_on(projection::run(args)),
         BenchCommand::Http(args) => rt.block_on(http::run(args)),
+        BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
     }
 }
 

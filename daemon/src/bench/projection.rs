@@ -214,8 +214,9 @@ fn replay(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Appends `total` user events from 16 concurrent writers, 50 per append.
-async fn fill(store: &EmbeddedStore, total: u64) -> anyhow::Result<()> {
+/// Appends `total` user events from 16 concurrent writers, 50 per append
+/// (also the log of `kiln bench lag`).
+pub(super) async fn fill(store: &EmbeddedStore, total: u64) -> anyhow::Result<()> {
     let store: Arc<dyn EventStore> = Arc::new(store.clone());
     const WRITERS: u64 = 16;
     const PER_APPEND: u64 = 50;

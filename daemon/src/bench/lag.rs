@@ -1,0 +1,384 @@
+//! `kiln bench lag`: live lag — an append until it is visible in the active
+//! view — with no warm-up running, and while a new version warms over the
+//! whole log, in the same run. The design goal: a warm-up at most doubles it.
+//!
+//! 1. Fills a fresh embedded log with `--events` user events (the generator of
+//!    `kiln bench projection`), deploys the `users` module, waits until it has
+//!    caught up and makes it the active version (cutover policy `manual`, so
+//!    it stays active for the whole run).
+//! 2. Each of `--rounds` rounds measures, back to back:
+//!    - **baseline**: `--samples` probes with nothing warming;
+//!    - **warming**: a new version of `users` is deployed — the same code with
+//!      one more (never appended) event type in its manifest, so a new
+//!      fingerprint: a new physical view replaying the log from the first
+//!      event — and probes run until it is ready; it is then retired (its
+//!      column family dropped) before the next round.
+//!
+//! A probe appends one `UserLoggedIn` to a user stream and waits until the
+//! active view's checkpoint has reached it (the signal read-your-writes waits
+//! on: the documents and checkpoint are committed by then). Probes are issued
+//! open loop at `--rate` per second, each on a task of its own, and timed from
+//! when they were due, so a stall counts against every probe it delays.
+//! Baseline and warming phases alternate, so a busy machine skews both alike.
+//! Printed: each round, then every probe of each phase together and each
+//! phase's best round (lowest p99, the least disturbed by other load), with
+//! the ratios warming / baseline of p50 and p99.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use hdrhistogram::Histogram;
+use kiln_sdk::abi::MANIFEST_SECTION;
+use kiln_sdk::manifest::Manifest;
+
+use super::ratio;
+use super::store::DurabilityArg;
+use crate::lifecycle::{
+    CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, ViewPolicy, ViewState,
+};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+use crate::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
+use crate::views::ViewId;
+
+/// Where `cargo test` (tests/build.rs) leaves the users module.
+const DEFAULT_MODULE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
+);
+/// Users the probes log in (the fill's users: `user-0` .. `user-9999`).
+const PROBE_USERS: u64 = 10_000;
+/// Longest a probe may wait for visibility before the bench gives up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Args, Debug, Clone)]
+pub struct LagBenchArgs {
+    /// Events in the log, i.e. what each warming version replays.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Probes per second (open loop).
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Probes of each baseline phase.
+    #[arg(long, default_value_t = 1000)]
+    pub samples: u64,
+    /// Rounds (one baseline and one warm-up each).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Durability of the embedded store.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
+    pub durability: DurabilityArg,
+    /// The users module (built by `cargo test --release`, or
+    /// `cargo build --release --target wasm32-unknown-unknown -p projection-users`).
+    #[arg(long, default_value = DEFAULT_MODULE)]
+    pub module: PathBuf,
+    /// Directory for the log and the views (a temp dir, removed afterwards, by default).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+pub async fn run(args: LagBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.events > 0 && args.rate > 0 && args.samples > 0 && args.rounds > 0,
+        "--events, --rate, --samples and --rounds must be positive"
+    );
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("kiln-bench-lag-{}", uuid::Uuid::new_v4())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = bench(&args, &dir).await;
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
+    let wasm = std::fs::read(&args.module).with_context(|| {
+        format!(
+            "reading the users module {} (run `cargo test --release` once to build it, or pass --module)",
+            args.module.display()
+        )
+    })?;
+    let mut config = EmbeddedConfig::new(dir.join("log"));
+    config.durability = match args.durability {
+        DurabilityArg::Fsync => Durability::Fsync,
+        DurabilityArg::Buffered => Durability::Buffered,
+    };
+    let embedded = EmbeddedStore::open(config).context("opening the embedded store")?;
+    println!(
+        "kiln bench lag — {} events in the log, probes at {}/s, {} rounds, durability {:?}",
+        args.events, args.rate, args.rounds, args.durability
+    );
+    let started = Instant::now();
+    super::projection::fill(&embedded, args.events).await?;
+    println!(
+        "fill: {} events in {:.1} s",
+        args.events,
+        started.elapsed().as_secs_f64()
+    );
+    let store: Arc<dyn EventStore> = Arc::new(embedded);
+
+    let mut lc = LifecycleConfig::new(dir.join("data"));
+    lc.policies.insert(
+        "users".into(),
+        ViewPolicy {
+            cutover: CutoverPolicy::Manual,
+            ..ViewPolicy::default()
+        },
+    );
+    lc.standby_grace = Duration::from_secs(24 * 3600);
+    let lifecycle = Lifecycle::start(lc, store.clone(), Runtime::new(RuntimeConfig::default())?)
+        .await
+        .context("starting the lifecycle")?;
+    let started = Instant::now();
+    let active = lifecycle.deploy(&wasm, "users.wasm").await?.id().clone();
+    wait_while_warming(&lifecycle, &active).await?;
+    lifecycle.promote(&active).await?;
+    println!(
+        "{active}: replayed the log in {:.1} s, active",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut baseline = Histogram::<u64>::new(3)?;
+    let mut warming = Histogram::<u64>::new(3)?;
+    // Each phase's best round (lowest p99): less exposed to other load.
+    let (mut best_idle, mut best_busy): (Option<Histogram<u64>>, Option<Histogram<u64>>) =
+        (None, None);
+    let mut warm_rates = Vec::new();
+    for round in 1..=args.rounds {
+        let idle = probe(&lifecycle, &store, &active, args.rate, |n| {
+            n >= args.samples
+        })
+        .await?;
+        let module = variant(&wasm, round)?;
+        let deployed = Instant::now();
+        let id = match lifecycle.deploy(&module, "bench-variant").await? {
+            DeployOutcome::Warming(id) => id,
+            other => anyhow::bail!("the variant module was not a new view: {other:?}"),
+        };
+        let busy = probe(&lifecycle, &store, &active, args.rate, |_| {
+            lifecycle
+                .status_of(&id)
+                .is_none_or(|s| s.state != ViewState::Warming)
+        })
+        .await?;
+        let took = deployed.elapsed().as_secs_f64();
+        let replayed = lifecycle.status_of(&id).map_or(0, |s| s.events_applied);
+        lifecycle.retire(&id).await?;
+        warm_rates.push(replayed as f64 / took);
+        println!(
+            "round {round}: baseline p50 {} p99 {} ({} probes) | while {id} warms: p50 {} p99 {} ({} probes; it replayed {replayed} events in {took:.1} s, {:.0} events/s)",
+            millis(&idle, 0.5),
+            millis(&idle, 0.99),
+            idle.len(),
+            millis(&busy, 0.5),
+            millis(&busy, 0.99),
+            busy.len(),
+            replayed as f64 / took
+        );
+        baseline.add(&idle)?;
+        warming.add(&busy)?;
+        keep_best(&mut best_idle, idle);
+        keep_best(&mut best_busy, busy);
+    }
+
+    println!("live lag, append → visible in the active view {active}, all rounds:");
+    println!(
+        "  no warm-up (baseline):   p50 {}  p99 {}  max {}  ({} probes)",
+        millis(&baseline, 0.5),
+        millis(&baseline, 0.99),
+        millis(&baseline, 1.0),
+        baseline.len()
+    );
+    println!(
+        "  while a version warms:   p50 {}  p99 {}  max {}  ({} probes; warm-up at {:.0} events/s, mean)",
+        millis(&warming, 0.5),
+        millis(&warming, 0.99),
+        millis(&warming, 1.0),
+        warming.len(),
+        warm_rates.iter().sum::<f64>() / warm_rates.len() as f64
+    );
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
+    println!(
+        "ratio warming / baseline, all rounds:  p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
+        ratio(q(&warming, 0.5), q(&baseline, 0.5)),
+        ratio(q(&warming, 0.99), q(&baseline, 0.99))
+    );
+    if let (Some(idle), Some(busy)) = (&best_idle, &best_busy) {
+        println!(
+            "best round of each (lowest p99): baseline p50 {} p99 {} | warming p50 {} p99 {}",
+            millis(idle, 0.5),
+            millis(idle, 0.99),
+            millis(busy, 0.5),
+            millis(busy, 0.99)
+        );
+        println!(
+            "ratio warming / baseline, best rounds: p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
+            ratio(q(busy, 0.5), q(idle, 0.5)),
+            ratio(q(busy, 0.99), q(idle, 0.99))
+        );
+    }
+    lifecycle.shutdown().await;
+    Ok(())
+}
+
+/// Waits until `id` has left `warming` (polled: this is the bench's driver,
+/// not a hot path).
+async fn wait_while_warming(lifecycle: &Lifecycle, id: &ViewId) -> anyhow::Result<()> {
+    loop {
+        match lifecycle.status_of(id).map(|s| s.state) {
+            Some(ViewState::Warming) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Some(ViewState::Failed) | None => {
+                anyhow::bail!("{id} failed or vanished while warming")
+            }
+            Some(_) => return Ok(()),
+        }
+    }
+}
+
+/// Issues probe `n` at `start + n / rate` until `done(n)`, each on a task of
+/// its own; lag in nanoseconds, from when each probe was due.
+async fn probe(
+    lifecycle: &Lifecycle,
+    store: &Arc<dyn EventStore>,
+    view: &ViewId,
+    rate: u64,
+    mut done: impl FnMut(u64) -> bool,
+) -> anyhow::Result<Histogram<u64>> {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut n = 0u64;
+    while !done(n) {
+        let due = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(due).await;
+        let (lifecycle, store, view) = (lifecycle.clone(), store.clone(), view.clone());
+        tasks.spawn(async move {
+            let stream = StreamId::new(format!("user-{}", n % PROBE_USERS))?;
+            let event = NewEvent::json("UserLoggedIn", &serde_json::json!({}));
+            let appended = store
+                .append(AppendRequest::new(
+                    stream,
+                    ExpectedVersion::Any,
+                    vec![event],
+                ))
+                .await?;
+            lifecycle
+                .wait_for_position(&view, appended.position, PROBE_TIMEOUT)
+                .await?;
+            anyhow::Ok(due.elapsed())
+        });
+        n += 1;
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    while let Some(lag) = tasks.join_next().await {
+        hist.record(lag??.as_nanos() as u64)?;
+    }
+    Ok(hist)
+}
+
+/// Keeps in `best` whichever of it and `round` has the lower p99.
+fn keep_best(best: &mut Option<Histogram<u64>>, round: Histogram<u64>) {
+    let better = best
+        .as_ref()
+        .is_none_or(|b| round.value_at_quantile(0.99) < b.value_at_quantile(0.99));
+    if better && !round.is_empty() {
+        *best = Some(round);
+    }
+}
+
+/// The `q` quantile of `h` (nanoseconds) in milliseconds.
+fn millis(h: &Histogram<u64>, q: f64) -> String {
+    format!("{:.2} ms", h.value_at_quantile(q) as f64 / 1e6)
+}
+
+/// `module` as users `1.<round>.0` whose manifest also lists the event type
+/// `BenchVariant<round>` (never appended): another fingerprint, so a new
+/// physical view that replays the log, doing the same work per event.
+fn variant(module: &[u8], round: u32) -> anyhow::Result<Vec<u8>> {
+    replace_manifest(module, |m| {
+        m.version = format!("1.{round}.0");
+        m.events.push(format!("BenchVariant{round}"));
+    })
+}
+
+/// `module` with its manifest section rewritten by `edit` (every other
+/// section copied as it is, in order).
+fn replace_manifest(module: &[u8], edit: impl FnOnce(&mut Manifest)) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(
+        module.len() >= 8 && module.starts_with(b"\0asm"),
+        "not a WebAssembly module"
+    );
+    let mut out = module[..8].to_vec();
+    let mut edit = Some(edit);
+    let mut at = 8;
+    while at < module.len() {
+        let id = module[at];
+        let (size, body) = read_leb(module, at + 1)?;
+        let end = body
+            .checked_add(size)
+            .filter(|e| *e <= module.len())
+            .context("a section runs past the end of the module")?;
+        let payload = &module[body..end];
+        let (name_len, name_at) = if id == 0 {
+            read_leb(payload, 0)?
+        } else {
+            (0, 0)
+        };
+        let name = payload.get(name_at..name_at + name_len);
+        if id == 0 && name == Some(MANIFEST_SECTION.as_bytes()) {
+            let mut manifest = Manifest::parse(&payload[name_at + name_len..])
+                .map_err(|e| anyhow::anyhow!("the module's manifest: {e}"))?;
+            if let Some(edit) = edit.take() {
+                edit(&mut manifest);
+            }
+            let mut section = Vec::new();
+            write_leb(&mut section, name_len);
+            section.extend_from_slice(MANIFEST_SECTION.as_bytes());
+            section.extend_from_slice(&serde_json::to_vec(&manifest)?);
+            out.push(0);
+            write_leb(&mut out, section.len());
+            out.extend_from_slice(&section);
+        } else {
+            out.extend_from_slice(&module[at..end]);
+        }
+        at = end;
+    }
+    anyhow::ensure!(
+        edit.is_none(),
+        "the module has no {MANIFEST_SECTION} section"
+    );
+    Ok(out)
+}
+
+/// An unsigned LEB128 at `at`: (value, offset after it).
+fn read_leb(bytes: &[u8], mut at: usize) -> anyhow::Result<(usize, usize)> {
+    let (mut value, mut shift) = (0usize, 0u32);
+    loop {
+        let b = *bytes.get(at).context("truncated LEB128 in the module")?;
+        anyhow::ensure!(shift < 35, "LEB128 too long in the module");
+        at += 1;
+        value |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok((value, at));
+        }
+        shift += 7;
+    }
+}
+
+fn write_leb(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let b = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
