@@ -452,3 +452,39 @@ pub fn module_version(module_path: &str, version: &str, variant: Option<&str>) -
     }
     crate::wasm::with_manifest(&original, &manifest.to_string())
 }
+
+/// Options for a daemon whose poison events are parked after a 1 s batch
+/// deadline: with [`deploy_slow_warming_chaos`], a version that stays warming
+/// for many seconds on any machine.
+pub fn slow_warming_options() -> Options {
+    Options::default()
+        .arg("--poison")
+        .arg("park")
+        .arg("--batch-deadline-ms")
+        .arg("1000")
+}
+
+/// Appends `spins` rounds of 40 `Note` events and one `Spin` (which never
+/// returns, so each costs the 1 s batch deadline before it is parked), then
+/// deploys the `chaos` projection: it warms for at least `spins` seconds while
+/// making steady progress between them. Returns its id.
+pub async fn deploy_slow_warming_chaos(api: &Api, spins: usize) -> String {
+    for s in 0..spins {
+        let mut events: Vec<serde_json::Value> = (0..40)
+            .map(|i| serde_json::json!({ "type": "Note", "data": { "text": format!("n{s}-{i}") } }))
+            .collect();
+        events.push(serde_json::json!({ "type": "Spin", "data": {} }));
+        let (status, body) = api
+            .post_json(
+                &format!("/streams/chaos-{s}/events"),
+                &serde_json::json!({ "events": events }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let wasm = std::fs::read(crate::wasm::CHAOS).expect("the chaos module");
+    let (status, body) = api.deploy(wasm).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["outcome"], "warming", "{body}");
+    body["id"].as_str().expect("id").to_string()
+}

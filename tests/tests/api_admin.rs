@@ -94,6 +94,16 @@ async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
     let (s, b) = api.deploy(module_version(USERS, "1.0.1", None)).await;
     assert_eq!((s, b["outcome"].as_str()), (200, Some("alias")), "{b}");
     assert_eq!(b["of"], "users-1_0_0");
+    // Reading the alias by id: the answer names the version asked for, and the
+    // physical view that holds its documents.
+    let (s, b) = api.get("/views/users-1_0_1/user-7").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (b["view"].as_str(), b["backed_by"].as_str()),
+        (Some("users-1_0_1"), Some("users-1_0_0")),
+        "{b}"
+    );
+    assert_eq!(b["doc"]["name"], "u7-99");
     // The very same module again changes nothing.
     let (s, b) = api.deploy(module_version(USERS, "1.0.1", None)).await;
     assert_eq!(
@@ -147,10 +157,18 @@ async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
     assert_ne!(rolled_back_to, "users-2_0_0");
     let (_, b) = api.get("/views/users/user-3").await;
     assert_eq!(b["view"], rolled_back_to.as_str(), "{b}");
+    assert_eq!(b["backed_by"], "users-1_0_0", "{b}");
+    // A requirement names a version for admin actions too.
     let (s, b) = api
-        .post_json("/admin/views/users-2_0_0/promote", &json!({}))
+        .post_json("/admin/views/users@%5E2/promote", &json!({}))
         .await;
-    assert_eq!(s, 200, "{b}");
+    assert_eq!((s, b["active"].as_str()), (200, Some("users-2_0_0")), "{b}");
+    let (_, b) = api.get("/views/users/user-3").await;
+    assert_eq!(
+        (b["view"].as_str(), b["backed_by"].as_str()),
+        (Some("users-2_0_0"), Some("users-2_0_0")),
+        "{b}"
+    );
     let (s, b) = api
         .post_json(&format!("/admin/views/{rolled_back_to}/retire"), &json!({}))
         .await;
@@ -202,4 +220,123 @@ async fn admin_endpoints_need_the_bearer_token_when_one_is_configured() {
     api.token = Some("s3cret".into());
     let (s, b) = api.deploy(wasm).await;
     assert_eq!(s, 202, "{b}");
+}
+
+/// The value of the sample `name{labels…}` whose labels include `view="id"`.
+fn metric(metrics: &str, name: &str, id: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        labels
+            .split(',')
+            .any(|kv| kv == format!("view=\"{id}\""))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// A version that takes seconds to warm (three poison events, each costing the
+/// 1 s batch deadline before it is parked): its probe answers 503 the whole
+/// time it warms and 200 from the moment it has caught up, never before; the
+/// daemon's readiness follows its cutover; metrics and the parked events show
+/// what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_flip_when_a_slow_version_catches_up_and_metrics_and_parked_events_show_it() {
+    let d = Daemon::start_with(kiln_tests::daemon::slow_warming_options());
+    let api = Api::new(&d);
+    assert_eq!(api.get("/readyz").await.0, 200, "nothing deployed: ready");
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api, 3).await;
+    let (_, head) = api.get("/views").await;
+    let head = head["views"][0]["head"].as_u64().expect("head");
+    assert_eq!(head, 3 * 41);
+
+    let (mut warming_seen, mut daemon_unready_seen) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, body) = api.get(&format!("/readyz/{id}")).await;
+        let (ds, dbody) = api.get("/readyz").await;
+        if s == 200 {
+            assert!(
+                body["checkpoint"].as_u64().unwrap_or(0) >= head,
+                "ready before catching up to {head}: {body}"
+            );
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert_eq!(body["error"]["code"], "not_ready", "{body}");
+        assert_eq!(body["error"]["view"]["state"], "warming", "{body}");
+        assert!(body["error"]["view"]["checkpoint"].as_u64() < Some(head));
+        warming_seen += 1;
+        if ds == 503 {
+            assert_eq!(dbody["error"]["waiting"], json!(["chaos"]), "{dbody}");
+            daemon_unready_seen += 1;
+        }
+        assert!(Instant::now() < deadline, "{id} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        warming_seen > 10,
+        "the probe said 503 only {warming_seen} times"
+    );
+    assert!(daemon_unready_seen > 10, "{daemon_unready_seen}");
+    // Auto cutover: active, and the daemon is ready.
+    api.wait_state(&id, "active", Duration::from_secs(10)).await;
+    assert!(d.wait_for_status("/readyz", 200, Duration::from_secs(10)));
+
+    let (status, metrics) = d.get_raw("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let m =
+        |name: &str| metric(&metrics, name, &id).unwrap_or_else(|| panic!("no {name}: {metrics}"));
+    assert_eq!(
+        m("kiln_view_events_applied_total"),
+        120.0,
+        "three rounds of 40 notes"
+    );
+    assert_eq!(m("kiln_view_position"), head as f64);
+    assert_eq!(m("kiln_view_lag_events"), 0.0);
+    assert_eq!(m("kiln_view_parked_events"), 3.0);
+    assert!(m("kiln_view_batch_seconds_count") >= 1.0, "{metrics}");
+    // The batches that hit a spinning event took the 1 s deadline.
+    assert!(m("kiln_view_batch_seconds_sum") > 0.0, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "kiln_view_batch_seconds_bucket{{view=\"{id}\",name=\"chaos\",version=\"1.0.0\",le=\"+Inf\"}}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "kiln_view_state{{view=\"{id}\",state=\"active\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "kiln_view_state{{view=\"{id}\",state=\"warming\"}} 0"
+        )),
+        "{metrics}"
+    );
+
+    // The three poison events, listed with their positions and the reason.
+    let (s, b) = api.get(&format!("/admin/views/{id}/parked")).await;
+    assert_eq!(s, 200, "{b}");
+    let parked = b["parked"].as_array().expect("parked");
+    let positions: Vec<u64> = parked
+        .iter()
+        .map(|p| p["position"].as_u64().expect("position"))
+        .collect();
+    assert_eq!(positions, [41, 82, 123], "{b}");
+    assert!(parked.iter().all(|p| p["type"] == "Spin"), "{b}");
+    // Retrying runs them again: they still spin, so they stay parked.
+    let (s, b) = api
+        .post_json(&format!("/admin/views/{id}/parked/retry"), &json!({}))
+        .await;
+    assert_eq!((s, b["retried"].as_u64()), (200, Some(0)), "{b}");
+    let (_, b) = api.get(&format!("/admin/views/{id}/parked")).await;
+    assert_eq!(b["parked"].as_array().map(Vec::len), Some(3), "{b}");
+    let (s, b) = api.get("/admin/views/chaos-9_0_0/parked").await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("unknown_view")),
+        "{b}"
+    );
 }

@@ -2,6 +2,7 @@
 //! `--json` output, and exit codes scripts can rely on (0 ok, 3 conflict,
 //! 4 not found, 5 unreachable, 6 timeout, 8 unauthorized).
 
+use std::io::BufRead;
 use std::time::Duration;
 
 use kiln_tests::daemon::{Api, Daemon, Options, kiln_bin, kiln_cli, projections_dir};
@@ -190,6 +191,106 @@ async fn append_get_ls_status_tail_with_json_and_exit_codes() {
         .map(|l| json_of(l)["position"].as_u64().expect("position"))
         .collect();
     assert_eq!(positions, (1..=8).collect::<Vec<u64>>());
+    let (code, out, _) = kiln_cli(&d, &["tail", "--no-follow", "--from", "8"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().count() == 1 && out.contains("user-7@1") && out.contains("UserRegistered"),
+        "{out}"
+    );
+
+    // tail (following): prints what is there, then each new event as it commits.
+    let mut child = std::process::Command::new(kiln_bin())
+        .args(["tail", "--from", "7", "--json"])
+        .env("KILN_URL", d.url())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln tail");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next_position = || {
+        let line = lines
+            .next()
+            .expect("a line from kiln tail")
+            .expect("reading kiln tail");
+        json_of(&line)["position"].as_u64().expect("position")
+    };
+    assert_eq!((next_position(), next_position()), (7, 8));
+    let (code, _, err) = kiln_cli(&d, &["append", "user-9", "UserRegistered", "{}"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(next_position(), 9, "the followed tail shows the new event");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // ls by range, and a view's listing by exact id.
+    let (code, out, _) = kiln_cli(
+        &d,
+        &[
+            "ls",
+            "users-1_0_0",
+            "--from",
+            "user-2",
+            "--to",
+            "user-4",
+            "--keys",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["user-2", "user-3"]);
+}
+
+/// While a version warms, `kiln status` draws a progress bar with an ETA;
+/// `status --wait` waits until nothing warms (exit 6 if it gives up first);
+/// `retire` stops a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_progress_with_eta_while_warming_and_waits_for_it() {
+    let d = Daemon::start_with(kiln_tests::daemon::slow_warming_options());
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&Api::new(&d), 8).await;
+    // `[#####...................]  21%  86/328  40 ev/s  ETA 7s`
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let line = loop {
+        let (code, out, err) = kiln_cli(&d, &["status"]);
+        assert_eq!(code, 0, "{err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .unwrap_or_else(|| panic!("no line for {id}: {out}"))
+            .to_string();
+        assert!(line.contains("warming"), "{line}");
+        let eta_known = line
+            .split_once("ETA ")
+            .is_some_and(|(_, t)| t.starts_with(|c: char| c.is_ascii_digit()));
+        if eta_known {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ETA while warming: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        line.contains("] ") && line.contains('%') && line.contains("ev/s"),
+        "{line}"
+    );
+    assert!(
+        line.contains("[#") || line.contains("[."),
+        "a progress bar: {line}"
+    );
+
+    let (code, _, err) = kiln_cli(&d, &["status", "--wait", "--timeout-secs", "1"]);
+    assert_eq!(code, 6, "still warming after 1 s: exit 6 ({err})");
+    let (code, out, err) = kiln_cli(&d, &["status", "--wait", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().map(json_of).expect("output");
+    assert_eq!(last["views"][0]["state"], "active", "{last}");
+
+    let (code, out, err) = kiln_cli(&d, &["retire", &id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["retired"], id.as_str());
+    let (code, _, err) = kiln_cli(&d, &["get", &id, "note/chaos-0"]);
+    assert_eq!(
+        code, 3,
+        "a retired version is a conflict (view_retired): {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

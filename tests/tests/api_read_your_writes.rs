@@ -1,0 +1,142 @@
+//! Read-your-writes through real HTTP: a query naming a stream (or a position)
+//! never answers from a view older than that write, and a wait that cannot be
+//! met is a clear `504`, never stale data.
+
+use std::time::{Duration, Instant};
+
+use kiln_tests::daemon::{Api, Daemon, Options, projections_dir};
+use kiln_tests::wasm::USERS;
+use serde_json::json;
+
+/// 1,000 write-then-read pairs, from 4 concurrent clients on their own users:
+/// every read that names the stream sees its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_naming_the_stream_never_returns_a_view_older_than_the_write() {
+    let dir = projections_dir(&[USERS]);
+    let d = Daemon::start_with(Options::default().projections(dir.path()));
+    let api = Api::new(&d);
+    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
+        .await;
+
+    const CLIENTS: usize = 4;
+    const PAIRS: usize = 250;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = format!("user-ryw{c}");
+            let (s, b) = api
+                .append(
+                    &stream,
+                    json!("no_stream"),
+                    "UserRegistered",
+                    json!({ "name": "n0", "email": "e" }),
+                )
+                .await;
+            assert_eq!(s, 200, "{b}");
+            for i in 1..=PAIRS {
+                let name = format!("n{i}");
+                let (s, b) = api
+                    .append(&stream, json!(i), "UserRenamed", json!({ "name": name }))
+                    .await;
+                assert_eq!(s, 200, "{b}");
+                // Alternate the two forms: by stream, and by the returned position.
+                let path = if i % 2 == 0 {
+                    format!("/views/users/{stream}?stream={stream}")
+                } else {
+                    format!("/views/users/{stream}?position={}", b["position"])
+                };
+                let (s, doc) = api.get(&path).await;
+                assert_eq!(s, 200, "pair {i} of {stream}: {doc}");
+                assert_eq!(
+                    doc["doc"]["name"], name,
+                    "pair {i} of {stream}: stale read {doc}"
+                );
+                assert_eq!(doc["doc"]["renames"], i, "pair {i} of {stream}: {doc}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let (_, metrics) = d.get_raw("/metrics").expect("metrics");
+    let waits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_api_ryw_waits_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert_eq!(waits, Some((CLIENTS * PAIRS) as u64), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_cannot_be_met_is_a_504_naming_the_view_and_position() {
+    let dir = projections_dir(&[USERS]);
+    let d = Daemon::start_with(Options::default().projections(dir.path()));
+    let api = Api::new(&d);
+    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
+        .await;
+    let (s, _) = api
+        .append(
+            "user-1",
+            json!("no_stream"),
+            "UserRegistered",
+            json!({ "name": "a", "email": "b" }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let started = Instant::now();
+    let (s, b) = api
+        .get("/views/users/user-1?position=1000000&wait_ms=300")
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(s, 504, "{b}");
+    assert_eq!(b["error"]["code"], "read_your_writes_timeout");
+    let message = b["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("users-1_0_0") && message.contains("1000000"),
+        "{message}"
+    );
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "waited {waited:?} for a 300 ms bound"
+    );
+    // An unknown stream is version 0, position 0: nothing to wait for.
+    let (s, b) = api.get("/views/users/user-1?stream=user-nobody").await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// The server caps every wait (`[api] ryw_max_wait_ms` in the configuration
+/// file): a client asking for a minute gets its 504 after the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_cap_bounds_what_a_client_asks_to_wait() {
+    let dir = projections_dir(&[USERS]);
+    let config = tempfile::tempdir().expect("temp dir");
+    let path = config.path().join("kiln.toml");
+    std::fs::write(&path, "[api]\nryw_max_wait_ms = 400\n").expect("writing the config");
+    let d = Daemon::start_with(
+        Options::default()
+            .projections(dir.path())
+            .arg("--config")
+            .arg(path.to_str().expect("utf-8 path")),
+    );
+    let api = Api::new(&d);
+    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
+        .await;
+    let started = Instant::now();
+    let (s, b) = api.get("/views/users?position=5000000&wait_ms=60000").await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (504, Some("read_your_writes_timeout")),
+        "{b}"
+    );
+    assert_eq!(b["error"]["waited_ms"], 400, "{b}");
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(10),
+        "waited {waited:?} under a 400 ms cap"
+    );
+    let (_, metrics) = d.get_raw("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("kiln_api_ryw_timeouts_total 1"),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,140 @@
+//! The status page at `/`, rendered by a real headless Chromium (Debian's
+//! `chromium` package): after its script ran, the page lists every view version
+//! with its state.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_tests::daemon::{
+    Api, Daemon, deploy_slow_warming_chaos, projections_dir, slow_warming_options,
+};
+use kiln_tests::wasm::USERS;
+use serde_json::json;
+
+fn chromium() -> PathBuf {
+    for c in ["chromium", "chromium-browser", "google-chrome"] {
+        for dir in ["/usr/bin", "/usr/local/bin"] {
+            let p = PathBuf::from(dir).join(c);
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!("headless Chromium is needed: apt-get install -y chromium (scripts/setup does)");
+}
+
+/// The DOM after the page's scripts ran (virtual time lets the poll complete).
+fn rendered_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().expect("chromium profile dir");
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("running chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `<tr>` of version `id` in the rendered page.
+fn row<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("data-id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no row for {id} in the rendered page:\n{dom}"));
+    let end = dom[start..].find("</tr>").map_or(dom.len(), |e| start + e);
+    &dom[start..end]
+}
+
+/// How many times the page's script has refreshed itself from `GET /views`.
+fn refreshes(dom: &str) -> u64 {
+    dom.split_once("data-refreshes=\"")
+        .and_then(|(_, rest)| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_states_aliases_and_a_progress_bar_while_warming_in_chromium() {
+    let dir = projections_dir(&[USERS]);
+    let d = Daemon::start_with(slow_warming_options().projections(dir.path()));
+    let api = Api::new(&d);
+    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
+        .await;
+    let (s, _) = api
+        .append(
+            "user-1",
+            json!("any"),
+            "UserRegistered",
+            json!({ "name": "a", "email": "b" }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // Same logic as 1.0.0: an alias, ready at once, and (auto cutover) active.
+    let (s, b) = api
+        .deploy(kiln_tests::daemon::module_version(USERS, "1.0.1", None))
+        .await;
+    assert_eq!((s, b["outcome"].as_str()), (200, Some("alias")), "{b}");
+    api.wait_state("users-1_0_1", "active", Duration::from_secs(10))
+        .await;
+    // A version that stays warming for 20 s or more.
+    let chaos = deploy_slow_warming_chaos(&api, 20).await;
+
+    let dom = tokio::task::spawn_blocking({
+        let url = d.url() + "/";
+        move || rendered_dom(&url)
+    })
+    .await
+    .expect("chromium task");
+    // Rows are built by the page's script from GET /views, so these prove it ran.
+    assert!(
+        dom.contains(r#"id="problem"></span>"#),
+        "the page reports a problem: {dom}"
+    );
+    assert!(
+        row(&dom, "users-1_0_1").contains(r#"data-state="active""#),
+        "{dom}"
+    );
+    let standby = row(&dom, "users-1_0_0");
+    assert!(standby.contains(r#"data-state="standby""#), "{standby}");
+    assert!(
+        row(&dom, "users-1_0_1").contains("alias of users-1_0_0"),
+        "{dom}"
+    );
+    // The warming version has a (not yet done) progress bar with its percentage.
+    let warming = row(&dom, &chaos);
+    assert!(warming.contains(r#"data-state="warming""#), "{warming}");
+    assert!(
+        warming.contains(r#"class="bar""#),
+        "no progress bar: {warming}"
+    );
+    assert!(warming.contains('%'), "{warming}");
+    assert!(
+        dom.contains("2 view(s), 3 version(s), 1 warming"),
+        "summary line: {dom}"
+    );
+    // It refreshes itself (once a second; Chromium ran 5 s of page time).
+    assert!(refreshes(&dom) >= 3, "refreshed {} times", refreshes(&dom));
+    // The chaos version is still warming: the page did not see a later state.
+    let (_, views) = api.get("/views").await;
+    let still = views["views"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["id"] == chaos.as_str()))
+        .map(|v| v["state"].clone());
+    assert_eq!(still, Some(json!("warming")), "{views}");
+}
