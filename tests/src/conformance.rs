@@ -42,6 +42,7 @@ macro_rules! store_conformance {
             idempotent_retry_returns_original_result,
             eight_tag_racers_one_commits,
             tag_condition_only_sees_its_tags_after_its_position,
+            head_is_the_last_event_even_after_a_tagged_append,
             tail_sees_every_event_once_in_order_across_reopen,
             tail_from_the_middle_starts_there,
             read_stream_pages_by_version,
@@ -487,6 +488,33 @@ pub async fn tag_condition_only_sees_its_tags_after_its_position<H: Harness>() {
         .expect("still not after");
     let evs = s.read_stream(&sid("tagged-1"), 1, 1).await.unwrap();
     assert_eq!(evs[0].tags, vec!["alpha".to_string(), "beta".to_string()]);
+}
+
+/// `head()` is the last *event*'s position, one a tail delivers, even when the
+/// backend wrote something after it (JetStream's tag markers): whoever waits
+/// for a tail to reach the head (a warming view) would otherwise wait for the
+/// next append.
+pub async fn head_is_the_last_event_even_after_a_tagged_append<H: Harness>() {
+    let h = H::start().await;
+    let s = &*h.store();
+    let plain = must_append(s, "head-1", ExpectedVersion::Any, vec![event(1)]).await;
+    assert_eq!(s.head().await.unwrap(), plain.position);
+    let tagged = vec![event(2), event(3).with_tags(["alpha", "beta"])];
+    let r = must_append(s, "head-2", ExpectedVersion::Any, tagged).await;
+    assert_eq!(s.head().await.unwrap(), r.position, "after a tagged append");
+    let conditioned = AppendRequest::new(sid("head-3"), ExpectedVersion::Any, vec![event(4)])
+        .with_condition(AppendCondition {
+            tags: vec!["beta".into(), "gamma".into()],
+            after: r.position,
+        });
+    let c = s.append(conditioned).await.expect("not after");
+    assert_eq!(
+        s.head().await.unwrap(),
+        c.position,
+        "after a conditioned append"
+    );
+    let last = collect_tail(s, c.position, 1).await;
+    assert_eq!(last[0].position, c.position, "a tail delivers the head");
 }
 
 pub async fn tail_sees_every_event_once_in_order_across_reopen<H: Harness>() {

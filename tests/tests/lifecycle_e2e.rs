@@ -440,6 +440,52 @@ async fn hot_deploy_cutover_alias_rollback_and_retirement_jetstream() {
     drop(nats);
 }
 
+/// A version deployed when the log's last append carried a tag becomes ready
+/// and active like any other. (On JetStream a tagged append ends with its tag
+/// markers, messages no tail delivers: the stream's last sequence is not an
+/// event's, and "caught up" must not wait for a checkpoint equal to it.)
+async fn deploy_after_a_tagged_append(options: Options) {
+    let d = Daemon::start_with(options);
+    let api = Api::new(&d);
+    let tagged = |u: usize, i: usize| {
+        let mut e = user_event(u, i);
+        e["tags"] = json!([format!("account-{u}")]);
+        e
+    };
+    append(&api, "user-1", vec![tagged(1, 0), tagged(1, 1)]).await;
+    let (s, b) = api.deploy(users_module("1.0.0", false)).await;
+    assert_eq!((s, b["outcome"].as_str()), (202, Some("warming")), "{b}");
+    let v = api
+        .wait_state("users-1_0_0", "active", Duration::from_secs(20))
+        .await;
+    assert_eq!(v["lag"], 0, "{v}");
+    // And a new version deployed with the live view tailing, after another one.
+    let last = append(&api, "user-2", vec![tagged(2, 0)]).await;
+    read_at(&api, "users", "user-2", last).await;
+    let (s, b) = api.deploy(users_module("1.1.0", true)).await;
+    assert_eq!((s, b["outcome"].as_str()), (202, Some("warming")), "{b}");
+    let v = api
+        .wait_state("users-1_1_0", "active", Duration::from_secs(20))
+        .await;
+    assert_eq!(v["lag"], 0, "{v}");
+    let b = read_at(&api, "users", "user-1", last).await;
+    assert_eq!(b["doc"]["logins"], 1, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_deployed_after_a_tagged_append_becomes_active_embedded() {
+    deploy_after_a_tagged_append(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_deployed_after_a_tagged_append_becomes_active_jetstream() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("starting nats-server");
+    deploy_after_a_tagged_append(Options::default().jetstream(&nats.url())).await;
+    drop(nats);
+}
+
 // ---------------------------------------------------------------------------
 // Test 4: kill -9 at random moments, then compare with a clean rebuild.
 

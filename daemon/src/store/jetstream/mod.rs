@@ -1255,17 +1255,34 @@ impl EventStore for JetStreamStore {
         futures::stream::unfold(tail, Tail::next_batch).boxed()
     }
 
-    /// The stream's last sequence. It can be a tag marker's rather than an event's:
-    /// positions on JetStream have gaps, and a tail from `head() + 1` still misses
-    /// no event.
+    /// The last event's position. Usually the stream's last sequence, but not
+    /// always: a tagged append ends with its tag markers, and a stream shared
+    /// with other services may end with their messages; then it is the last
+    /// message on the events filter. A sequence no tail delivers would keep
+    /// whoever waits for a tail to reach the head (a warming view, `GET
+    /// /events` without follow) waiting for the next append.
     async fn head(&self) -> Result<Position, StoreError> {
-        let info = self.inner.events.get_info().await.map_err(|e| {
+        let inner = &self.inner;
+        let info = inner.events.get_info().await.map_err(|e| {
             StoreError::backend(
-                format!("reading the state of stream '{}'", self.inner.config.stream),
+                format!("reading the state of stream '{}'", inner.config.stream),
                 e,
             )
         })?;
-        Ok(info.state.last_sequence)
+        let last = info.state.last_sequence;
+        if last == 0 {
+            return Ok(0);
+        }
+        if let Some(m) = inner.msg_at(last).await?
+            && inner.subjects.stream_of(&m.subject).is_ok()
+        {
+            return Ok(last);
+        }
+        let filter = inner.subjects.events_filter();
+        Ok(inner
+            .last_on(&inner.events, &filter)
+            .await?
+            .map_or(0, |m| m.sequence))
     }
 
     async fn save_snapshot(
