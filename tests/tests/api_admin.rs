@@ -266,6 +266,20 @@ async fn probes_flip_when_a_slow_version_catches_up_and_metrics_and_parked_event
         assert_eq!(body["error"]["view"]["state"], "warming", "{body}");
         assert!(body["error"]["view"]["checkpoint"].as_u64() < Some(head));
         warming_seen += 1;
+        // GET /views shows the same version warming, with its progress.
+        let (_, views) = api.get("/views").await;
+        let v = views["views"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["id"] == id.as_str()))
+            .cloned()
+            .expect("the version in GET /views");
+        if v["state"] == "warming" {
+            let (cp, h) = (v["checkpoint"].as_u64(), v["head"].as_u64());
+            assert_eq!(h, Some(head), "{v}");
+            assert_eq!(v["lag"].as_u64(), Some(head - cp.unwrap_or(0)), "{v}");
+            assert!(v["events_per_sec"].is_number(), "{v}");
+            assert!(v["eta_secs"].is_number() || v["eta_secs"].is_null(), "{v}");
+        }
         if ds == 503 {
             assert_eq!(dbody["error"]["waiting"], json!(["chaos"]), "{dbody}");
             daemon_unready_seen += 1;

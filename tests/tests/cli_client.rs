@@ -332,6 +332,30 @@ async fn deploy_wait_promote_rollback_from_the_command_line() {
     assert!(out.contains("users-2_0_0"), "{out}");
     let (code, _, _) = kiln_cli(&d, &["promote", "users-7_0_0", "--token", "tok"]);
     assert_eq!(code, 4, "unknown version exits 4");
+
+    // A version that fails while warming (default poison policy: stop): exit 7.
+    let (code, _, err) = kiln_cli(
+        &d,
+        &["append", "chaos-1", "Fail", r#"{"message": "boom at one"}"#],
+    );
+    assert_eq!(code, 0, "{err}");
+    let chaos = modules.path().join("chaos.wasm");
+    std::fs::copy(kiln_tests::wasm::CHAOS, &chaos).expect("copy");
+    let (code, _, err) = kiln_cli(
+        &d,
+        &[
+            "deploy",
+            chaos.to_str().expect("utf-8 path"),
+            "--wait",
+            "--token",
+            "tok",
+        ],
+    );
+    assert_eq!(code, 7, "a failed version exits 7: {err}");
+    assert!(
+        err.contains("failed") && err.contains("boom at one"),
+        "{err}"
+    );
 }
 
 #[test]
