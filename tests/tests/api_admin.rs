@@ -266,6 +266,15 @@ async fn probes_flip_when_a_slow_version_catches_up_and_metrics_and_parked_event
         assert_eq!(body["error"]["view"]["state"], "warming", "{body}");
         assert!(body["error"]["view"]["checkpoint"].as_u64() < Some(head));
         warming_seen += 1;
+        // By requirement or bare name: nothing ready matches yet, so not ready.
+        let (rs, rb) = api.get("/readyz/chaos@%5E1").await;
+        if rs != 200 {
+            assert_eq!(
+                (rs, rb["error"]["code"].as_str()),
+                (503, Some("not_ready")),
+                "{rb}"
+            );
+        }
         // GET /views shows the same version warming, with its progress.
         let (_, views) = api.get("/views").await;
         let v = views["views"]
@@ -295,6 +304,14 @@ async fn probes_flip_when_a_slow_version_catches_up_and_metrics_and_parked_event
     // Auto cutover: active, and the daemon is ready.
     api.wait_state(&id, "active", Duration::from_secs(10)).await;
     assert!(d.wait_for_status("/readyz", 200, Duration::from_secs(10)));
+    assert_eq!(api.get("/readyz/chaos@%5E1").await.0, 200);
+    assert_eq!(api.get("/readyz/chaos").await.0, 200);
+    let (s, b) = api.get("/readyz/nobody").await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("unknown_view")),
+        "{b}"
+    );
 
     let (status, metrics) = d.get_raw("/metrics").expect("metrics");
     assert_eq!(status, 200);

@@ -5,7 +5,9 @@
 //!   name that has live versions has an active one (503 naming those that do not).
 //! - `GET /readyz/{view}`: one version (exact id, bare name or `name@req`); 200 once
 //!   it is ready, active or standby, 503 while warming (with progress), failed or
-//!   retired. Deploy pipelines poll it before promoting.
+//!   retired, and 503 for a name with no active version or a requirement no
+//!   ready version matches yet; 404 only for a name never deployed. Deploy
+//!   pipelines poll it before promoting.
 //! - `GET /metrics`: Prometheus text, per view version.
 //! - `GET /`: a status page that polls `GET /views`.
 
@@ -22,7 +24,7 @@ use serde_json::json;
 
 use super::views::path_error;
 use super::{ApiError, AppState};
-use crate::lifecycle::{ViewState, ViewStatus};
+use crate::lifecycle::{LifecycleError, ViewState, ViewStatus};
 use crate::views::ViewId;
 
 /// `GET /healthz`.
@@ -93,7 +95,23 @@ pub async fn readyz_view(
     let Path(spec) = path.map_err(path_error)?;
     let id = match spec.parse::<ViewId>() {
         Ok(id) => id,
-        Err(_) => state.lifecycle.resolve_version(&spec)?.version,
+        Err(_) => match state.lifecycle.resolve_version(&spec) {
+            Ok(r) => r.version,
+            // The name exists but nothing matching serves yet: not ready (503),
+            // which is what a deploy pipeline or a kubelet waits on.
+            Err(
+                e @ (LifecycleError::NoMatchingVersion { .. }
+                | LifecycleError::NoActiveVersion { .. }),
+            ) => {
+                return Ok(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    e.to_string(),
+                )
+                .into_response());
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     let Some(s) = state.lifecycle.status_of(&id) else {
         return Err(ApiError::new(
