@@ -486,6 +486,85 @@ async fn a_version_deployed_after_a_tagged_append_becomes_active_jetstream() {
     drop(nats);
 }
 
+/// `chaos` at `version`, subscribed to its five event types and `extra` (never
+/// appended): each `extra` is another fingerprint, the same behaviour.
+fn chaos_variant(version: &str, extra: &str) -> Vec<u8> {
+    let bytes = std::fs::read(wasm::CHAOS).expect("chaos module");
+    let mut m = wasm::manifest_of(&bytes);
+    m["version"] = json!(version);
+    m["events"] = json!(["Note", "Panic", "Fail", "Spin", "Hog", extra]);
+    wasm::with_manifest(&bytes, &m.to_string())
+}
+
+/// A rollback that lands while the grace-period sweep is busy retiring another
+/// standby is not undone by the sweep: the version rolled back to was listed
+/// as expired, but it is active by the time its turn comes, and it stays so.
+///
+/// To hold the sweep inside its first retirement, every version is stuck on a
+/// `Spin` event (a batch that runs until its deadline): retiring 1.0.0 waits
+/// for its worker's batch, and meanwhile the test rolls back to 1.1.0, whose
+/// grace expired in the same sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_during_the_grace_sweep_keeps_the_version_it_activated() {
+    let d = Daemon::start_with(
+        Options::default()
+            .arg("--standby-grace-secs")
+            .arg("2")
+            .arg("--batch-deadline-ms")
+            .arg("3000")
+            .arg("--poison")
+            .arg("park")
+            .arg("--cutover")
+            .arg("manual"),
+    );
+    let api = Api::new(&d);
+    for (i, version) in ["1.0.0", "1.1.0", "1.2.0"].iter().enumerate() {
+        let (s, b) = api
+            .deploy(chaos_variant(version, &format!("Variant{i}")))
+            .await;
+        assert_eq!(s, 202, "{b}");
+        let id = format!("chaos-{}", version.replace('.', "_"));
+        api.wait_state(&id, "ready", WAIT).await;
+    }
+    // Promoted one after the other: 1.0.0 and 1.1.0 become standby moments
+    // apart, so their grace periods end in the same sweep.
+    for id in ["chaos-1_0_0", "chaos-1_1_0", "chaos-1_2_0"] {
+        let (s, b) = api
+            .post_json(&format!("/admin/views/{id}/promote"), &json!({}))
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    // Every worker now spins on this event for up to 2 × 3 s (the batch, then
+    // the event alone before it is parked).
+    append(&api, "chaos-1", vec![json!({ "type": "Spin", "data": {} })]).await;
+    // The sweep flips 1.0.0 to retired, then waits for its worker.
+    let v = wait_views(&api, "chaos-1_0_0 retired", |v| {
+        state(v, "chaos-1_0_0") == "retired"
+    })
+    .await;
+    assert_eq!(state(&v, "chaos-1_1_0"), "standby", "{v:#?}");
+    let (s, b) = api
+        .post_json("/admin/views/chaos/rollback", &json!({}))
+        .await;
+    assert_eq!((s, b["active"].as_str()), (200, Some("chaos-1_1_0")), "{b}");
+    // 1.2.0, standby since the rollback, is retired after its own grace
+    // period, once the workers are past the spin (it is parked); 1.1.0 stays
+    // active and serves the bare name.
+    let v = wait_views(&api, "chaos-1_2_0 retired", |v| {
+        state(v, "chaos-1_2_0") == "retired"
+    })
+    .await;
+    assert_eq!(state(&v, "chaos-1_1_0"), "active", "{v:#?}");
+    let last = append(
+        &api,
+        "chaos-1",
+        vec![json!({ "type": "Note", "data": { "text": "after" } })],
+    )
+    .await;
+    let b = read_at(&api, "chaos", "note/chaos-1", last).await;
+    assert_eq!(b["view"], "chaos-1_1_0", "{b}");
+}
+
 // ---------------------------------------------------------------------------
 // Test 4: kill -9 at random moments, then compare with a clean rebuild.
 

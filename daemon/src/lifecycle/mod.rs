@@ -1026,6 +1026,18 @@ impl Inner {
     }
 
     async fn retire(&self, id: &ViewId) -> Result<(), LifecycleError> {
+        self.retire_if(id, |_| true).await
+    }
+
+    /// Retires `id` if `still` holds for its entry when the registry is
+    /// locked for the change: the grace-period sweep passes "still a standby
+    /// whose grace is over", since a rollback may have promoted it since the
+    /// sweep listed it (the sweep awaits each retirement in turn).
+    async fn retire_if(
+        &self,
+        id: &ViewId,
+        still: impl FnOnce(&Entry) -> bool,
+    ) -> Result<(), LifecycleError> {
         let stopping = {
             let mut st = self.lock();
             let Some(entry) = st.registry.entries.get(id) else {
@@ -1033,7 +1045,7 @@ impl Inner {
                     spec: id.to_string(),
                 });
             };
-            if entry.state == ViewState::Retired {
+            if entry.state == ViewState::Retired || !still(entry) {
                 return Ok(());
             }
             let physical = entry.physical().clone();
@@ -1116,6 +1128,14 @@ impl Inner {
         }
     }
 
+    /// Is `e` a standby whose grace period is over at `now`?
+    fn grace_over(&self, e: &Entry, now: u64) -> bool {
+        let grace = self.config.grace_of(e.id.name()).as_millis() as u64;
+        e.state == ViewState::Standby
+            && e.standby_since
+                .is_some_and(|since| now >= since.saturating_add(grace))
+    }
+
     /// Every 250 ms: refresh the head, sample rates, retire standbys whose
     /// grace period is over.
     async fn tick(self: Arc<Self>) {
@@ -1142,18 +1162,14 @@ impl Inner {
                 st.registry
                     .entries
                     .values()
-                    .filter(|e| e.state == ViewState::Standby)
-                    .filter(|e| {
-                        let grace = self.config.grace_of(e.id.name()).as_millis() as u64;
-                        e.standby_since
-                            .is_some_and(|since| now >= since.saturating_add(grace))
-                    })
+                    .filter(|e| self.grace_over(e, now))
                     .map(|e| e.id.clone())
                     .collect()
             };
             for id in expired {
                 tracing::info!(view = %id, "standby grace period over");
-                if let Err(e) = self.retire(&id).await {
+                let still = |e: &Entry| self.grace_over(e, now_millis());
+                if let Err(e) = self.retire_if(&id, still).await {
                     tracing::error!(view = %id, "retiring after the grace period: {e}");
                 }
             }
