@@ -206,6 +206,25 @@ async fn admin_endpoints_need_the_bearer_token_when_one_is_configured() {
     api.token = Some("wrong".into());
     let (s, _) = api.deploy(wasm.clone()).await;
     assert_eq!(s, 401);
+    // Every admin route, not just deploy.
+    for path in [
+        "/admin/views/users-1_0_0/promote",
+        "/admin/views/users/rollback",
+        "/admin/views/users-1_0_0/retire",
+        "/admin/views/users-1_0_0/parked/retry",
+    ] {
+        let (s, b) = api.post_json(path, &json!({})).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{path}: {b}"
+        );
+    }
+    let (s, _) = api.get("/admin/views/users-1_0_0/parked").await;
+    assert_eq!(s, 401);
+    // Probes and metrics stay open.
+    assert_eq!(api.get("/healthz").await.0, 200);
+    assert_eq!(d.get_status("/metrics"), Some(200));
     // Queries and appends stay open.
     let (s, _) = api
         .append(
