@@ -135,11 +135,33 @@ impl Daemon {
             log_path,
             _tmp: tmp,
         };
-        d.spawn();
+        d.spawn(true);
         d
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process and waits until it answers `/healthz`. On a first
+    /// start, a port another process took between [`free_port`] releasing it
+    /// and the daemon binding it is replaced by another free one (a few times);
+    /// a restart keeps its port.
+    fn spawn(&mut self, first: bool) {
+        let mut attempt = 0;
+        loop {
+            let log_from = std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
+            self.launch();
+            let Err(failure) = self.wait_healthy() else {
+                return;
+            };
+            let log = std::fs::read(&self.log_path).unwrap_or_default();
+            let this_run = String::from_utf8_lossy(log.get(log_from as usize..).unwrap_or(&[]));
+            attempt += 1;
+            if !(first && attempt < 5 && this_run.contains("Address already in use")) {
+                panic!("{failure}");
+            }
+            self.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        }
+    }
+
+    fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -178,28 +200,30 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", kiln_bin().display()));
         self.child = Some(child);
-        self.wait_healthy();
     }
 
-    fn wait_healthy(&mut self) {
+    /// Polls `/healthz`; the failure, with the daemon's log, if it exits or
+    /// does not answer within [`START_TIMEOUT`].
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "the daemon exited with {status} before answering /healthz; its log:\n{}",
                     self.log()
-                );
+                ));
             }
             if matches!(self.get_status("/healthz"), Some(200)) {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!(
+                return Err(format!(
                     "the daemon did not answer /healthz within {START_TIMEOUT:?}; its log:\n{}",
                     self.log()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -261,7 +285,7 @@ impl Daemon {
     /// dir, port and options.
     pub fn restart(&mut self) {
         self.kill9();
-        self.spawn();
+        self.spawn(false);
     }
 
     /// Blocking `GET path`, returning the status code (None when unreachable).
