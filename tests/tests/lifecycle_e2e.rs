@@ -10,6 +10,16 @@
 //! The crash test also deploys 1.N.0 variants of 1.0.0's logic that subscribe
 //! to one more (never appended) event type ([`module_version`]): each is a new
 //! fingerprint, so each warms from the first event.
+//!
+//! - `hot_deploy_cutover_alias_rollback_and_retirement_{embedded,jetstream}`:
+//!   warm-up and automatic cutover under a continuous reader, an alias with
+//!   nothing replayed, rollback, retirement after the grace period and the
+//!   dropped column family gone from disk.
+//! - `a_version_deployed_after_a_tagged_append_becomes_active_*`: caught up
+//!   means the log has nothing more to give, whatever the store wrote last.
+//! - `a_rollback_during_the_grace_sweep_keeps_the_version_it_activated`.
+//! - `kill_nine_during_warm_up_and_live_tailing_then_every_view_equals_a_clean_rebuild`:
+//!   twenty seeded kill -9s (`KILN_CRASH_SEED` replays a schedule).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -222,7 +232,7 @@ async fn reader(
 }
 
 // ---------------------------------------------------------------------------
-// Tests 1–3 (and 5): one lifecycle, on either backend.
+// One lifecycle, on either backend; then two bugs it led to.
 
 /// 1. users 1.0.0 active, events appended; 1.1.0 (changed logic) deployed
 ///    warms, becomes ready and active on its own while a reader polls
