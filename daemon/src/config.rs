@@ -141,6 +141,12 @@ pub struct ServeArgs {
     /// Bearer token required by the admin endpoints.
     #[arg(long, env = "KILN_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Longest a read-your-writes query waits, in milliseconds [default: 5000].
+    #[arg(long, env = "KILN_RYW_MAX_WAIT_MS")]
+    pub ryw_max_wait_ms: Option<u64>,
+    /// Largest request body in bytes, module uploads included [default: 16 MiB].
+    #[arg(long, env = "KILN_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
     /// Seconds a standby version keeps tailing before it is retired [default: 300].
     #[arg(long, env = "KILN_STANDBY_GRACE_SECS")]
     pub standby_grace_secs: Option<u64>,
@@ -248,6 +254,12 @@ impl ServeConfig {
         }
         if let Some(t) = &a.admin_token {
             self.api.admin_token = Some(t.clone());
+        }
+        if let Some(ms) = a.ryw_max_wait_ms {
+            self.api.ryw_max_wait = Duration::from_millis(ms);
+        }
+        if let Some(b) = a.body_limit {
+            self.api.body_limit = b;
         }
         if let Some(g) = a.standby_grace_secs {
             self.standby_grace_secs = g;
@@ -388,6 +400,8 @@ poison = "park"
         let args = ServeArgs {
             config: Some(path),
             standby_grace_secs: Some(5),
+            ryw_max_wait_ms: Some(250),
+            body_limit: Some(1 << 20),
             view_policies: vec!["orders:poison=park,standby_grace_secs=9".into()],
             ..ServeArgs::default()
         };
@@ -395,6 +409,8 @@ poison = "park"
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/kiln"));
         assert_eq!(c.store, StoreBackend::Jetstream);
         assert_eq!(c.standby_grace_secs, 5);
+        assert_eq!(c.api.ryw_max_wait, Duration::from_millis(250));
+        assert_eq!(c.api.body_limit, 1 << 20);
         assert_eq!(c.views["users"].cutover, CutoverPolicy::Manual);
         assert_eq!(c.views["orders"].poison, PoisonPolicy::Park);
         assert_eq!(c.views["orders"].standby_grace_secs, Some(9));
