@@ -94,68 +94,14 @@ pub fn users_module(version: &str, changed: bool) -> Vec<u8> {
 /// `module` with its `kiln-manifest` custom section's content replaced by
 /// `manifest` (the other sections untouched, in order).
 pub fn with_manifest(module: &[u8], manifest: &str) -> Vec<u8> {
-    let mut out = module[..8].to_vec();
-    let mut at = 8;
-    while at < module.len() {
-        let id = module[at];
-        let (size, body) = leb(module, at + 1);
-        let end = body + size;
-        let payload = &module[body..end];
-        let (name_len, name_at) = leb(payload, 0);
-        if id == 0 && &payload[name_at..name_at + name_len] == b"kiln-manifest" {
-            let mut section = Vec::new();
-            put_leb(&mut section, name_len);
-            section.extend_from_slice(b"kiln-manifest");
-            section.extend_from_slice(manifest.as_bytes());
-            out.push(0);
-            put_leb(&mut out, section.len());
-            out.extend_from_slice(&section);
-        } else {
-            out.extend_from_slice(&module[at..end]);
-        }
-        at = end;
-    }
-    out
+    kiln::runtime::manifest_edit::replace_manifest(module, manifest.as_bytes())
+        .expect("a module with a manifest")
 }
 
 /// `module`'s manifest, as JSON.
 pub fn manifest_of(module: &[u8]) -> serde_json::Value {
-    let mut at = 8;
-    while at < module.len() {
-        let (size, body) = leb(module, at + 1);
-        let payload = &module[body..body + size];
-        let (name_len, name_at) = leb(payload, 0);
-        if module[at] == 0 && &payload[name_at..name_at + name_len] == b"kiln-manifest" {
-            return serde_json::from_slice(&payload[name_at + name_len..]).expect("manifest JSON");
-        }
-        at = body + size;
-    }
-    panic!("no kiln-manifest section");
-}
-
-fn leb(bytes: &[u8], mut at: usize) -> (usize, usize) {
-    let (mut v, mut shift) = (0usize, 0);
-    loop {
-        let b = bytes[at];
-        at += 1;
-        v |= ((b & 0x7f) as usize) << shift;
-        if b & 0x80 == 0 {
-            return (v, at);
-        }
-        shift += 7;
-    }
-}
-
-fn put_leb(out: &mut Vec<u8>, mut v: usize) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
+    let bytes = kiln::runtime::manifest_edit::manifest_bytes(module).expect("a manifest");
+    serde_json::from_slice(bytes).expect("manifest JSON")
 }
 
 /// A hand-written module (WAT) with a kiln manifest, for malformed-guest tests:

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
-use kiln_sdk::abi::MANIFEST_SECTION;
 use kiln_sdk::manifest::Manifest;
 
 use super::ratio;
@@ -39,7 +38,7 @@ use super::store::DurabilityArg;
 use crate::lifecycle::{
     CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, ViewPolicy, ViewState,
 };
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{Runtime, RuntimeConfig, manifest_edit};
 use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use crate::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use crate::views::ViewId;
@@ -307,78 +306,13 @@ fn variant(module: &[u8], round: u32) -> anyhow::Result<Vec<u8>> {
     })
 }
 
-/// `module` with its manifest section rewritten by `edit` (every other
-/// section copied as it is, in order).
+/// `module` with its manifest rewritten by `edit`.
 fn replace_manifest(module: &[u8], edit: impl FnOnce(&mut Manifest)) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(
-        module.len() >= 8 && module.starts_with(b"\0asm"),
-        "not a WebAssembly module"
-    );
-    let mut out = module[..8].to_vec();
-    let mut edit = Some(edit);
-    let mut at = 8;
-    while at < module.len() {
-        let id = module[at];
-        let (size, body) = read_leb(module, at + 1)?;
-        let end = body
-            .checked_add(size)
-            .filter(|e| *e <= module.len())
-            .context("a section runs past the end of the module")?;
-        let payload = &module[body..end];
-        let (name_len, name_at) = if id == 0 {
-            read_leb(payload, 0)?
-        } else {
-            (0, 0)
-        };
-        let name = payload.get(name_at..name_at + name_len);
-        if id == 0 && name == Some(MANIFEST_SECTION.as_bytes()) {
-            let mut manifest = Manifest::parse(&payload[name_at + name_len..])
-                .map_err(|e| anyhow::anyhow!("the module's manifest: {e}"))?;
-            if let Some(edit) = edit.take() {
-                edit(&mut manifest);
-            }
-            let mut section = Vec::new();
-            write_leb(&mut section, name_len);
-            section.extend_from_slice(MANIFEST_SECTION.as_bytes());
-            section.extend_from_slice(&serde_json::to_vec(&manifest)?);
-            out.push(0);
-            write_leb(&mut out, section.len());
-            out.extend_from_slice(&section);
-        } else {
-            out.extend_from_slice(&module[at..end]);
-        }
-        at = end;
-    }
-    anyhow::ensure!(
-        edit.is_none(),
-        "the module has no {MANIFEST_SECTION} section"
-    );
-    Ok(out)
-}
-
-/// An unsigned LEB128 at `at`: (value, offset after it).
-fn read_leb(bytes: &[u8], mut at: usize) -> anyhow::Result<(usize, usize)> {
-    let (mut value, mut shift) = (0usize, 0u32);
-    loop {
-        let b = *bytes.get(at).context("truncated LEB128 in the module")?;
-        anyhow::ensure!(shift < 35, "LEB128 too long in the module");
-        at += 1;
-        value |= usize::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok((value, at));
-        }
-        shift += 7;
-    }
-}
-
-fn write_leb(out: &mut Vec<u8>, mut value: usize) {
-    loop {
-        let b = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
+    let mut manifest = Manifest::parse(manifest_edit::manifest_bytes(module)?)
+        .map_err(|e| anyhow::anyhow!("the module's manifest: {e}"))?;
+    edit(&mut manifest);
+    Ok(manifest_edit::replace_manifest(
+        module,
+        &serde_json::to_vec(&manifest)?,
+    )?)
 }

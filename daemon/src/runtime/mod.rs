@@ -19,6 +19,7 @@
 
 mod host;
 mod instance;
+pub mod manifest_edit;
 mod module;
 
 use std::path::PathBuf;
