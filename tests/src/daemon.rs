@@ -434,6 +434,21 @@ impl Api {
         .await
     }
 
+    /// Registers user `stream` (a `UserRegistered` event at any version),
+    /// asserts the append succeeded and returns its answer.
+    pub async fn register_user(&self, stream: &str) -> serde_json::Value {
+        let (s, b) = self
+            .append(
+                stream,
+                serde_json::json!("any"),
+                "UserRegistered",
+                serde_json::json!({ "name": "a", "email": "b" }),
+            )
+            .await;
+        assert_eq!(s, 200, "registering {stream}: {b}");
+        b
+    }
+
     /// Deploys a module through the admin API.
     pub async fn deploy(&self, wasm: Vec<u8>) -> (u16, serde_json::Value) {
         self.post_bytes("/admin/views?label=test", wasm).await
