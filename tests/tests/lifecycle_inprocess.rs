@@ -485,3 +485,65 @@ async fn poison_park_records_the_event_and_goes_on() {
     assert_eq!(lc.parked(&chaos_id).unwrap().len(), 1);
     lc.shutdown().await;
 }
+
+/// Hot deploy through the watched directory, named by a relative path (as
+/// `kiln serve --projections projections` does): a module written in two
+/// halves is loaded whole and once; a module renamed in from a hidden temp file
+/// is deployed; removing a file retires its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watched_directory_deploys_and_retires_modules() {
+    let env = Env::new();
+    append_users(&env.store, 50, 0).await;
+    // A directory under the current one, named relatively; removed on drop.
+    let watched = tempfile::Builder::new()
+        .prefix(".kiln-watched-")
+        .tempdir_in(".")
+        .expect("a directory under the current one");
+    let name = watched.path().file_name().expect("a name").to_owned();
+    let relative = std::path::Path::new(".").join(name);
+    assert!(relative.is_relative());
+    let mut config = env.config();
+    config.projections_dir = Some(relative.clone());
+    config.watch_debounce = Duration::from_millis(300);
+    let lc = env.start(config).await;
+
+    // Half a module, then (well within the quiet period) the rest.
+    let users = std::fs::read(wasm::USERS).expect("users module");
+    let path = relative.join("users.wasm");
+    std::fs::write(&path, &users[..users.len() / 2]).expect("first half");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::write(&path, &users).expect("whole module");
+    wait_until("users-1_0_0 active", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Active)
+    })
+    .await;
+
+    // Renamed in from a hidden temporary file, as scripts/build-projections does.
+    let orders = std::fs::read(wasm::ORDERS).expect("orders module");
+    std::fs::write(relative.join(".orders.wasm.tmp"), &orders).expect("temp file");
+    std::fs::rename(
+        relative.join(".orders.wasm.tmp"),
+        relative.join("orders.wasm"),
+    )
+    .expect("rename");
+    wait_until("orders-1_0_0 active", || {
+        state(&lc, "orders-1_0_0") == Some(ViewState::Active)
+    })
+    .await;
+
+    // Removing a file retires the version it deployed.
+    std::fs::remove_file(&path).expect("remove users.wasm");
+    wait_until("users-1_0_0 retired", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Retired)
+    })
+    .await;
+    assert_eq!(state(&lc, "orders-1_0_0"), Some(ViewState::Active));
+    // users was deployed once, from the whole file.
+    let users_versions = lc
+        .status()
+        .into_iter()
+        .filter(|s| s.id.starts_with("users-"))
+        .count();
+    assert_eq!(users_versions, 1);
+    lc.shutdown().await;
+}

@@ -27,6 +27,13 @@ pub(super) async fn start(
         "creating the projections directory",
         &dir,
     ))?;
+    // notify reports events under the absolute path it watches (the current
+    // directory joined to a relative one): use that form everywhere, so that
+    // `--projections projections` and `/abs/projections` behave the same.
+    let dir = std::path::absolute(&dir).map_err(LifecycleError::io(
+        "resolving the projections directory",
+        &dir,
+    ))?;
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
@@ -101,7 +108,8 @@ impl DirWatch {
             .filter_map(|s| {
                 let id: ViewId = s.id.parse().ok()?;
                 let source = self.lifecycle.source_of(&id)?;
-                let source = PathBuf::from(source);
+                // Sources recorded by older runs may be relative.
+                let source = std::path::absolute(PathBuf::from(source)).ok()?;
                 (source.parent() == Some(self.dir.as_path()) && !source.exists()).then_some(id)
             })
             .collect();
