@@ -256,9 +256,18 @@ async fn probes_flip_when_a_slow_version_catches_up_and_metrics_and_parked_event
     let api = Api::new(&d);
     assert_eq!(api.get("/readyz").await.0, 200, "nothing deployed: ready");
     let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api, 3).await;
-    let (_, head) = api.get("/views").await;
-    let head = head["views"][0]["head"].as_u64().expect("head");
-    assert_eq!(head, 3 * 41);
+    // The status learns the log's head a moment after the deploy.
+    let head = 3 * 41;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, views) = api.get("/views").await;
+        match views["views"][0]["head"].as_u64() {
+            Some(h) if h == head => break,
+            Some(h) if h < head && Instant::now() < deadline => {}
+            other => panic!("the log's head is {head}, /views says {other:?}: {views}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (mut warming_seen, mut daemon_unready_seen) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
