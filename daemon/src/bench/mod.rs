@@ -65,6 +65,24 @@ impl Samples {
 }
 
 /// `a / b`, or NaN when `b` is zero.
+/// Runs `n` workers concurrently until `window` is over and returns their
+/// total rate per second. `worker(i, deadline)` does operations until the
+/// deadline and returns how many it did.
+pub async fn rate_of_workers<F, Fut>(n: usize, window: Duration, worker: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize, std::time::Instant) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let start = std::time::Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(worker(i, deadline))).collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
 pub fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 { f64::NAN } else { a / b }
 }

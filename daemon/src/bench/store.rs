@@ -191,31 +191,23 @@ pub async fn append_bench(
 }
 
 async fn appenders(store: &Arc<dyn EventStore>, n: usize, window: Duration) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let deadline = start + window;
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let stream = StreamId::new(format!("bench-appender{n}x{i}"))?;
-                let mut count = 0u64;
-                while Instant::now() < deadline {
-                    store
-                        .append(AppendRequest::new(
-                            stream.clone(),
-                            ExpectedVersion::Exact(count),
-                            vec![payload(count)],
-                        ))
-                        .await?;
-                    count += 1;
-                }
-                anyhow::Ok(count)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    super::rate_of_workers(n, window, |i, deadline| {
+        let store = store.clone();
+        async move {
+            let stream = StreamId::new(format!("bench-appender{n}x{i}"))?;
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                store
+                    .append(AppendRequest::new(
+                        stream.clone(),
+                        ExpectedVersion::Exact(count),
+                        vec![payload(count)],
+                    ))
+                    .await?;
+                count += 1;
+            }
+            Ok(count)
+        }
+    })
+    .await
 }

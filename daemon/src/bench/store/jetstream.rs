@@ -180,29 +180,20 @@ async fn raw_publishers(
     n: usize,
     window: Duration,
 ) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let deadline = start + window;
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let js = js_store.context().clone();
-            let subject = js_store
-                .subjects()
-                .event(&StreamId::new(format!("raw-{n}x{i}")).expect("valid id"));
-            tokio::spawn(async move {
-                let mut count = 0u64;
-                while Instant::now() < deadline {
-                    js.publish(subject.clone(), payload(count).data)
-                        .await?
-                        .await?;
-                    count += 1;
-                }
-                anyhow::Ok(count)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    super::super::rate_of_workers(n, window, |i, deadline| {
+        let js = js_store.context().clone();
+        let subject = StreamId::new(format!("raw-{n}x{i}")).map(|s| js_store.subjects().event(&s));
+        async move {
+            let subject = subject?;
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                js.publish(subject.clone(), payload(count).data)
+                    .await?
+                    .await?;
+                count += 1;
+            }
+            Ok(count)
+        }
+    })
+    .await
 }
