@@ -174,44 +174,64 @@ async fn bench(args: &HttpBenchArgs, dir: &std::path::Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// Registers users `0..users` from `appenders` concurrent workers (worker `a`
+/// takes users `a, a + appenders, ...`) and returns users registered per second.
+async fn register_users<F, Fut>(args: &HttpBenchArgs, register: F) -> anyhow::Result<f64>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let (users, appenders) = (args.users, args.appenders as u64);
+    let tasks: Vec<_> = (0..appenders)
+        .map(|a| {
+            let register = register.clone();
+            tokio::spawn(async move {
+                for i in (a..users).step_by(appenders as usize) {
+                    register(i).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(users as f64 / started.elapsed().as_secs_f64())
+}
+
+fn registration(i: u64) -> serde_json::Value {
+    serde_json::json!({ "name": format!("User {i}"), "email": format!("u{i}@x.io") })
+}
+
 async fn append_via_api(
     client: &reqwest::Client,
     base: &str,
     args: &HttpBenchArgs,
     category: &str,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for a in 0..args.appenders as u64 {
-        let (client, base, category) = (client.clone(), base.to_string(), category.to_string());
-        let (users, appenders) = (args.users, args.appenders as u64);
-        tasks.push(tokio::spawn(async move {
-            let mut i = a;
-            while i < users {
-                let body = serde_json::json!({
-                    "expected_version": "no_stream",
-                    "events": [{ "type": "UserRegistered",
-                                 "data": { "name": format!("User {i}"), "email": format!("u{i}@x.io") } }],
-                });
-                let res = client
-                    .post(format!("{base}/streams/{category}-{i}/events"))
-                    .json(&body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    res.status().is_success(),
-                    "append to {category}-{i}: {}",
-                    res.text().await.unwrap_or_default()
-                );
-                i += appenders;
-            }
+    let (client, base, category) = (client.clone(), base.to_string(), category.to_string());
+    register_users(args, move |i| {
+        let (client, base, category) = (client.clone(), base.clone(), category.clone());
+        async move {
+            let body = serde_json::json!({
+                "expected_version": "no_stream",
+                "events": [{ "type": "UserRegistered", "data": registration(i) }],
+            });
+            let res = client
+                .post(format!("{base}/streams/{category}-{i}/events"))
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(
+                res.status().is_success(),
+                "append to {category}-{i}: {}",
+                res.text().await.unwrap_or_default()
+            );
             Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(args.users as f64 / started.elapsed().as_secs_f64())
+        }
+    })
+    .await
 }
 
 async fn append_direct(
@@ -219,32 +239,23 @@ async fn append_direct(
     args: &HttpBenchArgs,
     category: &str,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for a in 0..args.appenders as u64 {
-        let store = store.clone();
-        let category = category.to_string();
-        let (users, appenders) = (args.users, args.appenders as u64);
-        tasks.push(tokio::spawn(async move {
-            let mut i = a;
-            while i < users {
-                let ev = NewEvent::json(
-                    "UserRegistered",
-                    &serde_json::json!({ "name": format!("User {i}"), "email": format!("u{i}@x.io") }),
-                );
-                let stream = StreamId::new(format!("{category}-{i}"))?;
-                store
-                    .append(AppendRequest::new(stream, ExpectedVersion::NoStream, vec![ev]))
-                    .await?;
-                i += appenders;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(args.users as f64 / started.elapsed().as_secs_f64())
+    let (store, category) = (store.clone(), category.to_string());
+    register_users(args, move |i| {
+        let (store, category) = (store.clone(), category.clone());
+        async move {
+            let ev = NewEvent::json("UserRegistered", &registration(i));
+            let stream = StreamId::new(format!("{category}-{i}"))?;
+            store
+                .append(AppendRequest::new(
+                    stream,
+                    ExpectedVersion::NoStream,
+                    vec![ev],
+                ))
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Open-loop load: request `n` is due at `start + n / rate`; connection `c`
