@@ -87,6 +87,11 @@ pub struct ServeConfig {
     /// Policies per view name: `[views.users] cutover = "manual"`.
     pub views: BTreeMap<String, ViewPolicy>,
     pub runtime: RuntimeLimits,
+    /// `--recover-registry` (a one-time flag, never in the file): start even
+    /// though `registry.json` is missing or corrupt while the data directory
+    /// holds views, rebuilding it from the deployed modules.
+    #[serde(skip)]
+    pub recover_registry: bool,
 }
 
 impl Default for ServeConfig {
@@ -104,6 +109,7 @@ impl Default for ServeConfig {
             default_policy: ViewPolicy::default(),
             views: BTreeMap::new(),
             runtime: RuntimeLimits::default(),
+            recover_registry: false,
         }
     }
 }
@@ -123,6 +129,12 @@ pub struct ServeArgs {
     /// Do not deploy or watch a projections directory.
     #[arg(long, env = "KILN_NO_WATCH")]
     pub no_watch: bool,
+    /// Start even though the registry (data/registry.json) is missing or
+    /// corrupt while the data directory holds views: rebuild it from the
+    /// deployed modules (each resumes from its checkpoint; none is active until
+    /// cut over or promoted). Without it kiln refuses to start and drops nothing.
+    #[arg(long)]
+    pub recover_registry: bool,
     /// Event store backend [default: embedded].
     #[arg(long, env = "KILN_STORE", value_enum)]
     pub store: Option<StoreBackend>,
@@ -231,6 +243,7 @@ impl ServeConfig {
         if let Some(p) = &a.projections {
             self.projections_dir = Some(p.clone());
         }
+        self.recover_registry |= a.recover_registry;
         if a.no_watch {
             self.projections_dir = None;
         }
@@ -350,6 +363,7 @@ impl ServeConfig {
         c.policies = self.views.clone();
         c.standby_grace = Duration::from_secs(self.standby_grace_secs);
         c.warmup_batch = self.warmup_batch;
+        c.recover_registry = self.recover_registry;
         c
     }
 

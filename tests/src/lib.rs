@@ -3,11 +3,15 @@
 //! - [`daemon`]: a real `kiln serve` process over HTTP, with kill -9 and restart.
 //! - [`conformance`]: the store core's contract, run against every backend.
 //! - [`embedded`]: a [`conformance::Harness`] for the embedded RocksDB store.
+//! - [`lifecycle`]: an in-process lifecycle on the embedded store, and helpers.
+//! - [`rng`]: a seeded generator for generated tests (SplitMix64).
 //! - [`nats`]: a real `nats-server` per test, and the JetStream store's harness.
 //! - [`wasm`]: the example projections built for wasm32, and event-log helpers.
 
 pub mod conformance;
 pub mod daemon;
 pub mod embedded;
+pub mod lifecycle;
 pub mod nats;
+pub mod rng;
 pub mod wasm;

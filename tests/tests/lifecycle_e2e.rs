@@ -32,6 +32,7 @@ use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore, scan_log};
 use kiln::views::{ViewId, ViewStore};
 use kiln_tests::daemon::{Api, Daemon, Options, module_version};
 use kiln_tests::nats::NatsServer;
+use kiln_tests::rng::Rng;
 use kiln_tests::wasm::{self, USERS, users_module};
 use serde_json::{Value, json};
 
@@ -577,24 +578,6 @@ async fn a_rollback_during_the_grace_sweep_keeps_the_version_it_activated() {
 
 // ---------------------------------------------------------------------------
 // Test 4: kill -9 at random moments, then compare with a clean rebuild.
-
-/// SplitMix64: a seeded, dependency-free generator for the kill schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The seed: `KILN_CRASH_SEED` if set, else the clock.
 fn crash_seed() -> u64 {

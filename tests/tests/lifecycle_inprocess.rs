@@ -10,96 +10,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln::lifecycle::{
-    CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError, PoisonPolicy,
-    ViewPolicy, ViewState,
+    CutoverPolicy, DeployOutcome, LifecycleError, PoisonPolicy, ViewPolicy, ViewState,
 };
-use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
-use kiln::views::ViewId;
+use kiln_tests::lifecycle::{Env, WAIT, append_users, id, state, wait_until};
 use kiln_tests::wasm::{self, CHAOS, users_module};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn id(s: &str) -> ViewId {
-    s.parse().expect("view id")
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    store: Arc<dyn EventStore>,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = open_store(dir.path());
-        Env { dir, store }
-    }
-
-    fn config(&self) -> LifecycleConfig {
-        let mut c = LifecycleConfig::new(self.dir.path().join("data"));
-        c.standby_grace = Duration::from_secs(3600);
-        c
-    }
-
-    async fn start(&self, config: LifecycleConfig) -> Lifecycle {
-        Lifecycle::start(config, self.store.clone(), wasm::runtime())
-            .await
-            .expect("lifecycle starts")
-    }
-}
-
-fn open_store(dir: &std::path::Path) -> Arc<dyn EventStore> {
-    Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.join("log"))).expect("embedded store"))
-}
-
-/// Appends `n` events over 10 users: a registration each, then logins and
-/// failed logins alternating. Returns the head.
-async fn append_users(store: &Arc<dyn EventStore>, n: usize, offset: usize) -> u64 {
-    let mut head = 0;
-    for chunk in (offset..offset + n).collect::<Vec<_>>().chunks(200) {
-        for user in 0..10 {
-            let events: Vec<NewEvent> = chunk
-                .iter()
-                .filter(|i| *i % 10 == user)
-                .map(|i| match i / 10 {
-                    0 => NewEvent::json(
-                        "UserRegistered",
-                        &json!({"name": format!("u{user}"), "email": "x@y"}),
-                    ),
-                    k if k % 2 == 1 => NewEvent::json("LoginFailed", &json!({})),
-                    _ => NewEvent::json("UserLoggedIn", &json!({})),
-                })
-                .collect();
-            if events.is_empty() {
-                continue;
-            }
-            let stream = StreamId::new(format!("user-{user}")).unwrap();
-            let r = store
-                .append(AppendRequest::new(stream, ExpectedVersion::Any, events))
-                .await
-                .expect("append");
-            head = head.max(r.position);
-        }
-    }
-    head
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn state(lc: &Lifecycle, v: &str) -> Option<ViewState> {
-    lc.status_of(&id(v)).map(|s| s.state)
-}
 
 fn failed_logins(doc: &[u8]) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(doc).expect("profile JSON");
@@ -489,7 +408,8 @@ async fn poison_park_records_the_event_and_goes_on() {
 /// Hot deploy through the watched directory, named by a relative path (as
 /// `kiln serve --projections projections` does): a module written in two
 /// halves is loaded whole and once; a module renamed in from a hidden temp file
-/// is deployed; removing a file retires its version.
+/// is deployed; removing the active version's file keeps it serving, removing
+/// another version's file retires it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watched_directory_deploys_and_retires_modules() {
     let env = Env::new();
@@ -531,13 +451,6 @@ async fn the_watched_directory_deploys_and_retires_modules() {
     })
     .await;
 
-    // Removing a file retires the version it deployed.
-    std::fs::remove_file(&path).expect("remove users.wasm");
-    wait_until("users-1_0_0 retired", || {
-        state(&lc, "users-1_0_0") == Some(ViewState::Retired)
-    })
-    .await;
-    assert_eq!(state(&lc, "orders-1_0_0"), Some(ViewState::Active));
     // users was deployed once, from the whole file.
     let users_versions = lc
         .status()
@@ -545,5 +458,36 @@ async fn the_watched_directory_deploys_and_retires_modules() {
         .filter(|s| s.id.starts_with("users-"))
         .count();
     assert_eq!(users_versions, 1);
+
+    // Removing the active version's file does not take the name down.
+    std::fs::remove_file(&path).expect("remove users.wasm");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(state(&lc, "users-1_0_0"), Some(ViewState::Active));
+    assert_eq!(lc.resolve("users").unwrap(), id("users-1_0_0"));
+
+    // A new version takes over; the file of the one now standby, removed,
+    // retires it.
+    std::fs::write(
+        relative.join("users-next.wasm"),
+        users_module("1.1.0", true),
+    )
+    .expect("users 1.1.0");
+    wait_until("users-1_1_0 active", || {
+        state(&lc, "users-1_1_0") == Some(ViewState::Active)
+    })
+    .await;
+    std::fs::write(relative.join("users-old.wasm"), &users).expect("users 1.0.0 again");
+    wait_until("users-old.wasm owns 1.0.0", || {
+        lc.source_of(&id("users-1_0_0"))
+            .is_some_and(|s| s.ends_with("users-old.wasm"))
+    })
+    .await;
+    std::fs::remove_file(relative.join("users-old.wasm")).expect("remove users-old.wasm");
+    wait_until("users-1_0_0 retired", || {
+        state(&lc, "users-1_0_0") == Some(ViewState::Retired)
+    })
+    .await;
+    assert_eq!(state(&lc, "orders-1_0_0"), Some(ViewState::Active));
+    assert_eq!(state(&lc, "users-1_1_0"), Some(ViewState::Active));
     lc.shutdown().await;
 }

@@ -102,7 +102,8 @@ pub async fn deploy(
     }
     let label = q.label.unwrap_or_else(|| "upload".to_string());
     let outcome = state.lifecycle.deploy(&wasm, &label).await?;
-    let (status, body) = match outcome {
+    let now = state.lifecycle.status_of(outcome.id()).map(|s| s.state);
+    let (status, mut body) = match outcome {
         DeployOutcome::Warming(id) => (
             StatusCode::ACCEPTED,
             json!({ "outcome": "warming", "id": id.to_string() }),
@@ -115,7 +116,18 @@ pub async fn deploy(
             StatusCode::OK,
             json!({ "outcome": "already_deployed", "id": id.to_string() }),
         ),
+        DeployOutcome::Restored(id) => (
+            StatusCode::OK,
+            json!({ "outcome": "restored", "id": id.to_string() }),
+        ),
+        // Only the watched directory gets this answer; an API deploy is explicit.
+        DeployOutcome::StaysRetired(id) => (
+            StatusCode::CONFLICT,
+            json!({ "outcome": "retired", "id": id.to_string() }),
+        ),
     };
+    // Where the version stands now (an alias of a warming view warms with it).
+    body["state"] = json!(now);
     Ok((status, Json(body)).into_response())
 }
 

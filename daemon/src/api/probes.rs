@@ -168,7 +168,7 @@ type PerViewMetric = (
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let views = state.lifecycle.status();
     let mut out = String::with_capacity(4096);
-    let per_view: [PerViewMetric; 6] = [
+    let per_view: [PerViewMetric; 7] = [
         (
             "kiln_view_events_applied_total",
             "counter",
@@ -198,6 +198,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             "gauge",
             "Events parked (dead-lettered) by the view version.",
             |v| v.parked as f64,
+        ),
+        (
+            "kiln_view_serving_stale",
+            "gauge",
+            "1 while the version failed as the active one and its name serves its documents, stale.",
+            |v| f64::from(u8::from(v.serving_stale)),
         ),
         (
             "kiln_view_eta_seconds",
@@ -255,6 +261,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP kiln_auto_rollbacks_total Times an active version failed and its name rolled back to a healthy standby.\n# TYPE kiln_auto_rollbacks_total counter\nkiln_auto_rollbacks_total {}",
+        state.lifecycle.auto_rollbacks()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kiln_watch_module_reads_total Module files the projections-directory watcher read.\n# TYPE kiln_watch_module_reads_total counter\nkiln_watch_module_reads_total {}",
+        state.lifecycle.watch_reads()
+    );
     let head = views.iter().map(|v| v.head).max().unwrap_or(0);
     let _ = writeln!(
         out,

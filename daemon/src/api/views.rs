@@ -150,9 +150,17 @@ pub fn doc_value(bytes: &[u8]) -> Value {
 fn view_answer(r: &Resolved, mut body: Value) -> Response {
     body["view"] = Value::from(r.version.to_string());
     body["backed_by"] = Value::from(r.physical.to_string());
+    if r.stale {
+        // The version failed while active and nothing healthy replaced it.
+        body["stale"] = Value::Bool(true);
+    }
     let mut res = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&r.version.to_string()) {
         res.headers_mut().insert("kiln-view", v);
+    }
+    if r.stale {
+        res.headers_mut()
+            .insert("kiln-stale", HeaderValue::from_static("true"));
     }
     res
 }

@@ -527,10 +527,18 @@ async fn deploy(a: DeployArgs) -> Outcome {
         match body["outcome"].as_str() {
             Some("warming") => println!("deployed {id}: warming"),
             Some("alias") => println!(
-                "deployed {id}: same logic as {}, ready at once (alias)",
-                body["of"].as_str().unwrap_or("?")
+                "deployed {id}: same logic as {}, reads its view, nothing replayed (alias, {})",
+                body["of"].as_str().unwrap_or("?"),
+                match body["state"].as_str() {
+                    Some("warming") => "warming with it: ready when it is",
+                    Some(s) => s,
+                    None => "ready",
+                }
             ),
             Some("already_deployed") => println!("{id} was already deployed; nothing changed"),
+            Some("restored") => {
+                println!("{id} was retired and its view still live: back, nothing replayed")
+            }
             _ => println!("deployed {id}"),
         }
     }

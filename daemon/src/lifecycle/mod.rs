@@ -17,6 +17,30 @@
 //!                 └──poison (stop)──▶ failed                     └────────rollback─────────┘
 //! ```
 //!
+//! Every transition is a pure function of the registry in [`machine`]
+//! (model-tested there over generated sequences); this module runs their
+//! effects: workers, column families, files. Operations that change the
+//! registry (deploy, promote, rollback, retire, the grace sweep) run one at a
+//! time under the operations lock, so a retirement, its worker's stop and
+//! its column family's drop are never interleaved with a redeploy.
+//!
+//! Operator safety:
+//! - A name resolves only to a version whose view has caught up. An alias of a
+//!   warming view warms with it (ready when it is); an alias of a failed view
+//!   fails with it.
+//! - The last good copy of a name is never dropped by the daemon on its own:
+//!   when the active version fails, the name falls back to its newest healthy
+//!   standby ([`Lifecycle::auto_rollbacks`] counts it), or else keeps serving
+//!   the failed version's documents marked stale ([`Resolved::stale`]); the
+//!   grace sweep retires standbys only while the name's active version is
+//!   healthy; the active version cannot be retired.
+//! - Operator decisions last: a retired version never comes back from the
+//!   watched directory (only from an explicit deploy), and a module file that
+//!   is renamed or copied keeps owning its version.
+//! - State on disk is trusted, never guessed: a missing registry with views or
+//!   modules present refuses to start ([`LifecycleError::RegistryMissing`])
+//!   unless [`LifecycleConfig::recover_registry`] is set.
+//!
 //! - A version whose module fingerprint equals an existing view's is an
 //!   **alias** of that view: ready at once, nothing replayed, reads go to the
 //!   physical view ([`DeployOutcome::Alias`]).
@@ -38,12 +62,13 @@
 //! `views/` (the views RocksDB, one column family per physical view) and
 //! `parked/<view-id>.json` (dead letters).
 
+mod machine;
 mod parked;
 mod registry;
 mod watch;
 mod worker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,8 +80,9 @@ use crate::runtime::{LoadError, Module, ProjectionError, Runtime};
 use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
+use machine::{DeployPlan, Fallback, NewVersion, Origin, Physical};
 pub use parked::ParkedEvent;
-use registry::{Entry, Registry};
+use registry::{Entry, Loaded, Registry};
 use worker::{Priority, Progress, WorkerHandle};
 
 /// Where a view version is in its life.
@@ -151,6 +177,12 @@ pub struct LifecycleConfig {
     /// Most events a warming version applies per batch (it yields to live
     /// versions between batches).
     pub warmup_batch: usize,
+    /// Start even though `registry.json` is missing or unreadable while the
+    /// data directory holds views or modules: the registry is rebuilt from
+    /// `modules/`, each version resuming from its view's checkpoint, none
+    /// active until it catches up and is cut over or promoted. Off by default:
+    /// kiln refuses to guess (`kiln serve --recover-registry`).
+    pub recover_registry: bool,
 }
 
 impl LifecycleConfig {
@@ -164,6 +196,7 @@ impl LifecycleConfig {
             policies: BTreeMap::new(),
             standby_grace: Duration::from_secs(300),
             warmup_batch: 256,
+            recover_registry: false,
         }
     }
 
@@ -191,6 +224,9 @@ pub struct Resolved {
     /// The view holding its documents: `version` itself, or the view it is an
     /// alias of.
     pub physical: ViewId,
+    /// The version failed while active and nothing healthy replaced it: its
+    /// documents are served as they were when it stopped (stale).
+    pub stale: bool,
 }
 
 /// How long a view version's batches take to apply and commit, as a
@@ -240,6 +276,14 @@ pub struct ViewStatus {
     pub last_error: Option<String>,
     /// Position of the event the version failed on, when `failed`.
     pub failed_position: Option<u64>,
+    /// Failed while active with no healthy standby: the bare name still
+    /// serves its documents, marked stale.
+    pub serving_stale: bool,
+    /// How it last became active (`auto cutover`, `promote`, `rollback`,
+    /// `automatic rollback: <id> failed`).
+    pub activated_by: Option<String>,
+    /// Where its module came from (a file path, or `api`).
+    pub source: String,
     pub deployed_at: u64,
     pub ready_at: Option<u64>,
     pub activated_at: Option<u64>,
@@ -257,6 +301,12 @@ pub enum DeployOutcome {
     Alias { id: ViewId, of: ViewId },
     /// The very same module was deployed already; nothing changed.
     AlreadyDeployed(ViewId),
+    /// A retired version deployed again explicitly whose view was still live
+    /// (an alias reads it): back at once, nothing replayed.
+    Restored(ViewId),
+    /// The watched directory holds a version an operator retired: it stays
+    /// retired (only an explicit deploy brings it back).
+    StaysRetired(ViewId),
 }
 
 impl DeployOutcome {
@@ -264,7 +314,9 @@ impl DeployOutcome {
         match self {
             DeployOutcome::Warming(id)
             | DeployOutcome::Alias { id, .. }
-            | DeployOutcome::AlreadyDeployed(id) => id,
+            | DeployOutcome::AlreadyDeployed(id)
+            | DeployOutcome::Restored(id)
+            | DeployOutcome::StaysRetired(id) => id,
         }
     }
 }
@@ -308,6 +360,21 @@ pub enum LifecycleError {
     Failed { id: ViewId, reason: String },
     #[error("view {id} is retired")]
     Retired { id: ViewId },
+    #[error(
+        "view {id} is what {} serves: it stays (promote or roll back to another version first, or retire it explicitly through the API or CLI)",
+        id.name()
+    )]
+    RetireActive { id: ViewId },
+    #[error(
+        "the registry {path} is missing, yet the data directory holds {what}: refusing to start rather than guess which versions were active or retired (nothing was dropped). Restore registry.json from a backup, or start once with --recover-registry to rebuild it from the deployed modules (each resumes from its view's checkpoint; none is active until it is cut over or promoted)"
+    )]
+    RegistryMissing { path: PathBuf, what: String },
+    #[error("dead letter at position {position} of {view}: {reason}")]
+    CorruptParked {
+        view: ViewId,
+        position: u64,
+        reason: String,
+    },
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -359,6 +426,14 @@ struct Inner {
     /// The registry, and the workers it implies. One lock: every transition
     /// reads and writes both together.
     state: Mutex<State>,
+    /// Held by every operation that changes the registry and awaits effects
+    /// (deploy, promote, rollback, retire, the grace sweep): they run one at
+    /// a time. Never taken by workers or readers.
+    ops: tokio::sync::Mutex<()>,
+    /// Automatic rollbacks after an active version failed.
+    auto_rollbacks: AtomicU64,
+    /// Module files the watcher read (an idle directory reads none).
+    watch_reads: AtomicU64,
     /// Last log head seen (by a worker or the head poller).
     head: AtomicU64,
     priority: Arc<Priority>,
@@ -391,11 +466,7 @@ impl Lifecycle {
         store: Arc<dyn EventStore>,
         runtime: Runtime,
     ) -> Result<Self, LifecycleError> {
-        for dir in [
-            config.data_dir.clone(),
-            config.data_dir.join("modules"),
-            config.data_dir.join("parked"),
-        ] {
+        for dir in [config.data_dir.clone(), config.data_dir.join("modules")] {
             std::fs::create_dir_all(&dir)
                 .map_err(LifecycleError::io("creating the data directory", &dir))?;
         }
@@ -403,7 +474,16 @@ impl Lifecycle {
         let views = tokio::task::spawn_blocking(move || ViewStore::open(views_dir))
             .await
             .map_err(|e| LifecycleError::Internal(e.to_string()))??;
-        let registry = Registry::load(&config.data_dir.join("registry.json"))?;
+        let registry = open_registry(&config, &views, &runtime)?;
+        let moved = parked::migrate_files(&config.data_dir.join("parked"), &views)?;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                "dead letters moved from parked/*.json into the views database"
+            );
+        }
+        // Written in this format from now on (an older kiln refuses it).
+        registry.save()?;
         let head = store.head().await?;
         let (shutdown_tx, _) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
@@ -416,6 +496,9 @@ impl Lifecycle {
                 workers: HashMap::new(),
                 progress: HashMap::new(),
             }),
+            ops: tokio::sync::Mutex::new(()),
+            auto_rollbacks: AtomicU64::new(0),
+            watch_reads: AtomicU64::new(0),
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             shutting_down: AtomicBool::new(false),
@@ -438,35 +521,47 @@ impl Lifecycle {
     /// module whose logic equals an existing view's becomes its alias; the same
     /// module again changes nothing; another module under an existing
     /// name+version is refused.
+    ///
+    /// This is an explicit deploy (API, CLI): it also brings back a retired
+    /// version, which the watched directory never does.
     pub async fn deploy(&self, wasm: &[u8], label: &str) -> Result<DeployOutcome, LifecycleError> {
+        self.deploy_from(wasm, label, Origin::Explicit).await
+    }
+
+    async fn deploy_from(
+        &self,
+        wasm: &[u8],
+        label: &str,
+        origin: Origin,
+    ) -> Result<DeployOutcome, LifecycleError> {
         self.inner.check_running()?;
         let runtime = self.inner.runtime.clone();
         let (bytes, owned_label) = (wasm.to_vec(), label.to_string());
+        // Compiled before the operations lock: a slow compile holds up no one.
         let module = tokio::task::spawn_blocking(move || runtime.load(&owned_label, &bytes))
             .await
             .map_err(|e| LifecycleError::Internal(e.to_string()))??;
-        self.inner.deploy(module, wasm, label)
+        let _ops = self.inner.ops.lock().await;
+        self.inner.check_running()?;
+        self.inner.deploy(module, wasm, label, origin)
     }
 
     /// Makes `id` (ready or standby) the active version of its name, in one
     /// registry write; the previous active becomes standby.
     pub async fn promote(&self, id: &ViewId) -> Result<(), LifecycleError> {
         self.inner.check_running()?;
+        let _ops = self.inner.ops.lock().await;
         let mut st = self.inner.lock();
-        self.inner.promote_locked(&mut st, id)
+        self.inner.promote_locked(&mut st, id, "promote")
     }
 
-    /// Promotes the most recent standby version of `name` back to active.
+    /// Promotes the most recent standby version of `name` (whose view is
+    /// live) back to active.
     pub async fn rollback(&self, name: &str) -> Result<ViewId, LifecycleError> {
         self.inner.check_running()?;
+        let _ops = self.inner.ops.lock().await;
         let mut st = self.inner.lock();
-        let standby = st
-            .registry
-            .of_name(name)
-            .filter(|e| e.state == ViewState::Standby)
-            .max_by_key(|e| e.standby_since.unwrap_or(0))
-            .map(|e| e.id.clone());
-        let Some(id) = standby else {
+        let Some(id) = st.registry.rollback_target(name) else {
             if st.registry.of_name(name).next().is_none() {
                 return Err(LifecycleError::UnknownView {
                     spec: name.to_string(),
@@ -476,16 +571,47 @@ impl Lifecycle {
                 name: name.to_string(),
             });
         };
-        self.inner.promote_locked(&mut st, &id)?;
+        self.inner.promote_locked(&mut st, &id, "rollback")?;
         tracing::info!(view = %id, "rolled back");
         Ok(id)
     }
 
     /// Retires `id` now: its worker stops and its column family is dropped
-    /// (kept while an alias still reads it).
+    /// (kept while an alias still reads it). An operator's decision: the
+    /// active version too (its name then has no active version).
     pub async fn retire(&self, id: &ViewId) -> Result<(), LifecycleError> {
         self.inner.check_running()?;
-        self.inner.retire(id).await
+        let _ops = self.inner.ops.lock().await;
+        self.inner.retire_if(id, true, |_, _| true).await
+    }
+
+    /// Retires `id` unless it is the active version
+    /// ([`LifecycleError::RetireActive`]): what the daemon does on its own
+    /// when a module file is removed.
+    async fn retire_unless_active(&self, id: &ViewId) -> Result<(), LifecycleError> {
+        self.inner.check_running()?;
+        let _ops = self.inner.ops.lock().await;
+        self.inner.retire_if(id, false, |_, _| true).await
+    }
+
+    /// Runs the standby grace sweep as if the clock read `now_millis` (ms
+    /// since the Unix epoch). The daemon runs it every 250 ms with the real
+    /// clock; tests use this to let the grace period pass.
+    #[doc(hidden)]
+    pub async fn sweep_at(&self, now_millis: u64) {
+        self.inner.sweep(now_millis).await;
+    }
+
+    /// Automatic rollbacks since start (the active version failed and a
+    /// healthy standby took over), for `/metrics`.
+    pub fn auto_rollbacks(&self) -> u64 {
+        self.inner.auto_rollbacks.load(Ordering::Relaxed)
+    }
+
+    /// Module files the directory watcher has read since start, for
+    /// `/metrics` (an idle directory reads none).
+    pub fn watch_reads(&self) -> u64 {
+        self.inner.watch_reads.load(Ordering::Relaxed)
     }
 
     /// Every version's status, in view id order.
@@ -524,6 +650,7 @@ impl Lifecycle {
         Ok(Resolved {
             version: e.id.clone(),
             physical: e.physical().clone(),
+            stale: e.serving_stale,
         })
     }
 
@@ -605,7 +732,10 @@ impl Lifecycle {
     /// The dead-letter list of version `id` (its physical view's, for an alias).
     pub fn parked(&self, id: &ViewId) -> Result<Vec<ParkedEvent>, LifecycleError> {
         let physical = self.inner.physical(id)?;
-        parked::load(&self.inner.parked_dir(), &physical)
+        Ok(parked::load(&self.inner.views, &physical)?
+            .iter()
+            .map(parked::Parked::to_api)
+            .collect())
     }
 
     /// Runs the parked events of `id` through its projection again; returns how
@@ -642,6 +772,12 @@ impl Lifecycle {
         st.registry.entries.get(id).map(|e| e.source.clone())
     }
 
+    /// The blake3 hex of version `id`'s module bytes.
+    pub fn content_hash_of(&self, id: &ViewId) -> Option<String> {
+        let st = self.inner.lock();
+        st.registry.entries.get(id).map(|e| e.content_hash.clone())
+    }
+
     /// The event store the lifecycle tails.
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.inner.store
@@ -660,6 +796,37 @@ impl Lifecycle {
     /// Stops the watcher, the background tasks and every worker (each after its
     /// current batch), and writes the registry a last time.
     pub async fn shutdown(self) {
+        let workers = self.stop_background().await;
+        for w in workers {
+            w.stop().await;
+        }
+        {
+            let mut st = self.inner.lock();
+            self.inner.sync_checkpoints(&mut st);
+            if let Err(e) = st.registry.save() {
+                tracing::warn!("writing the registry at shutdown: {e}");
+            }
+        }
+        self.release().await;
+        tracing::info!("lifecycle stopped");
+    }
+
+    /// Stops everything at its next await point without a last registry
+    /// write, as `kill -9` would (the registry on disk is the last one a
+    /// transition wrote). For crash tests; the views database is closed when
+    /// this returns, so the same data directory can be started again.
+    #[doc(hidden)]
+    pub async fn abandon(self) {
+        let workers = self.stop_background().await;
+        for w in workers {
+            w.abort().await;
+        }
+        self.release().await;
+    }
+
+    /// Refuses new operations, stops the watcher and background tasks, and
+    /// hands back the workers.
+    async fn stop_background(&self) -> Vec<worker::WorkerHandle> {
         self.inner.shutting_down.store(true, Ordering::Release);
         let _ = self.inner.shutdown_tx.send(true);
         let background: Vec<_> = match self.inner.background.lock() {
@@ -670,20 +837,133 @@ impl Lifecycle {
             task.abort();
             let _ = task.await;
         }
-        let workers: Vec<_> = {
-            let mut st = self.inner.lock();
-            st.workers.drain().map(|(_, w)| w).collect()
-        };
-        for w in workers {
-            w.stop().await;
-        }
         let mut st = self.inner.lock();
-        self.inner.sync_checkpoints(&mut st);
-        if let Err(e) = st.registry.save() {
-            tracing::warn!("writing the registry at shutdown: {e}");
-        }
-        tracing::info!("lifecycle stopped");
+        st.workers.drain().map(|(_, w)| w).collect()
     }
+
+    /// Waits (a bounded while) until this handle is the last user of the
+    /// lifecycle and its views database: a blocking batch whose worker was
+    /// stopped may still be finishing.
+    async fn release(self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.inner) > 1 || self.inner.views.handles() > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!("the lifecycle is still referenced after stopping");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Reads `registry.json`, migrating an older format. A missing or unreadable
+/// registry is a fresh start only when the data directory holds no views and
+/// no modules; otherwise kiln refuses, unless `recover_registry` is set.
+fn open_registry(
+    config: &LifecycleConfig,
+    views: &ViewStore,
+    runtime: &Runtime,
+) -> Result<Registry, LifecycleError> {
+    let path = config.data_dir.join("registry.json");
+    let lost = match Registry::load(&path) {
+        Ok(Loaded::Current(r)) => return Ok(r),
+        Ok(Loaded::Older { registry, format }) => {
+            tracing::info!(format, "registry of an older format: migrating it");
+            return Ok(registry);
+        }
+        Ok(Loaded::Missing(empty)) => {
+            let Some(what) = data_present(config, views)? else {
+                return Ok(empty); // A fresh data directory.
+            };
+            if !config.recover_registry {
+                return Err(LifecycleError::RegistryMissing { path, what });
+            }
+            what
+        }
+        Err(e @ LifecycleError::CorruptRegistry { .. }) if config.recover_registry => {
+            let aside = path.with_extension(format!("json.corrupt-{}", now_millis()));
+            std::fs::rename(&path, &aside).map_err(LifecycleError::io(
+                "moving the corrupt registry aside",
+                &path,
+            ))?;
+            tracing::warn!(kept = %aside.display(), "{e}: rebuilding it");
+            format!("a corrupt registry (kept as {})", aside.display())
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(
+        "--recover-registry: rebuilding the registry from the deployed modules ({lost})"
+    );
+    let mut registry = Registry::empty(&path);
+    let modules = config.data_dir.join("modules");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&modules)
+        .map_err(LifecycleError::io(
+            "reading the modules directory",
+            &modules,
+        ))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .collect();
+    files.sort();
+    for file in files {
+        let loaded = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                runtime
+                    .load(&file.display().to_string(), &bytes)
+                    .map(|m| (m, bytes))
+                    .map_err(|e| e.to_string())
+            });
+        let module = match loaded {
+            Ok((m, _)) => m,
+            Err(e) => {
+                tracing::error!(file = %file.display(), "not recovered (its view, if any, is left in place): {e}");
+                continue;
+            }
+        };
+        let id = module.view_id().clone();
+        registry.deploy(
+            NewVersion {
+                id: id.clone(),
+                fingerprint: module.fingerprint().to_string(),
+                content_hash: module.content_hash().to_hex().to_string(),
+                source: format!("recovered from {}", file.display()),
+                now: now_millis(),
+            },
+            Origin::Explicit,
+            |_| false,
+        )?;
+        tracing::info!(view = %id, "recovered: resumes from its view's checkpoint, warming until it catches up");
+    }
+    Ok(registry)
+}
+
+/// What of a previous run the data directory holds (views, modules), if anything.
+fn data_present(
+    config: &LifecycleConfig,
+    views: &ViewStore,
+) -> Result<Option<String>, LifecycleError> {
+    let mut found = Vec::new();
+    let ids = views.views()?;
+    if !ids.is_empty() {
+        let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        found.push(format!("views {}", list.join(", ")));
+    }
+    let modules = config.data_dir.join("modules");
+    let wasm = std::fs::read_dir(&modules)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+                .count()
+        })
+        .unwrap_or(0);
+    if wasm > 0 {
+        found.push(format!(
+            "{wasm} deployed module(s) in {}",
+            modules.display()
+        ));
+    }
+    Ok((!found.is_empty()).then(|| found.join(" and ")))
 }
 
 fn not_found_as_unknown(e: ViewError, view: &ViewId) -> LifecycleError {
@@ -719,10 +999,6 @@ impl Inner {
         self.config.data_dir.join("modules")
     }
 
-    fn parked_dir(&self) -> PathBuf {
-        self.config.data_dir.join("parked")
-    }
-
     fn module_path(&self, id: &ViewId) -> PathBuf {
         self.modules_dir().join(format!("{id}.wasm"))
     }
@@ -747,22 +1023,32 @@ impl Inner {
             .map(|e| e.last_error.clone().unwrap_or_else(|| "failed".into()))
     }
 
-    /// Restarts every version from the registry: workers for running physical
-    /// views, column families of retired ones dropped.
+    /// Saves the registry after a transition (checkpoints copied in first);
+    /// on failure the registry goes back to `before` and nothing happened.
+    fn commit(&self, st: &mut State, before: Registry) -> Result<(), LifecycleError> {
+        self.sync_checkpoints(st);
+        if let Err(e) = st.registry.save() {
+            st.registry = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Restarts every version from the registry: workers for the physical
+    /// views still read, column families nothing reads dropped.
     async fn resume(self: &Arc<Self>) -> Result<(), LifecycleError> {
         let existing: Vec<ViewId> = self.views.views()?;
         let mut st = self.lock();
-        let ids: Vec<ViewId> = st.registry.entries.keys().cloned().collect();
+        let physicals: BTreeSet<ViewId> = st
+            .registry
+            .entries
+            .values()
+            .map(|e| e.physical().clone())
+            .collect();
         let mut drop_cfs = Vec::new();
-        for id in &ids {
-            let Some(entry) = st.registry.entries.get(id).cloned() else {
-                continue;
-            };
-            if entry.alias_of.is_some() {
-                continue;
-            }
-            let needed = st.registry.needs_physical(id);
-            if !needed {
+        for id in &physicals {
+            let state = st.registry.physical_state(id);
+            if state == Physical::Gone {
                 if existing.contains(id) {
                     drop_cfs.push(id.clone());
                 }
@@ -773,10 +1059,10 @@ impl Inner {
             } else {
                 0
             };
-            let parked = parked::load(&self.parked_dir(), id).map_or(0, |p| p.len());
-            let progress = Progress::new(checkpoint, entry.state == ViewState::Warming, parked);
+            let parked = parked::count(&self.views, id);
+            let progress = Progress::new(checkpoint, state == Physical::Warming, parked);
             st.progress.insert(id.clone(), progress.clone());
-            if entry.state == ViewState::Failed {
+            if state == Physical::Failed {
                 continue;
             }
             let path = self.module_path(id);
@@ -795,35 +1081,27 @@ impl Inner {
                 }
                 Err(reason) => {
                     tracing::error!(view = %id, "cannot resume: {reason}");
-                    if let Some(e) = st.registry.entries.get_mut(id) {
-                        e.state = ViewState::Failed;
-                        e.failed_at = Some(now_millis());
-                        e.last_error = Some(reason);
+                    let reason = format!("cannot resume: {reason}");
+                    for fb in st.registry.failed(id, None, &reason, now_millis()) {
+                        self.log_fallback(&fb);
                     }
                 }
             }
         }
-        // Column families the registry does not know (a crash between creating
-        // one and recording it cannot happen: the record is written first; but
-        // a crash between retiring and dropping can).
+        // A column family the registry does not know is left alone: state on
+        // disk is never guessed away.
         for id in &existing {
-            if !st.registry.entries.contains_key(id) && !drop_cfs.contains(id) {
-                drop_cfs.push(id.clone());
+            if !physicals.contains(id) {
+                tracing::warn!(view = %id, "a view column family the registry does not know: left in place");
             }
         }
         for id in drop_cfs {
             tracing::info!(view = %id, "dropping the column family of a retired view");
             self.views.drop_view(&id)?;
         }
-        let names: Vec<String> = st
-            .registry
-            .entries
-            .keys()
-            .map(|id| id.name().to_string())
-            .collect();
-        for name in names {
-            self.auto_cutover(&mut st, &name);
-        }
+        // No cutover decision here: a version is cut over when it becomes
+        // ready, in the same registry write; a restart re-decides nothing
+        // (an operator's rollback beside a newer ready version stays).
         st.registry.save()?;
         tracing::info!(versions = st.registry.entries.len(), "lifecycle resumed");
         Ok(())
@@ -834,190 +1112,152 @@ impl Inner {
         module: Module,
         wasm: &[u8],
         label: &str,
+        origin: Origin,
     ) -> Result<DeployOutcome, LifecycleError> {
         let id = module.view_id().clone();
-        let fingerprint = module.fingerprint().to_string();
-        let content_hash = module.content_hash().to_hex().to_string();
         let mut st = self.lock();
-        if let Some(existing) = st.registry.entries.get(&id) {
-            if existing.content_hash != content_hash {
-                return Err(LifecycleError::ImmutableVersion {
-                    id,
-                    existing: existing.fingerprint.clone(),
-                    new: fingerprint,
-                });
-            }
-            if existing.state != ViewState::Retired {
+        let before = st.registry.clone();
+        let running: HashSet<ViewId> = st.workers.keys().cloned().collect();
+        let plan = st.registry.deploy(
+            NewVersion {
+                id: id.clone(),
+                fingerprint: module.fingerprint().to_string(),
+                content_hash: module.content_hash().to_hex().to_string(),
+                source: label.to_string(),
+                now: now_millis(),
+            },
+            origin,
+            |p| running.contains(p),
+        )?;
+        let (alias_of, state, start_worker) = match plan {
+            DeployPlan::Already => {
+                let moved = before.entries.get(&id).map(|e| e.source.as_str()) != Some(label);
+                if moved {
+                    // A renamed or copied file: it owns the version now.
+                    self.commit(&mut st, before)?;
+                }
                 return Ok(DeployOutcome::AlreadyDeployed(id));
             }
-            // The same module again after retirement: build it afresh.
-            if !st.registry.needs_physical(&id) && self.views.exists(&id) {
-                self.views.drop_view(&id)?;
-            }
-            st.registry.entries.remove(&id);
-            st.progress.remove(&id);
-        }
-        let alias_of = st
-            .registry
-            .entries
-            .values()
-            .filter(|e| {
-                e.fingerprint == fingerprint
-                    && !matches!(e.state, ViewState::Retired | ViewState::Failed)
-            })
-            .map(|e| e.physical().clone())
-            .next();
-        let path = self.module_path(&id);
-        registry::write_atomically(&path, wasm, &format!("storing the module of {id}"))?;
-        let now = now_millis();
-        let entry = Entry {
-            id: id.clone(),
-            state: if alias_of.is_some() {
-                ViewState::Ready
-            } else {
-                ViewState::Warming
-            },
-            alias_of: alias_of.clone(),
-            fingerprint,
-            content_hash,
-            source: label.to_string(),
-            checkpoint: 0,
-            deployed_at: now,
-            ready_at: alias_of.as_ref().map(|_| now),
-            activated_at: None,
-            standby_since: None,
-            retired_at: None,
-            failed_at: None,
-            failed_position: None,
-            last_error: None,
+            DeployPlan::StaysRetired => return Ok(DeployOutcome::StaysRetired(id)),
+            DeployPlan::Registered {
+                alias_of,
+                state,
+                start_worker,
+            } => (alias_of, state, start_worker),
         };
-        let before = st.registry.clone();
-        st.registry.entries.insert(id.clone(), entry);
-        if let Some(of) = alias_of {
-            self.auto_cutover(&mut st, id.name());
-            if let Err(e) = st.registry.save() {
-                st.registry = before;
-                return Err(e);
-            }
-            tracing::info!(view = %id, of = %of, "deployed as an alias (unchanged logic): ready at once");
-            return Ok(DeployOutcome::Alias { id, of });
-        }
-        if let Err(e) = st.registry.save() {
+        let stored = registry::write_atomically(
+            &self.module_path(&id),
+            wasm,
+            &format!("storing the module of {id}"),
+        );
+        if let Err(e) = stored {
             st.registry = before;
             return Err(e);
         }
-        let progress = Progress::new(0, true, 0);
-        st.progress.insert(id.clone(), progress.clone());
-        let poison = self.config.policy(id.name()).poison;
-        let handle = worker::spawn(self, module, progress, poison);
-        st.workers.insert(id.clone(), handle);
-        tracing::info!(view = %id, source = label, "deployed: warming up from the first event");
-        Ok(DeployOutcome::Warming(id))
+        if start_worker && !running.contains(&id) && self.views.exists(&id) {
+            // A retired version built afresh: its old documents go first (no
+            // worker writes them: retirements run one at a time with deploys).
+            if let Err(e) = self.views.drop_view(&id) {
+                st.registry = before;
+                return Err(e.into());
+            }
+        }
+        let cutover = self.auto_promote(&mut st.registry, id.name());
+        self.commit(&mut st, before)?;
+        if let Some((to, previous)) = cutover {
+            log_cutover(&to, previous.as_ref(), "auto cutover");
+        }
+        if start_worker {
+            let progress = Progress::new(0, true, 0);
+            st.progress.insert(id.clone(), progress.clone());
+            let poison = self.config.policy(id.name()).poison;
+            let handle = worker::spawn(self, module, progress, poison);
+            st.workers.insert(id.clone(), handle);
+        }
+        let outcome = match alias_of {
+            Some(of) => {
+                tracing::info!(view = %id, of = %of, %state, "deployed as an alias (unchanged logic): reads {of}, nothing replayed");
+                DeployOutcome::Alias { id, of }
+            }
+            None if start_worker => {
+                tracing::info!(view = %id, source = label, "deployed: warming up from the first event");
+                DeployOutcome::Warming(id)
+            }
+            None => {
+                tracing::info!(view = %id, %state, "a retired version brought back: its view was still live");
+                DeployOutcome::Restored(id)
+            }
+        };
+        Ok(outcome)
     }
 
     /// The flip: `id` becomes active and the name's previous active becomes
     /// standby, in one registry write.
-    fn promote_locked(&self, st: &mut State, id: &ViewId) -> Result<(), LifecycleError> {
-        let Some(entry) = st.registry.entries.get(id) else {
-            return Err(LifecycleError::UnknownView {
-                spec: id.to_string(),
-            });
-        };
-        match entry.state {
-            ViewState::Active => return Ok(()),
-            ViewState::Ready | ViewState::Standby => {}
-            state => {
-                return Err(LifecycleError::NotReady {
-                    id: id.clone(),
-                    state,
-                });
-            }
-        }
+    fn promote_locked(&self, st: &mut State, id: &ViewId, how: &str) -> Result<(), LifecycleError> {
         let before = st.registry.clone();
-        let now = now_millis();
-        let previous = st.registry.active(id.name()).map(|e| e.id.clone());
-        if let Some(prev) = &previous
-            && let Some(e) = st.registry.entries.get_mut(prev)
-        {
-            e.state = ViewState::Standby;
-            e.standby_since = Some(now);
+        let previous = st.registry.promote(id, now_millis(), how)?;
+        if before.entries.get(id).map(|e| e.state) == Some(ViewState::Active) {
+            return Ok(());
         }
-        if let Some(e) = st.registry.entries.get_mut(id) {
-            e.state = ViewState::Active;
-            e.activated_at = Some(now);
-            e.standby_since = None;
-        }
-        self.sync_checkpoints(st);
-        if let Err(e) = st.registry.save() {
-            st.registry = before;
-            return Err(e);
-        }
-        match previous {
-            Some(prev) => {
-                tracing::info!(view = %id, previous = %prev, "cutover: active (previous active is standby)")
-            }
-            None => tracing::info!(view = %id, "cutover: active"),
-        }
+        self.commit(st, before)?;
+        log_cutover(id, previous.as_ref(), how);
         Ok(())
     }
 
-    /// Under the `auto` policy, promotes the newest ready version of `name`
-    /// if it is newer than the active one. Errors are logged (the registry
-    /// stays as it was).
-    fn auto_cutover(&self, st: &mut State, name: &str) {
+    /// Under the `auto` policy, promotes (in `reg`; the caller commits) the
+    /// newest ready version of `name` if it is newer than the active one.
+    /// Returns it and the previous active.
+    fn auto_promote(&self, reg: &mut Registry, name: &str) -> Option<(ViewId, Option<ViewId>)> {
         if self.config.policy(name).cutover != CutoverPolicy::Auto {
-            return;
+            return None;
         }
-        let newest_ready = st
-            .registry
-            .of_name(name)
-            .filter(|e| e.state == ViewState::Ready)
-            .map(|e| e.id.clone())
-            .max();
-        let Some(candidate) = newest_ready else {
-            return;
-        };
-        if let Some(active) = st.registry.active(name)
-            && active.id > candidate
-        {
-            return;
-        }
-        if let Err(e) = self.promote_locked(st, &candidate) {
-            tracing::error!(view = %candidate, "automatic cutover failed: {e}");
+        let candidate = reg.cutover_candidate(name)?;
+        match reg.promote(&candidate, now_millis(), "auto cutover") {
+            Ok(previous) => Some((candidate, previous)),
+            Err(e) => {
+                tracing::error!(view = %candidate, "automatic cutover failed: {e}");
+                None
+            }
         }
     }
 
-    /// A warming worker reached the head: `ready`, then the cutover policy.
+    /// A warming physical view reached the head: it and its aliases are
+    /// `ready`, then the cutover policy.
     fn on_caught_up(&self, id: &ViewId) {
         let mut st = self.lock();
-        let Some(entry) = st.registry.entries.get_mut(id) else {
-            return;
-        };
-        if entry.state != ViewState::Warming {
+        if st.registry.physical_state(id) != Physical::Warming {
             return;
         }
-        entry.state = ViewState::Ready;
-        entry.ready_at = Some(now_millis());
+        let before = st.registry.clone();
+        let names = st.registry.caught_up(id, now_millis());
+        // Ready and its cutover land in one registry write: a crash between
+        // the two cannot leave a version ready that auto would have promoted.
+        let cutovers: Vec<_> = names
+            .iter()
+            .filter_map(|name| self.auto_promote(&mut st.registry, name))
+            .collect();
+        if let Err(e) = self.commit(&mut st, before) {
+            // Still warming; the worker tries again after its next batch.
+            tracing::error!(view = %id, "recording readiness: {e}");
+            return;
+        }
         if let Some(p) = st.progress.get(id) {
             p.warming.store(false, Ordering::Release);
         }
-        self.sync_checkpoints(&mut st);
-        if let Err(e) = st.registry.save() {
-            tracing::error!(view = %id, "recording readiness: {e}");
-        }
         tracing::info!(view = %id, "caught up: ready");
-        self.auto_cutover(&mut st, id.name());
+        for (to, previous) in cutovers {
+            log_cutover(&to, previous.as_ref(), "auto cutover");
+        }
     }
 
-    /// A worker stopped on an error: `failed`, with the position and reason.
+    /// A worker stopped on an error: its versions are `failed`; a name whose
+    /// active version it was falls back (see [`Registry::failed`]).
     fn on_failed(&self, id: &ViewId, position: Option<Position>, reason: String) {
         let mut st = self.lock();
         st.workers.remove(id);
-        if let Some(e) = st.registry.entries.get_mut(id) {
-            e.state = ViewState::Failed;
-            e.failed_at = Some(now_millis());
-            e.failed_position = position;
-            e.last_error = Some(reason);
+        let fallbacks = st.registry.failed(id, position, &reason, now_millis());
+        for fb in &fallbacks {
+            self.log_fallback(fb);
         }
         self.sync_checkpoints(&mut st);
         if let Err(e) = st.registry.save() {
@@ -1025,53 +1265,56 @@ impl Inner {
         }
     }
 
-    async fn retire(&self, id: &ViewId) -> Result<(), LifecycleError> {
-        self.retire_if(id, |_| true).await
+    fn log_fallback(&self, fb: &Fallback) {
+        match &fb.to {
+            Some(to) => {
+                self.auto_rollbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(view = %fb.failed, rolled_back_to = %to, "the active version failed: rolled back to its standby automatically");
+            }
+            None => {
+                tracing::error!(view = %fb.failed, "the active version failed and has no healthy standby: it keeps serving its documents, marked stale")
+            }
+        }
     }
 
-    /// Retires `id` if `still` holds for its entry when the registry is
-    /// locked for the change: the grace-period sweep passes "still a standby
-    /// whose grace is over", since a rollback may have promoted it since the
-    /// sweep listed it (the sweep awaits each retirement in turn).
+    /// Retires `id` if `still` holds when the registry is locked for the
+    /// change (the grace sweep passes "still an expired standby"). The caller
+    /// holds the operations lock, so no deploy runs between the retirement,
+    /// the worker's stop and the drop of the column family.
     async fn retire_if(
         &self,
         id: &ViewId,
-        still: impl FnOnce(&Entry) -> bool,
+        active_too: bool,
+        still: impl FnOnce(&Registry, &Entry) -> bool,
     ) -> Result<(), LifecycleError> {
-        let stopping = {
+        let release = {
             let mut st = self.lock();
             let Some(entry) = st.registry.entries.get(id) else {
                 return Err(LifecycleError::UnknownView {
                     spec: id.to_string(),
                 });
             };
-            if entry.state == ViewState::Retired || !still(entry) {
+            if entry.state == ViewState::Retired || !still(&st.registry, entry) {
                 return Ok(());
             }
-            let physical = entry.physical().clone();
             let before = st.registry.clone();
-            self.sync_checkpoints(&mut st);
-            if let Some(e) = st.registry.entries.get_mut(id) {
-                e.state = ViewState::Retired;
-                e.retired_at = Some(now_millis());
-                e.standby_since = None;
-            }
-            if let Err(e) = st.registry.save() {
-                st.registry = before;
-                return Err(e);
-            }
+            let release = st.registry.retire(id, now_millis(), active_too)?;
+            self.commit(&mut st, before)?;
             tracing::info!(view = %id, "retired");
-            if st.registry.needs_physical(&physical) {
-                None
-            } else {
-                Some((physical.clone(), st.workers.remove(&physical)))
-            }
+            release.map(|p| {
+                let worker = st.workers.remove(&p);
+                (p, worker)
+            })
         };
-        if let Some((physical, worker)) = stopping {
+        if let Some((physical, worker)) = release {
             if let Some(w) = worker {
                 w.stop().await;
             }
-            if self.views.exists(&physical) {
+            let st = self.lock();
+            if !st.registry.needs_physical(&physical)
+                && !st.workers.contains_key(&physical)
+                && self.views.exists(&physical)
+            {
                 self.views.drop_view(&physical)?;
                 tracing::info!(view = %physical, "column family dropped");
             }
@@ -1084,8 +1327,8 @@ impl Inner {
         let State {
             registry, progress, ..
         } = st;
-        for (id, p) in progress.iter() {
-            if let Some(e) = registry.entries.get_mut(id) {
+        for e in registry.entries.values_mut() {
+            if let Some(p) = progress.get(e.physical()) {
                 e.checkpoint = p.checkpoint();
             }
         }
@@ -1119,6 +1362,9 @@ impl Inner {
             parked: progress.map_or(0, |p| p.parked.load(Ordering::Relaxed)),
             last_error: e.last_error.clone(),
             failed_position: e.failed_position,
+            serving_stale: e.serving_stale,
+            activated_by: e.activated_by.clone(),
+            source: e.source.clone(),
             deployed_at: e.deployed_at,
             ready_at: e.ready_at,
             activated_at: e.activated_at,
@@ -1128,12 +1374,19 @@ impl Inner {
         }
     }
 
-    /// Is `e` a standby whose grace period is over at `now`?
-    fn grace_over(&self, e: &Entry, now: u64) -> bool {
-        let grace = self.config.grace_of(e.id.name()).as_millis() as u64;
-        e.state == ViewState::Standby
-            && e.standby_since
-                .is_some_and(|since| now >= since.saturating_add(grace))
+    /// The grace-period sweep at clock reading `now`: retires the standbys
+    /// whose grace is over, of names whose active version is healthy.
+    async fn sweep(&self, now: u64) {
+        let grace = |name: &str| self.config.grace_of(name).as_millis() as u64;
+        let expired = self.lock().registry.expired_standbys(now, grace);
+        for id in expired {
+            let _ops = self.ops.lock().await;
+            tracing::info!(view = %id, "standby grace period over");
+            let still = |reg: &Registry, e: &Entry| reg.standby_expired(e, now, grace(e.id.name()));
+            if let Err(e) = self.retire_if(&id, false, still).await {
+                tracing::error!(view = %id, "retiring after the grace period: {e}");
+            }
+        }
     }
 
     /// Every 250 ms: refresh the head, sample rates, retire standbys whose
@@ -1151,29 +1404,23 @@ impl Inner {
             if let Ok(head) = self.store.head().await {
                 self.head.fetch_max(head, Ordering::AcqRel);
             }
-            let expired: Vec<ViewId> = {
+            if n.is_multiple_of(4) {
                 let st = self.lock();
-                if n.is_multiple_of(4) {
-                    for p in st.progress.values() {
-                        p.sample_rate();
-                    }
-                }
-                let now = now_millis();
-                st.registry
-                    .entries
-                    .values()
-                    .filter(|e| self.grace_over(e, now))
-                    .map(|e| e.id.clone())
-                    .collect()
-            };
-            for id in expired {
-                tracing::info!(view = %id, "standby grace period over");
-                let still = |e: &Entry| self.grace_over(e, now_millis());
-                if let Err(e) = self.retire_if(&id, still).await {
-                    tracing::error!(view = %id, "retiring after the grace period: {e}");
+                for p in st.progress.values() {
+                    p.sample_rate();
                 }
             }
+            self.sweep(now_millis()).await;
         }
+    }
+}
+
+fn log_cutover(id: &ViewId, previous: Option<&ViewId>, how: &str) {
+    match previous {
+        Some(prev) => {
+            tracing::info!(view = %id, previous = %prev, how, "cutover: active (previous active is standby)")
+        }
+        None => tracing::info!(view = %id, how, "cutover: active"),
     }
 }
 
@@ -1210,7 +1457,7 @@ fn resolve_entry<'a>(reg: &'a Registry, spec: &'a str) -> Result<&'a Entry, Life
         spec: spec.to_string(),
         reason: e.to_string(),
     })?;
-    match reg.active(spec) {
+    match reg.serving(spec) {
         Some(e) => Ok(e),
         None if reg.of_name(spec).next().is_some() => Err(LifecycleError::NoActiveVersion {
             name: spec.to_string(),

@@ -15,7 +15,12 @@ use serde::{Deserialize, Serialize};
 use super::{LifecycleError, ViewState};
 use crate::views::ViewId;
 
-const FORMAT: u32 = 1;
+/// The registry's on-disk format. Format 1 (kiln before the model-tested
+/// lifecycle) is read and migrated: its entries are the same, its dead letters
+/// lived in `parked/*.json` (moved into the views database at start).
+pub(super) const FORMAT: u32 = 2;
+/// The oldest format this kiln still opens (and migrates).
+const OLDEST_FORMAT: u32 = 1;
 
 /// One version's record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +55,15 @@ pub(super) struct Entry {
     pub failed_position: Option<u64>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// A failed version that was active when it failed and had no healthy
+    /// standby to fall back to: the bare name still serves its committed
+    /// documents, marked stale, until another version is promoted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serving_stale: bool,
+    /// How it last became active: `auto cutover`, `promote`, `rollback`, or
+    /// `automatic rollback: <id> failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_by: Option<String>,
 }
 
 impl Entry {
@@ -66,40 +80,79 @@ struct File {
 }
 
 /// The registry in memory; [`Registry::save`] writes it.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(super) struct Registry {
     path: PathBuf,
     pub entries: BTreeMap<ViewId, Entry>,
 }
 
+/// What [`Registry::load`] found on disk.
+pub(super) enum Loaded {
+    /// A registry of this format.
+    Current(Registry),
+    /// A registry of an older format, to migrate (then save).
+    Older { registry: Registry, format: u32 },
+    /// No registry file.
+    Missing(Registry),
+}
+
 impl Registry {
-    /// Reads the registry at `path`; a missing file is an empty registry.
-    pub fn load(path: &Path) -> Result<Registry, LifecycleError> {
-        let entries = match std::fs::read(path) {
-            Ok(bytes) => {
-                let file: File = serde_json::from_slice(&bytes).map_err(|e| {
-                    LifecycleError::CorruptRegistry {
-                        path: path.to_path_buf(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                if file.format != FORMAT {
-                    return Err(LifecycleError::CorruptRegistry {
-                        path: path.to_path_buf(),
-                        reason: format!("format {} (this kiln reads format {FORMAT})", file.format),
-                    });
-                }
-                file.versions
-                    .into_iter()
-                    .map(|e| (e.id.clone(), e))
-                    .collect()
+    /// An empty registry that will be saved at `path`.
+    pub fn empty(path: &Path) -> Registry {
+        Registry {
+            path: path.to_path_buf(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Reads the registry at `path`. A missing file is reported as such (the
+    /// caller decides whether that is a fresh data directory or lost state); a
+    /// file that does not parse, or of a format this kiln does not know, is
+    /// [`LifecycleError::CorruptRegistry`].
+    pub fn load(path: &Path) -> Result<Loaded, LifecycleError> {
+        let corrupt = |reason: String| LifecycleError::CorruptRegistry {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Loaded::Missing(Registry::empty(path)));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(LifecycleError::io("reading the registry", path)(e)),
         };
-        Ok(Registry {
+        let file: File = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if !(OLDEST_FORMAT..=FORMAT).contains(&file.format) {
+            return Err(corrupt(format!(
+                "format {} (this kiln reads formats {OLDEST_FORMAT} to {FORMAT}; a newer kiln wrote it?)",
+                file.format
+            )));
+        }
+        let mut entries = BTreeMap::new();
+        for e in file.versions {
+            if let Some(of) = &e.alias_of
+                && of == &e.id
+            {
+                return Err(corrupt(format!(
+                    "{} is recorded as an alias of itself",
+                    e.id
+                )));
+            }
+            if entries.insert(e.id.clone(), e).is_some() {
+                return Err(corrupt("a version is listed twice".into()));
+            }
+        }
+        let registry = Registry {
             path: path.to_path_buf(),
             entries,
+        };
+        Ok(if file.format == FORMAT {
+            Loaded::Current(registry)
+        } else {
+            Loaded::Older {
+                registry,
+                format: file.format,
+            }
         })
     }
 
@@ -128,17 +181,13 @@ impl Registry {
     }
 
     /// Is physical view `id`'s column family still read by something: the
-    /// version itself (unless retired) or an alias that is neither retired nor
-    /// failed?
+    /// version itself or an alias of it, unless retired? (A failed version
+    /// keeps its documents: it may be serving them stale, and they are what an
+    /// operator inspects.)
     pub fn needs_physical(&self, id: &ViewId) -> bool {
-        self.entries.values().any(|e| {
-            if e.alias_of.is_none() {
-                &e.id == id && e.state != ViewState::Retired
-            } else {
-                e.alias_of.as_ref() == Some(id)
-                    && !matches!(e.state, ViewState::Retired | ViewState::Failed)
-            }
-        })
+        self.entries
+            .values()
+            .any(|e| e.physical() == id && e.state != ViewState::Retired)
     }
 }
 

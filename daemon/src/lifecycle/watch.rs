@@ -1,21 +1,38 @@
 //! Hot deploy: the projections directory, watched.
 //!
-//! Every top-level `*.wasm` file is deployed at start and whenever it changes;
-//! a file is (re)loaded only once it has been quiet for the debounce period
-//! and its size and modification time did not move while it was read, so a
-//! module still being written is never loaded half-written (and a module that
-//! does not load yet is simply tried again on its next change). Removing a
-//! file retires the version it deployed. Hidden files (`.name.wasm`, editors'
-//! and `cp`'s temporaries) are ignored.
+//! Every top-level `*.wasm` file is deployed at start and whenever its content
+//! may have changed (created, written, renamed in; reads and attribute
+//! changes are ignored, and a file whose size and modification time are those
+//! it had when last read is not read again). A file is (re)loaded only once it
+//! has been quiet for the debounce period and its size and modification time
+//! did not move while it was read, so a module still being written is never
+//! loaded half-written (and a module that does not load yet is simply tried
+//! again on its next change). Hidden files (`.name.wasm`, editors' and `cp`'s
+//! temporaries) are ignored.
+//!
+//! When a file redeploys, exactly:
+//! - new content (a new name+version) deploys it, as an API deploy would;
+//! - the content of a version already deployed changes nothing, wherever and
+//!   under whatever file name it appears: a renamed or copied file just takes
+//!   over as that version's source;
+//! - the content of a **retired** version changes nothing: it stays retired
+//!   (an operator's retire or rollback is never undone by a file); only an
+//!   explicit deploy (API, CLI) brings it back.
+//!
+//! Removing a file retires the version it deployed, unless another file of
+//! the directory still holds that module (a rename, a copy), or the version
+//! is active (logged: promote or roll back first).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::{Lifecycle, LifecycleError, ViewState};
+use super::machine::Origin;
+use super::{DeployOutcome, Lifecycle, LifecycleError, ViewState};
 use crate::views::ViewId;
 
 /// Deploys what `dir` holds now and starts watching it.
@@ -36,7 +53,9 @@ pub(super) async fn start(
     ))?;
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
+        if let Ok(event) = res
+            && may_change_content(&event.kind)
+        {
             for path in event.paths {
                 let _ = tx.send(path);
             }
@@ -59,6 +78,17 @@ pub(super) async fn start(
     }))
 }
 
+/// Can an event of this kind change a file's content or presence? (Our own
+/// reads cause access events: counting those would re-read forever.)
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        _ => true,
+    }
+}
+
 fn watch_error(dir: &Path, e: notify::Error) -> LifecycleError {
     LifecycleError::Io {
         what: "watching the projections directory".into(),
@@ -70,8 +100,16 @@ fn watch_error(dir: &Path, e: notify::Error) -> LifecycleError {
 struct DirWatch {
     lifecycle: Lifecycle,
     dir: PathBuf,
-    /// Which version each file deployed.
-    known: HashMap<PathBuf, ViewId>,
+    /// Which version each file holds, and its (size, mtime) when last read.
+    known: HashMap<PathBuf, (ViewId, Stamp)>,
+}
+
+type Stamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+fn stamp(p: &Path) -> Stamp {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
 }
 
 fn is_module(path: &Path) -> bool {
@@ -99,7 +137,8 @@ impl DirWatch {
             self.load(path).await;
         }
         // Versions deployed from a file of this directory that is gone now
-        // (removed while the daemon was down) are retired.
+        // (removed while the daemon was down) are retired, unless another
+        // file holds them (the load above made it their source then).
         let gone: Vec<ViewId> = self
             .lifecycle
             .status()
@@ -114,11 +153,30 @@ impl DirWatch {
             })
             .collect();
         for id in gone {
-            tracing::info!(view = %id, "its module file is gone: retiring");
-            if let Err(e) = self.lifecycle.retire(&id).await {
-                tracing::error!(view = %id, "retiring: {e}");
-            }
+            self.retire_removed(&id, "its module file is gone").await;
         }
+    }
+
+    /// The module file of `id` is gone: retire it, unless it is active.
+    async fn retire_removed(&self, id: &ViewId, why: &str) {
+        match self.lifecycle.retire_unless_active(id).await {
+            Ok(()) => tracing::info!(view = %id, "{why}: retired"),
+            Err(e @ LifecycleError::RetireActive { .. }) => {
+                tracing::warn!(view = %id, "{why}, but it stays: {e}")
+            }
+            Err(e) => tracing::error!(view = %id, "{why}; retiring it: {e}"),
+        }
+    }
+
+    /// Another module file of the directory holding `id`'s module.
+    fn other_file_with(&self, id: &ViewId, gone: &Path) -> Option<PathBuf> {
+        let hash = self.lifecycle.content_hash_of(id)?;
+        let rd = std::fs::read_dir(&self.dir).ok()?;
+        rd.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p != gone && is_module(p) && p.is_file())
+            .find(|p| {
+                std::fs::read(p).is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == hash)
+            })
     }
 
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
@@ -165,24 +223,37 @@ impl DirWatch {
     /// is deployed. `false` if the file changed while being read.
     async fn settle(&mut self, path: &Path) -> bool {
         if !path.exists() {
-            if let Some(id) = self.known.remove(path) {
-                tracing::info!(view = %id, file = %path.display(), "module file removed: retiring");
-                if let Err(e) = self.lifecycle.retire(&id).await {
-                    tracing::error!(view = %id, "retiring: {e}");
-                }
+            let Some((id, _)) = self.known.remove(path) else {
+                return true;
+            };
+            let label = path.display().to_string();
+            if self.lifecycle.source_of(&id).as_deref() != Some(label.as_str()) {
+                return true; // Another file took the version over (a rename).
             }
+            if let Some(other) = self.other_file_with(&id, path) {
+                // A rename whose new name we have not handled yet.
+                return self.load(&other).await;
+            }
+            self.retire_removed(&id, &format!("module file {label} removed"))
+                .await;
             return true;
+        }
+        if self
+            .known
+            .get(path)
+            .is_some_and(|(_, seen)| *seen == stamp(path))
+        {
+            return true; // Not changed since it was read.
         }
         self.load(path).await
     }
 
     async fn load(&mut self, path: &Path) -> bool {
-        let stamp = |p: &Path| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.len(), m.modified().ok()))
-        };
         let before = stamp(path);
+        self.lifecycle
+            .inner
+            .watch_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) => {
@@ -194,10 +265,26 @@ impl DirWatch {
             return false;
         }
         let label = path.display().to_string();
-        match self.lifecycle.deploy(&bytes, &label).await {
+        match self
+            .lifecycle
+            .deploy_from(&bytes, &label, Origin::Watch)
+            .await
+        {
             Ok(outcome) => {
-                tracing::info!(file = %label, view = %outcome.id(), ?outcome, "hot deploy");
-                self.known.insert(path.to_path_buf(), outcome.id().clone());
+                match &outcome {
+                    DeployOutcome::AlreadyDeployed(id) => {
+                        tracing::debug!(file = %label, view = %id, "already deployed")
+                    }
+                    DeployOutcome::StaysRetired(id) => tracing::info!(
+                        file = %label, view = %id,
+                        "a retired version: it stays retired (deploy it through the API or CLI to bring it back)"
+                    ),
+                    _ => {
+                        tracing::info!(file = %label, view = %outcome.id(), ?outcome, "hot deploy")
+                    }
+                }
+                self.known
+                    .insert(path.to_path_buf(), (outcome.id().clone(), before));
             }
             Err(e) => tracing::error!(file = %label, "hot deploy refused: {e}"),
         }

@@ -4,7 +4,16 @@
 //!
 //! A warming worker applies at most `warmup_batch` events at a time and, before
 //! each, waits until no live worker (ready, active, standby) is applying a
-//! batch: live views get the CPU first, the warm-up takes what is left.
+//! batch, or [`WARM_MAX_WAIT`] has passed: live views get the CPU first, and a
+//! warm-up still moves while live views are busy all the time.
+//!
+//! **Caught up** is judged against a head read earlier, never one read after
+//! the batch (under a steady append rate that one is always ahead): the worker
+//! reads the head, replays up to it, then reads the head again; when the log
+//! grew by at most one warm-up batch meanwhile, the version is caught up
+//! (as current as a live view one batch behind); otherwise that head is the
+//! next target. Each round is shorter than the last while the warm-up applies
+//! faster than the log grows.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,10 +26,14 @@ use tracing::Instrument;
 use super::{Inner, LifecycleError, PoisonPolicy, parked};
 use crate::runtime::{Instance, Module, ProjectionError, Projector};
 use crate::store::{Position, RecordedEvent};
-use crate::views::{ViewId, Writes};
+use crate::views::ViewId;
 
 /// How long a worker waits before re-opening a tail that returned an error.
 const TAIL_RETRY: Duration = Duration::from_millis(500);
+
+/// Longest a warming batch waits for live workers to be idle before it runs
+/// anyway (so two busy live views cannot starve a warm-up).
+pub(super) const WARM_MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// Live workers applying a batch right now; warming workers wait for zero.
 #[derive(Default)]
@@ -173,6 +186,13 @@ impl WorkerHandle {
         let _ = self.stop.send(true);
         let _ = self.join.await;
     }
+
+    /// Stops the worker at its next await point, as a crash would (a batch
+    /// already handed to a blocking thread still finishes, or not).
+    pub async fn abort(self) {
+        self.join.abort();
+        let _ = self.join.await;
+    }
 }
 
 /// Starts the worker of `module`'s physical view.
@@ -194,6 +214,7 @@ pub(super) fn spawn(
         poison,
         projector: None,
         retry: None,
+        target: None,
     };
     let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
     WorkerHandle {
@@ -212,6 +233,8 @@ struct Worker {
     projector: Option<Projector>,
     /// A second instance for retrying parked events (made on first use).
     retry: Option<Instance>,
+    /// While warming: the head this round replays up to (see the module docs).
+    target: Option<Position>,
 }
 
 /// Why a worker stopped applying.
@@ -239,7 +262,7 @@ impl Worker {
             warming,
             "view worker started"
         );
-        if warming && let Err(e) = check_caught_up(&self.inner, &self.view, &self.progress).await {
+        if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
         let mut tail = self.inner.store.tail(self.progress.checkpoint() + 1);
@@ -328,6 +351,7 @@ impl Worker {
                 biased;
                 _ = stop_rx.changed() => return Err(Halt::Stopped),
                 _ = self.inner.priority.wait_idle() => {}
+                _ = tokio::time::sleep(WARM_MAX_WAIT) => {}
             }
             let end = (at + step).min(batch.len());
             self.apply(&batch, at..end).await?;
@@ -337,10 +361,32 @@ impl Worker {
                 return self.apply(&batch, at..batch.len()).await;
             }
         }
-        check_caught_up(&self.inner, &self.view, &self.progress)
+        self.check_caught_up()
             .await
             .map_err(|e| tracing::warn!("reading the log head: {e}"))
             .ok();
+        Ok(())
+    }
+
+    /// Warming and at this round's target? Read the head: within one warm-up
+    /// batch of it, the version is caught up (tell the lifecycle); else the
+    /// head is the next round's target.
+    async fn check_caught_up(&mut self) -> Result<(), LifecycleError> {
+        if !self.progress.warming.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let checkpoint = self.progress.checkpoint();
+        if self.target.is_some_and(|t| checkpoint < t) {
+            return Ok(());
+        }
+        let head = self.inner.store.head().await?;
+        self.inner.head.fetch_max(head, Ordering::AcqRel);
+        let slack = self.inner.config.warmup_batch.max(1) as u64;
+        if head.saturating_sub(checkpoint) <= slack && self.target.is_some() || checkpoint >= head {
+            self.inner.on_caught_up(&self.view);
+        } else {
+            self.target = Some(head);
+        }
         Ok(())
     }
 
@@ -398,17 +444,15 @@ impl Worker {
             position: Some(position),
             reason,
         };
-        let count = parked::park(
-            &self.inner.parked_dir(),
-            &self.view,
-            parked::ParkedEvent::new(event, error.to_string()),
-        )
-        .map_err(|e| failed(e.to_string()))?;
-        self.progress.parked.store(count, Ordering::Release);
+        let record = parked::Parked::new(event, error.to_string()).encode();
         self.inner
             .views
-            .commit(&self.view, &Writes::new(), position)
-            .map_err(|e| failed(format!("moving the checkpoint past a parked event: {e}")))?;
+            .park(&self.view, position, &record)
+            .map_err(|e| failed(format!("parking the event: {e}")))?;
+        self.progress.parked.store(
+            parked::count(&self.inner.views, &self.view),
+            Ordering::Release,
+        );
         // The projector's checkpoint is behind the view's now: open it again.
         self.projector = None;
         self.open().await.map_err(|e| failed(e.to_string()))?;
@@ -471,19 +515,19 @@ impl Worker {
         }
     }
 
-    /// Runs each parked event through the projection again, in position order;
-    /// those that now succeed have their writes committed (the checkpoint does
-    /// not move) and leave the list.
+    /// Runs each parked event through the projection again, in position order,
+    /// each in its own step: one that now succeeds has its writes committed
+    /// together with its removal from the list (the checkpoint does not move),
+    /// so a crash anywhere applies no event twice; one that fails again stays,
+    /// with its new error.
     async fn retry_parked(&mut self) -> Result<usize, LifecycleError> {
-        let dir = self.inner.parked_dir();
-        let all = parked::load(&dir, &self.view)?;
+        let all = parked::load(&self.inner.views, &self.view)?;
         if all.is_empty() {
             return Ok(0);
         }
         let view = self.view.clone();
         let views = self.inner.views.clone();
         let module = self.module.clone();
-        let checkpoint = self.progress.checkpoint();
         let retry = self.retry.take();
         let joined = tokio::task::spawn_blocking(move || {
             let mut instance = match retry {
@@ -493,22 +537,19 @@ impl Worker {
                     Instance::new(&module, Box::new(source))?
                 }
             };
-            let mut left = Vec::new();
+            let mut left = 0;
             let mut retried = 0;
-            for p in all {
-                let Some(event) = p.to_recorded() else {
-                    left.push(p);
-                    continue;
-                };
-                match instance.apply(std::slice::from_ref(&event)) {
+            for mut p in all {
+                let position = p.event.position;
+                match instance.apply(std::slice::from_ref(&p.event)) {
                     Ok(writes) => {
-                        views.commit(&view, &writes, checkpoint)?;
+                        views.commit_unparked(&view, &writes, position)?;
                         retried += 1;
                     }
                     Err(e) => {
-                        let mut p = p;
                         p.error = e.to_string();
-                        left.push(p);
+                        views.update_parked(&view, position, &p.encode())?;
+                        left += 1;
                     }
                 }
             }
@@ -521,32 +562,10 @@ impl Worker {
         })?;
         let (instance, left, retried) = joined?;
         self.retry = Some(instance);
-        parked::save(&dir, &self.view, &left)?;
-        self.progress.parked.store(left.len(), Ordering::Release);
-        tracing::info!(retried, still_parked = left.len(), "retried parked events");
+        self.progress.parked.store(left, Ordering::Release);
+        tracing::info!(retried, still_parked = left, "retried parked events");
         Ok(retried)
     }
-}
-
-/// Warming and at the head (a fresh read of it)? Then tell the lifecycle.
-async fn check_caught_up(
-    inner: &Arc<Inner>,
-    view: &ViewId,
-    progress: &Arc<Progress>,
-) -> Result<(), LifecycleError> {
-    if !progress.warming.load(Ordering::Acquire) {
-        return Ok(());
-    }
-    let checkpoint = progress.checkpoint();
-    if checkpoint < inner.head.load(Ordering::Acquire) {
-        return Ok(());
-    }
-    let head = inner.store.head().await?;
-    inner.head.fetch_max(head, Ordering::AcqRel);
-    if checkpoint >= head {
-        inner.on_caught_up(view);
-    }
-    Ok(())
 }
 
 /// Is this error about the event (the guest refused or misbehaved on it),

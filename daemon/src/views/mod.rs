@@ -24,6 +24,9 @@ type Db = DBWithThreadMode<MultiThreaded>;
 
 const DEFAULT_CF: &str = "default";
 const CHECKPOINT_PREFIX: &str = "checkpoint/";
+/// Dead letters: `parked/<view-id>/<position, u64 big-endian>` → the record
+/// the lifecycle encodes (the event's original bytes and why it was parked).
+const PARKED_PREFIX: &str = "parked/";
 /// Longest view name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -244,6 +247,11 @@ impl ViewStore {
         &self.path
     }
 
+    /// How many handles (clones, sources) share this database.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.db)
+    }
+
     /// Every view in the database, in [`ViewId`] order. Column families whose
     /// names are not view ids are skipped.
     pub fn views(&self) -> Result<Vec<ViewId>, ViewError> {
@@ -276,14 +284,18 @@ impl ViewStore {
         }
     }
 
-    /// Drops the view's column family and its checkpoint.
+    /// Drops the view's column family, its checkpoint and its dead letters.
     pub fn drop_view(&self, view: &ViewId) -> Result<(), ViewError> {
         if !self.exists(view) {
             return Err(ViewError::NotFound(view.clone()));
         }
-        self.db
-            .delete(checkpoint_key(view))
-            .map_err(storage(format!("deleting the checkpoint of {view}")))?;
+        let mut batch = WriteBatch::default();
+        batch.delete(checkpoint_key(view));
+        let (from, to) = parked_range(view);
+        batch.delete_range(from, to);
+        self.db.write(batch).map_err(storage(format!(
+            "deleting the checkpoint and dead letters of {view}"
+        )))?;
         self.db
             .drop_cf(&view.to_string())
             .map_err(storage(format!("dropping view {view}")))
@@ -360,6 +372,85 @@ impl ViewStore {
         writes: &Writes,
         checkpoint: Position,
     ) -> Result<(), ViewError> {
+        let mut batch = self.documents_batch(view, writes)?;
+        batch.put(checkpoint_key(view), checkpoint.to_be_bytes());
+        self.db.write(batch).map_err(storage(format!(
+            "committing {view} at position {checkpoint}"
+        )))
+    }
+
+    /// Parks the event at `position` (its dead-letter `record`) and moves the
+    /// checkpoint to it, in one write batch: a crash parks it and skips it, or
+    /// does neither.
+    pub fn park(&self, view: &ViewId, position: Position, record: &[u8]) -> Result<(), ViewError> {
+        self.cf(view)?;
+        let mut batch = WriteBatch::default();
+        batch.put(parked_key(view, position), record);
+        batch.put(checkpoint_key(view), position.to_be_bytes());
+        self.db
+            .write(batch)
+            .map_err(storage(format!("parking position {position} of {view}")))
+    }
+
+    /// Replaces the dead-letter record at `position` (e.g. a newer error).
+    pub fn update_parked(
+        &self,
+        view: &ViewId,
+        position: Position,
+        record: &[u8],
+    ) -> Result<(), ViewError> {
+        self.db
+            .put(parked_key(view, position), record)
+            .map_err(storage(format!(
+                "updating parked position {position} of {view}"
+            )))
+    }
+
+    /// Commits a retried parked event: its documents, and its removal from the
+    /// dead letters, in one write batch (the checkpoint does not move). A crash
+    /// leaves it parked with nothing applied, or applied and gone: each parked
+    /// event is applied at most once.
+    pub fn commit_unparked(
+        &self,
+        view: &ViewId,
+        writes: &Writes,
+        position: Position,
+    ) -> Result<(), ViewError> {
+        let mut batch = self.documents_batch(view, writes)?;
+        batch.delete(parked_key(view, position));
+        self.db.write(batch).map_err(storage(format!(
+            "committing parked position {position} of {view}"
+        )))
+    }
+
+    /// The view's dead-letter records, in position order.
+    pub fn parked(&self, view: &ViewId) -> Result<Vec<(Position, Vec<u8>)>, ViewError> {
+        let (from, to) = parked_range(view);
+        let mut it = self.db.raw_iterator();
+        it.seek(&from);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= to.as_slice() {
+                break;
+            }
+            let position = k
+                .get(from.len()..)
+                .and_then(|p| <[u8; 8]>::try_from(p).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| ViewError::CorruptCheckpoint {
+                    view: view.clone(),
+                    reason: format!("a dead-letter key of {} bytes", k.len()),
+                })?;
+            out.push((position, v.to_vec()));
+            it.next();
+        }
+        it.status()
+            .map_err(storage(format!("reading the dead letters of {view}")))?;
+        Ok(out)
+    }
+
+    /// A write batch holding `writes` to `view`'s documents.
+    fn documents_batch(&self, view: &ViewId, writes: &Writes) -> Result<WriteBatch, ViewError> {
         let cf = self.cf(view)?;
         let mut batch = WriteBatch::default();
         for (k, v) in writes {
@@ -368,10 +459,7 @@ impl ViewStore {
                 None => batch.delete_cf(&cf, k),
             }
         }
-        batch.put(checkpoint_key(view), checkpoint.to_be_bytes());
-        self.db.write(batch).map_err(storage(format!(
-            "committing {view} at position {checkpoint}"
-        )))
+        Ok(batch)
     }
 
     /// A [`DocumentSource`] reading `view`'s committed documents.
@@ -420,6 +508,20 @@ impl ViewStore {
 
 fn checkpoint_key(view: &ViewId) -> Vec<u8> {
     format!("{CHECKPOINT_PREFIX}{view}").into_bytes()
+}
+
+fn parked_key(view: &ViewId, position: Position) -> Vec<u8> {
+    let mut k = format!("{PARKED_PREFIX}{view}/").into_bytes();
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+/// `[from, to)` of a view's dead-letter keys (`/` + 1 is `0`).
+fn parked_range(view: &ViewId) -> (Vec<u8>, Vec<u8>) {
+    (
+        format!("{PARKED_PREFIX}{view}/").into_bytes(),
+        format!("{PARKED_PREFIX}{view}0").into_bytes(),
+    )
 }
 
 /// One view's committed documents, as a [`DocumentSource`].
