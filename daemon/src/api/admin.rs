@@ -102,7 +102,8 @@ pub async fn deploy(
     }
     let label = q.label.unwrap_or_else(|| "upload".to_string());
     let outcome = state.lifecycle.deploy(&wasm, &label).await?;
-    let (status, body) = match outcome {
+    let status_now = state.lifecycle.status_of(outcome.id());
+    let (status, mut body) = match outcome {
         DeployOutcome::Warming(id) => (
             StatusCode::ACCEPTED,
             json!({ "outcome": "warming", "id": id.to_string() }),
@@ -116,6 +117,11 @@ pub async fn deploy(
             json!({ "outcome": "already_deployed", "id": id.to_string() }),
         ),
     };
+    // Why it aliased or warms: the fingerprints compared, the parts that differed.
+    if let Some(v) = status_now {
+        body["fingerprint"] = json!(v.fingerprint);
+        body["why"] = json!(v.deploy_note);
+    }
     Ok((status, Json(body)).into_response())
 }
 

@@ -533,6 +533,9 @@ async fn deploy(a: DeployArgs) -> Outcome {
             Some("already_deployed") => println!("{id} was already deployed; nothing changed"),
             _ => println!("deployed {id}"),
         }
+        if let Some(why) = body["why"].as_str() {
+            println!("  why: {why}");
+        }
     }
     if !(a.wait || a.promote) {
         return Ok(());
