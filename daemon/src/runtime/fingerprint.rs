@@ -119,10 +119,16 @@ pub fn describe_part(part: &str) -> &'static str {
     }
 }
 
+/// A module the parser refuses (the loader compiles a module first, so
+/// wasmtime's reason usually comes before this one).
+#[derive(Debug, thiserror::Error)]
+#[error("the module does not parse: {0}")]
+pub struct FingerprintError(#[from] wasmparser::BinaryReaderError);
+
 /// Fingerprints a module. `manifest` is the manifest's bytes with the version
-/// left out. Fails only on a module the parser refuses.
-pub fn fingerprint(bytes: &[u8], manifest: &[u8]) -> Result<FingerprintReport, String> {
-    let m = ModuleParts::parse(bytes).map_err(|e| e.to_string())?;
+/// left out.
+pub fn fingerprint(bytes: &[u8], manifest: &[u8]) -> Result<FingerprintReport, FingerprintError> {
+    let m = ModuleParts::parse(bytes)?;
     let relocs = match Relocs::new(&m) {
         Ok(r) => Some(r),
         Err(reason) => {

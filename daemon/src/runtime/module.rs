@@ -128,10 +128,10 @@ impl Module {
         check_exports(&module, &compiled)?;
         // After compiling: a module wasmtime refuses gets wasmtime's reason.
         let fingerprint =
-            fingerprint::fingerprint(bytes, &manifest.without_version()).map_err(|reason| {
+            fingerprint::fingerprint(bytes, &manifest.without_version()).map_err(|e| {
                 LoadError::NotWasm {
                     module: module.clone(),
-                    reason,
+                    reason: e.to_string(),
                 }
             })?;
         let pre = rt
