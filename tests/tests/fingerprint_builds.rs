@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln::lifecycle::{DeployOutcome, Lifecycle, LifecycleConfig};
-use kiln::runtime::fingerprint::Form;
+use kiln::runtime::fingerprint::{self, Form};
 use kiln::runtime::{FingerprintReport, Runtime};
 use kiln::store::EventStore;
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
@@ -69,6 +69,8 @@ struct Crate {
     target_dir: PathBuf,
     /// Build with `scripts/build-projections`' profile (else cargo's default).
     projection_profile: bool,
+    /// Give the crate the examples' `build.rs` (`--emit-relocs`).
+    keep_relocations: bool,
     package: &'static str,
 }
 
@@ -108,6 +110,7 @@ codegen-units = 16
             root,
             target_dir: workspace().join("target/wasm-projections"),
             projection_profile: true,
+            keep_relocations: true,
             package: "fp-workspace-users",
         };
         c.manifest("1.0.0", "");
@@ -128,6 +131,7 @@ codegen-units = 16
             dir,
             target_dir: base.join("target"),
             projection_profile: false,
+            keep_relocations: true,
             package: "fp-standalone-users",
         };
         c.rules("0.1.0", 1);
@@ -194,11 +198,14 @@ fp-rules = {{ path = "../rules" }}
             )
         };
         write(&self.dir.join("Cargo.toml"), &text);
-        std::fs::copy(
-            workspace().join("projections/users/build.rs"),
-            self.dir.join("build.rs"),
-        )
-        .expect("copying the example's build.rs");
+        let build_rs = self.dir.join("build.rs");
+        if self.keep_relocations {
+            let example = std::fs::read_to_string(workspace().join("projections/users/build.rs"))
+                .expect("the example's build.rs");
+            write(&build_rs, &example);
+        } else if build_rs.exists() {
+            std::fs::remove_file(&build_rs).expect("removing build.rs");
+        }
     }
 
     fn source(&self, text: &str) {
@@ -475,4 +482,43 @@ fn a_standalone_crate_with_one_changed_line_of_logic_gets_a_new_fingerprint() {
     );
     c.manifest("1.0.0", "");
     eprintln!("standalone crate: 7 builds in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_standalone_crate_without_relocations_is_compared_as_laid_out_and_says_so() {
+    let _only = standalone_lock();
+    let mut c = Crate::standalone();
+    c.keep_relocations = false;
+    let rt = wasm::runtime();
+    c.manifest("1.0.0", "");
+    let base = report(&rt, "1.0.0", &c.build("1.0.0"));
+    c.manifest("1.0.1", "");
+    let bumped = report(&rt, "1.0.1", &c.build("1.0.1"));
+    for r in [&base, &bumped] {
+        match &r.form {
+            Form::LaidOut { reason } => assert!(reason.contains("--emit-relocs"), "{reason}"),
+            other => panic!("no relocations, yet {other:?}"),
+        }
+    }
+    // Whether the layout happened to match or not, the note says what to do.
+    let note = fingerprint::explain_new_view(
+        &bumped,
+        Some((
+            "users-1_0_0",
+            &base.fingerprint.to_string(),
+            &base.part_map(),
+        )),
+    );
+    assert!(note.contains("build with --emit-relocs"), "{note}");
+    eprintln!(
+        "without relocations, 1.0.0 and 1.0.1 {} (parts differing: {:?})",
+        if base.fingerprint == bumped.fingerprint {
+            "matched"
+        } else {
+            "differed"
+        },
+        differing(&base, &bumped)
+    );
+    c.keep_relocations = true;
+    c.manifest("1.0.0", "");
 }

@@ -531,7 +531,7 @@ impl Relocs {
         let linking = m
             .linking
             .clone()
-            .ok_or("the module carries no relocations (built without --emit-relocs)")?;
+            .ok_or("the module carries no relocations: it was linked without --emit-relocs")?;
 
         let bad = |e: wasmparser::BinaryReaderError| format!("unreadable relocations: {e}");
         let reader = wasmparser::LinkingSectionReader::new(BinaryReader::new(
@@ -1169,8 +1169,9 @@ impl Form {
                 "data compared object by object through the linker's relocations".to_string()
             }
             Form::LaidOut { reason } => format!(
-                "data and function table compared as laid out ({reason}), so a rebuild at \
-                 another version may look changed: build with --emit-relocs (see the README)"
+                "data and function table compared as laid out, because {reason}; a rebuild \
+                 at another version may then look changed: build with --emit-relocs (see the \
+                 README)"
             ),
         }
     }
