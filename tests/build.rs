@@ -3,11 +3,15 @@
 //! where each module is through `KILN_WASM_<NAME>` (e.g. `KILN_WASM_USERS`).
 //!
 //! Modelled on wasmtime's `test-programs` build script: the nested cargo gets a
-//! clean environment (no outer target dir, rustflags, wrappers or jobserver), so
-//! it neither fights the outer build's lock nor inherits its host settings.
+//! clean environment (`src/cargo_env.rs`: no outer target dir, rustflags,
+//! wrappers or jobserver), so it neither fights the outer build's lock nor
+//! inherits its host settings.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "src/cargo_env.rs"]
+mod cargo_env;
 
 const TARGET: &str = "wasm32-unknown-unknown";
 
@@ -33,11 +37,8 @@ fn main() {
     for name in &projections {
         cmd.args(["-p", &format!("projection-{name}")]);
     }
-    clean_env(&mut cmd);
-    cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_LTO", "true")
-        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
-        .env("CARGO_PROFILE_RELEASE_INCREMENTAL", "false");
+    cargo_env::clean_env(&mut cmd);
+    cargo_env::projection_profile(&mut cmd);
     let out = cmd
         .output()
         .expect("running cargo to build the projections for wasm32");
@@ -71,34 +72,6 @@ fn projection_dirs(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// Drops what the outer cargo set for its own build.
-fn clean_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        let outer = (key.starts_with("CARGO_") && key != "CARGO_HOME")
-            || matches!(
-                key,
-                "RUSTFLAGS"
-                    | "RUSTC"
-                    | "RUSTC_WRAPPER"
-                    | "RUSTC_WORKSPACE_WRAPPER"
-                    | "RUSTDOC"
-                    | "MAKEFLAGS"
-                    | "MFLAGS"
-                    | "TARGET"
-                    | "HOST"
-                    | "OUT_DIR"
-                    | "OPT_LEVEL"
-                    | "PROFILE"
-                    | "DEBUG"
-                    | "NUM_JOBS"
-            );
-        if outer {
-            cmd.env_remove(key);
-        }
-    }
 }
 
 /// Installs the wasm32 target through rustup when it is missing.

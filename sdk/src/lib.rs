@@ -46,7 +46,6 @@ pub mod guest;
 mod harness;
 pub mod manifest;
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
@@ -103,8 +102,6 @@ pub trait Backend {
 pub struct View<'a> {
     backend: &'a mut dyn Backend,
     scratch: Vec<u8>,
-    /// Decoded documents [`PerStream`] keeps for the rest of the batch.
-    memo: Option<Box<dyn Any>>,
 }
 
 impl<'a> View<'a> {
@@ -112,16 +109,7 @@ impl<'a> View<'a> {
         View {
             backend,
             scratch: Vec::new(),
-            memo: None,
         }
-    }
-
-    /// Takes the batch's memo of type `M` (a new one if there is none yet).
-    fn take_memo<M: Default + 'static>(&mut self) -> Box<M> {
-        self.memo
-            .take()
-            .and_then(|m| m.downcast::<M>().ok())
-            .unwrap_or_default()
     }
 
     /// The document at `key`, if any.
@@ -196,6 +184,26 @@ pub trait Projection {
         let _ = view;
         Ok(())
     }
+
+    /// Applies one encoded batch: [`Projection::handle`] for each wanted
+    /// event, then [`Projection::finish_batch`]. [`PerStream`] replaces it to
+    /// keep decoded states for the batch in a local map (no `Any`: a `TypeId`
+    /// hashes the crate's version, and the module's fingerprint must not).
+    #[doc(hidden)]
+    fn apply_batch(
+        input: &[u8],
+        view: &mut View<'_>,
+        on_event: &mut dyn FnMut(u32),
+    ) -> Result<(), BatchError>
+    where
+        Self: Sized,
+    {
+        let events = for_each_event::<Self>(input, view, on_event, Self::handle)?;
+        Self::finish_batch(view).map_err(|e| BatchError {
+            index: events.saturating_sub(1),
+            message: e.0,
+        })
+    }
 }
 
 /// The per-stream form: one state document per stream, keyed by stream id.
@@ -224,14 +232,25 @@ impl<S: StreamProjection> Projection for PerStream<S> {
     const CATEGORIES: &'static [&'static str] = S::CATEGORIES;
     type Event = S::Event;
 
-    /// Keeps each stream's decoded state for the rest of the batch and writes
-    /// every state touched once, in [`Projection::finish_batch`]: a stream with
-    /// many events in one batch is read, decoded, encoded and written once.
-    /// The documents are the same as writing after every event; the batch's
-    /// writes commit together either way.
+    /// One event on its own: read the stream's state, apply, write it back.
     fn handle(event: &Event<'_, S::Event>, view: &mut View<'_>) -> Result<()> {
-        let mut memo = view.take_memo::<HashMap<String, S::State>>();
-        let result = (|| {
+        let key = S::key(event.stream);
+        let state = view.get_or_default::<S::State>(&key)?;
+        view.put(&key, &S::apply(state, event))
+    }
+
+    /// Keeps each stream's decoded state for the rest of the batch and writes
+    /// every state touched once, at the end: a stream with many events in one
+    /// batch is read, decoded, encoded and written once. The documents are the
+    /// same as writing after every event; the batch's writes commit together
+    /// either way.
+    fn apply_batch(
+        input: &[u8],
+        view: &mut View<'_>,
+        on_event: &mut dyn FnMut(u32),
+    ) -> Result<(), BatchError> {
+        let mut memo: HashMap<String, S::State> = HashMap::new();
+        let events = for_each_event::<Self>(input, view, on_event, |event, view| {
             let key = S::key(event.stream);
             let state = match memo.remove(&key) {
                 Some(state) => state,
@@ -239,18 +258,15 @@ impl<S: StreamProjection> Projection for PerStream<S> {
             };
             memo.insert(key, S::apply(state, event));
             Ok(())
-        })();
-        view.memo = Some(memo);
-        result
-    }
-
-    fn finish_batch(view: &mut View<'_>) -> Result<()> {
-        let memo = view.take_memo::<HashMap<String, S::State>>();
+        })?;
         // Key order: the same writes in the same order on every run.
         let mut states: Vec<_> = memo.into_iter().collect();
         states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, state) in states {
-            view.put(&key, &state)?;
+            view.put(&key, &state).map_err(|e| BatchError {
+                index: events.saturating_sub(1),
+                message: e.0,
+            })?;
         }
         Ok(())
     }
@@ -270,17 +286,25 @@ pub fn run_batch<P: Projection>(
     backend: &mut dyn Backend,
     mut on_event: impl FnMut(u32),
 ) -> Result<(), BatchError> {
+    P::apply_batch(input, &mut View::new(backend), &mut on_event)
+}
+
+/// Decodes each event of a batch, skips those `P` does not want, hands the
+/// others to `handle`. Returns how many events the batch held.
+fn for_each_event<P: Projection>(
+    input: &[u8],
+    view: &mut View<'_>,
+    on_event: &mut dyn FnMut(u32),
+    mut handle: impl FnMut(&Event<'_, P::Event>, &mut View<'_>) -> Result<()>,
+) -> Result<u32, BatchError> {
     let fail = |index: u32, message: String| BatchError { index, message };
     let mut reader =
         abi::BatchReader::new(input).map_err(|e| fail(0, format!("malformed batch: {e}")))?;
-    let mut view = View::new(backend);
     let mut index = 0u32;
     loop {
         let raw = match reader.next_event() {
             Ok(Some(raw)) => raw,
-            Ok(None) => {
-                return P::finish_batch(&mut view).map_err(|e| fail(index.saturating_sub(1), e.0));
-            }
+            Ok(None) => return Ok(index),
             Err(e) => return Err(fail(index, format!("malformed batch: {e}"))),
         };
         on_event(index);
@@ -291,7 +315,7 @@ pub fn run_batch<P: Projection>(
                     format!("event of type {:?} does not decode: {e}", raw.event_type),
                 )
             })?;
-            P::handle(&event, &mut view).map_err(|e| fail(index, e.0))?;
+            handle(&event, view).map_err(|e| fail(index, e.0))?;
         }
         index += 1;
     }
@@ -307,6 +331,11 @@ fn wanted<P: Projection>(stream: &str, event_type: &str) -> bool {
 /// crate's `CARGO_PKG_VERSION`, event types, categories, ABI version) in the
 /// `kiln-manifest` custom section and emits the ABI exports. On native targets
 /// it only checks the manifest at compile time.
+///
+/// The manifest `static` is deliberately not `#[used]`: on wasm32 a
+/// `link_section` static becomes the custom section either way, and `#[used]`
+/// would also keep a copy in the data segment, putting the crate's version
+/// into the module's logic (and so into its fingerprint).
 #[macro_export]
 macro_rules! export {
     ($projection:ty) => {
@@ -318,7 +347,7 @@ macro_rules! export {
                 <$projection as $crate::Projection>::CATEGORIES,
             );
             #[cfg_attr(target_arch = "wasm32", unsafe(link_section = "kiln-manifest"))]
-            #[used]
+            #[allow(dead_code)]
             static KILN_MANIFEST: [u8; KILN_MANIFEST_LEN] =
                 $crate::manifest::encode::<KILN_MANIFEST_LEN>(
                     <$projection as $crate::Projection>::NAME,

@@ -1,5 +1,6 @@
 //! Harnesses shared by kiln's integration and end-to-end tests.
 //!
+//! - [`cargo_env`]: a clean environment for a nested cargo (projection builds).
 //! - [`daemon`]: a real `kiln serve` process over HTTP, with kill -9 and restart.
 //! - [`conformance`]: the store core's contract, run against every backend.
 //! - [`embedded`]: a [`conformance::Harness`] for the embedded RocksDB store.
@@ -8,6 +9,7 @@
 //! - [`nats`]: a real `nats-server` per test, and the JetStream store's harness.
 //! - [`wasm`]: the example projections built for wasm32, and event-log helpers.
 
+pub mod cargo_env;
 pub mod conformance;
 pub mod daemon;
 pub mod embedded;

@@ -94,6 +94,14 @@ async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
     let (s, b) = api.deploy(module_version(USERS, "1.0.1", None)).await;
     assert_eq!((s, b["outcome"].as_str()), (200, Some("alias")), "{b}");
     assert_eq!(b["of"], "users-1_0_0");
+    // The answer says why: the fingerprint both versions share.
+    let fingerprint = b["fingerprint"].as_str().unwrap_or_default().to_string();
+    assert!(fingerprint.starts_with("v2:"), "{b}");
+    let why = b["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("alias of users-1_0_0") && why.contains(&fingerprint),
+        "{b}"
+    );
     // Reading the alias by id: the answer names the version asked for, and the
     // physical view that holds its documents.
     let (s, b) = api.get("/views/users-1_0_1/user-7").await;
@@ -126,6 +134,19 @@ async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
         .deploy(module_version(USERS, "2.0.0", Some("Ignored")))
         .await;
     assert_eq!((s, b["outcome"].as_str()), (202, Some("warming")), "{b}");
+    // Why it warms: its manifest (the event types) differs from 1.0.1's, as
+    // `GET /views` shows too.
+    let why = b["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("differs from users-1_0_1") && why.contains("manifest"),
+        "{b}"
+    );
+    let (_, views) = api.get("/views").await;
+    let note = views["views"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["id"] == "users-2_0_0"))
+        .map(|v| v["deploy_note"].clone());
+    assert_eq!(note.as_ref().and_then(|n| n.as_str()), Some(why), "{views}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (s, body) = api.get("/readyz/users-2_0_0").await;

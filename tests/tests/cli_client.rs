@@ -317,6 +317,11 @@ async fn deploy_wait_promote_rollback_from_the_command_line() {
     let (code, out, err) = kiln_cli(&d, &["deploy", v1s, "--wait", "--token", "tok"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("users-1_0_0"), "{out}");
+    // It says why it warms: the first version of its name.
+    assert!(
+        out.contains("why: new view: fingerprint v2:") && out.contains("no other version"),
+        "{out}"
+    );
     let (code, out, err) = kiln_cli(
         &d,
         &["deploy", v2s, "--promote", "--token", "tok", "--json"],

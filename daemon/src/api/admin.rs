@@ -102,7 +102,7 @@ pub async fn deploy(
     }
     let label = q.label.unwrap_or_else(|| "upload".to_string());
     let outcome = state.lifecycle.deploy(&wasm, &label).await?;
-    let now = state.lifecycle.status_of(outcome.id()).map(|s| s.state);
+    let status_now = state.lifecycle.status_of(outcome.id());
     let (status, mut body) = match outcome {
         DeployOutcome::Warming(id) => (
             StatusCode::ACCEPTED,
@@ -126,8 +126,14 @@ pub async fn deploy(
             json!({ "outcome": "retired", "id": id.to_string() }),
         ),
     };
-    // Where the version stands now (an alias of a warming view warms with it).
-    body["state"] = json!(now);
+    // Where the version stands now (an alias of a warming view warms with
+    // it), and why it aliased or warms: the fingerprints compared, the parts
+    // that differed.
+    if let Some(v) = status_now {
+        body["state"] = json!(v.state);
+        body["fingerprint"] = json!(v.fingerprint);
+        body["why"] = json!(v.deploy_note);
+    }
     Ok((status, Json(body)).into_response())
 }
 

@@ -541,6 +541,9 @@ async fn deploy(a: DeployArgs) -> Outcome {
             }
             _ => println!("deployed {id}"),
         }
+        if let Some(why) = body["why"].as_str() {
+            println!("  why: {why}");
+        }
     }
     if !(a.wait || a.promote) {
         return Ok(());

@@ -211,6 +211,8 @@ impl Registry {
                 state,
                 alias_of: alias_of.clone(),
                 fingerprint: v.fingerprint,
+                fingerprint_parts: Default::default(),
+                deploy_note: None,
                 content_hash: v.content_hash,
                 source: v.source,
                 checkpoint: 0,

@@ -254,8 +254,11 @@ pub struct ViewStatus {
     pub state: ViewState,
     /// For an alias: the physical view it reads (`users-1_1_0`).
     pub alias_of: Option<String>,
-    /// Hex of the module's fingerprint (its logic, version left out).
+    /// The module's fingerprint (its logic, version left out): `v2:<hex>`.
     pub fingerprint: String,
+    /// Why the deploy aliased this version or gave it a view of its own: the
+    /// fingerprints compared and the parts that differed.
+    pub deploy_note: Option<String>,
     /// Log position applied up to (the physical view's, for an alias).
     pub checkpoint: u64,
     /// The log's head, as last seen.
@@ -933,6 +936,10 @@ fn open_registry(
             Origin::Explicit,
             |_| false,
         )?;
+        if let Some(e) = registry.entries.get_mut(&id) {
+            e.fingerprint_parts = module.fingerprint_report().part_map();
+            e.deploy_note = Some("recovered with --recover-registry".into());
+        }
         tracing::info!(view = %id, "recovered: resumes from its view's checkpoint, warming until it catches up");
     }
     Ok(registry)
@@ -1145,6 +1152,16 @@ impl Inner {
                 start_worker,
             } => (alias_of, state, start_worker),
         };
+        let note = if alias_of.is_none() && !start_worker {
+            "a retired version brought back: its view was still read by an alias, nothing replayed"
+                .to_string()
+        } else {
+            deploy_note(&st.registry, &id, &module, alias_of.as_ref())
+        };
+        if let Some(e) = st.registry.entries.get_mut(&id) {
+            e.fingerprint_parts = module.fingerprint_report().part_map();
+            e.deploy_note = Some(note);
+        }
         let stored = registry::write_atomically(
             &self.module_path(&id),
             wasm,
@@ -1348,6 +1365,7 @@ impl Inner {
             state: e.state,
             alias_of: e.alias_of.as_ref().map(ToString::to_string),
             fingerprint: e.fingerprint.clone(),
+            deploy_note: e.deploy_note.clone(),
             checkpoint,
             head,
             lag,
@@ -1464,4 +1482,32 @@ fn resolve_entry<'a>(reg: &'a Registry, spec: &'a str) -> Result<&'a Entry, Life
         }),
         None => Err(unknown()),
     }
+}
+
+/// Why `id` aliases `alias_of`, or else how its fingerprint differs from the
+/// nearest other version of its name (the newest below it, else the oldest
+/// above), for the operator.
+fn deploy_note(
+    registry: &Registry,
+    id: &ViewId,
+    module: &Module,
+    alias_of: Option<&ViewId>,
+) -> String {
+    use crate::runtime::fingerprint;
+    let report = module.fingerprint_report();
+    if let Some(of) = alias_of {
+        return fingerprint::explain_alias(report, &of.to_string());
+    }
+    let others = || registry.of_name(id.name()).filter(|e| e.id != *id);
+    let nearest = others()
+        .filter(|e| e.id < *id)
+        .max_by(|a, b| a.id.cmp(&b.id))
+        .or_else(|| others().min_by(|a, b| a.id.cmp(&b.id)));
+    let other_id = nearest.map(|e| e.id.to_string());
+    fingerprint::explain_new_view(
+        report,
+        nearest
+            .zip(other_id.as_deref())
+            .map(|(e, other)| (other, e.fingerprint.as_str(), &e.fingerprint_parts)),
+    )
 }

@@ -32,6 +32,15 @@ pub(super) struct Entry {
     #[serde(with = "opt_id_text", default)]
     pub alias_of: Option<ViewId>,
     pub fingerprint: String,
+    /// Digest of each part of the fingerprint (`manifest`, `code`, `data`, …),
+    /// to say what differs from another version. Empty for entries written
+    /// before fingerprints had parts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fingerprint_parts: BTreeMap<String, String>,
+    /// Why the deploy aliased or warmed: the fingerprints compared and what
+    /// differed.
+    #[serde(default)]
+    pub deploy_note: Option<String>,
     /// blake3 of the module's bytes: the same name+version must keep it.
     pub content_hash: String,
     /// Where the module came from (a path, or `api`).

@@ -17,6 +17,7 @@
 //!
 //! The guest side of the contract is `sdk/ABI.md`, implemented by `kiln-sdk`.
 
+pub mod fingerprint;
 mod host;
 mod instance;
 pub mod manifest_edit;
@@ -27,8 +28,9 @@ use std::time::Duration;
 
 use wasmtime::{Config, Engine, Linker, OptLevel};
 
+pub use fingerprint::{Fingerprint, FingerprintReport};
 pub use instance::{Instance, Projector, encode_event};
-pub use module::{Fingerprint, Module};
+pub use module::Module;
 
 use crate::store::Position;
 use crate::views::{ViewError, ViewId};

@@ -1,7 +1,6 @@
 //! Loading a module: format checks, the manifest, the fingerprint, compilation
 //! (through the on-disk cache), import/export checks, pre-instantiation.
 
-use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,30 +9,10 @@ use kiln_sdk::abi::{EXPORT_ALLOC, EXPORT_APPLY, HOST_MODULE, MANIFEST_SECTION};
 use kiln_sdk::manifest::Manifest;
 use wasmtime::{ExternType, InstancePre, ValType};
 
+use super::fingerprint::{self, Fingerprint, FingerprintReport};
 use super::host::{HOST_FUNCTIONS, HostState};
 use super::{ABI_VERSION, LoadError, Runtime};
 use crate::views::ViewId;
-
-/// A module's identity for "unchanged logic": a hash of everything in it except
-/// custom sections (names, debug info, producers) and the manifest's version.
-/// Two builds of the same code at different versions share a fingerprint.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({self})")
-    }
-}
 
 /// A validated, compiled, pre-instantiated projection module. Cheap to clone.
 #[derive(Clone)]
@@ -45,7 +24,7 @@ struct Inner {
     label: String,
     manifest: Manifest,
     view: ViewId,
-    fingerprint: Fingerprint,
+    fingerprint: FingerprintReport,
     content_hash: blake3::Hash,
     from_cache: bool,
     pub(super) pre: InstancePre<HostState>,
@@ -75,8 +54,14 @@ impl Module {
         &self.inner.manifest.version
     }
 
+    /// The module's logic, version left out (see [`fingerprint`]).
     pub fn fingerprint(&self) -> Fingerprint {
-        self.inner.fingerprint
+        self.inner.fingerprint.fingerprint
+    }
+
+    /// The fingerprint with its parts' digests and how data was compared.
+    pub fn fingerprint_report(&self) -> &FingerprintReport {
+        &self.inner.fingerprint
     }
 
     /// blake3 of the module's bytes (the compile cache's key).
@@ -136,14 +121,19 @@ impl Module {
                 reason: e.to_string(),
             }
         })?;
-        let mut fp = sections.code_hasher;
-        fp.update(&manifest.without_version());
-        let fingerprint = Fingerprint(*fp.finalize().as_bytes());
         let content_hash = blake3::hash(bytes);
 
         let (compiled, from_cache) = compile(rt, &module, bytes, &content_hash)?;
         check_imports(&module, &compiled)?;
         check_exports(&module, &compiled)?;
+        // After compiling: a module wasmtime refuses gets wasmtime's reason.
+        let fingerprint =
+            fingerprint::fingerprint(bytes, &manifest.without_version()).map_err(|e| {
+                LoadError::NotWasm {
+                    module: module.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         let pre = rt
             .linker
             .instantiate_pre(&compiled)
@@ -151,7 +141,7 @@ impl Module {
                 module: module.clone(),
                 reason: format!("linking kiln's host functions: {e:#}"),
             })?;
-        tracing::debug!(module = %module, view = %view, %fingerprint, from_cache, "loaded projection module");
+        tracing::debug!(module = %module, view = %view, fingerprint = %fingerprint.fingerprint, from_cache, "loaded projection module");
         Ok(Module {
             inner: Arc::new(Inner {
                 label: module,
@@ -169,8 +159,6 @@ impl Module {
 
 struct Sections<'a> {
     manifests: Vec<&'a [u8]>,
-    /// Hash of every non-custom section, in order.
-    code_hasher: blake3::Hasher,
 }
 
 /// Walks the module's sections (the binary format's outer framing only; the
@@ -188,9 +176,7 @@ fn parse_sections(bytes: &[u8]) -> Result<Sections<'_>, String> {
     }
     let mut s = Sections {
         manifests: Vec::new(),
-        code_hasher: blake3::Hasher::new(),
     };
-    s.code_hasher.update(b"kiln-fingerprint-v1");
     let mut at = 8;
     while at < bytes.len() {
         let id = bytes[at];
@@ -209,10 +195,6 @@ fn parse_sections(bytes: &[u8]) -> Result<Sections<'_>, String> {
             if name == MANIFEST_SECTION.as_bytes() {
                 s.manifests.push(&payload[name_at + len as usize..]);
             }
-        } else {
-            s.code_hasher.update(&[id]);
-            s.code_hasher.update(&(payload.len() as u64).to_le_bytes());
-            s.code_hasher.update(payload);
         }
         at = end;
     }

@@ -1,0 +1,524 @@
+//! "Unchanged logic reuses the view", for modules built the way users build
+//! them: real cargo builds of the `users` projection's source, never a
+//! rewritten manifest.
+//!
+//! - Inside a workspace, built the way `scripts/build-projections` builds
+//!   (release, fat LTO, one codegen unit; `tests/src/cargo_env.rs`), into the
+//!   shared `target/wasm-projections`.
+//! - A standalone crate outside any workspace, built with plain
+//!   `cargo build --release --target wasm32-unknown-unknown` (cargo's default
+//!   release profile), into `target/fingerprint-crates/target`.
+//!
+//! Each crate is built at 1.0.0 and 1.0.1 from the same source (an alias), and
+//! with one line of logic changed: a constant, a match arm, a serialized field
+//! name, a dependency's version, a dependency's feature (a new view each time).
+//! Both crates carry the example projections' `build.rs` (`--emit-relocs`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kiln::lifecycle::{DeployOutcome, Lifecycle, LifecycleConfig};
+use kiln::runtime::fingerprint::{self, Form};
+use kiln::runtime::{FingerprintReport, Runtime};
+use kiln::store::EventStore;
+use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
+use kiln::views::ViewId;
+use kiln_tests::{cargo_env, wasm};
+
+const TARGET: &str = "wasm32-unknown-unknown";
+
+/// The standalone crate's directory is shared: one test at a time edits it.
+static STANDALONE: Mutex<()> = Mutex::new(());
+
+fn standalone_lock() -> MutexGuard<'static, ()> {
+    STANDALONE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+        .to_path_buf()
+}
+
+/// The `users` example's source, as it is in the repository.
+fn users_source() -> String {
+    std::fs::read_to_string(workspace().join("projections/users/src/lib.rs"))
+        .expect("projections/users/src/lib.rs")
+}
+
+fn replace_once(source: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        source.matches(from).count(),
+        1,
+        "the users source should hold {from:?} exactly once"
+    );
+    source.replacen(from, to, 1)
+}
+
+/// A projection crate on disk that the test edits and builds with cargo.
+struct Crate {
+    /// The crate's directory.
+    dir: PathBuf,
+    /// The directory cargo runs in (the workspace root, or the crate).
+    root: PathBuf,
+    target_dir: PathBuf,
+    /// Build with `scripts/build-projections`' profile (else cargo's default).
+    projection_profile: bool,
+    /// Give the crate the examples' `build.rs` (`--emit-relocs`).
+    keep_relocations: bool,
+    package: &'static str,
+}
+
+impl Crate {
+    /// `users` as a member of a workspace (with `[workspace.package]` and a
+    /// release profile like this repository's), built like the examples.
+    fn inside_a_workspace() -> Crate {
+        let root = workspace().join("target/fingerprint-crates/workspace");
+        let dir = root.join("projections/users");
+        std::fs::create_dir_all(dir.join("src")).expect("crate dir");
+        let sdk = workspace().join("sdk");
+        write(
+            &root.join("Cargo.toml"),
+            &format!(
+                r#"[workspace]
+resolver = "3"
+members = ["projections/users"]
+
+[workspace.package]
+edition = "2024"
+
+[workspace.dependencies]
+kiln-sdk = {{ path = "{}" }}
+serde = {{ version = "1", features = ["derive"] }}
+
+[profile.release]
+debug = "line-tables-only"
+incremental = true
+codegen-units = 16
+"#,
+                sdk.display()
+            ),
+        );
+        Crate::lockfile(&root);
+        let c = Crate {
+            dir,
+            root,
+            target_dir: workspace().join("target/wasm-projections"),
+            projection_profile: true,
+            keep_relocations: true,
+            package: "fp-workspace-users",
+        };
+        c.manifest("1.0.0", "");
+        c.source(&users_source());
+        c
+    }
+
+    /// `users` as a crate of its own (its own `[workspace]`), next to a small
+    /// dependency `fp-rules` (a path dependency with a version of its own).
+    fn standalone() -> Crate {
+        let base = workspace().join("target/fingerprint-crates");
+        let dir = base.join("standalone");
+        std::fs::create_dir_all(dir.join("src")).expect("crate dir");
+        std::fs::create_dir_all(base.join("rules/src")).expect("rules dir");
+        Crate::lockfile(&dir);
+        let c = Crate {
+            root: dir.clone(),
+            dir,
+            target_dir: base.join("target"),
+            projection_profile: false,
+            keep_relocations: true,
+            package: "fp-standalone-users",
+        };
+        c.rules("0.1.0", 1);
+        c.manifest("1.0.0", "");
+        c.source(&c.standalone_source());
+        c
+    }
+
+    /// The same lockfile as this repository: the same dependency versions,
+    /// all in the local registry after the workspace's own build.
+    fn lockfile(root: &Path) {
+        std::fs::copy(workspace().join("Cargo.lock"), root.join("Cargo.lock"))
+            .expect("copying Cargo.lock");
+    }
+
+    /// The users source, its rename counter stepping by `fp_rules::RENAME_STEP`.
+    fn standalone_source(&self) -> String {
+        replace_once(
+            &users_source(),
+            "p.renames += 1;",
+            "p.renames += fp_rules::RENAME_STEP;",
+        )
+    }
+
+    /// Writes the crate's Cargo.toml at `version`, with `extra` dependency lines.
+    fn manifest(&self, version: &str, extra: &str) {
+        let text = if self.projection_profile {
+            format!(
+                r#"[package]
+name = "{}"
+edition.workspace = true
+version = "{version}"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+kiln-sdk.workspace = true
+serde.workspace = true
+{extra}"#,
+                self.package
+            )
+        } else {
+            format!(
+                r#"[package]
+name = "{}"
+edition = "2024"
+version = "{version}"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+kiln-sdk = {{ path = "{}" }}
+serde = {{ version = "1", features = ["derive"] }}
+fp-rules = {{ path = "../rules" }}
+{extra}
+[workspace]
+"#,
+                self.package,
+                workspace().join("sdk").display()
+            )
+        };
+        write(&self.dir.join("Cargo.toml"), &text);
+        let build_rs = self.dir.join("build.rs");
+        if self.keep_relocations {
+            let example = std::fs::read_to_string(workspace().join("projections/users/build.rs"))
+                .expect("the example's build.rs");
+            write(&build_rs, &example);
+        } else if build_rs.exists() {
+            std::fs::remove_file(&build_rs).expect("removing build.rs");
+        }
+    }
+
+    fn source(&self, text: &str) {
+        write(&self.dir.join("src/lib.rs"), text);
+    }
+
+    /// The `fp-rules` dependency at `version`, with its one constant.
+    fn rules(&self, version: &str, step: u32) {
+        let dir = self.dir.with_file_name("rules");
+        write(
+            &dir.join("Cargo.toml"),
+            &format!(
+                "[package]\nname = \"fp-rules\"\nedition = \"2024\"\nversion = \"{version}\"\npublish = false\n"
+            ),
+        );
+        write(
+            &dir.join("src/lib.rs"),
+            &format!(
+                "//! How far one rename moves the counter.\npub const RENAME_STEP: u32 = {step};\n"
+            ),
+        );
+    }
+
+    /// Builds the crate for wasm32 and returns the module, checked to carry
+    /// `version` (cargo may keep a hash-less output of another version as fresh).
+    fn build(&self, version: &str) -> Vec<u8> {
+        // A fresh mtime, as scripts/build-projections does for a stale module.
+        let lib = self.dir.join("src/lib.rs");
+        let text = std::fs::read(&lib).expect("lib.rs");
+        std::fs::write(&lib, text).expect("touching lib.rs");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&self.root)
+            .args(["build", "--offline", "--release", "--target", TARGET])
+            .arg("--target-dir")
+            .arg(&self.target_dir)
+            .args(["-p", self.package]);
+        cargo_env::clean_env(&mut cmd);
+        if self.projection_profile {
+            cargo_env::projection_profile(&mut cmd);
+        }
+        let out = cmd.output().expect("running cargo");
+        assert!(
+            out.status.success(),
+            "cargo build of {} failed:\n{}",
+            self.package,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let wasm = self
+            .target_dir
+            .join(TARGET)
+            .join("release")
+            .join(format!("{}.wasm", self.package.replace('-', "_")));
+        let bytes = std::fs::read(&wasm).expect("the built module");
+        let manifest = wasm::manifest_of(&bytes);
+        assert_eq!(
+            manifest["version"],
+            version,
+            "{} holds another version's build",
+            wasm.display()
+        );
+        bytes
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("dir");
+    }
+    // Unchanged files keep their mtime, so cargo reuses what it built.
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        std::fs::write(path, text).expect("write");
+    }
+}
+
+fn report(rt: &Runtime, label: &str, bytes: &[u8]) -> FingerprintReport {
+    rt.load(label, bytes)
+        .unwrap_or_else(|e| panic!("loading {label}: {e}"))
+        .fingerprint_report()
+        .clone()
+}
+
+fn differing(a: &FingerprintReport, b: &FingerprintReport) -> Vec<&'static str> {
+    a.parts
+        .iter()
+        .zip(&b.parts)
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.0)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inside_a_workspace_a_version_bump_aliases_and_a_changed_line_warms() {
+    let started = Instant::now();
+    let c = Crate::inside_a_workspace();
+    let base = c.build("1.0.0");
+    c.manifest("1.0.1", "");
+    let bumped = c.build("1.0.1");
+    c.manifest("1.0.2", "");
+    c.source(&replace_once(
+        &users_source(),
+        "UserEvent::LoginFailed {} => p.failed_logins += 1,",
+        "UserEvent::LoginFailed {} => p.failed_logins += 2,",
+    ));
+    let changed = c.build("1.0.2");
+    c.source(&users_source());
+    eprintln!("workspace crate: 3 builds in {:?}", started.elapsed());
+
+    let rt = wasm::runtime();
+    let (a, b, x) = (
+        report(&rt, "1.0.0", &base),
+        report(&rt, "1.0.1", &bumped),
+        report(&rt, "1.0.2", &changed),
+    );
+    assert_eq!(
+        a.form,
+        Form::Relocated,
+        "the example build.rs keeps relocations"
+    );
+    assert_eq!(
+        a.fingerprint, b.fingerprint,
+        "a version bump keeps the logic"
+    );
+    assert_ne!(
+        a.fingerprint, x.fingerprint,
+        "a changed match arm is new logic"
+    );
+    assert_eq!(differing(&a, &x), ["code"]);
+
+    // Deployed in that order: 1.0.1 aliases 1.0.0, 1.0.2 warms, and each says why.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn EventStore> =
+        Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir.path().join("log"))).expect("store"));
+    let mut config = LifecycleConfig::new(dir.path().join("data"));
+    config.standby_grace = Duration::from_secs(3600);
+    let lifecycle = Lifecycle::start(config, store, rt)
+        .await
+        .expect("lifecycle");
+    let id = |s: &str| s.parse::<ViewId>().expect("view id");
+    let first = lifecycle
+        .deploy(&base, "users-1.0.0.wasm")
+        .await
+        .expect("deploy");
+    assert_eq!(first, DeployOutcome::Warming(id("users-1_0_0")));
+    let second = lifecycle
+        .deploy(&bumped, "users-1.0.1.wasm")
+        .await
+        .expect("deploy");
+    assert_eq!(
+        second,
+        DeployOutcome::Alias {
+            id: id("users-1_0_1"),
+            of: id("users-1_0_0")
+        }
+    );
+    let third = lifecycle
+        .deploy(&changed, "users-1.0.2.wasm")
+        .await
+        .expect("deploy");
+    assert_eq!(third, DeployOutcome::Warming(id("users-1_0_2")));
+
+    let note = |v: &str| {
+        lifecycle
+            .status_of(&id(v))
+            .and_then(|s| s.deploy_note)
+            .expect("a deploy note")
+    };
+    let aliased = note("users-1_0_1");
+    assert!(aliased.contains("alias of users-1_0_0"), "{aliased}");
+    assert!(aliased.contains(&a.fingerprint.to_string()), "{aliased}");
+    let warmed = note("users-1_0_2");
+    assert!(warmed.contains("differs from users-1_0_1"), "{warmed}");
+    assert!(warmed.contains("in: code"), "{warmed}");
+    assert!(!warmed.contains("data"), "{warmed}");
+    lifecycle.shutdown().await;
+}
+
+#[test]
+fn a_standalone_crate_keeps_its_fingerprint_across_versions_and_comments_only() {
+    let _only = standalone_lock();
+    let started = Instant::now();
+    let c = Crate::standalone();
+    let rt = wasm::runtime();
+    let base = report(&rt, "1.0.0", &c.build("1.0.0"));
+    assert_eq!(
+        base.form,
+        Form::Relocated,
+        "the example build.rs keeps relocations"
+    );
+
+    c.manifest("1.0.1", "");
+    let bumped = report(&rt, "1.0.1", &c.build("1.0.1"));
+    assert_eq!(bumped.fingerprint, base.fingerprint, "a version bump");
+
+    // Comments, a blank line and a dependency's version bump without a change
+    // of its code keep the fingerprint too.
+    c.manifest("1.0.2", "");
+    c.source(&replace_once(
+        &c.standalone_source(),
+        "    fn apply(mut p: Profile",
+        "\n    // Folds one event into a profile.\n    fn apply(mut p: Profile",
+    ));
+    c.rules("0.2.0", 1);
+    let commented = report(&rt, "1.0.2", &c.build("1.0.2"));
+    assert_eq!(
+        commented.fingerprint, base.fingerprint,
+        "comments and a dependency bump"
+    );
+    c.source(&c.standalone_source());
+    c.rules("0.1.0", 1);
+    eprintln!("standalone crate: 3 builds in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_standalone_crate_with_one_changed_line_of_logic_gets_a_new_fingerprint() {
+    let _only = standalone_lock();
+    let started = Instant::now();
+    let c = Crate::standalone();
+    let rt = wasm::runtime();
+    let base = report(&rt, "base", &c.build("1.0.0"));
+    let source = c.standalone_source();
+    let edits: [(&str, &str, &str); 4] = [
+        ("a constant", "p.logins += 1;", "p.logins += 3;"),
+        (
+            "a match arm",
+            "UserEvent::EmailChanged { email } => p.email.clone_from(email),",
+            "UserEvent::EmailChanged { email } => p.name.clone_from(email),",
+        ),
+        (
+            "a serialized field name",
+            "    pub email: String,\n    pub registered_at",
+            "    #[serde(rename = \"mail\")]\n    pub email: String,\n    pub registered_at",
+        ),
+        (
+            "a field read",
+            "p.registered_at = e.timestamp;",
+            "p.registered_at = e.position;",
+        ),
+    ];
+    let mut seen = vec![(String::from("base"), base.fingerprint)];
+    for (what, from, to) in edits {
+        c.source(&replace_once(&source, from, to));
+        let r = report(&rt, what, &c.build("1.0.0"));
+        assert_eq!(r.form, Form::Relocated);
+        for (other, fp) in &seen {
+            assert_ne!(
+                r.fingerprint, *fp,
+                "{what} must not share {other}'s fingerprint"
+            );
+        }
+        seen.push((what.to_string(), r.fingerprint));
+    }
+    c.source(&source);
+
+    // A dependency's new version with another constant.
+    c.rules("0.3.0", 2);
+    let dep = report(&rt, "fp-rules 0.3.0", &c.build("1.0.0"));
+    assert!(
+        seen.iter().all(|(_, fp)| *fp != dep.fingerprint),
+        "a dependency's version"
+    );
+    c.rules("0.1.0", 1);
+
+    // A dependency's feature: serde_json's float parsing.
+    c.manifest(
+        "1.0.0",
+        "serde_json = { version = \"1\", features = [\"float_roundtrip\"] }\n",
+    );
+    let feature = report(&rt, "float_roundtrip", &c.build("1.0.0"));
+    assert!(
+        seen.iter().all(|(_, fp)| *fp != feature.fingerprint)
+            && feature.fingerprint != dep.fingerprint,
+        "a dependency's feature"
+    );
+    c.manifest("1.0.0", "");
+    eprintln!("standalone crate: 7 builds in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_standalone_crate_without_relocations_is_compared_as_laid_out_and_says_so() {
+    let _only = standalone_lock();
+    let mut c = Crate::standalone();
+    c.keep_relocations = false;
+    let rt = wasm::runtime();
+    c.manifest("1.0.0", "");
+    let base = report(&rt, "1.0.0", &c.build("1.0.0"));
+    c.manifest("1.0.1", "");
+    let bumped = report(&rt, "1.0.1", &c.build("1.0.1"));
+    for r in [&base, &bumped] {
+        match &r.form {
+            Form::LaidOut { reason } => assert!(reason.contains("--emit-relocs"), "{reason}"),
+            other => panic!("no relocations, yet {other:?}"),
+        }
+    }
+    // Whether the layout happened to match or not, the note says what to do.
+    let note = fingerprint::explain_new_view(
+        &bumped,
+        Some((
+            "users-1_0_0",
+            &base.fingerprint.to_string(),
+            &base.part_map(),
+        )),
+    );
+    assert!(note.contains("build with --emit-relocs"), "{note}");
+    eprintln!(
+        "without relocations, 1.0.0 and 1.0.1 {} (parts differing: {:?})",
+        if base.fingerprint == bumped.fingerprint {
+            "matched"
+        } else {
+            "differed"
+        },
+        differing(&base, &bumped)
+    );
+    c.keep_relocations = true;
+    c.manifest("1.0.0", "");
+}
