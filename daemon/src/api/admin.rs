@@ -1,4 +1,4 @@
-//! Admin endpoints: deploy a module, promote, roll back, retire, and list / retry
+//! Admin endpoints: deploy a module, promote, roll back, resume, retire, and list / retry
 //! parked events. When the server has an admin token, each needs
 //! `Authorization: Bearer <token>` (compared in constant time).
 
@@ -156,6 +156,19 @@ pub async fn rollback(
     let Path(name) = path.map_err(path_error)?;
     let id = state.lifecycle.rollback(&name).await?;
     Ok(Json(json!({ "name": name, "active": id.to_string() })))
+}
+
+/// `POST /admin/views/{id}/resume`: a failed version goes on from its
+/// checkpoint.
+pub async fn resume(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(text) = path.map_err(path_error)?;
+    let id = version_id(&state, &text)?;
+    state.lifecycle.resume(&id).await?;
+    let now = state.lifecycle.status_of(&id).map(|s| s.state);
+    Ok(Json(json!({ "resumed": id.to_string(), "state": now })))
 }
 
 /// `POST /admin/views/{id}/retire`.

@@ -172,6 +172,9 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Retired { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "view_retired", message)
             }
+            LifecycleError::NotFailed { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_failed", message)
+            }
             LifecycleError::Load(_) => ApiError::bad_request("invalid_module", message),
             LifecycleError::Store(e) => e.into(),
             LifecycleError::View(e) => e.into(),

@@ -153,6 +153,7 @@ pub fn router(lifecycle: Lifecycle, config: ApiConfig) -> Router {
         .route("/admin/views/{id}/promote", post(admin::promote))
         .route("/admin/views/{name}/rollback", post(admin::rollback))
         .route("/admin/views/{id}/retire", post(admin::retire))
+        .route("/admin/views/{id}/resume", post(admin::resume))
         .route("/admin/views/{id}/parked", get(admin::parked))
         .route("/admin/views/{id}/parked/retry", post(admin::retry_parked))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -168,7 +168,7 @@ type PerViewMetric = (
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let views = state.lifecycle.status();
     let mut out = String::with_capacity(4096);
-    let per_view: [PerViewMetric; 7] = [
+    let per_view: [PerViewMetric; 9] = [
         (
             "kiln_view_events_applied_total",
             "counter",
@@ -204,6 +204,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             "gauge",
             "1 while the version failed as the active one and its name serves its documents, stale.",
             |v| f64::from(u8::from(v.serving_stale)),
+        ),
+        (
+            "kiln_view_paused",
+            "gauge",
+            "1 while the view version is paused by a host fault (it retries by itself).",
+            |v| f64::from(u8::from(v.paused.is_some())),
+        ),
+        (
+            "kiln_view_host_faults_total",
+            "counter",
+            "Host faults (storage I/O, a full disk) that paused the view version.",
+            |v| v.host_faults as f64,
         ),
         (
             "kiln_view_eta_seconds",

@@ -1,5 +1,5 @@
 //! The client subcommands — `kiln status`, `deploy`, `promote`, `rollback`,
-//! `retire`, `append`, `get`, `ls`, `tail` — talking to a running daemon over its
+//! `retire`, `resume`, `append`, `get`, `ls`, `tail` — talking to a running daemon over its
 //! HTTP API (`--url`, or `KILN_URL`; default `http://127.0.0.1:7070`).
 //!
 //! Output is for people by default; `--json` prints the daemon's JSON answer as
@@ -64,6 +64,8 @@ pub enum ClientCommand {
     Rollback(RollbackArgs),
     /// Stop a version and drop its documents.
     Retire(IdArgs),
+    /// Resume a failed version from its checkpoint (after dealing with the cause).
+    Resume(IdArgs),
     /// Append one event to a stream, optionally with an expected version.
     Append(AppendArgs),
     /// Read one document of a view.
@@ -238,7 +240,9 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
     let json = match &cmd {
         ClientCommand::Status(a) => a.conn.json,
         ClientCommand::Deploy(a) => a.conn.json,
-        ClientCommand::Promote(a) | ClientCommand::Retire(a) => a.conn.json,
+        ClientCommand::Promote(a) | ClientCommand::Retire(a) | ClientCommand::Resume(a) => {
+            a.conn.json
+        }
         ClientCommand::Rollback(a) => a.conn.json,
         ClientCommand::Append(a) => a.conn.json,
         ClientCommand::Get(a) => a.conn.json,
@@ -262,6 +266,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Promote(a) => promote(a).await,
             ClientCommand::Rollback(a) => rollback(a).await,
             ClientCommand::Retire(a) => retire(a).await,
+            ClientCommand::Resume(a) => resume(a).await,
             ClientCommand::Append(a) => append(a).await,
             ClientCommand::Get(a) => get(a).await,
             ClientCommand::Ls(a) => ls(a).await,
@@ -674,6 +679,23 @@ async fn retire(a: IdArgs) -> Outcome {
         print_json(&body);
     } else {
         println!("retired {}", body["retired"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+async fn resume(a: IdArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    let body = client
+        .post(&format!("/admin/views/{}/resume", enc(&a.id)))
+        .await?;
+    if a.conn.json {
+        print_json(&body);
+    } else {
+        println!(
+            "resumed {} from its checkpoint: {}",
+            body["resumed"].as_str().unwrap_or("?"),
+            body["state"].as_str().unwrap_or("?")
+        );
     }
     Ok(())
 }

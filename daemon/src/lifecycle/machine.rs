@@ -236,18 +236,50 @@ impl Registry {
     }
 
     /// Physical view `p` caught up: it and every warming alias of it are
-    /// ready. Returns the names touched (for the cutover policy).
+    /// ready (a resumed version that was serving its name stale is active
+    /// again). Returns the names touched (for the cutover policy).
     pub fn caught_up(&mut self, p: &ViewId, now: u64) -> Vec<String> {
         let mut names = Vec::new();
         for e in self.entries.values_mut() {
             if e.physical() == p && e.state == ViewState::Warming {
                 e.state = ViewState::Ready;
                 e.ready_at = Some(now);
+                if e.serving_stale {
+                    e.serving_stale = false;
+                    e.state = ViewState::Active;
+                    e.activated_at = Some(now);
+                    e.activated_by = Some("resumed after a failure".into());
+                }
                 names.push(e.id.name().to_string());
             }
         }
         names.dedup();
         names
+    }
+
+    /// An operator resumes failed physical view `p` (after dealing with the
+    /// cause): every failed version reading it warms again from its
+    /// checkpoint, nothing replayed before it. A version serving its name
+    /// stale keeps doing so until it has caught up. Returns whether a worker
+    /// must start; [`LifecycleError::NotFailed`] if `p` has not failed.
+    pub fn resume(&mut self, p: &ViewId) -> Result<(), LifecycleError> {
+        if self.physical_state(p) != Physical::Failed {
+            let state = self.entries.get(p).map_or(ViewState::Retired, |e| e.state);
+            return Err(LifecycleError::NotFailed {
+                id: p.clone(),
+                state,
+            });
+        }
+        for e in self.entries.values_mut() {
+            if e.physical() == p && e.state == ViewState::Failed {
+                e.state = ViewState::Warming;
+                e.ready_at = None;
+                e.failed_at = None;
+                e.failed_position = None;
+                e.last_error = None;
+            }
+        }
+        Ok(())
     }
 
     /// Physical view `p`'s worker stopped on an error: every version reading
@@ -463,6 +495,7 @@ mod tests {
         Promote(usize, usize),
         Rollback(usize),
         Retire(usize, usize, bool),
+        Resume(usize),
         Sweep,
     }
 
@@ -474,6 +507,7 @@ mod tests {
             2 => (0..2usize, 0..4usize).prop_map(|(n, v)| Op::Promote(n, v)),
             2 => (0..2usize).prop_map(Op::Rollback),
             2 => (0..2usize, 0..4usize, any::<bool>()).prop_map(|(n, v, a)| Op::Retire(n, v, a)),
+            1 => (0..8usize).prop_map(Op::Resume),
             2 => Just(Op::Sweep),
         ]
     }
@@ -597,6 +631,29 @@ mod tests {
                         self.operator_retired.insert(id(n, v));
                     }
                 }
+                Op::Resume(i) => {
+                    // Any physical view, failed or not (refused unless failed).
+                    let mut all: Vec<ViewId> = self
+                        .reg
+                        .entries
+                        .values()
+                        .map(|e| e.physical().clone())
+                        .collect();
+                    all.sort();
+                    all.dedup();
+                    if all.is_empty() {
+                        return;
+                    }
+                    let p = all[i % all.len()].clone();
+                    let failed = self.reg.physical_state(&p) == Physical::Failed;
+                    match self.reg.resume(&p) {
+                        Ok(()) => {
+                            assert!(failed);
+                            self.workers.insert(p);
+                        }
+                        Err(_) => assert!(!failed),
+                    }
+                }
                 Op::Sweep => {
                     for sid in self.reg.expired_standbys(now, |_| 2500) {
                         let e = &self.reg.entries[&sid];
@@ -640,7 +697,17 @@ mod tests {
                     // I1: never a half-built view.
                     let p = self.reg.physical_state(e.physical());
                     if e.serving_stale {
-                        assert_eq!((e.state, p), (ViewState::Failed, Physical::Failed));
+                        // Failed, or resumed and warming back to its name.
+                        assert!(
+                            matches!(
+                                (e.state, p),
+                                (ViewState::Failed, Physical::Failed)
+                                    | (ViewState::Warming, Physical::Warming)
+                            ),
+                            "stale {} is {} over a {p:?} view",
+                            e.id,
+                            e.state
+                        );
                     } else {
                         assert_eq!(p, Physical::Live, "{} serves a {p:?} view", e.id);
                         assert!(self.workers.contains(e.physical()));

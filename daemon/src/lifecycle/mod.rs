@@ -276,6 +276,12 @@ pub struct ViewStatus {
     pub eta_secs: Option<f64>,
     /// Events in the dead-letter list.
     pub parked: usize,
+    /// Why its worker is paused by a host fault (storage I/O, a full disk,
+    /// the log unreadable): it retries with backoff and resumes by itself,
+    /// serving its committed documents meanwhile. Not a failure.
+    pub paused: Option<String>,
+    /// Host faults met since the daemon started.
+    pub host_faults: u64,
     pub last_error: Option<String>,
     /// Position of the event the version failed on, when `failed`.
     pub failed_position: Option<u64>,
@@ -363,6 +369,8 @@ pub enum LifecycleError {
     Failed { id: ViewId, reason: String },
     #[error("view {id} is retired")]
     Retired { id: ViewId },
+    #[error("view {id} is {state}, not failed: there is nothing to resume")]
+    NotFailed { id: ViewId, state: ViewState },
     #[error(
         "view {id} is what {} serves: it stays (promote or roll back to another version first, or retire it explicitly through the API or CLI)",
         id.name()
@@ -595,6 +603,41 @@ impl Lifecycle {
         self.inner.check_running()?;
         let _ops = self.inner.ops.lock().await;
         self.inner.retire_if(id, false, |_, _| true).await
+    }
+
+    /// Resumes failed version `id` (its physical view, and every failed
+    /// version reading it) from its checkpoint, after an operator dealt with
+    /// the cause (parked the poison event, freed the disk): it warms from
+    /// there, nothing before it replayed, and is ready once caught up (a
+    /// version that served its name stale is active again then).
+    pub async fn resume(&self, id: &ViewId) -> Result<(), LifecycleError> {
+        self.inner.check_running()?;
+        let physical = self.inner.physical(id)?;
+        let path = self.inner.module_path(&physical);
+        let bytes = tokio::fs::read(&path).await.map_err(LifecycleError::io(
+            format!("reading the module of {physical}"),
+            &path,
+        ))?;
+        let runtime = self.inner.runtime.clone();
+        let label = path.display().to_string();
+        let module = tokio::task::spawn_blocking(move || runtime.load(&label, &bytes))
+            .await
+            .map_err(|e| LifecycleError::Internal(e.to_string()))??;
+        let _ops = self.inner.ops.lock().await;
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let before = st.registry.clone();
+        st.registry.resume(&physical)?;
+        inner.commit(&mut st, before)?;
+        let checkpoint = inner.views.checkpoint(&physical).unwrap_or(0);
+        let parked = parked::count(&inner.views, &physical);
+        let progress = Progress::new(checkpoint, true, parked);
+        st.progress.insert(physical.clone(), progress.clone());
+        let poison = inner.config.policy(physical.name()).poison;
+        let handle = worker::spawn(inner, module, progress, poison);
+        st.workers.insert(physical.clone(), handle);
+        tracing::info!(view = %physical, checkpoint, "resumed from its checkpoint");
+        Ok(())
     }
 
     /// Runs the standby grace sweep as if the clock read `now_millis` (ms
@@ -1378,6 +1421,8 @@ impl Inner {
                 .map_or_else(BatchLatency::default, |p| p.batch_latency.snapshot()),
             eta_secs: (e.state == ViewState::Warming && rate > 0.0).then(|| lag as f64 / rate),
             parked: progress.map_or(0, |p| p.parked.load(Ordering::Relaxed)),
+            paused: progress.and_then(|p| p.paused()),
+            host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
             last_error: e.last_error.clone(),
             failed_position: e.failed_position,
             serving_stale: e.serving_stale,

@@ -31,6 +31,11 @@ use crate::views::ViewId;
 /// How long a worker waits before re-opening a tail that returned an error.
 const TAIL_RETRY: Duration = Duration::from_millis(500);
 
+/// First and longest wait before a view paused by a host fault (storage I/O,
+/// a full disk) tries again; the wait doubles in between.
+const FAULT_RETRY_FIRST: Duration = Duration::from_millis(250);
+const FAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Longest a warming batch waits for live workers to be idle before it runs
 /// anyway (so two busy live views cannot starve a warm-up).
 pub(super) const WARM_MAX_WAIT: Duration = Duration::from_millis(20);
@@ -83,6 +88,10 @@ pub(super) struct Progress {
     pub rate: std::sync::Mutex<(Instant, u64, f64)>,
     /// How long batches take to apply and commit.
     pub batch_latency: LatencyHistogram,
+    /// Why the worker is paused by a host fault (it retries by itself).
+    pub paused: std::sync::Mutex<Option<String>>,
+    /// Host faults met since start (each one paused the worker).
+    pub faults: AtomicU64,
 }
 
 impl Progress {
@@ -95,7 +104,20 @@ impl Progress {
             checkpoint_tx: watch::Sender::new(checkpoint),
             rate: std::sync::Mutex::new((Instant::now(), 0, 0.0)),
             batch_latency: LatencyHistogram::default(),
+            paused: std::sync::Mutex::new(None),
+            faults: AtomicU64::new(0),
         })
+    }
+
+    /// Why the worker is paused, if it is.
+    pub fn paused(&self) -> Option<String> {
+        self.paused.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set_paused(&self, reason: Option<String>) {
+        if let Ok(mut p) = self.paused.lock() {
+            *p = reason;
+        }
     }
 
     pub fn checkpoint(&self) -> Position {
@@ -215,6 +237,7 @@ pub(super) fn spawn(
         projector: None,
         retry: None,
         target: None,
+        open_error: None,
     };
     let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
     WorkerHandle {
@@ -235,15 +258,38 @@ struct Worker {
     retry: Option<Instance>,
     /// While warming: the head this round replays up to (see the module docs).
     target: Option<Position>,
+    /// Why the projector last failed to open.
+    open_error: Option<String>,
 }
 
 /// Why a worker stopped applying.
 enum Halt {
     Stopped,
+    /// The projection failed: the version goes `failed`.
     Failed {
         position: Option<Position>,
         reason: String,
     },
+    /// The host failed (storage I/O, a full disk): pause, retry, resume.
+    Fault {
+        reason: String,
+    },
+}
+
+impl Halt {
+    /// A non-poison error: the host's fault when storage failed, else the
+    /// projection's.
+    fn of(e: ProjectionError, position: Option<Position>) -> Halt {
+        match e {
+            ProjectionError::View { .. } => Halt::Fault {
+                reason: e.to_string(),
+            },
+            e => Halt::Failed {
+                position,
+                reason: e.to_string(),
+            },
+        }
+    }
 }
 
 impl Worker {
@@ -252,9 +298,24 @@ impl Worker {
         mut stop_rx: watch::Receiver<bool>,
         mut commands: mpsc::Receiver<Command>,
     ) {
-        if let Err(e) = self.open().await {
-            self.fail(None, e.to_string());
-            return;
+        let mut backoff = FAULT_RETRY_FIRST;
+        loop {
+            match self.open().await {
+                Ok(()) => break,
+                Err(e) => match Halt::of(e, None) {
+                    Halt::Fault { reason } => {
+                        if !self.pause(&reason, &mut backoff, &mut stop_rx).await {
+                            return;
+                        }
+                    }
+                    _ => {
+                        // Not the host's fault: the module cannot open its view.
+                        let reason = self.open_error.take().unwrap_or_default();
+                        self.fail(None, reason);
+                        return;
+                    }
+                },
+            }
         }
         let warming = self.progress.warming.load(Ordering::Acquire);
         tracing::info!(
@@ -278,18 +339,50 @@ impl Worker {
                     }
                     Some(Err(e)) => {
                         tracing::warn!("tailing the log: {e}; retrying in {TAIL_RETRY:?}");
+                        self.progress.set_paused(Some(format!("the log is unreadable: {e}")));
                         tokio::select! {
                             _ = stop_rx.changed() => break,
                             _ = tokio::time::sleep(TAIL_RETRY) => {}
                         }
+                        if self.inner.store.head().await.is_ok() {
+                            self.progress.set_paused(None);
+                        }
                         tail = self.inner.store.tail(self.progress.checkpoint() + 1);
                     }
                     Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            if self.progress.paused().is_some() {
+                                tracing::info!(checkpoint = self.progress.checkpoint(), "resumed after a host fault");
+                                self.progress.set_paused(None);
+                            }
+                            backoff = FAULT_RETRY_FIRST;
+                        }
                         Err(Halt::Stopped) => break,
                         Err(Halt::Failed { position, reason }) => {
                             self.fail(position, reason);
                             return;
+                        }
+                        Err(Halt::Fault { reason }) => {
+                            // Back to the checkpoint: what failed to commit is
+                            // applied again by a fresh projector.
+                            self.projector = None;
+                            loop {
+                                if !self.pause(&reason, &mut backoff, &mut stop_rx).await {
+                                    return;
+                                }
+                                match self.open().await {
+                                    Ok(()) => break,
+                                    Err(e) => match Halt::of(e, None) {
+                                        Halt::Fault { .. } => continue,
+                                        _ => {
+                                            let reason = self.open_error.take().unwrap_or_default();
+                                            self.fail(None, reason);
+                                            return;
+                                        }
+                                    },
+                                }
+                            }
+                            tail = self.inner.store.tail(self.progress.checkpoint() + 1);
                         }
                     },
                 },
@@ -299,6 +392,28 @@ impl Worker {
             checkpoint = self.progress.checkpoint(),
             "view worker stopped"
         );
+    }
+
+    /// Paused by a host fault: says why (status, metrics, log), waits the
+    /// backoff (doubling it), and answers whether to go on (`false`: stopped).
+    async fn pause(
+        &mut self,
+        reason: &str,
+        backoff: &mut Duration,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> bool {
+        self.progress.faults.fetch_add(1, Ordering::Relaxed);
+        self.progress.set_paused(Some(reason.to_string()));
+        tracing::warn!(
+            checkpoint = self.progress.checkpoint(),
+            "paused by a host fault, retrying in {backoff:?}: {reason}"
+        );
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(FAULT_RETRY_MAX);
+        tokio::select! {
+            _ = stop_rx.changed() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
     }
 
     async fn open(&mut self) -> Result<(), ProjectionError> {
@@ -312,7 +427,8 @@ impl Worker {
                     version: self.module.version().to_string(),
                     reason: format!("opening the view panicked: {e}"),
                 })?
-                .map_err(|e| *e)?;
+                .map_err(|e| *e)
+                .inspect_err(|e| self.open_error = Some(e.to_string()))?;
         self.progress
             .checkpoint
             .store(projector.checkpoint(), Ordering::Release);
@@ -402,12 +518,7 @@ impl Worker {
         }
         match self.apply_blocking(batch, range.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if !is_poison(&e) => {
-                return Err(Halt::Failed {
-                    position: None,
-                    reason: e.to_string(),
-                });
-            }
+            Err(e) if !is_poison(&e) => return Err(Halt::of(e, None)),
             Err(e) => tracing::warn!("batch refused, re-applying it event by event: {e}"),
         }
         for i in range {
@@ -416,12 +527,7 @@ impl Worker {
             }
             match self.apply_blocking(batch, i..i + 1).await {
                 Ok(()) => {}
-                Err(e) if !is_poison(&e) => {
-                    return Err(Halt::Failed {
-                        position: Some(batch[i].position),
-                        reason: e.to_string(),
-                    });
-                }
+                Err(e) if !is_poison(&e) => return Err(Halt::of(e, Some(batch[i].position))),
                 Err(e) => match self.poison {
                     PoisonPolicy::Stop => {
                         return Err(Halt::Failed {
@@ -440,22 +546,20 @@ impl Worker {
     async fn park(&mut self, event: &RecordedEvent, error: ProjectionError) -> Result<(), Halt> {
         let position = event.position;
         tracing::warn!(position, "parking a poison event: {error}");
-        let failed = |reason: String| Halt::Failed {
-            position: Some(position),
-            reason,
-        };
         let record = parked::Parked::new(event, error.to_string()).encode();
         self.inner
             .views
             .park(&self.view, position, &record)
-            .map_err(|e| failed(format!("parking the event: {e}")))?;
+            .map_err(|e| Halt::Fault {
+                reason: format!("parking the event at {position}: {e}"),
+            })?;
         self.progress.parked.store(
             parked::count(&self.inner.views, &self.view),
             Ordering::Release,
         );
         // The projector's checkpoint is behind the view's now: open it again.
         self.projector = None;
-        self.open().await.map_err(|e| failed(e.to_string()))?;
+        self.open().await.map_err(|e| Halt::of(e, Some(position)))?;
         Ok(())
     }
 
