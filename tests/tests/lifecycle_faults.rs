@@ -118,6 +118,12 @@ async fn a_full_disk_pauses_views_never_fails_them_and_loses_no_acknowledged_app
         seen_paused,
         "the view's commits hit the full disk: it shows paused"
     );
+    // The store says it cannot write (GET /readyz answers 503 with this).
+    let fault = store
+        .write_fault()
+        .expect("the store knows it cannot write");
+    assert!(fault.to_lowercase().contains("space"), "{fault}");
+    assert!(store.unwritable_millis() > 0);
 
     // Space comes back. (RocksDB does not resume writing to the log after a
     // WAL write hit ENOSPC by itself; kiln's own recovery of the store is
@@ -128,6 +134,7 @@ async fn a_full_disk_pauses_views_never_fails_them_and_loses_no_acknowledged_app
     let store: Arc<dyn EventStore> = Arc::new(
         EmbeddedStore::open(EmbeddedConfig::new(mnt.join("log"))).expect("the log reopens"),
     );
+    assert_eq!(store.write_fault(), None);
     let head = store.head().await.unwrap();
     let last_acknowledged = *acknowledged.last().expect("appends were acknowledged");
     assert!(

@@ -1,7 +1,8 @@
 //! Probes, metrics and the status page.
 //!
 //! - `GET /healthz`: liveness; 200 while the process serves HTTP.
-//! - `GET /readyz`: the daemon is ready when the store answers and every view
+//! - `GET /readyz`: the daemon is ready when the store answers (and its last
+//!   write did not fail: a full disk makes it 503 until a write succeeds) and every view
 //!   name that has live versions has an active one (503 naming those that do not).
 //! - `GET /readyz/{view}`: one version (exact id, bare name or `name@req`); 200 once
 //!   it is ready, active or standby, 503 while warming (with progress), failed or
@@ -35,6 +36,14 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// `GET /readyz`.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let store = state.lifecycle.store().clone();
+    if let Some(why) = store.write_fault() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("the event store cannot write: {why}"),
+        )
+        .into_response();
+    }
     match tokio::time::timeout(Duration::from_secs(2), store.head()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
@@ -277,6 +286,13 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         out,
         "# HELP kiln_auto_rollbacks_total Times an active version failed and its name rolled back to a healthy standby.\n# TYPE kiln_auto_rollbacks_total counter\nkiln_auto_rollbacks_total {}",
         state.lifecycle.auto_rollbacks()
+    );
+    let store = state.lifecycle.store();
+    let _ = writeln!(
+        out,
+        "# HELP kiln_store_unwritable 1 while the event store's last write failed (a full disk, an I/O error).\n# TYPE kiln_store_unwritable gauge\nkiln_store_unwritable {}\n# HELP kiln_store_unwritable_seconds_total Time the event store spent unable to write.\n# TYPE kiln_store_unwritable_seconds_total counter\nkiln_store_unwritable_seconds_total {}",
+        u8::from(store.write_fault().is_some()),
+        store.unwritable_millis() as f64 / 1000.0
     );
     let _ = writeln!(
         out,

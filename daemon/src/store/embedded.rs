@@ -295,9 +295,56 @@ pub struct WriterStats {
     pub groups: AtomicU64,
     /// Jobs (appends and snapshots) handled, committed or refused.
     pub jobs: AtomicU64,
+    /// The last write's failure (a full disk, an I/O error) and since when
+    /// writes fail; `None` once a write succeeds again.
+    fault: Mutex<Option<(String, std::time::Instant)>>,
+    /// Milliseconds spent unable to write, over faults that have ended.
+    pub unwritable_ms: AtomicU64,
 }
 
 impl WriterStats {
+    /// Why the log cannot be written now, if a write failed and none has
+    /// succeeded since.
+    pub fn fault(&self) -> Option<String> {
+        self.fault
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|(e, _)| e.clone()))
+    }
+
+    /// Milliseconds spent unable to write, the current fault included.
+    pub fn unwritable_millis(&self) -> u64 {
+        let current = self
+            .fault
+            .lock()
+            .ok()
+            .and_then(|f| {
+                f.as_ref()
+                    .map(|(_, since)| since.elapsed().as_millis() as u64)
+            })
+            .unwrap_or(0);
+        self.unwritable_ms.load(Ordering::Relaxed) + current
+    }
+
+    fn note_write(&self, result: &Result<(), String>) {
+        let Ok(mut fault) = self.fault.lock() else {
+            return;
+        };
+        match (result, fault.as_ref()) {
+            (Err(e), None) => {
+                tracing::error!("the log cannot be written: {e}");
+                *fault = Some((e.clone(), std::time::Instant::now()));
+            }
+            (Ok(()), Some((_, since))) => {
+                let ms = since.elapsed().as_millis() as u64;
+                self.unwritable_ms.fetch_add(ms, Ordering::Relaxed);
+                tracing::info!(after_ms = ms, "the log can be written again");
+                *fault = None;
+            }
+            _ => {}
+        }
+    }
+
     /// Average number of jobs per committed group since the store opened.
     pub fn mean_group_size(&self) -> f64 {
         let groups = self.groups.load(Ordering::Relaxed);
@@ -387,7 +434,9 @@ impl Writer {
         } else {
             let mut opts = WriteOptions::default();
             opts.set_sync(self.durability == Durability::Fsync);
-            self.db.write_opt(batch, &opts).map_err(|e| e.to_string())
+            let written = self.db.write_opt(batch, &opts).map_err(|e| e.to_string());
+            self.stats.note_write(&written);
+            written
         };
         if written.is_ok() && overlay.head != self.head {
             self.head = overlay.head;
@@ -672,6 +721,14 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
+    fn write_fault(&self) -> Option<String> {
+        self.inner.stats.fault()
+    }
+
+    fn unwritable_millis(&self) -> u64 {
+        self.inner.stats.unwritable_millis()
+    }
+
     async fn append(&self, req: AppendRequest) -> Result<AppendResult, StoreError> {
         validate_append(&req, &self.inner.limits)?;
         let (reply, rx) = oneshot::channel();

@@ -451,6 +451,18 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The snapshot with the highest version; [`StoreError::SnapshotNotFound`] if none.
     async fn latest_snapshot(&self, stream: &StreamId) -> Result<Snapshot, StoreError>;
+
+    /// Why the store cannot take appends now (its last write failed: a full
+    /// disk, an I/O error, and none has succeeded since), if so. Readiness
+    /// probes report it. Default: no such knowledge.
+    fn write_fault(&self) -> Option<String> {
+        None
+    }
+
+    /// Milliseconds the store has spent unable to write since it opened.
+    fn unwritable_millis(&self) -> u64 {
+        0
+    }
 }
 
 /// Checks an append against the id alphabet, JSON and size limits. Both backends
