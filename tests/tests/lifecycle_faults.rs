@@ -7,6 +7,8 @@
 //!   (naming the cause). The active view is `paused` (never `failed`) and its
 //!   name keeps answering; after space returns and a restart every
 //!   acknowledged append is there and the view catches up.
+//! - `a_nats_outage_fails_no_view_and_the_tail_resumes_without_gaps`: the
+//!   nats-server killed under load for 4 s and started again.
 //! - `a_failed_version_resumes_from_its_checkpoint`: a poison event stops
 //!   the active version (served stale); after a restart with `poison = park`
 //!   an operator resumes it: it parks the event, goes on from its checkpoint
@@ -234,5 +236,108 @@ async fn a_failed_version_resumes_from_its_checkpoint() {
         lc.resume(&id("users-1_0_0")).await,
         Err(kiln::lifecycle::LifecycleError::NotFailed { .. })
     ));
+    lc.shutdown().await;
+}
+
+/// The NATS server goes away under load and comes back: reads keep
+/// answering from the views, appends fail meanwhile and succeed after, no
+/// view fails, and the tail resumes without a gap or a duplicate (each
+/// user's login count equals its `UserLoggedIn` events in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_fails_no_view_and_the_tail_resumes_without_gaps() {
+    use kiln_tests::conformance::Harness;
+    let mut h = kiln_tests::nats::JetStreamHarness::start().await;
+    let env = Env::with_store(h.store());
+    let lc = env.start(env.config()).await;
+    append_users(&env.store, 200, 0).await;
+    deploy_active(&lc, "1.0.0", false).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (env.store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let stream = StreamId::new(format!("user-{}", i % 10)).unwrap();
+                let event = NewEvent::json("UserLoggedIn", &json!({}));
+                match store
+                    .append(AppendRequest::new(
+                        stream,
+                        ExpectedVersion::Any,
+                        vec![event],
+                    ))
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| h.server.kill());
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(4) {
+        let s = lc.status_of(&id("users-1_0_0")).unwrap();
+        assert_eq!(s.state, ViewState::Active, "{s:?}");
+        assert!(lc.get(&id("users-1_0_0"), b"user-1").unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(env.store.head().await.is_err(), "the store says it is down");
+    tokio::task::block_in_place(|| h.server.start_again());
+    // Appends come back by themselves.
+    let back = Instant::now();
+    let last = loop {
+        let stream = StreamId::new("user-3").unwrap();
+        let event = NewEvent::json("UserLoggedIn", &json!({}));
+        match env
+            .store
+            .append(AppendRequest::new(
+                stream,
+                ExpectedVersion::Any,
+                vec![event],
+            ))
+            .await
+        {
+            Ok(r) => break r.position,
+            Err(e) => {
+                assert!(back.elapsed() < WAIT, "appends never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = writer.await.unwrap();
+    assert!(
+        ok > 0 && failed > 0,
+        "appends succeeded ({ok}) and failed ({failed})"
+    );
+    let head = env.store.head().await.unwrap().max(last);
+    lc.wait_for_position(&id("users-1_0_0"), head, WAIT)
+        .await
+        .expect("the view caught up after the outage");
+    for user in 0..10 {
+        let stream = StreamId::new(format!("user-{user}")).unwrap();
+        let events = env.store.read_stream(&stream, 1, 100_000).await.unwrap();
+        let logins = events
+            .iter()
+            .filter(|e| e.event_type == "UserLoggedIn")
+            .count() as u64;
+        let doc = lc
+            .get(&id("users-1_0_0"), stream.as_str().as_bytes())
+            .unwrap()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(
+            doc["logins"].as_u64(),
+            Some(logins),
+            "user-{user}: no gap, no duplicate"
+        );
+    }
     lc.shutdown().await;
 }

@@ -25,7 +25,7 @@
 //! read it), let the grace period pass, clean restart, crash, lose the
 //! registry, and the racing pairs retire ‖ redeploy and rollback ‖ sweep.
 //!
-//! `KILN_MODEL_SEQUENCES` (default 150) sequences of `KILN_MODEL_STEPS`
+//! `KILN_MODEL_SEQUENCES` (default 200) sequences of `KILN_MODEL_STEPS`
 //! (default 14) steps run in the normal test command; `KILN_MODEL_SEED=<n>`
 //! replays the one sequence a failure names.
 
@@ -891,7 +891,7 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
         run_sequence(seed, steps, &shared).await;
         return;
     }
-    let n = env_u64("KILN_MODEL_SEQUENCES", 150);
+    let n = env_u64("KILN_MODEL_SEQUENCES", 200);
     let base = env_u64("KILN_MODEL_BASE", 0x6b69_6c6e);
     let started = Instant::now();
     for i in 0..n {
