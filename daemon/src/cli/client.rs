@@ -493,6 +493,12 @@ fn status_table(views: &[Value]) -> String {
         if let Some(n) = v["parked"].as_u64().filter(|n| *n > 0) {
             line.push_str(&format!("  {n} parked"));
         }
+        if v["serving_stale"].as_bool() == Some(true) {
+            line.push_str("  (its name serves it, stale)");
+        }
+        if let Some(p) = v["paused"].as_str() {
+            line.push_str(&format!("  paused: {p}"));
+        }
         if let Some(e) = v["last_error"].as_str() {
             line.push_str(&format!("  error: {e}"));
         }
@@ -789,6 +795,12 @@ async fn get(a: GetArgs) -> Outcome {
     if a.conn.json {
         print_json(&body);
     } else {
+        if body["stale"].as_bool() == Some(true) {
+            eprintln!(
+                "warning: {} failed; this is its last document (stale)",
+                body["view"].as_str().unwrap_or("the view")
+            );
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&body["doc"]).unwrap_or_default()

@@ -1184,7 +1184,9 @@ impl Inner {
                 let moved = before.entries.get(&id).map(|e| e.source.as_str()) != Some(label);
                 if moved {
                     // A renamed or copied file: it owns the version now.
+                    let from = before.entries.get(&id).map(|e| e.source.clone());
                     self.commit(&mut st, before)?;
+                    tracing::info!(view = %id, from = from.as_deref().unwrap_or("?"), to = label, "its module file was renamed or copied: it keeps its version");
                 }
                 return Ok(DeployOutcome::AlreadyDeployed(id));
             }
