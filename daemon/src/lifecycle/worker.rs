@@ -350,13 +350,7 @@ impl Worker {
                         tail = self.inner.store.tail(self.progress.checkpoint() + 1);
                     }
                     Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
-                        Ok(()) => {
-                            if self.progress.paused().is_some() {
-                                tracing::info!(checkpoint = self.progress.checkpoint(), "resumed after a host fault");
-                                self.progress.set_paused(None);
-                            }
-                            backoff = FAULT_RETRY_FIRST;
-                        }
+                        Ok(()) => backoff = FAULT_RETRY_FIRST,
                         Err(Halt::Stopped) => break,
                         Err(Halt::Failed { position, reason }) => {
                             self.fail(position, reason);
@@ -604,6 +598,12 @@ impl Worker {
                 .filter(|e| e.position > before && e.position <= after)
                 .count() as u64;
             self.progress.applied.fetch_add(applied, Ordering::Relaxed);
+            // A commit landed: whatever paused the worker is over (cleared
+            // before waiters see the new checkpoint).
+            if self.progress.paused().is_some() {
+                tracing::info!(checkpoint = after, "resumed after a host fault");
+                self.progress.set_paused(None);
+            }
             self.progress.checkpoint.store(after, Ordering::Release);
             self.progress.checkpoint_tx.send_replace(after);
         }
