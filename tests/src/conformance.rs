@@ -728,6 +728,9 @@ pub async fn bad_input_is_refused_and_nothing_written<H: Harness>() {
     assert_eq!(version(s, "bad-1").await, 0);
 }
 
+/// One input row: what it is, its events, its condition tags, its verdict.
+type Row = (&'static str, Vec<NewEvent>, Option<Vec<String>>, Verdict);
+
 /// What an input row must give: accepted, or refused with this error variant
 /// and a message naming the reason.
 enum Verdict {
@@ -767,7 +770,7 @@ pub async fn the_input_contract_table<H: Harness>() {
             .collect()
     };
     let big = |bytes: usize| format!("\"{}\"", "x".repeat(bytes - 2));
-    let rows: Vec<(&str, Vec<NewEvent>, Option<Vec<String>>, Verdict)> = vec![
+    let rows: Vec<Row> = vec![
         (
             "64 tags of 200 bytes on one event",
             with_tags(limits.max_tags_per_event, &long_tag),

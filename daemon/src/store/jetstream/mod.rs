@@ -57,6 +57,9 @@ use super::{
 /// Most messages in one atomic batch (the server's limit; the shared
 /// validation's [`super::MAX_APPEND_MESSAGES`] keeps appends within it).
 pub const MAX_BATCH_MESSAGES: usize = super::MAX_APPEND_MESSAGES;
+/// How long an append waits for its ack before checking that the stream
+/// still has a leader (and again after each such wait).
+const ACK_PATIENCE: Duration = Duration::from_millis(1500);
 /// Most tries of a direct get no replica far enough along could answer.
 const DIRECT_GET_ATTEMPTS: u32 = 8;
 /// Most foreign messages remembered for `/views` and `/store/foreign`.
@@ -74,8 +77,8 @@ const HEAD_HINTS: usize = 65_536;
 
 // JetStream API error codes kiln reacts to.
 const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
-const ERR_WRONG_LAST_SEQUENCE_IN_BATCH: u64 = 10164;
 const ERR_WRONG_LAST_MSG_ID: u64 = 10070;
+const ERR_WRONG_LAST_SEQUENCE_IN_BATCH: u64 = 10164;
 const ERR_DUPLICATE_IN_PROCESS: u64 = 10158;
 const ERR_BATCH_DUPLICATE_MSG_ID: u64 = 10201;
 const ERR_BATCH_INCOMPLETE: u64 = 10176;
@@ -105,6 +108,8 @@ struct Inner {
     foreign: Mutex<BTreeMap<u64, ForeignRecord>>,
     foreign_total: AtomicU64,
     tail_stalls: AtomicU64,
+    /// The server runs JetStream in a cluster (see [`Inner::probe`]).
+    clustered: bool,
     /// See [`Inner::seen`].
     seen_events: AtomicU64,
     seen_snapshots: AtomicU64,
@@ -119,6 +124,7 @@ impl JetStreamStore {
         let timeout = config.request_timeout();
         let (gen_tx, gen_rx) = watch::channel(0u64);
         let gen_tx = Arc::new(gen_tx);
+        let elections_tx = gen_tx.clone();
         let mut opts = ConnectOptions::new()
             .name(&config.connection_name)
             .request_timeout(Some(timeout))
@@ -171,6 +177,7 @@ impl JetStreamStore {
             )
         })?;
         check_server_version(&client, &config)?;
+        let clustered = client.server_info().cluster.is_some();
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
@@ -200,6 +207,7 @@ impl JetStreamStore {
         )
         .await?;
         check_stream(&events, &client)?;
+        watch_leader_elections(&client, &config.stream, elections_tx).await;
         let snapshots = ensure_stream(
             &js,
             js_stream::Config {
@@ -227,6 +235,7 @@ impl JetStreamStore {
                 foreign: Mutex::new(BTreeMap::new()),
                 foreign_total: AtomicU64::new(0),
                 tail_stalls: AtomicU64::new(0),
+                clustered,
                 seen_events: AtomicU64::new(0),
                 seen_snapshots: AtomicU64::new(0),
             }),
@@ -279,6 +288,30 @@ impl JetStreamStore {
     /// JetStream operations on the same server).
     pub fn context(&self) -> &Context {
         &self.inner.js
+    }
+}
+
+/// Bumps `tails` whenever the event stream elects a leader (a JetStream
+/// advisory), so every tail recreates its consumer at once instead of
+/// waiting to notice that a consumer on the old leader went silent.
+async fn watch_leader_elections(client: &Client, stream: &str, tails: Arc<watch::Sender<u64>>) {
+    let subject = format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}");
+    match client.subscribe(subject.clone()).await {
+        Ok(mut advisories) => {
+            let stream = stream.to_string();
+            tokio::spawn(async move {
+                while advisories.next().await.is_some() {
+                    tracing::info!(
+                        stream,
+                        "the event stream elected a leader; recreating tails"
+                    );
+                    tails.send_modify(|g| *g += 1);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(
+            "cannot follow {subject} ({e}); tails notice a leader change by their idle checks"
+        ),
     }
 }
 
@@ -839,6 +872,37 @@ impl Inner {
         }
     }
 
+    /// Does the event stream have a leader right now? One stream info request
+    /// (answered by the leader), bounded by [`ACK_PATIENCE`]; no answer, an
+    /// error or no leader in a cluster's answer all mean no.
+    async fn stream_has_leader(&self) -> bool {
+        let api = format!("$JS.API.STREAM.INFO.{}", self.config.stream);
+        let request = Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(ACK_PATIENCE));
+        let Ok(reply) = self.client.send_request(api, request).await else {
+            return false;
+        };
+        #[derive(Deserialize)]
+        struct Leader {
+            #[serde(default)]
+            leader: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(default)]
+            error: Option<serde_json::Value>,
+            #[serde(default)]
+            cluster: Option<Leader>,
+        }
+        match serde_json::from_slice::<Info>(&reply.payload) {
+            Ok(info) if info.error.is_none() => info
+                .cluster
+                .is_none_or(|c| c.leader.is_some_and(|l| !l.is_empty())),
+            _ => false,
+        }
+    }
+
     fn electing(&self, op: String) -> StoreError {
         StoreError::Unavailable {
             op,
@@ -867,7 +931,22 @@ impl Inner {
             .headers(headers)
             .payload(payload)
             .timeout(Some(self.config.request_timeout()));
-        let reply = match self.client.send_request(subject.clone(), request).await {
+        // While the ack is late, ask whether the stream still has a leader: a
+        // request caught by a leader's death is never answered, and waiting
+        // out the whole timeout would hide a routine election.
+        let send = self.client.send_request(subject.clone(), request);
+        tokio::pin!(send);
+        let answered = loop {
+            tokio::select! {
+                answered = &mut send => break answered,
+                _ = tokio::time::sleep(ACK_PATIENCE) => {
+                    if !self.stream_has_leader().await {
+                        return Err(self.electing(op()));
+                    }
+                }
+            }
+        };
+        let reply = match answered {
             Ok(reply) => reply,
             Err(e) => {
                 return Err(match e.kind() {
@@ -961,8 +1040,14 @@ impl Inner {
 
     /// Asks the server, without writing anything, whether `id` was stored within
     /// the dedupe window, and at which sequence. The probe carries the event id and
-    /// an expected-last-msg-id that never holds: the server answers a known id with
-    /// a duplicate ack (it checks ids first) and refuses anything else.
+    /// a guard that never holds, one the server checks after the id (so a known
+    /// id gets a duplicate ack) and that refuses anything else. Which guard
+    /// depends on the server's mode (nats-server 2.15):
+    /// - clustered: an expected last subject sequence of u64::MAX on the probe
+    ///   subject (where nothing is stored). An expected-last-msg-id refusal
+    ///   there leaves a replicated stream answering no further publishes.
+    /// - one server: an expected-last-msg-id that never holds; a single server
+    ///   checks the subject sequence before the id.
     async fn probe(&self, id: &Uuid) -> Result<Option<u64>, StoreError> {
         let op = || {
             format!(
@@ -972,10 +1057,17 @@ impl Inner {
         };
         let mut h = HeaderMap::new();
         h.insert(wire::MSG_ID, id.to_string().as_str());
-        h.insert(
-            wire::EXPECTED_LAST_MSG_ID,
-            format!("kiln-probe-{}", Uuid::new_v4()).as_str(),
-        );
+        if self.clustered {
+            h.insert(
+                wire::EXPECTED_LAST_SUBJECT_SEQ,
+                u64::MAX.to_string().as_str(),
+            );
+        } else {
+            h.insert(
+                wire::EXPECTED_LAST_MSG_ID,
+                format!("kiln-probe-{}", Uuid::new_v4()).as_str(),
+            );
+        }
         for attempt in 0..MAX_ATTEMPTS {
             let reply = self
                 .publish_request(self.subjects.probe(), h.clone(), Bytes::new(), &op)
@@ -992,7 +1084,9 @@ impl Inner {
                         ),
                     ));
                 }
-                Some(e) if e.err_code == ERR_WRONG_LAST_MSG_ID => return Ok(None),
+                Some(e) if e.guard_moved() || e.err_code == ERR_WRONG_LAST_MSG_ID => {
+                    return Ok(None);
+                }
                 Some(e) if e.transient() => tokio::time::sleep(backoff(attempt)).await,
                 Some(e) => return Err(StoreError::backend(op(), e)),
             }
@@ -1353,11 +1447,23 @@ impl Inner {
             self.seq_of_version(&subject, from, last.position).await?
         };
         let mut out = Vec::with_capacity(limit.min(1024));
-        // Foreign messages are skipped, so a page may take more than one read.
+        // Foreign messages are skipped, so a page may take more than one read;
+        // and a batched read may be answered by a replica behind the last
+        // event read above (seen with batched direct gets on 2.15): it is
+        // asked again, briefly, until the read reaches that event.
+        let mut behind = 0;
         while out.len() < limit && seq <= last.position {
             let msgs = self.read_subject(&subject, seq, limit - out.len()).await?;
             let Some(end) = msgs.last().map(|m| m.sequence) else {
-                break;
+                behind += 1;
+                if behind >= DIRECT_GET_ATTEMPTS {
+                    return Err(self.electing(format!(
+                        "reading stream '{stream}' from position {seq} up to {}",
+                        last.position
+                    )));
+                }
+                tokio::time::sleep(backoff(behind)).await;
+                continue;
             };
             for m in &msgs {
                 if m.sequence > last.position {

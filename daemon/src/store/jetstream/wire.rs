@@ -401,7 +401,8 @@ mod tests {
         let without = |name: &str| {
             let mut h = HeaderMap::new();
             for (k, v) in good.iter() {
-                if k.as_ref() != name {
+                let key: &str = k.as_ref();
+                if key != name {
                     h.insert(k.clone(), v[0].as_str());
                 }
             }
