@@ -62,7 +62,11 @@ async fn measure(
     args: &StoreBenchArgs,
 ) -> anyhow::Result<()> {
     let (m1, m2) = latest_version_bench(store, args).await?;
-    consumer_per_call_bench(js_store, args, m1, m2).await?;
+    // A baseline only: on a cluster, consumers created per call can be
+    // refused (503) while the previous ones are still being removed.
+    if let Err(e) = consumer_per_call_bench(js_store, args, m1, m2).await {
+        println!("consumer-per-call baseline skipped: {e:#}");
+    }
     let (one, many) = append_bench(store, args).await?;
     raw_publish_bench(js_store, args, one, many).await
 }
