@@ -159,7 +159,8 @@ fn two_client_processes_racing_for_a_version_have_exactly_one_winner() {
 /// kiln's headers) stops nothing: the view carries on past it and serves the
 /// next user with read-your-writes, `/store/health` lists it with its
 /// position, `/metrics` counts it, and an append to that one stream is a
-/// `409 foreign_message` naming the position.
+/// `409 foreign_message` naming the position. The daemon warned at start
+/// that its one-replica stream is not synced on every write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_message_is_skipped_listed_counted_and_blocks_only_its_stream() {
     let nats = NatsServer::start();
@@ -209,4 +210,10 @@ async fn a_foreign_message_is_skipped_listed_counted_and_blocks_only_its_stream(
     assert_eq!(s, 409, "{b}");
     assert_eq!(b["error"]["code"], "foreign_message", "{b}");
     assert_eq!(b["error"]["position"], foreign, "{b}");
+    // One replica on file storage: `kiln serve` said at start what that risks.
+    let log = d.log();
+    assert!(
+        log.contains("has 1 replica") && log.contains("sync_interval: always"),
+        "no durability warning in the daemon's log:\n{log}"
+    );
 }
