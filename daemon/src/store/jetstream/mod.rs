@@ -35,7 +35,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{self as js_stream, StorageType};
+use async_nats::jetstream::stream::{self as js_stream, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, Request, RequestErrorKind};
 use async_trait::async_trait;
@@ -108,6 +108,8 @@ struct Inner {
     foreign: Mutex<BTreeMap<u64, ForeignRecord>>,
     foreign_total: AtomicU64,
     tail_stalls: AtomicU64,
+    /// Connections made so far (see [`Inner::publish_request`]).
+    connects: Arc<AtomicU64>,
     /// The server runs JetStream in a cluster (see [`Inner::probe`]).
     clustered: bool,
     /// See [`Inner::seen`].
@@ -125,15 +127,19 @@ impl JetStreamStore {
         let (gen_tx, gen_rx) = watch::channel(0u64);
         let gen_tx = Arc::new(gen_tx);
         let elections_tx = gen_tx.clone();
+        let connects = Arc::new(AtomicU64::new(0));
+        let connects_seen = connects.clone();
         let mut opts = ConnectOptions::new()
             .name(&config.connection_name)
             .request_timeout(Some(timeout))
             .connection_timeout(timeout)
             .event_callback(move |event| {
                 let gen_tx = gen_tx.clone();
+                let connects = connects_seen.clone();
                 async move {
                     match event {
                         Event::Connected => {
+                            connects.fetch_add(1, Ordering::AcqRel);
                             gen_tx.send_modify(|g| *g += 1);
                             tracing::info!("connected to NATS");
                         }
@@ -236,6 +242,7 @@ impl JetStreamStore {
                 foreign_total: AtomicU64::new(0),
                 tail_stalls: AtomicU64::new(0),
                 clustered,
+                connects,
                 seen_events: AtomicU64::new(0),
                 seen_snapshots: AtomicU64::new(0),
             }),
@@ -698,15 +705,50 @@ impl Inner {
         Ok(msgs.pop())
     }
 
-    /// The highest sequence of `stream` this process has seen written or read:
-    /// every direct get asks for a replica at least that far along
-    /// (`min_last_seq`; a lagging follower hands the request to the leader), so
-    /// reads after an acknowledged append see it, and reads never go back.
+    /// The highest sequence of `stream` this process has seen written or read,
+    /// sent with direct gets as `min_last_seq` (the proposed read-after-write
+    /// of ADR-53: a server implementing it answers from a replica that far
+    /// along, or 412). nats-server 2.15 ignores it, which is why replicated
+    /// streams are read from their leader ([`Inner::leader_get`]).
     fn seen(&self, stream: &js_stream::Stream) -> &AtomicU64 {
         if stream.cached_info().config.name == self.config.stream {
             &self.seen_events
         } else {
             &self.seen_snapshots
+        }
+    }
+
+    /// A get answered by the stream's leader (`$JS.API.STREAM.MSG.GET`), which
+    /// has every acknowledged message: on a replicated stream a direct get may
+    /// be answered by a follower a few milliseconds behind, so `latest` right
+    /// after an ack, and a dedupe replay, could miss the write. (nats-server
+    /// 2.15 does not implement `min_last_seq`, the proposed fix for that.)
+    async fn leader_get(
+        &self,
+        stream: &js_stream::Stream,
+        body: &serde_json::Value,
+        op: &impl Fn() -> String,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        let mut get = stream.raw_message_builder();
+        if let Some(seq) = body["seq"].as_u64() {
+            get = get.sequence(seq);
+        }
+        if let Some(subject) = body["last_by_subj"].as_str() {
+            get = get.last_by_subject(subject);
+        }
+        if let Some(subject) = body["next_by_subj"].as_str() {
+            get = get.next_by_subject(subject);
+        }
+        match get.send().await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) if e.to_string().contains("timed out") => Err(StoreError::Timeout {
+                op: op(),
+                millis: self.millis(),
+            }),
+            Err(e) if e.to_string().contains("no responders") => Err(self.electing(op())),
+            Err(e) => Err(StoreError::backend(op(), e)),
         }
     }
 
@@ -718,6 +760,9 @@ impl Inner {
         mut body: serde_json::Value,
         op: impl Fn() -> String,
     ) -> Result<Option<StreamMessage>, StoreError> {
+        if stream.cached_info().config.num_replicas > 1 {
+            return self.leader_get(stream, &body, &op).await;
+        }
         let seen = self.seen(stream);
         let name = &stream.cached_info().config.name;
         let api = format!("$JS.API.DIRECT.GET.{name}");
@@ -746,8 +791,23 @@ impl Inner {
             if let Some(status) = msg.status {
                 match status.as_u16() {
                     404 => return Ok(None),
-                    // No replica that answered was far enough along yet.
+                    // No replica that answered was far enough along yet; or
+                    // the stream was deleted and created again, behind what
+                    // this process saw: then its last sequence is the floor.
                     412 if attempt + 1 < DIRECT_GET_ATTEMPTS => {
+                        if attempt == 2
+                            && let Ok(info) = stream.clone().info().await
+                            && info.state.last_sequence < min
+                        {
+                            tracing::warn!(
+                                stream = %name,
+                                "the stream's last sequence {} is behind {min}, which this \
+                                 process saw: it was recreated; reading from what it holds",
+                                info.state.last_sequence
+                            );
+                            seen.store(info.state.last_sequence, Ordering::Release);
+                            continue;
+                        }
                         tokio::time::sleep(backoff(attempt)).await;
                         continue;
                     }
@@ -934,12 +994,25 @@ impl Inner {
         // While the ack is late, ask whether the stream still has a leader: a
         // request caught by a leader's death is never answered, and waiting
         // out the whole timeout would hide a routine election.
+        // A reconnect while waiting means the request or its ack is lost:
+        // say so rather than wait out the timeout; a retry with the same event
+        // ids is safe.
+        let connects = self.connects.load(Ordering::Acquire);
         let send = self.client.send_request(subject.clone(), request);
         tokio::pin!(send);
         let answered = loop {
             tokio::select! {
                 answered = &mut send => break answered,
                 _ = tokio::time::sleep(ACK_PATIENCE) => {
+                    if self.connects.load(Ordering::Acquire) != connects {
+                        return Err(StoreError::Unavailable {
+                            op: op(),
+                            reason: "the connection to NATS was lost and re-established while \
+                                     waiting for the server's answer; retry (the same event \
+                                     ids are safe)"
+                                .into(),
+                        });
+                    }
                     if !self.stream_has_leader().await {
                         return Err(self.electing(op()));
                     }
@@ -1106,7 +1179,16 @@ impl Inner {
     ) -> Result<AppendResult, StoreError> {
         let subject = self.subjects.event(&req.stream);
         let n = req.events.len();
-        let msgs = self.read_subject(&subject, seq, n).await?;
+        // A batched read may come from a replica behind the leader that just
+        // reported the id: ask again, briefly, before judging the messages.
+        let mut msgs = self.read_subject(&subject, seq, n).await?;
+        for attempt in 1..DIRECT_GET_ATTEMPTS {
+            if msgs.len() >= n && msgs.first().map(|m| m.sequence) == Some(seq) {
+                break;
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            msgs = self.read_subject(&subject, seq, n).await?;
+        }
         if msgs.first().map(|m| m.sequence) != Some(seq) {
             let elsewhere = match self.msg_at(seq).await? {
                 Some(m) => format!("'{}'", m.subject),
@@ -1513,16 +1595,18 @@ impl Inner {
                 self.config.stream
             )
         };
-        let consumer = self
-            .events
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.subjects.events_filter(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
+        // Bounded well below the request timeout: during a leader election
+        // the request can go unanswered, and the tail's loop retries it.
+        let create = self.events.create_consumer(pull::OrderedConfig {
+            filter_subject: self.subjects.events_filter(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        });
+        let consumer = tokio::time::timeout(ACK_PATIENCE * 2, create)
             .await
+            .map_err(|_| self.electing(op()))?
             .map_err(|e| StoreError::backend(op(), e))?;
         consumer
             .messages()
