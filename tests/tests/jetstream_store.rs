@@ -391,3 +391,204 @@ async fn tls_with_a_private_ca() {
     config.tls = Some(NatsTls::default());
     refused(config, "an untrusted certificate").await;
 }
+
+/// Publishes one raw message (another service, a typo'd publisher) and
+/// returns the sequence the server stored it at.
+async fn publish_raw(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: HeaderMap,
+    payload: &'static str,
+) -> u64 {
+    let reply = client
+        .request_with_headers(subject.to_string(), headers, Bytes::from(payload))
+        .await
+        .unwrap_or_else(|e| panic!("raw publish on {subject}: {e}"));
+    let ack: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    ack["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("raw publish on {subject} was not stored: {ack}"))
+}
+
+/// Headers of a well-formed kiln event, for raw publishes to spoil one by one.
+fn kiln_headers(version: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
+    h.insert("Kiln-Type", "user.Renamed");
+    h.insert("Kiln-Version", version);
+    h
+}
+
+/// Every kind of message on an event subject that is not a kiln event: tails
+/// and reads skip it (recorded with its position), `latest` reports the last
+/// kiln event, appends after it are refused naming it, other streams carry
+/// on, and nothing overflows. A marker with an absurd position blocks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_never_stop_kiln() {
+    let h = JetStreamHarness::start().await;
+    let s = h.store();
+    let client = async_nats::connect(h.server.url()).await.unwrap();
+    let mut want = Vec::new();
+    for stream in ["user-1", "user-2", "user-3"] {
+        let r = must(s.append(AppendRequest::new(
+            sid(stream),
+            ExpectedVersion::NoStream,
+            events(1, 2),
+        )))
+        .await;
+        want.extend(r.first_position..=r.position);
+    }
+    let mut foreign = Vec::new();
+    // No kiln headers at all, and not JSON.
+    foreign.push(publish_raw(&client, "kiln.user.user-1", HeaderMap::new(), "hello").await);
+    // A version that would overflow `version + 1`.
+    foreign.push(
+        publish_raw(
+            &client,
+            "kiln.user.user-2",
+            kiln_headers("18446744073709551615"),
+            "{}",
+        )
+        .await,
+    );
+    // Good headers, data that is not JSON.
+    foreign.push(publish_raw(&client, "kiln.user.user-3", kiln_headers("3"), "{nope").await);
+    // A category token that is not the stream id's.
+    foreign.push(publish_raw(&client, "kiln.order.user-9", kiln_headers("1"), "{}").await);
+    // A tag marker pointing far beyond the log.
+    let mut marker = HeaderMap::new();
+    marker.insert("Kiln-Tag-Position", "18446744073709551615");
+    let marker_seq = publish_raw(&client, "kiln._kiln.tag.vip", marker, "").await;
+    // Good events after all of them, on another stream, in the same pull batch.
+    let r = must(s.append(AppendRequest::new(
+        sid("user-4"),
+        ExpectedVersion::NoStream,
+        events(1, 3),
+    )))
+    .await;
+    want.extend(r.first_position..=r.position);
+
+    // The tail skips every foreign message and drops no good event after one.
+    let tailed = collect_tail(&*s, 1, want.len()).await;
+    assert_eq!(tailed.iter().map(|e| e.position).collect::<Vec<_>>(), want);
+    let health = s.health();
+    let seen: Vec<u64> = health.foreign_messages.iter().map(|f| f.position).collect();
+    assert_eq!(seen, foreign, "{health:?}");
+    assert_eq!(health.foreign_messages_total, foreign.len() as u64);
+    assert!(
+        health.foreign_messages[0].reason.contains("Nats-Msg-Id"),
+        "{health:?}"
+    );
+    // The head is the last kiln event; latest and reads step over foreign messages.
+    assert_eq!(s.head().await.unwrap(), want[want.len() - 1]);
+    for (i, stream) in ["user-1", "user-2", "user-3"].iter().enumerate() {
+        let head = s.latest(&sid(stream)).await.unwrap();
+        assert_eq!(head.version, 2, "{stream}");
+        assert!(head.position < foreign[i], "{stream}");
+        let read = s.read_stream(&sid(stream), 1, 10).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
+        // An append after the foreign message is refused, naming it.
+        let err = s
+            .append(AppendRequest::new(
+                sid(stream),
+                ExpectedVersion::Any,
+                vec![event(3)],
+            ))
+            .await
+            .unwrap_err();
+        match &err {
+            StoreError::ForeignMessage { position, .. } => assert_eq!(*position, foreign[i]),
+            other => panic!("{stream}: expected a foreign-message error, got {other}"),
+        }
+        assert!(err.to_string().contains(&foreign[i].to_string()), "{err}");
+    }
+    // Other streams carry on, and the absurd marker blocks nothing after it.
+    must(
+        s.append(
+            AppendRequest::new(sid("user-4"), ExpectedVersion::Exact(3), vec![event(4)])
+                .with_condition(AppendCondition {
+                    tags: vec!["vip".into()],
+                    after: marker_seq,
+                }),
+        ),
+    )
+    .await;
+    // Removing the foreign message unblocks its stream.
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_stream("KILN")
+        .await
+        .unwrap()
+        .delete_message(foreign[0])
+        .await
+        .unwrap();
+    must(s.append(AppendRequest::new(
+        sid("user-1"),
+        ExpectedVersion::Exact(2),
+        vec![event(3)],
+    )))
+    .await;
+}
+
+/// A server before atomic batches (2.11) is refused at connect, naming its
+/// version and what is missing, before kiln creates anything on it. On that
+/// server a batch commit is acknowledged without a message count, which is
+/// why kiln accepts an append's ack only with the right count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_atomic_batches_is_refused() {
+    let program = kiln_tests::nats::old_server_program();
+    let server = tokio::task::spawn_blocking(move || NatsServer::start_program(&program, &[]))
+        .await
+        .unwrap();
+    let err = match JetStreamStore::connect(test_config(&server.url())).await {
+        Ok(_) => panic!("kiln started on nats-server 2.11"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("2.11.") && err.contains("atomic batch") && err.contains("2.12"),
+        "{err}"
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names())
+        .await
+        .unwrap();
+    assert!(names.is_empty(), "nothing created: {names:?}");
+    // What kiln would have had to deal with: a "batch" the server stores as
+    // separate messages, its commit acknowledged without a count.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "OLD".into(),
+        subjects: vec!["old.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut first = HeaderMap::new();
+    first.insert("Nats-Batch-Id", "b1");
+    first.insert("Nats-Batch-Sequence", "1");
+    client
+        .publish_with_headers("old.a", first, Bytes::from("{}"))
+        .await
+        .unwrap();
+    let mut commit = HeaderMap::new();
+    commit.insert("Nats-Batch-Id", "b1");
+    commit.insert("Nats-Batch-Sequence", "2");
+    commit.insert("Nats-Batch-Commit", "1");
+    let reply = client
+        .request_with_headers("old.a", commit, Bytes::from("{}"))
+        .await
+        .unwrap();
+    let ack: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(ack.get("count").is_none(), "{ack}");
+}
+
+/// One replica on file storage is only as durable as the server's periodic
+/// sync: `kiln serve` warns about it at start (this is the text it logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_is_flagged_as_not_synced_on_every_write() {
+    let h = JetStreamHarness::start().await;
+    let warning = h.jetstream().durability_warning().expect("a warning");
+    assert!(
+        warning.contains("1 replica") && warning.contains("sync_interval: always"),
+        "{warning}"
+    );
+}

@@ -103,6 +103,14 @@ impl From<StoreError> for ApiError {
             StoreError::Timeout { .. } => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "store_timeout", message)
             }
+            StoreError::ForeignMessage {
+                stream, position, ..
+            } => ApiError::new(StatusCode::CONFLICT, "foreign_message", message)
+                .with("stream", stream.as_str())
+                .with("position", position),
+            StoreError::Unavailable { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_retry", message)
+            }
             StoreError::Closed | StoreError::Backend { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

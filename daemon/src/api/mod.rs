@@ -166,6 +166,7 @@ pub fn router(lifecycle: Lifecycle, config: ApiConfig) -> Router {
         .route("/readyz", get(probes::readyz))
         .route("/readyz/{view}", get(probes::readyz_view))
         .route("/metrics", get(probes::metrics))
+        .route("/store/health", get(probes::store_health))
         .route("/views", get(views::list_views))
         .route("/views/{view}", get(views::list_docs))
         .route("/views/{view}/{*key}", get(views::get_doc))

@@ -10,6 +10,8 @@
 //!   ready version matches yet; 404 only for a name never deployed. Deploy
 //!   pipelines poll it before promoting.
 //! - `GET /metrics`: Prometheus text, per view version.
+//! - `GET /store/health`: what the store noticed about the log: foreign
+//!   messages skipped (with their positions and why), tails found stalled.
 //! - `GET /`: a status page that polls `GET /views`.
 
 use std::fmt::Write as _;
@@ -348,6 +350,24 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             n.load(Ordering::Relaxed)
         );
     }
+    let health = state.lifecycle.store().health();
+    for (name, help, n) in [
+        (
+            "kiln_store_foreign_messages_total",
+            "Messages on event subjects that are not kiln events, skipped (see GET /store/health).",
+            health.foreign_messages_total,
+        ),
+        (
+            "kiln_store_tail_stalls_total",
+            "Log tails found stalled (no answer from the server within their idle deadline) and recreated.",
+            health.tail_stalls_total,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {n}"
+        );
+    }
     let uptime = c.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
     let _ = writeln!(
         out,
@@ -361,6 +381,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         out,
     )
         .into_response()
+}
+
+/// `GET /store/health`: the store's [`StoreHealth`](crate::store::StoreHealth).
+pub async fn store_health(State(state): State<AppState>) -> Json<crate::store::StoreHealth> {
+    Json(state.lifecycle.store().health())
 }
 
 /// `GET /`: the status page (static HTML; its script polls `GET /views`).

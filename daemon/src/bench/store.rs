@@ -40,9 +40,13 @@ pub struct StoreBenchArgs {
     /// Directory for the embedded store (a temp dir, removed afterwards, by default).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
-    /// NATS server for `--backend jetstream` (a JetStream-enabled nats-server).
+    /// NATS servers for `--backend jetstream` (JetStream-enabled, comma-separated
+    /// for a cluster).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// Replicas of the bench's stream (3 on a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

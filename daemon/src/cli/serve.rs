@@ -38,16 +38,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                     .with_context(|| format!("opening the embedded store at {}", path.display()))?,
             )
         }
-        StoreBackend::Jetstream => Arc::new(
-            JetStreamStore::connect(config.jetstream.clone())
+        StoreBackend::Jetstream => {
+            let js = JetStreamStore::connect(config.jetstream.clone())
                 .await
                 .with_context(|| {
                     format!(
                         "connecting to JetStream at {}",
                         config.jetstream.servers.join(",")
                     )
-                })?,
-        ),
+                })?;
+            if let Some(warning) = js.durability_warning() {
+                tracing::warn!("{warning}");
+            }
+            Arc::new(js)
+        }
     };
     let runtime = Runtime::new(config.runtime())?;
     let lifecycle = Lifecycle::start(config.lifecycle(), store, runtime)

@@ -39,15 +39,38 @@ pub const MAX_ID_LEN: usize = 200;
 /// An event stream's id, e.g. `user-42`. Its *category* is the part before the
 /// first `-` (`user`), which projections filter on.
 ///
-/// Allowed: ASCII letters, digits and `- _ : @ + =`, 1 to [`MAX_ID_LEN`] bytes.
-/// The same alphabet is valid as a NATS subject token, so an id means the same
-/// thing on both backends and never needs escaping.
+/// Allowed: ASCII letters, digits and `- _ : @ + =`, 1 to [`MAX_ID_LEN`] bytes,
+/// not starting with `-` (the category is never empty). The same alphabet is
+/// valid as a NATS subject token, so an id means the same thing on both backends
+/// and never needs escaping.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct StreamId(String);
 
 impl StreamId {
     pub fn new(id: impl Into<String>) -> Result<Self, StoreError> {
+        let id = id.into();
+        let checked = check_id(&id).and_then(|()| {
+            if id.starts_with('-') {
+                Err(
+                    "it starts with '-', so its category (the part before the first '-') \
+                     would be empty"
+                        .to_string(),
+                )
+            } else {
+                Ok(())
+            }
+        });
+        match checked {
+            Ok(()) => Ok(StreamId(id)),
+            Err(reason) => Err(StoreError::InvalidStreamId { id, reason }),
+        }
+    }
+
+    /// A stream id read back from storage: the alphabet and length are
+    /// checked, but an id starting with `-` (which older kilns accepted on
+    /// the embedded store) is still readable, so no recorded event is lost.
+    pub(crate) fn recorded(id: impl Into<String>) -> Result<Self, StoreError> {
         let id = id.into();
         match check_id(&id) {
             Ok(()) => Ok(StreamId(id)),
@@ -304,7 +327,21 @@ pub struct Limits {
     pub max_events_per_append: usize,
     /// Largest total of data + metadata of one append, in bytes.
     pub max_append_bytes: usize,
+    /// Most tags on one event.
+    pub max_tags_per_event: usize,
+    /// Largest metadata of one event (keys + values, in bytes). On JetStream it
+    /// travels in a header, next to the other headers of the message.
+    pub max_metadata_bytes: usize,
 }
+
+/// Most messages one append may write: its events plus one tag marker per
+/// distinct tag it carries or is conditioned on. JetStream's atomic batches
+/// hold at most this many; both backends refuse more the same way.
+pub const MAX_APPEND_MESSAGES: usize = 1000;
+
+/// Highest version a stream can reach. Far beyond any real stream; it keeps
+/// `version + n` from overflowing, and versions JSON-safe (2^53 - 1).
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -312,6 +349,8 @@ impl Default for Limits {
             max_event_bytes: 512 * 1024,
             max_events_per_append: 500,
             max_append_bytes: 4 * 1024 * 1024,
+            max_tags_per_event: 64,
+            max_metadata_bytes: 16 * 1024,
         }
     }
 }
@@ -381,6 +420,18 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "stream '{stream}' ends with a message at position {position} that is not a kiln \
+         event ({reason}); kiln will not append after it: remove that message \
+         (`nats stream rmm <stream> {position}`) or append to another stream"
+    )]
+    ForeignMessage {
+        stream: StreamId,
+        position: Position,
+        reason: String,
+    },
+    #[error("{op} failed, retry: {reason}")]
+    Unavailable { op: String, reason: String },
     #[error("corrupt record ({what}): {reason}")]
     Corrupt { what: String, reason: String },
     #[error("the store is closed")]
@@ -398,6 +449,15 @@ impl StoreError {
         }
     }
 
+    /// Worth retrying as is: the backend is briefly unable to answer (a
+    /// JetStream stream electing a leader, a timeout).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+        )
+    }
+
     /// Is this an optimistic-concurrency conflict (version or tag condition)?
     pub fn is_conflict(&self) -> bool {
         matches!(
@@ -405,6 +465,28 @@ impl StoreError {
             StoreError::VersionConflict { .. } | StoreError::TagConflict { .. }
         )
     }
+}
+
+/// A message on an event subject that is not a kiln event (see the README's
+/// wire format): tails and reads skip it, appends after it are refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ForeignRecord {
+    pub position: Position,
+    pub subject: String,
+    pub reason: String,
+}
+
+/// What a store has noticed about the log and its tails since it was opened,
+/// for `/metrics` and `/views`. The embedded store has nothing to report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// Distinct foreign messages skipped.
+    pub foreign_messages_total: u64,
+    /// The most recent of them (bounded), oldest first.
+    pub foreign_messages: Vec<ForeignRecord>,
+    /// Tails found stalled (no answer from the server within their idle
+    /// deadline while connected) and recreated.
+    pub tail_stalls_total: u64,
 }
 
 /// Batches of recorded events in strictly increasing position order, never empty.
@@ -463,10 +545,17 @@ pub trait EventStore: Send + Sync + 'static {
     fn unwritable_millis(&self) -> u64 {
         0
     }
+
+    /// Foreign messages skipped and tails recreated, since the store was opened.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 }
 
-/// Checks an append against the id alphabet, JSON and size limits. Both backends
-/// call this first, so bad input is refused identically and nothing is written.
+/// Checks an append against the id alphabet, JSON and size limits, and counts
+/// everything either backend stores (tags per event, metadata bytes, messages
+/// per append with one tag marker per distinct tag). Both backends call this
+/// first, so bad input is refused identically and nothing is written.
 pub fn validate_append(req: &AppendRequest, limits: &Limits) -> Result<(), StoreError> {
     let stream = &req.stream;
     if req.events.is_empty() {
@@ -493,6 +582,11 @@ pub fn validate_append(req: &AppendRequest, limits: &Limits) -> Result<(), Store
             validate_tag(tag)?;
         }
     }
+    let mut distinct_tags: std::collections::HashSet<&str> = req
+        .condition
+        .iter()
+        .flat_map(|c| c.tags.iter().map(String::as_str))
+        .collect();
     let mut total = 0usize;
     let mut seen = std::collections::HashSet::with_capacity(req.events.len());
     for (index, ev) in req.events.iter().enumerate() {
@@ -549,10 +643,37 @@ pub fn validate_append(req: &AppendRequest, limits: &Limits) -> Result<(), Store
             }
             total += k.len() + v.len();
         }
+        let metadata_bytes: usize = ev.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if metadata_bytes > limits.max_metadata_bytes {
+            return Err(StoreError::TooLarge {
+                stream: stream.clone(),
+                what: format!("event #{index} ({})'s metadata in bytes", ev.id),
+                size: metadata_bytes,
+                limit: limits.max_metadata_bytes,
+            });
+        }
+        if ev.tags.len() > limits.max_tags_per_event {
+            return Err(StoreError::TooLarge {
+                stream: stream.clone(),
+                what: format!("event #{index} ({})'s number of tags", ev.id),
+                size: ev.tags.len(),
+                limit: limits.max_tags_per_event,
+            });
+        }
         for tag in &ev.tags {
             validate_tag(tag)?;
+            distinct_tags.insert(tag);
         }
         total += ev.data.len();
+    }
+    let messages = req.events.len() + distinct_tags.len();
+    if messages > MAX_APPEND_MESSAGES {
+        return Err(StoreError::TooLarge {
+            stream: stream.clone(),
+            what: "the number of messages (events plus one per distinct tag)".into(),
+            size: messages,
+            limit: MAX_APPEND_MESSAGES,
+        });
     }
     if total > limits.max_append_bytes {
         return Err(StoreError::TooLarge {
@@ -605,6 +726,10 @@ mod tests {
     fn category_is_prefix_before_first_dash() {
         assert_eq!(StreamId::new("user-42-x").unwrap().category(), "user");
         assert_eq!(StreamId::new("config").unwrap().category(), "config");
+        // The category is never empty: an id may not start with '-'.
+        let err = StreamId::new("-42").unwrap_err();
+        assert!(err.to_string().contains("category"), "{err}");
+        assert_eq!(StreamId::new("a-").unwrap().category(), "a");
     }
 
     #[test]

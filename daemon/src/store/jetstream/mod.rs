@@ -28,13 +28,14 @@ mod config;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{self as js_stream, DirectGetErrorKind, StorageType};
+use async_nats::jetstream::stream::{self as js_stream, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, Request, RequestErrorKind};
 use async_trait::async_trait;
@@ -48,12 +49,24 @@ pub use config::{JetStreamConfig, NatsAuth, NatsTls};
 pub use wire::Subjects;
 
 use super::{
-    AppendRequest, AppendResult, EventBatches, EventStore, Limits, Position, RecordedEvent,
-    Snapshot, StoreError, StreamHead, StreamId, validate_append,
+    AppendRequest, AppendResult, EventBatches, EventStore, ForeignRecord, Limits, MAX_VERSION,
+    Position, RecordedEvent, Snapshot, StoreError, StoreHealth, StreamHead, StreamId,
+    validate_append,
 };
 
-/// Most messages in one atomic batch (the server's limit).
-pub const MAX_BATCH_MESSAGES: usize = 1000;
+/// Most messages in one atomic batch (the server's limit; the shared
+/// validation's [`super::MAX_APPEND_MESSAGES`] keeps appends within it).
+pub const MAX_BATCH_MESSAGES: usize = super::MAX_APPEND_MESSAGES;
+/// How long an append waits for its ack before checking that the stream
+/// still has a leader (and again after each such wait).
+const ACK_PATIENCE: Duration = Duration::from_millis(1500);
+/// Most tries of a direct get no replica far enough along could answer.
+const DIRECT_GET_ATTEMPTS: u32 = 8;
+/// Most foreign messages remembered for `/views` and `/store/foreign`.
+const FOREIGN_KEPT: usize = 256;
+/// Most foreign messages stepped over, newest first, looking for a subject's
+/// last kiln event.
+const FOREIGN_WALK: usize = 256;
 /// Most events in one batch handed out by a tail.
 pub const TAIL_BATCH: usize = 1024;
 /// Most write attempts of one append whose expected version still holds while
@@ -64,8 +77,8 @@ const HEAD_HINTS: usize = 65_536;
 
 // JetStream API error codes kiln reacts to.
 const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
-const ERR_WRONG_LAST_SEQUENCE_IN_BATCH: u64 = 10164;
 const ERR_WRONG_LAST_MSG_ID: u64 = 10070;
+const ERR_WRONG_LAST_SEQUENCE_IN_BATCH: u64 = 10164;
 const ERR_DUPLICATE_IN_PROCESS: u64 = 10158;
 const ERR_BATCH_DUPLICATE_MSG_ID: u64 = 10201;
 const ERR_BATCH_INCOMPLETE: u64 = 10176;
@@ -91,6 +104,17 @@ struct Inner {
     /// the server checks the guard built from it, and a refusal or a conflict
     /// reads the real head. The mutex is never held across an await.
     head_hints: Mutex<HashMap<StreamId, StreamHead>>,
+    /// Foreign messages seen on event subjects, by sequence (bounded).
+    foreign: Mutex<BTreeMap<u64, ForeignRecord>>,
+    foreign_total: AtomicU64,
+    tail_stalls: AtomicU64,
+    /// Connections made so far (see [`Inner::publish_request`]).
+    connects: Arc<AtomicU64>,
+    /// The server runs JetStream in a cluster (see [`Inner::probe`]).
+    clustered: bool,
+    /// See [`Inner::seen`].
+    seen_events: AtomicU64,
+    seen_snapshots: AtomicU64,
 }
 
 impl JetStreamStore {
@@ -102,15 +126,20 @@ impl JetStreamStore {
         let timeout = config.request_timeout();
         let (gen_tx, gen_rx) = watch::channel(0u64);
         let gen_tx = Arc::new(gen_tx);
+        let elections_tx = gen_tx.clone();
+        let connects = Arc::new(AtomicU64::new(0));
+        let connects_seen = connects.clone();
         let mut opts = ConnectOptions::new()
             .name(&config.connection_name)
             .request_timeout(Some(timeout))
             .connection_timeout(timeout)
             .event_callback(move |event| {
                 let gen_tx = gen_tx.clone();
+                let connects = connects_seen.clone();
                 async move {
                     match event {
                         Event::Connected => {
+                            connects.fetch_add(1, Ordering::AcqRel);
                             gen_tx.send_modify(|g| *g += 1);
                             tracing::info!("connected to NATS");
                         }
@@ -153,6 +182,8 @@ impl JetStreamStore {
                 e,
             )
         })?;
+        check_server_version(&client, &config)?;
+        let clustered = client.server_info().cluster.is_some();
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
@@ -181,6 +212,8 @@ impl JetStreamStore {
             },
         )
         .await?;
+        check_stream(&events, &client)?;
+        watch_leader_elections(&client, &config.stream, elections_tx).await;
         let snapshots = ensure_stream(
             &js,
             js_stream::Config {
@@ -205,6 +238,13 @@ impl JetStreamStore {
                 config,
                 reconnects: gen_rx,
                 head_hints: Mutex::new(HashMap::new()),
+                foreign: Mutex::new(BTreeMap::new()),
+                foreign_total: AtomicU64::new(0),
+                tail_stalls: AtomicU64::new(0),
+                clustered,
+                connects,
+                seen_events: AtomicU64::new(0),
+                seen_snapshots: AtomicU64::new(0),
             }),
         })
     }
@@ -226,11 +266,125 @@ impl JetStreamStore {
         &self.inner.config.limits
     }
 
+    /// Why an acknowledged append could still be lost, if it could: the event
+    /// stream has one replica, so it is only as durable as one server's disk,
+    /// and nats-server syncs file storage to disk periodically (its
+    /// `sync_interval`, 2 minutes by default), not on every write; memory
+    /// storage loses everything on a restart. `kiln serve` logs it at start.
+    pub fn durability_warning(&self) -> Option<String> {
+        let config = &self.inner.events.cached_info().config;
+        if config.storage == StorageType::Memory {
+            return Some(format!(
+                "JetStream stream '{}' keeps events in memory: a server restart loses them",
+                config.name
+            ));
+        }
+        (config.num_replicas <= 1).then(|| {
+            format!(
+                "JetStream stream '{}' has 1 replica: an acknowledged append is on one \
+                 server's disk only after its next sync (nats-server syncs every \
+                 `sync_interval`, 2 minutes by default), so a power loss can lose it. \
+                 Use replicas = 3 on a cluster, or run nats-server with \
+                 `jetstream {{ sync_interval: always }}`",
+                config.name
+            )
+        })
+    }
+
     /// The JetStream context kiln uses (for benchmarks that compare with raw
     /// JetStream operations on the same server).
     pub fn context(&self) -> &Context {
         &self.inner.js
     }
+}
+
+/// Bumps `tails` whenever the event stream elects a leader (a JetStream
+/// advisory), so every tail recreates its consumer at once instead of
+/// waiting to notice that a consumer on the old leader went silent.
+async fn watch_leader_elections(client: &Client, stream: &str, tails: Arc<watch::Sender<u64>>) {
+    let subject = format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}");
+    match client.subscribe(subject.clone()).await {
+        Ok(mut advisories) => {
+            let stream = stream.to_string();
+            tokio::spawn(async move {
+                while advisories.next().await.is_some() {
+                    tracing::info!(
+                        stream,
+                        "the event stream elected a leader; recreating tails"
+                    );
+                    tails.send_modify(|g| *g += 1);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(
+            "cannot follow {subject} ({e}); tails notice a leader change by their idle checks"
+        ),
+    }
+}
+
+/// The first release of nats-server with atomic batch publish.
+const ATOMIC_BATCHES_SINCE: (u64, u64) = (2, 12);
+
+/// `major.minor` of a server version string (`2.12.1`, `v2.14.0-beta.1`).
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+/// Refuses a server that cannot do atomic batches: multi-event and tagged
+/// appends would not be all-or-nothing on it.
+fn check_server_version(client: &Client, config: &JetStreamConfig) -> Result<(), StoreError> {
+    let info = client.server_info();
+    let (want_major, want_minor) = ATOMIC_BATCHES_SINCE;
+    match major_minor(&info.version) {
+        Some(v) if v >= ATOMIC_BATCHES_SINCE => Ok(()),
+        _ => Err(StoreError::backend(
+            format!(
+                "checking the NATS server at {} ({})",
+                config.servers.join(", "),
+                info.server_name
+            ),
+            format!(
+                "nats-server {:?} cannot do atomic batch publish (nats-server \
+                 {want_major}.{want_minor} or newer): kiln's multi-event and tagged appends \
+                 would not be all-or-nothing; upgrade the server",
+                info.version
+            ),
+        )),
+    }
+}
+
+/// Refuses a stream that does not allow atomic batches after kiln asked for
+/// them (a server or cluster member too old for the setting drops it).
+fn check_stream(stream: &js_stream::Stream, client: &Client) -> Result<(), StoreError> {
+    let info = stream.cached_info();
+    if info.config.allow_atomic_publish && info.config.allow_direct {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (!info.config.allow_atomic_publish).then_some("allow_atomic_publish (atomic batches)"),
+        (!info.config.allow_direct).then_some("allow_direct (direct get)"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Err(StoreError::backend(
+        format!("checking JetStream stream '{}'", info.config.name),
+        format!(
+            "the stream does not allow {} though kiln asked for it; the server \
+             (nats-server {} at {}) or a member of its cluster does not support it",
+            missing.join(" and "),
+            client.server_info().version,
+            client.server_info().server_name
+        ),
+    ))
 }
 
 async fn ensure_stream(
@@ -372,6 +526,38 @@ enum Outcome {
     Busy(ApiError),
 }
 
+/// A subject's last kiln event, and the newest foreign message after it.
+struct LastOn {
+    event: Option<RecordedEvent>,
+    foreign_after: Option<(u64, String)>,
+}
+
+impl LastOn {
+    fn head(&self) -> StreamHead {
+        self.event
+            .as_ref()
+            .map_or(StreamHead::default(), |ev| StreamHead {
+                version: ev.version,
+                position: ev.position,
+            })
+    }
+}
+
+/// The version of the last of `n` events appended on a stream at `version`.
+fn next_version(stream: &StreamId, version: u64, n: usize) -> Result<u64, StoreError> {
+    version
+        .checked_add(n as u64)
+        .filter(|v| *v <= MAX_VERSION)
+        .ok_or_else(|| StoreError::TooLarge {
+            stream: stream.clone(),
+            what: "the stream's version after the append".into(),
+            size: usize::try_from(version)
+                .unwrap_or(usize::MAX)
+                .saturating_add(n),
+            limit: usize::try_from(MAX_VERSION).unwrap_or(usize::MAX),
+        })
+}
+
 fn jitter(max_millis: u64) -> Duration {
     let r = (Uuid::new_v4().as_u128() as u64) % max_millis.max(1);
     Duration::from_millis(r)
@@ -397,18 +583,82 @@ impl Inner {
         self.config.request_timeout_ms
     }
 
-    fn direct_error(
-        &self,
-        op: String,
-        e: async_nats::jetstream::stream::DirectGetError,
-    ) -> StoreError {
-        match e.kind() {
-            DirectGetErrorKind::TimedOut => StoreError::Timeout {
-                op,
-                millis: self.millis(),
-            },
-            _ => StoreError::backend(op, e),
+    /// Records a foreign message (logged once per sequence).
+    fn note_foreign(&self, position: u64, subject: &str, reason: &wire::NotKiln) {
+        let Ok(mut seen) = self.foreign.lock() else {
+            return;
+        };
+        if seen.contains_key(&position) {
+            return;
         }
+        tracing::warn!(
+            position,
+            subject,
+            "skipping a message that is not a kiln event: {reason}"
+        );
+        self.foreign_total.fetch_add(1, Ordering::Relaxed);
+        if seen.len() >= FOREIGN_KEPT {
+            seen.pop_first();
+        }
+        seen.insert(
+            position,
+            ForeignRecord {
+                position,
+                subject: subject.to_string(),
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    fn decode_stored(&self, m: &StreamMessage) -> Result<RecordedEvent, wire::NotKiln> {
+        let decoded = wire::decode_event(
+            &self.subjects,
+            m.subject.as_str(),
+            m.sequence,
+            header_time(&m.headers),
+            &m.headers,
+            m.payload.clone(),
+        );
+        if let Err(e) = &decoded {
+            self.note_foreign(m.sequence, m.subject.as_str(), e);
+        }
+        decoded
+    }
+
+    /// The last kiln event on `subject` (an event subject or the events
+    /// filter), stepping back over foreign messages; and the newest foreign
+    /// message after it, if the subject ends with one.
+    async fn last_event_on(&self, subject: &str) -> Result<LastOn, StoreError> {
+        let mut foreign_after = None;
+        let mut next = self.last_on(&self.events, subject).await?;
+        for _ in 0..FOREIGN_WALK {
+            let Some(m) = next else {
+                return Ok(LastOn {
+                    event: None,
+                    foreign_after,
+                });
+            };
+            match self.decode_stored(&m) {
+                Ok(ev) => {
+                    return Ok(LastOn {
+                        event: Some(ev),
+                        foreign_after,
+                    });
+                }
+                Err(why) => {
+                    foreign_after.get_or_insert((m.sequence, why.0));
+                    next = self.last_up_to(subject, m.sequence - 1).await?;
+                }
+            }
+        }
+        Err(StoreError::Corrupt {
+            what: format!("subject '{subject}'"),
+            reason: format!(
+                "its last {FOREIGN_WALK} messages are not kiln events; remove them or \
+                 move the other service to subjects outside '{}'",
+                self.subjects.events_filter()
+            ),
+        })
     }
 
     /// The last message on `subject` in `stream`, by direct get.
@@ -417,35 +667,167 @@ impl Inner {
         stream: &js_stream::Stream,
         subject: &str,
     ) -> Result<Option<StreamMessage>, StoreError> {
-        match stream.direct_get_last_for_subject(subject).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.direct_error(format!("reading the last message on '{subject}'"), e)),
-        }
+        let body = serde_json::json!({ "last_by_subj": subject });
+        self.direct_get(stream, body, || {
+            format!("reading the last message on '{subject}'")
+        })
+        .await
     }
 
     /// The first message on `subject` at sequence `seq` or later.
     async fn next_on(&self, subject: &str, seq: u64) -> Result<Option<StreamMessage>, StoreError> {
-        match self
-            .events
-            .direct_get_builder()
-            .sequence(seq)
-            .next_by_subject(subject)
-            .send()
-            .await
-        {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.direct_error(format!("reading '{subject}' from position {seq}"), e)),
-        }
+        let body = serde_json::json!({ "seq": seq, "next_by_subj": subject });
+        self.direct_get(&self.events, body, || {
+            format!("reading '{subject}' from position {seq}")
+        })
+        .await
     }
 
     async fn msg_at(&self, seq: u64) -> Result<Option<StreamMessage>, StoreError> {
-        match self.events.direct_get(seq).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.direct_error(format!("reading position {seq}"), e)),
+        let body = serde_json::json!({ "seq": seq });
+        self.direct_get(&self.events, body, || format!("reading position {seq}"))
+            .await
+    }
+
+    /// The last message on `subject` at or before sequence `up_to`.
+    async fn last_up_to(
+        &self,
+        subject: &str,
+        up_to: u64,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        if up_to == 0 {
+            return Ok(None);
         }
+        // `up_to_seq` applies to multi-subject last gets, answered as a batch.
+        let body = serde_json::json!({ "multi_last": [subject], "up_to_seq": up_to, "batch": 1 });
+        let op = || format!("reading the last message on '{subject}' up to position {up_to}");
+        let (mut msgs, _) = self.direct_batch(body, &op).await?;
+        Ok(msgs.pop())
+    }
+
+    /// The highest sequence of `stream` this process has seen written or read,
+    /// sent with direct gets as `min_last_seq` (the proposed read-after-write
+    /// of ADR-53: a server implementing it answers from a replica that far
+    /// along, or 412). nats-server 2.15 ignores it, which is why replicated
+    /// streams are read from their leader ([`Inner::leader_get`]).
+    fn seen(&self, stream: &js_stream::Stream) -> &AtomicU64 {
+        if stream.cached_info().config.name == self.config.stream {
+            &self.seen_events
+        } else {
+            &self.seen_snapshots
+        }
+    }
+
+    /// A get answered by the stream's leader (`$JS.API.STREAM.MSG.GET`), which
+    /// has every acknowledged message: on a replicated stream a direct get may
+    /// be answered by a follower a few milliseconds behind, so `latest` right
+    /// after an ack, and a dedupe replay, could miss the write. (nats-server
+    /// 2.15 does not implement `min_last_seq`, the proposed fix for that.)
+    async fn leader_get(
+        &self,
+        stream: &js_stream::Stream,
+        body: &serde_json::Value,
+        op: &impl Fn() -> String,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        let mut get = stream.raw_message_builder();
+        if let Some(seq) = body["seq"].as_u64() {
+            get = get.sequence(seq);
+        }
+        if let Some(subject) = body["last_by_subj"].as_str() {
+            get = get.last_by_subject(subject);
+        }
+        if let Some(subject) = body["next_by_subj"].as_str() {
+            get = get.next_by_subject(subject);
+        }
+        match get.send().await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) if e.to_string().contains("timed out") => Err(StoreError::Timeout {
+                op: op(),
+                millis: self.millis(),
+            }),
+            Err(e) if e.to_string().contains("no responders") => Err(self.electing(op())),
+            Err(e) => Err(StoreError::backend(op(), e)),
+        }
+    }
+
+    /// One direct get (`$JS.API.DIRECT.GET.<stream>` with `body`), answered
+    /// by any replica at least as far along as what this process has seen.
+    async fn direct_get(
+        &self,
+        stream: &js_stream::Stream,
+        mut body: serde_json::Value,
+        op: impl Fn() -> String,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        if stream.cached_info().config.num_replicas > 1 {
+            return self.leader_get(stream, &body, &op).await;
+        }
+        let seen = self.seen(stream);
+        let name = &stream.cached_info().config.name;
+        let api = format!("$JS.API.DIRECT.GET.{name}");
+        for attempt in 0..DIRECT_GET_ATTEMPTS {
+            let min = seen.load(Ordering::Acquire);
+            if min > 0 {
+                body["min_last_seq"] = min.into();
+            }
+            let msg = match self
+                .client
+                .request(api.clone(), body.to_string().into())
+                .await
+            {
+                Ok(msg) => msg,
+                Err(e) => {
+                    return Err(match e.kind() {
+                        RequestErrorKind::TimedOut => StoreError::Timeout {
+                            op: op(),
+                            millis: self.millis(),
+                        },
+                        RequestErrorKind::NoResponders => self.electing(op()),
+                        _ => StoreError::backend(op(), e),
+                    });
+                }
+            };
+            if let Some(status) = msg.status {
+                match status.as_u16() {
+                    404 => return Ok(None),
+                    // No replica that answered was far enough along yet; or
+                    // the stream was deleted and created again, behind what
+                    // this process saw: then its last sequence is the floor.
+                    412 if attempt + 1 < DIRECT_GET_ATTEMPTS => {
+                        if attempt == 2
+                            && let Ok(info) = stream.clone().info().await
+                            && info.state.last_sequence < min
+                        {
+                            tracing::warn!(
+                                stream = %name,
+                                "the stream's last sequence {} is behind {min}, which this \
+                                 process saw: it was recreated; reading from what it holds",
+                                info.state.last_sequence
+                            );
+                            seen.store(info.state.last_sequence, Ordering::Release);
+                            continue;
+                        }
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                    412 => return Err(self.electing(op())),
+                    code => {
+                        return Err(StoreError::backend(
+                            op(),
+                            format!(
+                                "direct get answered {code} {}",
+                                msg.description.clone().unwrap_or_default()
+                            ),
+                        ));
+                    }
+                }
+            }
+            let m = StreamMessage::try_from(msg).map_err(|e| StoreError::backend(op(), e))?;
+            seen.fetch_max(m.sequence, Ordering::AcqRel);
+            return Ok(Some(m));
+        }
+        Err(self.electing(op()))
     }
 
     /// Up to `max` messages on `subject` from sequence `from` on, with batched
@@ -457,67 +839,139 @@ impl Inner {
         max: usize,
     ) -> Result<Vec<StreamMessage>, StoreError> {
         let op = || format!("reading '{subject}' from position {from}");
-        let api = format!("$JS.API.DIRECT.GET.{}", self.config.stream);
         let mut out: Vec<StreamMessage> = Vec::with_capacity(max.min(1024));
         let mut seq = from;
         while out.len() < max {
             let want = (max - out.len()).min(1000);
-            let inbox = self.client.new_inbox();
-            let mut sub = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| StoreError::backend(op(), e))?;
             let body = serde_json::json!({ "seq": seq, "next_by_subj": subject, "batch": want });
-            self.client
-                .publish_with_reply(api.clone(), inbox, body.to_string().into())
-                .await
-                .map_err(|e| StoreError::backend(op(), e))?;
-            let mut got = 0usize;
-            let pending: u64;
-            loop {
-                let msg = tokio::time::timeout(self.config.request_timeout(), sub.next())
-                    .await
-                    .map_err(|_| StoreError::Timeout {
-                        op: op(),
-                        millis: self.millis(),
-                    })?
-                    .ok_or_else(|| StoreError::backend(op(), "the connection closed"))?;
-                if let Some(status) = msg.status {
-                    match status.as_u16() {
-                        // End of batch: how many more match tells whether to go on.
-                        204 => {
-                            pending = msg
-                                .headers
-                                .as_ref()
-                                .and_then(|h| wire::header(h, "Nats-Num-Pending"))
-                                .and_then(|p| p.trim().parse().ok())
-                                .unwrap_or(0);
-                        }
-                        404 => pending = 0,
-                        code => {
-                            return Err(StoreError::backend(
-                                op(),
-                                format!(
-                                    "direct get answered {code} {}",
-                                    msg.description.clone().unwrap_or_default()
-                                ),
-                            ));
-                        }
-                    }
-                    break;
-                }
-                let m = StreamMessage::try_from(msg).map_err(|e| StoreError::backend(op(), e))?;
-                seq = m.sequence + 1;
-                out.push(m);
-                got += 1;
-            }
-            drop(sub);
-            if got == 0 || pending == 0 {
+            let (msgs, pending) = self.direct_batch(body, &op).await?;
+            let Some(last) = msgs.last() else {
+                break;
+            };
+            seq = last.sequence + 1;
+            out.extend(msgs);
+            if pending == 0 {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// One batched direct get on the event stream: the messages the server
+    /// sends until its end-of-batch, and how many more match (its
+    /// `Nats-Num-Pending`).
+    async fn direct_batch(
+        &self,
+        mut body: serde_json::Value,
+        op: &(dyn Fn() -> String + Sync),
+    ) -> Result<(Vec<StreamMessage>, u64), StoreError> {
+        let api = format!("$JS.API.DIRECT.GET.{}", self.config.stream);
+        let min = self.seen_events.load(Ordering::Acquire);
+        if min > 0 {
+            body["min_last_seq"] = min.into();
+        }
+        let inbox = self.client.new_inbox();
+        let mut sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| StoreError::backend(op(), e))?;
+        self.client
+            .publish_with_reply(api, inbox, body.to_string().into())
+            .await
+            .map_err(|e| StoreError::backend(op(), e))?;
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(self.config.request_timeout(), sub.next())
+                .await
+                .map_err(|_| StoreError::Timeout {
+                    op: op(),
+                    millis: self.millis(),
+                })?
+                .ok_or_else(|| StoreError::backend(op(), "the connection closed"))?;
+            if let Some(status) = msg.status {
+                return match status.as_u16() {
+                    // End of batch: how many more match tells whether to go on.
+                    204 => {
+                        let pending = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| wire::header(h, "Nats-Num-Pending"))
+                            .and_then(|p| p.trim().parse().ok())
+                            .unwrap_or(0);
+                        Ok((out, pending))
+                    }
+                    404 => Ok((out, 0)),
+                    412 => Err(self.electing(op())),
+                    code => Err(StoreError::backend(
+                        op(),
+                        format!(
+                            "direct get answered {code} {}",
+                            msg.description.clone().unwrap_or_default()
+                        ),
+                    )),
+                };
+            }
+            let m = StreamMessage::try_from(msg).map_err(|e| StoreError::backend(op(), e))?;
+            self.seen_events.fetch_max(m.sequence, Ordering::AcqRel);
+            out.push(m);
+        }
+    }
+
+    /// No server answered for the stream: it is electing a leader (all of its
+    /// replicas are there but none leads yet), or it is gone. Asks which.
+    async fn no_responders(&self, op: String, subject: &str) -> StoreError {
+        let name = &self.config.stream;
+        let lookup = tokio::time::timeout(Duration::from_secs(2), self.js.get_stream(name)).await;
+        match lookup {
+            Ok(Err(e)) if e.to_string().contains("not found") => StoreError::backend(
+                op,
+                format!("no JetStream stream captures '{subject}': stream '{name}' was deleted"),
+            ),
+            _ => self.electing(op),
+        }
+    }
+
+    /// Does the event stream have a leader right now? One stream info request
+    /// (answered by the leader), bounded by [`ACK_PATIENCE`]; no answer, an
+    /// error or no leader in a cluster's answer all mean no.
+    async fn stream_has_leader(&self) -> bool {
+        let api = format!("$JS.API.STREAM.INFO.{}", self.config.stream);
+        let request = Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(ACK_PATIENCE));
+        let Ok(reply) = self.client.send_request(api, request).await else {
+            return false;
+        };
+        #[derive(Deserialize)]
+        struct Leader {
+            #[serde(default)]
+            leader: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(default)]
+            error: Option<serde_json::Value>,
+            #[serde(default)]
+            cluster: Option<Leader>,
+        }
+        match serde_json::from_slice::<Info>(&reply.payload) {
+            Ok(info) if info.error.is_none() => info
+                .cluster
+                .is_none_or(|c| c.leader.is_some_and(|l| !l.is_empty())),
+            _ => false,
+        }
+    }
+
+    fn electing(&self, op: String) -> StoreError {
+        StoreError::Unavailable {
+            op,
+            reason: format!(
+                "JetStream stream '{}' has no leader right now (electing a leader after a \
+                 server left); retry in a moment",
+                self.config.stream
+            ),
+        }
     }
 
     /// Sends a message and waits for the server's ack (or error) as JSON.
@@ -528,29 +982,57 @@ impl Inner {
         payload: Bytes,
         op: &(dyn Fn() -> String + Sync),
     ) -> Result<PubReply, StoreError> {
+        let stream = if self.subjects.is_snapshot(&subject) {
+            &self.seen_snapshots
+        } else {
+            &self.seen_events
+        };
         let request = Request::new()
             .headers(headers)
             .payload(payload)
             .timeout(Some(self.config.request_timeout()));
-        let reply = self
-            .client
-            .send_request(subject.clone(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::TimedOut => StoreError::Timeout {
-                    op: op(),
-                    millis: self.millis(),
-                },
-                RequestErrorKind::NoResponders => StoreError::backend(
-                    op(),
-                    format!(
-                        "no JetStream stream captures '{subject}' (was stream '{}' deleted?)",
-                        self.config.stream
-                    ),
-                ),
-                _ => StoreError::backend(op(), e),
-            })?;
-        serde_json::from_slice(&reply.payload).map_err(|e| {
+        // While the ack is late, ask whether the stream still has a leader: a
+        // request caught by a leader's death is never answered, and waiting
+        // out the whole timeout would hide a routine election.
+        // A reconnect while waiting means the request or its ack is lost:
+        // say so rather than wait out the timeout; a retry with the same event
+        // ids is safe.
+        let connects = self.connects.load(Ordering::Acquire);
+        let send = self.client.send_request(subject.clone(), request);
+        tokio::pin!(send);
+        let answered = loop {
+            tokio::select! {
+                answered = &mut send => break answered,
+                _ = tokio::time::sleep(ACK_PATIENCE) => {
+                    if self.connects.load(Ordering::Acquire) != connects {
+                        return Err(StoreError::Unavailable {
+                            op: op(),
+                            reason: "the connection to NATS was lost and re-established while \
+                                     waiting for the server's answer; retry (the same event \
+                                     ids are safe)"
+                                .into(),
+                        });
+                    }
+                    if !self.stream_has_leader().await {
+                        return Err(self.electing(op()));
+                    }
+                }
+            }
+        };
+        let reply = match answered {
+            Ok(reply) => reply,
+            Err(e) => {
+                return Err(match e.kind() {
+                    RequestErrorKind::TimedOut => StoreError::Timeout {
+                        op: op(),
+                        millis: self.millis(),
+                    },
+                    RequestErrorKind::NoResponders => self.no_responders(op(), &subject).await,
+                    _ => StoreError::backend(op(), e),
+                });
+            }
+        };
+        let reply: PubReply = serde_json::from_slice(&reply.payload).map_err(|e| {
             StoreError::backend(
                 op(),
                 format!(
@@ -558,20 +1040,33 @@ impl Inner {
                     String::from_utf8_lossy(&reply.payload)
                 ),
             )
-        })
+        })?;
+        stream.fetch_max(reply.seq, Ordering::AcqRel);
+        Ok(reply)
     }
 
     /// The stream's head: its last event's version and position, plus that event's
     /// sequence for the OCC guard (the same number as the position).
+    /// Foreign messages at the end of the stream's subject are stepped over.
     async fn head_of(&self, stream: &StreamId) -> Result<StreamHead, StoreError> {
-        let subject = self.subjects.event(stream);
-        match self.last_on(&self.events, &subject).await? {
-            None => Ok(StreamHead::default()),
-            Some(m) => Ok(StreamHead {
-                version: wire::version_of(&m.headers, &subject, m.sequence)?,
-                position: m.sequence,
-            }),
+        let last = self.last_event_on(&self.subjects.event(stream)).await?;
+        Ok(last.head())
+    }
+
+    /// The head an append builds on: refused when the stream's subject ends
+    /// with a foreign message (the server's guard would refuse every write
+    /// built on the last kiln event, and writing after it would make the
+    /// foreign message part of the stream).
+    async fn head_for_append(&self, stream: &StreamId) -> Result<StreamHead, StoreError> {
+        let last = self.last_event_on(&self.subjects.event(stream)).await?;
+        if let Some((position, reason)) = last.foreign_after {
+            return Err(StoreError::ForeignMessage {
+                stream: stream.clone(),
+                position,
+                reason,
+            });
         }
+        Ok(last.head())
     }
 
     fn head_hint(&self, stream: &StreamId) -> Option<StreamHead> {
@@ -604,15 +1099,28 @@ impl Inner {
             None => Ok(TagState::default()),
             Some(m) => Ok(TagState {
                 marker_seq: m.sequence,
-                position: wire::tag_position(&m.headers, m.sequence, tag)?,
+                position: wire::tag_position(&m.headers, m.sequence).unwrap_or_else(|why| {
+                    tracing::warn!(
+                        tag,
+                        position = m.sequence,
+                        "tag marker not written by kiln ({why}): reading it as pointing at itself"
+                    );
+                    m.sequence
+                }),
             }),
         }
     }
 
     /// Asks the server, without writing anything, whether `id` was stored within
     /// the dedupe window, and at which sequence. The probe carries the event id and
-    /// an expected-last-msg-id that never holds: the server answers a known id with
-    /// a duplicate ack (it checks ids first) and refuses anything else.
+    /// a guard that never holds, one the server checks after the id (so a known
+    /// id gets a duplicate ack) and that refuses anything else. Which guard
+    /// depends on the server's mode (nats-server 2.15):
+    /// - clustered: an expected last subject sequence of u64::MAX on the probe
+    ///   subject (where nothing is stored). An expected-last-msg-id refusal
+    ///   there leaves a replicated stream answering no further publishes.
+    /// - one server: an expected-last-msg-id that never holds; a single server
+    ///   checks the subject sequence before the id.
     async fn probe(&self, id: &Uuid) -> Result<Option<u64>, StoreError> {
         let op = || {
             format!(
@@ -622,10 +1130,17 @@ impl Inner {
         };
         let mut h = HeaderMap::new();
         h.insert(wire::MSG_ID, id.to_string().as_str());
-        h.insert(
-            wire::EXPECTED_LAST_MSG_ID,
-            format!("kiln-probe-{}", Uuid::new_v4()).as_str(),
-        );
+        if self.clustered {
+            h.insert(
+                wire::EXPECTED_LAST_SUBJECT_SEQ,
+                u64::MAX.to_string().as_str(),
+            );
+        } else {
+            h.insert(
+                wire::EXPECTED_LAST_MSG_ID,
+                format!("kiln-probe-{}", Uuid::new_v4()).as_str(),
+            );
+        }
         for attempt in 0..MAX_ATTEMPTS {
             let reply = self
                 .publish_request(self.subjects.probe(), h.clone(), Bytes::new(), &op)
@@ -642,7 +1157,9 @@ impl Inner {
                         ),
                     ));
                 }
-                Some(e) if e.err_code == ERR_WRONG_LAST_MSG_ID => return Ok(None),
+                Some(e) if e.guard_moved() || e.err_code == ERR_WRONG_LAST_MSG_ID => {
+                    return Ok(None);
+                }
                 Some(e) if e.transient() => tokio::time::sleep(backoff(attempt)).await,
                 Some(e) => return Err(StoreError::backend(op(), e)),
             }
@@ -662,7 +1179,16 @@ impl Inner {
     ) -> Result<AppendResult, StoreError> {
         let subject = self.subjects.event(&req.stream);
         let n = req.events.len();
-        let msgs = self.read_subject(&subject, seq, n).await?;
+        // A batched read may come from a replica behind the leader that just
+        // reported the id: ask again, briefly, before judging the messages.
+        let mut msgs = self.read_subject(&subject, seq, n).await?;
+        for attempt in 1..DIRECT_GET_ATTEMPTS {
+            if msgs.len() >= n && msgs.first().map(|m| m.sequence) == Some(seq) {
+                break;
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            msgs = self.read_subject(&subject, seq, n).await?;
+        }
         if msgs.first().map(|m| m.sequence) != Some(seq) {
             let elsewhere = match self.msg_at(seq).await? {
                 Some(m) => format!("'{}'", m.subject),
@@ -676,14 +1202,16 @@ impl Inner {
                 ),
             });
         }
-        let first_version = wire::version_of(&msgs[0].headers, &subject, seq)?;
+        let version_at = |m: &StreamMessage| {
+            wire::version_of(&m.headers).map_err(|reason| StoreError::Corrupt {
+                what: format!("message {} on '{subject}'", m.sequence),
+                reason,
+            })
+        };
+        let first_version = version_at(&msgs[0])?;
         for (i, ev) in req.events.iter().enumerate() {
             let same = match msgs.get(i) {
-                Some(m) => {
-                    msg_id(m) == Some(ev.id)
-                        && wire::version_of(&m.headers, &subject, m.sequence)?
-                            == first_version + i as u64
-                }
+                Some(m) => msg_id(m) == Some(ev.id) && version_at(m)? == first_version + i as u64,
                 None => false,
             };
             if !same {
@@ -766,7 +1294,7 @@ impl Inner {
         head: StreamHead,
     ) -> Result<Outcome, StoreError> {
         let ev = &req.events[0];
-        let version = head.version + 1;
+        let version = next_version(&req.stream, head.version, 1)?;
         let mut h = wire::event_headers(&ev.id, &ev.event_type, version, &ev.tags, &ev.metadata);
         h.insert(
             wire::EXPECTED_LAST_SUBJECT_SEQ,
@@ -799,6 +1327,7 @@ impl Inner {
         tags: &HashMap<String, TagState>,
     ) -> Result<Outcome, StoreError> {
         let n = req.events.len();
+        let last_version = next_version(&req.stream, head.version, n)?;
         let subject = self.subjects.event(&req.stream);
         let mut msgs: Vec<(String, HeaderMap, Bytes)> = Vec::with_capacity(n + markers.len());
         for (i, ev) in req.events.iter().enumerate() {
@@ -857,10 +1386,16 @@ impl Inner {
         let reply = reply.unwrap_or_default();
         Ok(match reply.error {
             None => {
-                if reply.count.is_some_and(|c| c != total as u64) {
+                // A server that commits batches atomically says how many
+                // messages it committed; anything else is not an atomic commit.
+                if reply.count != Some(total as u64) {
                     return Err(StoreError::backend(
                         op(),
-                        format!("the server committed {:?} messages of {total}", reply.count),
+                        format!(
+                            "the server acknowledged the batch with a message count of {} \
+                             instead of {total}: it did not commit it as one atomic batch",
+                            reply.count.map_or("none".to_string(), |c| c.to_string())
+                        ),
                     ));
                 }
                 // An atomic batch is stored at consecutive sequences, the
@@ -869,7 +1404,7 @@ impl Inner {
                 Outcome::Committed(AppendResult {
                     first_position,
                     position: first_position + n as u64 - 1,
-                    version: head.version + n as u64,
+                    version: last_version,
                 })
             }
             Some(e) if e.err_code == ERR_BATCH_DUPLICATE_MSG_ID => Outcome::DuplicateInBatch,
@@ -882,15 +1417,7 @@ impl Inner {
     async fn append(&self, req: AppendRequest) -> Result<AppendResult, StoreError> {
         validate_append(&req, &self.config.limits)?;
         let markers = self.plan_markers(&req);
-        let messages = req.events.len() + markers.len();
-        if messages > MAX_BATCH_MESSAGES {
-            return Err(StoreError::TooLarge {
-                stream: req.stream.clone(),
-                what: "the number of messages (events plus one marker per tag)".into(),
-                size: messages,
-                limit: MAX_BATCH_MESSAGES,
-            });
-        }
+        debug_assert!(req.events.len() + markers.len() <= MAX_BATCH_MESSAGES);
         let single = markers.is_empty() && req.events.len() == 1;
         let mut busy = None;
         for attempt in 0..MAX_ATTEMPTS {
@@ -901,7 +1428,7 @@ impl Inner {
             };
             let head = match hint {
                 Some(h) if req.expected.admits(h.version) => h,
-                _ => self.head_of(&req.stream).await?,
+                _ => self.head_for_append(&req.stream).await?,
             };
             if !req.expected.admits(head.version) {
                 if let Some(original) = self.replay(&req).await? {
@@ -987,42 +1514,59 @@ impl Inner {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let Some(last) = self.last_on(&self.events, &subject).await? else {
+        let Some(last) = self.last_event_on(&subject).await?.event else {
             return Ok(Vec::new());
         };
-        let last_version = wire::version_of(&last.headers, &subject, last.sequence)?;
         let from = from_version.max(1);
-        if from > last_version {
+        if from > last.version {
             return Ok(Vec::new());
         }
-        let start = if from == last_version {
-            last.sequence
+        let mut seq = if from == last.version {
+            last.position
         } else if from == 1 {
             1
         } else {
-            self.seq_of_version(&subject, from, last.sequence).await?
+            self.seq_of_version(&subject, from, last.position).await?
         };
-        let msgs = self.read_subject(&subject, start, limit).await?;
-        let mut out = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let ev = wire::decode_event(
-                &self.subjects,
-                &subject,
-                m.sequence,
-                header_time(&m.headers),
-                &m.headers,
-                m.payload,
-            )?;
-            if ev.version >= from {
-                out.push(ev);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        // Foreign messages are skipped, so a page may take more than one read;
+        // and a batched read may be answered by a replica behind the last
+        // event read above (seen with batched direct gets on 2.15): it is
+        // asked again, briefly, until the read reaches that event.
+        let mut behind = 0;
+        while out.len() < limit && seq <= last.position {
+            let msgs = self.read_subject(&subject, seq, limit - out.len()).await?;
+            let Some(end) = msgs.last().map(|m| m.sequence) else {
+                behind += 1;
+                if behind >= DIRECT_GET_ATTEMPTS {
+                    return Err(self.electing(format!(
+                        "reading stream '{stream}' from position {seq} up to {}",
+                        last.position
+                    )));
+                }
+                tokio::time::sleep(backoff(behind)).await;
+                continue;
+            };
+            for m in &msgs {
+                if m.sequence > last.position {
+                    break;
+                }
+                if let Ok(ev) = self.decode_stored(m)
+                    && ev.version >= from
+                {
+                    out.push(ev);
+                }
             }
+            seq = end + 1;
         }
         Ok(out)
     }
 
-    /// The sequence of the first message on `subject` whose version is at least
-    /// `version`: a binary search over sequences with direct gets (versions grow
-    /// with sequences), about log2(last_seq) round trips.
+    /// The sequence at or before the first kiln event on `subject` whose version
+    /// is at least `version`: a binary search over sequences with direct gets
+    /// (versions grow with sequences), about log2(last_seq) round trips. A
+    /// foreign message met on the way sends the search left: starting early
+    /// only costs reading (and skipping) a few more messages.
     async fn seq_of_version(
         &self,
         subject: &str,
@@ -1032,23 +1576,13 @@ impl Inner {
         let (mut lo, mut hi) = (1u64, last_seq);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let m = self
-                .next_on(subject, mid)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: format!("subject '{subject}'"),
-                    reason: format!(
-                        "no message at or after position {mid}, yet its last is at {last_seq}"
-                    ),
-                })?;
-            let v = wire::version_of(&m.headers, subject, m.sequence)?;
-            if v == version {
-                return Ok(m.sequence);
-            }
-            if v > version {
-                hi = mid;
-            } else {
-                lo = m.sequence + 1;
+            let Some(m) = self.next_on(subject, mid).await? else {
+                return Ok(lo);
+            };
+            match wire::version_of(&m.headers) {
+                Ok(v) if v == version => return Ok(m.sequence),
+                Ok(v) if v < version => lo = m.sequence + 1,
+                _ => hi = mid,
             }
         }
         Ok(lo)
@@ -1061,16 +1595,18 @@ impl Inner {
                 self.config.stream
             )
         };
-        let consumer = self
-            .events
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.subjects.events_filter(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
+        // Bounded well below the request timeout: during a leader election
+        // the request can go unanswered, and the tail's loop retries it.
+        let create = self.events.create_consumer(pull::OrderedConfig {
+            filter_subject: self.subjects.events_filter(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        });
+        let consumer = tokio::time::timeout(ACK_PATIENCE * 2, create)
             .await
+            .map_err(|_| self.electing(op()))?
             .map_err(|e| StoreError::backend(op(), e))?;
         consumer
             .messages()
@@ -1078,10 +1614,12 @@ impl Inner {
             .map_err(|e| StoreError::backend(op(), e))
     }
 
+    /// A delivered message's sequence, and the event it holds (or why it is
+    /// not a kiln event, recorded as foreign).
     fn decode_delivered(
         &self,
         msg: &jetstream::Message,
-    ) -> Result<(Position, RecordedEvent), StoreError> {
+    ) -> Result<(Position, Result<RecordedEvent, wire::NotKiln>), StoreError> {
         let info = msg.info().map_err(|e| StoreError::Corrupt {
             what: format!("a message delivered on '{}'", msg.subject),
             reason: format!("unreadable delivery metadata: {e}"),
@@ -1101,8 +1639,30 @@ impl Inner {
             timestamp,
             headers,
             msg.payload.clone(),
-        )?;
+        );
+        if let Err(why) = &ev {
+            self.note_foreign(seq, msg.subject.as_str(), why);
+        }
         Ok((seq, ev))
+    }
+}
+
+/// How long a tail waits for a message before asking the server whether the
+/// log moved without it (a consumer lost to a leader election can stay silent
+/// for a minute before the client library notices).
+const TAIL_IDLE_CHECK: Duration = Duration::from_secs(3);
+
+impl Inner {
+    /// The first message on an event subject at `next` or later, if any: one
+    /// direct get, asked after [`TAIL_IDLE_CHECK`] of silence from a consumer.
+    async fn event_at_or_after(&self, next: Position) -> Option<Position> {
+        match self.next_on(&self.subjects.events_filter(), next).await {
+            Ok(m) => m.map(|m| m.sequence),
+            Err(e) => {
+                tracing::debug!("tail at position {next}: cannot check for a stall: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -1114,31 +1674,35 @@ struct Tail {
     reconnects: watch::Receiver<u64>,
     failures: u32,
     pending_error: Option<StoreError>,
+    /// An event found waiting at the last idle check (see [`TAIL_IDLE_CHECK`]).
+    suspect: Option<Position>,
 }
 
 impl Tail {
-    /// Turns delivered messages into events at `next` or later; a corrupt message
-    /// is skipped and its error handed out after the good events before it.
+    /// Turns delivered messages into events at `next` or later. A foreign
+    /// message is skipped (and recorded); the messages after it are taken as
+    /// usual. A message without readable delivery metadata (no sequence to
+    /// step past) ends the batch and recreates the consumer from `next`.
     fn take(&mut self, raw: Vec<jetstream::Message>) -> Vec<RecordedEvent> {
         let mut out = Vec::with_capacity(raw.len());
         for msg in raw {
             match self.inner.decode_delivered(&msg) {
-                Ok((seq, ev)) if seq >= self.next => {
+                Ok((seq, _)) if seq < self.next => {}
+                Ok((seq, Ok(ev))) => {
                     self.next = seq + 1;
                     out.push(ev);
                 }
-                Ok(_) => {}
+                Ok((seq, Err(_))) => self.next = seq + 1,
                 Err(e) => {
-                    if let Ok(info) = msg.info() {
-                        self.next = self.next.max(info.stream_sequence + 1);
-                    }
-                    if self.pending_error.is_none() {
-                        tracing::warn!("tail skipped an undecodable message: {e}");
+                    tracing::warn!(
+                        "tail at position {}: {e}; recreating its consumer",
+                        self.next
+                    );
+                    self.messages = None;
+                    if self.pending_error.is_none() && out.is_empty() {
                         self.pending_error = Some(e);
                     }
-                    if !out.is_empty() {
-                        break;
-                    }
+                    break;
                 }
             }
         }
@@ -1206,6 +1770,29 @@ impl Tail {
                     lost_consumer = true;
                     Vec::new()
                 }
+                _ = tokio::time::sleep(TAIL_IDLE_CHECK) => {
+                    // Two silent checks in a row with an event waiting: not
+                    // one merely in flight at the first check.
+                    let waiting = self.inner.event_at_or_after(self.next).await;
+                    let stalled = waiting.is_some() && self.suspect == waiting;
+                    self.suspect = waiting;
+                    if stalled {
+                        tracing::warn!(
+                            "tail at position {}: its consumer delivered nothing for {:?} while \
+                             the log holds position {}; recreating it",
+                            self.next,
+                            TAIL_IDLE_CHECK * 2,
+                            waiting.unwrap_or_default()
+                        );
+                        self.suspect = None;
+                        self.inner.tail_stalls.fetch_add(1, Ordering::Relaxed);
+                        // Recreate at once: the server answers, the consumer does not.
+                        self.messages = None;
+                        self.failures = 0;
+                        continue;
+                    }
+                    Vec::new()
+                }
             };
             if lost_consumer {
                 self.messages = None;
@@ -1251,6 +1838,7 @@ impl EventStore for JetStreamStore {
             reconnects: self.inner.reconnects.clone(),
             failures: 0,
             pending_error: None,
+            suspect: None,
         };
         futures::stream::unfold(tail, Tail::next_batch).boxed()
     }
@@ -1274,15 +1862,17 @@ impl EventStore for JetStreamStore {
             return Ok(0);
         }
         if let Some(m) = inner.msg_at(last).await?
-            && inner.subjects.stream_of(&m.subject).is_ok()
+            && wire::decode_event(&inner.subjects, &m.subject, last, 0, &m.headers, m.payload)
+                .is_ok()
         {
             return Ok(last);
         }
         let filter = inner.subjects.events_filter();
         Ok(inner
-            .last_on(&inner.events, &filter)
+            .last_event_on(&filter)
             .await?
-            .map_or(0, |m| m.sequence))
+            .event
+            .map_or(0, |ev| ev.position))
     }
 
     async fn save_snapshot(
@@ -1307,7 +1897,7 @@ impl EventStore for JetStreamStore {
             let (seq, existing_version) = match &existing {
                 Some(m) => (
                     m.sequence,
-                    wire::version_of(&m.headers, &subject, m.sequence)?,
+                    wire::snapshot_version(&m.headers, &subject, m.sequence)?,
                 ),
                 None => (0, 0),
             };
@@ -1335,6 +1925,19 @@ impl EventStore for JetStreamStore {
         ))
     }
 
+    fn health(&self) -> StoreHealth {
+        let inner = &self.inner;
+        StoreHealth {
+            foreign_messages_total: inner.foreign_total.load(Ordering::Relaxed),
+            foreign_messages: inner
+                .foreign
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default(),
+            tail_stalls_total: inner.tail_stalls.load(Ordering::Relaxed),
+        }
+    }
+
     async fn latest_snapshot(&self, stream: &StreamId) -> Result<Snapshot, StoreError> {
         let inner = &self.inner;
         let subject = inner.subjects.snapshot(stream);
@@ -1346,7 +1949,7 @@ impl EventStore for JetStreamStore {
             })?;
         Ok(Snapshot {
             stream: stream.clone(),
-            version: wire::version_of(&m.headers, &subject, m.sequence)?,
+            version: wire::snapshot_version(&m.headers, &subject, m.sequence)?,
             data: m.payload,
         })
     }

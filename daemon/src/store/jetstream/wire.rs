@@ -15,6 +15,20 @@
 //!
 //! Event subjects have exactly three tokens after the prefix's, kiln's own ones
 //! four, so a consumer filtered on `<prefix>.*.*` sees events and nothing else.
+//!
+//! **Foreign messages.** A stream shared with other services may hold messages
+//! on event subjects that are not kiln events. [`decode_event`] is the one
+//! definition, used by tails, reads, `latest` and appends alike: a message is a
+//! kiln event when its subject is `<prefix>.<category>.<stream-id>` with a valid
+//! stream id of that category, `Nats-Msg-Id` is a UUID, `Kiln-Type` is a valid
+//! event type, `Kiln-Version` is an integer from 1 to [`MAX_VERSION`],
+//! `Kiln-Tags` (if any) are valid tags, `Kiln-Metadata` (if any) is a JSON
+//! object of strings, and the payload is JSON. Anything else is foreign: tails
+//! and reads skip it (logged with its sequence, counted), `latest` reports the
+//! last kiln event before it, and an append to a stream whose last message is
+//! foreign is refused naming its sequence. A tag marker whose headers are
+//! unusable, or point after the marker itself, counts as pointing at the marker
+//! (the most conservative reading), so no marker can block its tag for ever.
 //! Stream ids and tags use an alphabet (ASCII letters, digits, `- _ : @ + =`)
 //! that is valid in a subject token as is: nothing is ever escaped.
 
@@ -24,7 +38,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::super::{Position, RecordedEvent, StoreError, StreamId};
+use super::super::{MAX_VERSION, Position, RecordedEvent, StoreError, StreamId, validate_tag};
 
 pub const MSG_ID: &str = "Nats-Msg-Id";
 pub const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
@@ -83,6 +97,12 @@ impl Subjects {
         format!("{}._kiln.snap.{stream}", self.prefix)
     }
 
+    pub fn is_snapshot(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.starts_with("._kiln.snap."))
+    }
+
     pub fn snapshots_filter(&self) -> String {
         format!("{}._kiln.snap.*", self.prefix)
     }
@@ -137,23 +157,18 @@ pub fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get_last(name).map(|v| v.as_str())
 }
 
-pub fn header_u64(h: &HeaderMap, name: &str, what: impl Fn() -> String) -> Result<u64, StoreError> {
-    let v = header(h, name).ok_or_else(|| StoreError::Corrupt {
-        what: what(),
-        reason: format!("header {name} is missing"),
-    })?;
-    v.trim().parse().map_err(|e| StoreError::Corrupt {
-        what: what(),
-        reason: format!("header {name} is {v:?}: {e}"),
-    })
+/// Why a message on an event subject is not a kiln event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotKiln(pub String);
+
+impl std::fmt::Display for NotKiln {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-/// The version an event message carries.
-pub fn version_of(h: &HeaderMap, subject: &str, seq: u64) -> Result<u64, StoreError> {
-    header_u64(h, VERSION, || format!("message {seq} on '{subject}'"))
-}
-
-/// Turns a stored event message into a recorded event.
+/// Turns a stored message on an event subject into a recorded event, or says
+/// why it is not a kiln event (see the module docs: the one definition).
 pub fn decode_event(
     subjects: &Subjects,
     subject: &str,
@@ -161,39 +176,50 @@ pub fn decode_event(
     timestamp: u64,
     h: &HeaderMap,
     data: Bytes,
-) -> Result<RecordedEvent, StoreError> {
-    let what = || format!("event at position {position} on '{subject}'");
-    let corrupt = |reason: String| StoreError::Corrupt {
-        what: what(),
-        reason,
-    };
-    let stream = subjects.stream_of(subject)?;
-    let id = header(h, MSG_ID).ok_or_else(|| corrupt(format!("header {MSG_ID} is missing")))?;
+) -> Result<RecordedEvent, NotKiln> {
+    let stream = subjects
+        .stream_of(subject)
+        .map_err(|e| NotKiln(e.to_string()))?;
+    let missing = |name: &str| NotKiln(format!("header {name} is missing"));
+    let id = header(h, MSG_ID).ok_or_else(|| missing(MSG_ID))?;
     let id = Uuid::parse_str(id.trim())
-        .map_err(|e| corrupt(format!("header {MSG_ID} {id:?} is not a UUID: {e}")))?;
-    let event_type = header(h, TYPE)
-        .ok_or_else(|| corrupt(format!("header {TYPE} is missing")))?
-        .trim()
-        .to_string();
-    let version = header_u64(h, VERSION, what)?;
-    let tags = match header(h, TAGS) {
+        .map_err(|e| NotKiln(format!("header {MSG_ID} {id:?} is not a UUID: {e}")))?;
+    let event_type = header(h, TYPE).ok_or_else(|| missing(TYPE))?.trim();
+    if event_type.is_empty()
+        || event_type.len() > super::super::MAX_ID_LEN
+        || event_type
+            .chars()
+            .any(|c| !c.is_ascii_graphic() || c == '*' || c == '>')
+    {
+        return Err(NotKiln(format!(
+            "header {TYPE} {event_type:?} is not an event type"
+        )));
+    }
+    let version = version_of(h).map_err(NotKiln)?;
+    let tags: Vec<String> = match header(h, TAGS) {
         Some(t) if !t.trim().is_empty() => {
             t.trim().split(',').map(|s| s.trim().to_string()).collect()
         }
         _ => Vec::new(),
     };
+    if let Some(bad) = tags.iter().find_map(|t| validate_tag(t).err()) {
+        return Err(NotKiln(format!("header {TAGS}: {bad}")));
+    }
     let metadata = match header(h, METADATA) {
         Some(m) if !m.trim().is_empty() => serde_json::from_str(m.trim()).map_err(|e| {
-            corrupt(format!(
+            NotKiln(format!(
                 "header {METADATA} is not a JSON object of strings: {e}"
             ))
         })?,
         _ => BTreeMap::new(),
     };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&data) {
+        return Err(NotKiln(format!("the payload is not JSON: {e}")));
+    }
     Ok(RecordedEvent {
         id,
         stream,
-        event_type,
+        event_type: event_type.to_string(),
         version,
         position,
         timestamp,
@@ -203,19 +229,59 @@ pub fn decode_event(
     })
 }
 
-/// The position of a tag's last event, from its newest marker message.
-pub fn tag_position(h: &HeaderMap, marker_seq: u64, tag: &str) -> Result<Position, StoreError> {
-    let what = || format!("marker {marker_seq} of tag '{tag}'");
-    if header(h, TAG_OFFSET).is_some() {
-        let k = header_u64(h, TAG_OFFSET, what)?;
+/// The `Kiln-Version` of a message: an integer from 1 to [`MAX_VERSION`].
+pub fn version_of(h: &HeaderMap) -> Result<u64, String> {
+    let v = header(h, VERSION).ok_or_else(|| format!("header {VERSION} is missing"))?;
+    match v.trim().parse::<u64>() {
+        Ok(n) if (1..=MAX_VERSION).contains(&n) => Ok(n),
+        Ok(n) => Err(format!(
+            "header {VERSION} is {n}, outside 1 to {MAX_VERSION}"
+        )),
+        Err(e) => Err(format!("header {VERSION} is {v:?}: {e}")),
+    }
+}
+
+/// The version a snapshot message carries (kiln writes those alone).
+pub fn snapshot_version(h: &HeaderMap, subject: &str, seq: u64) -> Result<u64, StoreError> {
+    version_of(h).map_err(|reason| StoreError::Corrupt {
+        what: format!("snapshot message {seq} on '{subject}'"),
+        reason,
+    })
+}
+
+/// The position of a tag's last event, from its newest marker message. A
+/// marker kiln did not write (unusable headers, a position after the marker
+/// itself) reads as pointing at the marker: conservative, and it never blocks
+/// the tag for ever, since a condition `after` the marker passes it.
+pub fn tag_position(h: &HeaderMap, marker_seq: u64) -> Result<Position, NotKiln> {
+    let parse = |name: &str| {
+        header(h, name).map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|e| NotKiln(format!("header {name} is {v:?}: {e}")))
+        })
+    };
+    if let Some(k) = parse(TAG_OFFSET) {
+        let k = k?;
         return marker_seq
             .checked_sub(k)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: what(),
-                reason: format!("offset {k} points before the start of the log"),
-            });
+            .filter(|p| *p > 0)
+            .ok_or_else(|| NotKiln(format!("offset {k} points before the start of the log")));
     }
-    header_u64(h, TAG_POSITION, what)
+    match parse(TAG_POSITION) {
+        Some(p) => {
+            let p = p?;
+            if p >= marker_seq {
+                return Err(NotKiln(format!(
+                    "position {p} is not before the marker itself"
+                )));
+            }
+            Ok(p)
+        }
+        None => Err(NotKiln(format!(
+            "neither {TAG_OFFSET} nor {TAG_POSITION} is set"
+        ))),
+    }
 }
 
 /// Milliseconds since the Unix epoch of an RFC 3339 UTC time as the server writes
@@ -322,6 +388,64 @@ mod tests {
         );
         assert_eq!((ev.tags, ev.metadata), (tags, meta));
         assert_eq!(ev.event_type, "user.Registered");
+    }
+
+    #[test]
+    fn what_is_not_a_kiln_event() {
+        let s = Subjects::new("k");
+        let good = event_headers(&Uuid::new_v4(), "T", 3, &[], &BTreeMap::new());
+        let decode = |subject: &str, h: &HeaderMap, data: &'static str| {
+            decode_event(&s, subject, 9, 0, h, Bytes::from(data))
+        };
+        assert!(decode("k.u.u-1", &good, "{}").is_ok());
+        let without = |name: &str| {
+            let mut h = HeaderMap::new();
+            for (k, v) in good.iter() {
+                let key: &str = k.as_ref();
+                if key != name {
+                    h.insert(k.clone(), v[0].as_str());
+                }
+            }
+            h
+        };
+        for name in [MSG_ID, TYPE, VERSION] {
+            let e = decode("k.u.u-1", &without(name), "{}").unwrap_err();
+            assert!(e.0.contains(name), "{e}");
+        }
+        for bad_version in ["0", "18446744073709551615", "-1", "x", "9007199254740992"] {
+            let mut h = good.clone();
+            h.insert(VERSION, bad_version);
+            let e = decode("k.u.u-1", &h, "{}").unwrap_err();
+            assert!(e.0.contains(VERSION), "{bad_version}: {e}");
+        }
+        let mut h = good.clone();
+        h.insert(METADATA, "[1]");
+        assert!(decode("k.u.u-1", &h, "{}").is_err());
+        let mut h = good.clone();
+        h.insert(TAGS, "ok,not ok");
+        assert!(decode("k.u.u-1", &h, "{}").is_err());
+        assert!(
+            decode("k.u.u-1", &good, "not json")
+                .unwrap_err()
+                .0
+                .contains("JSON")
+        );
+        assert!(decode("k.x.u-1", &good, "{}").is_err(), "category mismatch");
+    }
+
+    #[test]
+    fn no_marker_blocks_its_tag() {
+        let mut h = HeaderMap::new();
+        h.insert(TAG_OFFSET, "2");
+        assert_eq!(tag_position(&h, 10), Ok(8));
+        h.insert(TAG_OFFSET, "10");
+        assert!(tag_position(&h, 10).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(TAG_POSITION, "7");
+        assert_eq!(tag_position(&h, 10), Ok(7));
+        h.insert(TAG_POSITION, "18446744073709551615");
+        assert!(tag_position(&h, 10).is_err());
+        assert!(tag_position(&HeaderMap::new(), 10).is_err());
     }
 
     #[test]
