@@ -82,6 +82,9 @@ pub struct ServeConfig {
     pub watch_debounce_ms: u64,
     /// Most events a warming version applies between yields to live views.
     pub warmup_batch: usize,
+    /// A live view whose checkpoint has not moved for this many seconds
+    /// while the log moved on is reported stalled (`/readyz/{view}` 503).
+    pub stall_after_secs: u64,
     /// Policies of view names not listed in `views`.
     pub default_policy: ViewPolicy,
     /// Policies per view name: `[views.users] cutover = "manual"`.
@@ -106,6 +109,7 @@ impl Default for ServeConfig {
             standby_grace_secs: 300,
             watch_debounce_ms: 300,
             warmup_batch: 256,
+            stall_after_secs: 30,
             default_policy: ViewPolicy::default(),
             views: BTreeMap::new(),
             runtime: RuntimeLimits::default(),
@@ -363,6 +367,7 @@ impl ServeConfig {
         c.policies = self.views.clone();
         c.standby_grace = Duration::from_secs(self.standby_grace_secs);
         c.warmup_batch = self.warmup_batch;
+        c.stall_after = Duration::from_secs(self.stall_after_secs);
         c.recover_registry = self.recover_registry;
         c
     }

@@ -574,3 +574,64 @@ async fn a_nats_outage_end_to_end_through_kiln_serve() {
     assert_eq!(b["doc"]["logins"], logins, "no gap, no duplicate: {b}");
     drop(d);
 }
+
+/// A live view that stops moving while the log moves on is reported stalled
+/// (here: a guest spinning until its batch deadline), and no longer once it
+/// moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_view_that_stops_moving_is_reported_stalled() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.stall_after = Duration::from_secs(1);
+    config.default_policy.poison = PoisonPolicy::Park;
+    let runtime = kiln::runtime::Runtime::new(kiln::runtime::RuntimeConfig {
+        batch_deadline: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .expect("runtime");
+    let lc = kiln::lifecycle::Lifecycle::start(config, env.store.clone(), runtime)
+        .await
+        .expect("lifecycle");
+    let chaos = std::fs::read(kiln_tests::wasm::CHAOS).expect("chaos module");
+    let id = lc.deploy(&chaos, "test").await.unwrap().id().clone();
+    let note = |text: &str| NewEvent::json("Note", &json!({ "text": text }));
+    let stream = StreamId::new("chaos-1").unwrap();
+    env.store
+        .append(AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::Any,
+            vec![note("a")],
+        ))
+        .await
+        .unwrap();
+    wait_until("chaos active", || {
+        lc.status_of(&id)
+            .is_some_and(|s| s.state == ViewState::Active)
+    })
+    .await;
+    let last = env
+        .store
+        .append(AppendRequest::new(
+            stream,
+            ExpectedVersion::Any,
+            vec![NewEvent::json("Spin", &json!({})), note("b")],
+        ))
+        .await
+        .unwrap()
+        .position;
+    wait_until("reported stalled", || {
+        lc.status_of(&id)
+            .is_some_and(|s| s.stalled_secs.is_some_and(|t| t >= 1.0))
+    })
+    .await;
+    lc.wait_for_position(&id, last, WAIT)
+        .await
+        .expect("moves again after the deadline");
+    let s = lc.status_of(&id).unwrap();
+    assert_eq!(
+        (s.stalled_secs, s.parked, s.state),
+        (None, 1, ViewState::Active),
+        "{s:?}"
+    );
+    lc.shutdown().await;
+}

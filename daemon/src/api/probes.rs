@@ -135,6 +135,23 @@ pub async fn readyz_view(
         "id": s.id, "state": s.state, "checkpoint": s.checkpoint, "head": s.head,
         "lag": s.lag, "eta_secs": s.eta_secs,
     });
+    if let Some(secs) = s.stalled_secs.filter(|_| s.state.is_servable()) {
+        let why = format!(
+            "view {} is stalled: at position {} for {secs:.0} s while the log moved on to {}{}",
+            s.id,
+            s.checkpoint,
+            s.head,
+            s.paused
+                .as_deref()
+                .map(|p| format!(" (paused: {p})"))
+                .unwrap_or_default()
+        );
+        return Ok(
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why)
+                .with("view", body)
+                .into_response(),
+        );
+    }
     if s.state.is_servable() {
         Ok(Json(body).into_response())
     } else {
@@ -179,7 +196,7 @@ type PerViewMetric = (
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let views = state.lifecycle.status();
     let mut out = String::with_capacity(4096);
-    let per_view: [PerViewMetric; 9] = [
+    let per_view: [PerViewMetric; 10] = [
         (
             "kiln_view_events_applied_total",
             "counter",
@@ -227,6 +244,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             "counter",
             "Host faults (storage I/O, a full disk) that paused the view version.",
             |v| v.host_faults as f64,
+        ),
+        (
+            "kiln_view_stalled_seconds",
+            "gauge",
+            "How long a live view version's checkpoint has not moved while the log did (0 unless stalled).",
+            |v| v.stalled_secs.unwrap_or(0.0),
         ),
         (
             "kiln_view_eta_seconds",

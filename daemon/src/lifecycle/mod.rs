@@ -183,6 +183,10 @@ pub struct LifecycleConfig {
     /// active until it catches up and is cut over or promoted. Off by default:
     /// kiln refuses to guess (`kiln serve --recover-registry`).
     pub recover_registry: bool,
+    /// A live version whose checkpoint has not moved for this long while the
+    /// log moved on is reported stalled (`GET /views`, `/readyz/{view}` 503,
+    /// `kiln_view_stalled_seconds`).
+    pub stall_after: Duration,
 }
 
 impl LifecycleConfig {
@@ -197,6 +201,7 @@ impl LifecycleConfig {
             standby_grace: Duration::from_secs(300),
             warmup_batch: 256,
             recover_registry: false,
+            stall_after: Duration::from_secs(30),
         }
     }
 
@@ -282,6 +287,10 @@ pub struct ViewStatus {
     pub paused: Option<String>,
     /// Host faults met since the daemon started.
     pub host_faults: u64,
+    /// A live version whose checkpoint has not moved for this many seconds
+    /// (at least [`LifecycleConfig::stall_after`]) while the log moved on
+    /// without it (lag above 0): a stuck tail, a paused or spinning worker.
+    pub stalled_secs: Option<f64>,
     pub last_error: Option<String>,
     /// Position of the event the version failed on, when `failed`.
     pub failed_position: Option<u64>,
@@ -1425,6 +1434,17 @@ impl Inner {
             parked: progress.map_or(0, |p| p.parked.load(Ordering::Relaxed)),
             paused: progress.and_then(|p| p.paused()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
+            stalled_secs: progress
+                .filter(|_| {
+                    lag > 0
+                        && matches!(
+                            e.state,
+                            ViewState::Ready | ViewState::Active | ViewState::Standby
+                        )
+                })
+                .map(|p| p.still_for())
+                .filter(|d| *d >= self.config.stall_after)
+                .map(|d| d.as_secs_f64()),
             last_error: e.last_error.clone(),
             failed_position: e.failed_position,
             serving_stale: e.serving_stale,

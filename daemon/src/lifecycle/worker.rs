@@ -92,6 +92,8 @@ pub(super) struct Progress {
     pub paused: std::sync::Mutex<Option<String>>,
     /// Host faults met since start (each one paused the worker).
     pub faults: AtomicU64,
+    /// When the checkpoint last moved (or the worker started).
+    moved_at: std::sync::Mutex<Instant>,
 }
 
 impl Progress {
@@ -106,7 +108,25 @@ impl Progress {
             batch_latency: LatencyHistogram::default(),
             paused: std::sync::Mutex::new(None),
             faults: AtomicU64::new(0),
+            moved_at: std::sync::Mutex::new(Instant::now()),
         })
+    }
+
+    /// How long the checkpoint has not moved.
+    pub fn still_for(&self) -> Duration {
+        self.moved_at
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Sets the checkpoint (and when it moved), waking waiters.
+    fn advance(&self, to: Position) {
+        if let Ok(mut t) = self.moved_at.lock() {
+            *t = Instant::now();
+        }
+        self.checkpoint.store(to, Ordering::Release);
+        self.checkpoint_tx.send_replace(to);
     }
 
     /// Why the worker is paused, if it is.
@@ -423,12 +443,7 @@ impl Worker {
                 })?
                 .map_err(|e| *e)
                 .inspect_err(|e| self.open_error = Some(e.to_string()))?;
-        self.progress
-            .checkpoint
-            .store(projector.checkpoint(), Ordering::Release);
-        self.progress
-            .checkpoint_tx
-            .send_replace(projector.checkpoint());
+        self.progress.advance(projector.checkpoint());
         self.projector = Some(projector);
         Ok(())
     }
@@ -604,8 +619,7 @@ impl Worker {
                 tracing::info!(checkpoint = after, "resumed after a host fault");
                 self.progress.set_paused(None);
             }
-            self.progress.checkpoint.store(after, Ordering::Release);
-            self.progress.checkpoint_tx.send_replace(after);
+            self.progress.advance(after);
         }
         Ok(())
     }
