@@ -157,7 +157,9 @@ impl Registry {
                     Physical::Warming => ViewState::Warming,
                     Physical::Failed | Physical::Gone => ViewState::Failed,
                 };
-                let e = self.entries.get_mut(&v.id).expect("checked above");
+                let Some(e) = self.entries.get_mut(&v.id) else {
+                    return Err(LifecycleError::Internal(format!("{} vanished", v.id)));
+                };
                 e.state = state;
                 e.source = v.source;
                 e.deployed_at = v.now;
