@@ -182,27 +182,7 @@ async fn a_full_disk_pauses_views_and_everything_heals_when_space_returns() {
     );
     std::fs::remove_file(&log_filler).expect("free the log's disk");
     let back = Instant::now();
-    let last = loop {
-        let stream = StreamId::new("user-1").unwrap();
-        let event = NewEvent::json("UserLoggedIn", &json!({}));
-        match store
-            .append(AppendRequest::new(
-                stream,
-                ExpectedVersion::Any,
-                vec![event],
-            ))
-            .await
-        {
-            Ok(r) => break r.position,
-            Err(e) => {
-                assert!(
-                    back.elapsed() < Duration::from_secs(90),
-                    "appends never came back: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let last = login_when_accepted(&store, "user-1", Duration::from_secs(90)).await;
     eprintln!(
         "appends came back {:.1} s after space returned",
         back.elapsed().as_secs_f64()
@@ -370,26 +350,7 @@ async fn a_nats_outage_fails_no_view_and_the_tail_resumes_without_gaps() {
     assert!(env.store.head().await.is_err(), "the store says it is down");
     tokio::task::block_in_place(|| h.server.start_again());
     // Appends come back by themselves.
-    let back = Instant::now();
-    let last = loop {
-        let stream = StreamId::new("user-3").unwrap();
-        let event = NewEvent::json("UserLoggedIn", &json!({}));
-        match env
-            .store
-            .append(AppendRequest::new(
-                stream,
-                ExpectedVersion::Any,
-                vec![event],
-            ))
-            .await
-        {
-            Ok(r) => break r.position,
-            Err(e) => {
-                assert!(back.elapsed() < WAIT, "appends never came back: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let last = login_when_accepted(&env.store, "user-3", WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = writer.await.unwrap();
@@ -469,22 +430,7 @@ async fn a_full_disk_end_to_end_through_kiln_serve() {
     assert_eq!(s, 200, "the name keeps answering: {b}");
 
     std::fs::remove_file(&filler).expect("free the space");
-    let back = Instant::now();
-    let last = loop {
-        let (s, b) = api
-            .append("user-1", json!("any"), "UserLoggedIn", json!({}))
-            .await;
-        if s == 200 {
-            break b["position"].as_u64().expect("position");
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(90),
-            "appends never came back: {s} {b}"
-        );
-        let (s, b) = api.get("/views/users/user-1").await;
-        assert_eq!(s, 200, "the name keeps answering: {b}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let last = api_login_when_accepted(&api, Duration::from_secs(90), true).await;
     assert!(tokio::task::block_in_place(
         || d.wait_for_status("/readyz", 200, WAIT)
     ));
@@ -539,17 +485,7 @@ async fn a_nats_outage_end_to_end_through_kiln_serve() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::task::block_in_place(|| nats.start_again());
-    let back = Instant::now();
-    let last = loop {
-        let (s, b) = api
-            .append("user-1", json!("any"), "UserLoggedIn", json!({}))
-            .await;
-        if s == 200 {
-            break b["position"].as_u64().expect("position");
-        }
-        assert!(back.elapsed() < WAIT, "appends never came back: {s} {b}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let last = api_login_when_accepted(&api, WAIT, false).await;
     assert!(tokio::task::block_in_place(
         || d.wait_for_status("/readyz", 200, WAIT)
     ));
@@ -634,4 +570,50 @@ async fn a_live_view_that_stops_moving_is_reported_stalled() {
         "{s:?}"
     );
     lc.shutdown().await;
+}
+
+/// Appends a login to `stream` until the store takes it (failing after
+/// `limit`); returns its position.
+async fn login_when_accepted(store: &Arc<dyn EventStore>, stream: &str, limit: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        let event = NewEvent::json("UserLoggedIn", &json!({}));
+        let stream = StreamId::new(stream).unwrap();
+        match store
+            .append(AppendRequest::new(
+                stream,
+                ExpectedVersion::Any,
+                vec![event],
+            ))
+            .await
+        {
+            Ok(r) => return r.position,
+            Err(e) => assert!(start.elapsed() < limit, "appends never came back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The same through the HTTP API, for `user-1`; `reads`: check between
+/// attempts that the bare name keeps answering.
+async fn api_login_when_accepted(
+    api: &kiln_tests::daemon::Api,
+    limit: Duration,
+    reads: bool,
+) -> u64 {
+    let start = Instant::now();
+    loop {
+        let (s, b) = api
+            .append("user-1", json!("any"), "UserLoggedIn", json!({}))
+            .await;
+        if s == 200 {
+            return b["position"].as_u64().expect("position");
+        }
+        assert!(start.elapsed() < limit, "appends never came back: {s} {b}");
+        if reads {
+            let (s, b) = api.get("/views/users/user-1").await;
+            assert_eq!(s, 200, "the name keeps answering: {b}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
