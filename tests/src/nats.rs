@@ -240,7 +240,9 @@ impl Harness for JetStreamHarness {
 
 /// How long a fresh cluster may take to elect its JetStream meta leader and
 /// accept kiln's streams.
-const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Generous: on a loaded 2-core machine a fresh cluster's meta leader
+/// election has taken over a minute.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Three `nats-server`s on loopback, routed to each other as one JetStream
 /// cluster (server names `n0`..`n2`). Each is a [`NatsServer`]: killed on

@@ -674,3 +674,41 @@ async fn a_warm_up_moves_while_two_live_views_are_busy() {
     }
     lc.shutdown().await;
 }
+
+/// Found by the generated sequences (seed 1802071181): a crash right after a
+/// rollback re-promoted a ready version newer than the one rolled back to
+/// (a restart re-ran the auto cutover). Now a version is cut over when it
+/// becomes ready, in the same registry write, and a restart decides nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_rollback_keeps_the_version_rolled_back_to() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    append_users(&env.store, 100, 0).await;
+    deploy_active(&lc, "1.0.0", false).await;
+    deploy_active(&lc, "2.0.0", true).await;
+    // Ready, but older than the active 2.0.0: auto cutover leaves it ready.
+    lc.deploy(&users_module("1.5.0", true), "test")
+        .await
+        .unwrap();
+    wait_until("1.5.0 ready", || {
+        state(&lc, "users-1_5_0") == Some(ViewState::Ready)
+    })
+    .await;
+    assert_eq!(lc.rollback("users").await.unwrap(), id("users-1_0_0"));
+    lc.abandon().await;
+    let lc = env.start(env.config()).await;
+    assert_eq!(
+        lc.resolve("users").unwrap(),
+        id("users-1_0_0"),
+        "after a crash"
+    );
+    assert_eq!(state(&lc, "users-1_5_0"), Some(ViewState::Ready));
+    lc.shutdown().await;
+    let lc = env.start(env.config()).await;
+    assert_eq!(
+        lc.resolve("users").unwrap(),
+        id("users-1_0_0"),
+        "after a restart"
+    );
+    lc.shutdown().await;
+}

@@ -182,6 +182,7 @@ pub fn router(lifecycle: Lifecycle, config: ApiConfig) -> Router {
         // Bodies are read with `read_body` against the configured limit; the
         // framework's own limit is lifted so the refusal is our JSON error.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(close_after_refused_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
@@ -210,6 +211,19 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// A body refused as too large is not read to its end: the connection must
+/// not carry another request (the client would read the rest of the body as
+/// its answer, or find the connection gone), so the answer closes it.
+async fn close_after_refused_body(mut res: axum::response::Response) -> axum::response::Response {
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        res.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    res
 }
 
 /// Reads a request body up to `limit` bytes; more is a 413 naming the limit.
