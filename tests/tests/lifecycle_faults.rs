@@ -430,16 +430,7 @@ async fn a_full_disk_end_to_end_through_kiln_serve() {
     assert_eq!(s, 200, "the name keeps answering: {b}");
 
     std::fs::remove_file(&filler).expect("free the space");
-    let last = api_login_when_accepted(&api, Duration::from_secs(90), true).await;
-    assert!(tokio::task::block_in_place(
-        || d.wait_for_status("/readyz", 200, WAIT)
-    ));
-    let (s, b) = api
-        .get(&format!(
-            "/views/users/user-1?position={last}&wait_ms=60000"
-        ))
-        .await;
-    assert_eq!(s, 200, "the view caught up: {b}");
+    recovered(&api, &d, Duration::from_secs(90), true).await;
     let (_, v) = api.get("/views").await;
     let users = v["views"]
         .as_array()
@@ -485,16 +476,7 @@ async fn a_nats_outage_end_to_end_through_kiln_serve() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::task::block_in_place(|| nats.start_again());
-    let last = api_login_when_accepted(&api, WAIT, false).await;
-    assert!(tokio::task::block_in_place(
-        || d.wait_for_status("/readyz", 200, WAIT)
-    ));
-    let (s, b) = api
-        .get(&format!(
-            "/views/users/user-1?position={last}&wait_ms=30000"
-        ))
-        .await;
-    assert_eq!(s, 200, "the view caught up: {b}");
+    let b = recovered(&api, &d, WAIT, false).await;
     // The view holds exactly what the log holds (an append that timed out
     // during the outage may still have landed: its answer said so, 5xx is
     // "unknown outcome, retry with the same event id").
@@ -592,6 +574,29 @@ async fn login_when_accepted(store: &Arc<dyn EventStore>, stream: &str, limit: D
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// After a fault through the daemon: a login to `user-1` is accepted again
+/// (within `limit`; `reads`: the bare name answers between attempts),
+/// `/readyz` is 200 again and the view has applied it. Returns the view's
+/// answer for `user-1`.
+async fn recovered(
+    api: &kiln_tests::daemon::Api,
+    d: &kiln_tests::daemon::Daemon,
+    limit: Duration,
+    reads: bool,
+) -> serde_json::Value {
+    let last = api_login_when_accepted(api, limit, reads).await;
+    assert!(tokio::task::block_in_place(
+        || d.wait_for_status("/readyz", 200, WAIT)
+    ));
+    let (s, b) = api
+        .get(&format!(
+            "/views/users/user-1?position={last}&wait_ms=60000"
+        ))
+        .await;
+    assert_eq!(s, 200, "the view caught up: {b}");
+    b
 }
 
 /// The same through the HTTP API, for `user-1`; `reads`: check between
