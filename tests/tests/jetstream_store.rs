@@ -410,12 +410,16 @@ async fn publish_raw(
         .unwrap_or_else(|| panic!("raw publish on {subject} was not stored: {ack}"))
 }
 
-/// Headers of a well-formed kiln event, for raw publishes to spoil one by one.
-fn kiln_headers(version: &str) -> HeaderMap {
+/// Headers of a well-formed kiln event, for raw publishes to spoil one by
+/// one: `guard` is its `Nats-Expected-Last-Subject-Sequence`, if any.
+fn kiln_headers(version: &str, guard: Option<u64>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", Uuid::new_v4().to_string().as_str());
     h.insert("Kiln-Type", "user.Renamed");
     h.insert("Kiln-Version", version);
+    if let Some(g) = guard {
+        h.insert("Nats-Expected-Last-Subject-Sequence", g.to_string().as_str());
+    }
     h
 }
 
@@ -429,7 +433,9 @@ async fn foreign_messages_never_stop_kiln() {
     let s = h.store();
     let client = async_nats::connect(h.server.url()).await.unwrap();
     let mut want = Vec::new();
-    for stream in ["user-1", "user-2", "user-3"] {
+    let mut last = Vec::new();
+    let blocked = ["user-1", "user-2", "user-3", "user-5"];
+    for stream in blocked {
         let r = must(s.append(AppendRequest::new(
             sid(stream),
             ExpectedVersion::NoStream,
@@ -437,6 +443,7 @@ async fn foreign_messages_never_stop_kiln() {
         )))
         .await;
         want.extend(r.first_position..=r.position);
+        last.push(Some(r.position));
     }
     let mut foreign = Vec::new();
     // No kiln headers at all, and not JSON.
@@ -446,15 +453,44 @@ async fn foreign_messages_never_stop_kiln() {
         publish_raw(
             &client,
             "kiln.user.user-2",
-            kiln_headers("18446744073709551615"),
+            kiln_headers("18446744073709551615", last[1]),
             "{}",
         )
         .await,
     );
     // Good headers, data that is not JSON.
-    foreign.push(publish_raw(&client, "kiln.user.user-3", kiln_headers("3"), "{nope").await);
+    foreign.push(
+        publish_raw(
+            &client,
+            "kiln.user.user-3",
+            kiln_headers("3", last[2]),
+            "{nope",
+        )
+        .await,
+    );
+    // Good headers and data, published past the version check (no guard):
+    // its version is not known to follow.
+    foreign.push(publish_raw(&client, "kiln.user.user-5", kiln_headers("3", None), "{}").await);
     // A category token that is not the stream id's.
-    foreign.push(publish_raw(&client, "kiln.order.user-9", kiln_headers("1"), "{}").await);
+    foreign.push(
+        publish_raw(
+            &client,
+            "kiln.order.user-9",
+            kiln_headers("1", Some(0)),
+            "{}",
+        )
+        .await,
+    );
+    // A first event (guard 0) whose version does not follow nothing.
+    foreign.push(
+        publish_raw(
+            &client,
+            "kiln.user.user-6",
+            kiln_headers("5", Some(0)),
+            "{}",
+        )
+        .await,
+    );
     // A tag marker pointing far beyond the log.
     let mut marker = HeaderMap::new();
     marker.insert("Kiln-Tag-Position", "18446744073709551615");
@@ -479,9 +515,19 @@ async fn foreign_messages_never_stop_kiln() {
         health.foreign_messages[0].reason.contains("Nats-Msg-Id"),
         "{health:?}"
     );
+    assert!(
+        health.foreign_messages[3].reason.contains("no version guard"),
+        "{health:?}"
+    );
+    assert!(
+        health.foreign_messages[5].reason.contains("does not follow"),
+        "{health:?}"
+    );
+    // A stream holding only a foreign message is empty: version 0.
+    assert_eq!(s.latest_version(&sid("user-6")).await.unwrap(), 0);
     // The head is the last kiln event; latest and reads step over foreign messages.
     assert_eq!(s.head().await.unwrap(), want[want.len() - 1]);
-    for (i, stream) in ["user-1", "user-2", "user-3"].iter().enumerate() {
+    for (i, stream) in blocked.iter().enumerate() {
         let head = s.latest(&sid(stream)).await.unwrap();
         assert_eq!(head.version, 2, "{stream}");
         assert!(head.position < foreign[i], "{stream}");

@@ -21,7 +21,10 @@
 //! definition, used by tails, reads, `latest` and appends alike: a message is a
 //! kiln event when its subject is `<prefix>.<category>.<stream-id>` with a valid
 //! stream id of that category, `Nats-Msg-Id` is a UUID, `Kiln-Type` is a valid
-//! event type, `Kiln-Version` is an integer from 1 to [`MAX_VERSION`],
+//! event type, `Kiln-Version` is an integer from 1 to [`MAX_VERSION`] that
+//! provably follows the stream's previous version (the message carries the
+//! server-checked `Nats-Expected-Last-Subject-Sequence` guard, 0 only with
+//! version 1, or is message `k > 1` of an atomic batch with version `>= k`),
 //! `Kiln-Tags` (if any) are valid tags, `Kiln-Metadata` (if any) is a JSON
 //! object of strings, and the payload is JSON. Anything else is foreign: tails
 //! and reads skip it (logged with its sequence, counted), `latest` reports the
@@ -196,6 +199,7 @@ pub fn decode_event(
         )));
     }
     let version = version_of(h).map_err(NotKiln)?;
+    check_guard(h, version)?;
     let tags: Vec<String> = match header(h, TAGS) {
         Some(t) if !t.trim().is_empty() => {
             t.trim().split(',').map(|s| s.trim().to_string()).collect()
@@ -227,6 +231,47 @@ pub fn decode_event(
         tags,
         data,
     })
+}
+
+/// A kiln event carries the proof that its version follows its stream's
+/// previous one: the server checked `Nats-Expected-Last-Subject-Sequence`
+/// when it stored the event (0, for a first event, only with version 1), or
+/// the event is message `k > 1` of an atomic batch whose first message
+/// carried that guard (its version at least `k`). A message without either
+/// was published past the version check, so its `Kiln-Version` says nothing.
+fn check_guard(h: &HeaderMap, version: u64) -> Result<(), NotKiln> {
+    let number = |name: &str| {
+        header(h, name).map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|e| NotKiln(format!("header {name} is {v:?}: {e}")))
+        })
+    };
+    if let Some(guard) = number(EXPECTED_LAST_SUBJECT_SEQ) {
+        return match guard? {
+            0 if version != 1 => Err(NotKiln(format!(
+                "header {VERSION} is {version} on a message guarded as its stream's first \
+                 ({EXPECTED_LAST_SUBJECT_SEQ}: 0): a version that does not follow"
+            ))),
+            g if g > 0 && version == 1 => Err(NotKiln(format!(
+                "header {VERSION} is 1 on a message guarded to follow sequence {g}: a \
+                 version that does not follow"
+            ))),
+            _ => Ok(()),
+        };
+    }
+    match (header(h, BATCH_ID), number(BATCH_SEQ).transpose()?) {
+        (Some(_), Some(k)) if k > 1 && version >= k => Ok(()),
+        (Some(_), Some(k)) if k > 1 => Err(NotKiln(format!(
+            "header {VERSION} is {version} on message {k} of an atomic batch: a version \
+             that does not follow"
+        ))),
+        _ => Err(NotKiln(format!(
+            "no version guard: a kiln event carries {EXPECTED_LAST_SUBJECT_SEQ} (or follows \
+             one that does in an atomic batch), so this message's {VERSION} is not known to \
+             follow its stream's"
+        ))),
+    }
 }
 
 /// The `Kiln-Version` of a message: an integer from 1 to [`MAX_VERSION`].
@@ -380,7 +425,8 @@ mod tests {
         let mut meta = BTreeMap::new();
         meta.insert("correlation-id".to_string(), "abc 123 ü".to_string());
         let tags = vec!["a".to_string(), "b:c".to_string()];
-        let h = event_headers(&id, "user.Registered", 7, &tags, &meta);
+        let mut h = event_headers(&id, "user.Registered", 7, &tags, &meta);
+        h.insert(EXPECTED_LAST_SUBJECT_SEQ, "8");
         let ev = decode_event(&Subjects::new("k"), "k.u.u-1", 9, 5, &h, Bytes::from("{}")).unwrap();
         assert_eq!(
             (ev.id, ev.version, ev.position, ev.timestamp),
@@ -393,7 +439,8 @@ mod tests {
     #[test]
     fn what_is_not_a_kiln_event() {
         let s = Subjects::new("k");
-        let good = event_headers(&Uuid::new_v4(), "T", 3, &[], &BTreeMap::new());
+        let mut good = event_headers(&Uuid::new_v4(), "T", 3, &[], &BTreeMap::new());
+        good.insert(EXPECTED_LAST_SUBJECT_SEQ, "5");
         let decode = |subject: &str, h: &HeaderMap, data: &'static str| {
             decode_event(&s, subject, 9, 0, h, Bytes::from(data))
         };
@@ -431,6 +478,38 @@ mod tests {
                 .contains("JSON")
         );
         assert!(decode("k.x.u-1", &good, "{}").is_err(), "category mismatch");
+    }
+
+    /// A version is only believed when the server checked where it goes.
+    #[test]
+    fn a_version_must_provably_follow() {
+        let s = Subjects::new("k");
+        let decode = |version: u64, guard: &[(&str, &str)]| {
+            let mut h = event_headers(&Uuid::new_v4(), "T", version, &[], &BTreeMap::new());
+            for (k, v) in guard {
+                h.insert(*k, *v);
+            }
+            decode_event(&s, "k.u.u-1", 9, 0, &h, Bytes::from("{}")).map(|e| e.version)
+        };
+        let guarded = |g: &'static str| [(EXPECTED_LAST_SUBJECT_SEQ, g)];
+        let batch = |k: &'static str| [(BATCH_ID, "b"), (BATCH_SEQ, k)];
+        assert_eq!(decode(1, &guarded("0")), Ok(1));
+        assert_eq!(decode(4, &guarded("7")), Ok(4));
+        assert_eq!(decode(3, &batch("2")), Ok(3));
+        assert_eq!(decode(3, &batch("3")), Ok(3));
+        let refused = [
+            (decode(3, &[]), "no version guard"),
+            (decode(3, &guarded("0")), "does not follow"),
+            (decode(1, &guarded("7")), "does not follow"),
+            (decode(2, &guarded("x")), EXPECTED_LAST_SUBJECT_SEQ),
+            (decode(3, &batch("4")), "does not follow"),
+            (decode(3, &batch("1")), "no version guard"),
+            (decode(3, &[(BATCH_SEQ, "2")]), "no version guard"),
+        ];
+        for (i, (got, why)) in refused.into_iter().enumerate() {
+            let e = got.expect_err("refused");
+            assert!(e.0.contains(why), "case {i}: {e}");
+        }
     }
 
     #[test]
