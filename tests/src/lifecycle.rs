@@ -6,8 +6,12 @@ use std::time::{Duration, Instant};
 
 use kiln::lifecycle::{Lifecycle, LifecycleConfig, ViewState};
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
-use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
-use kiln::views::ViewId;
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use kiln::runtime::{Instance, Module};
+use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use kiln::views::{SharedDocuments, ViewId};
 use serde_json::json;
 
 /// How long a test waits for a state before failing.
@@ -135,4 +139,39 @@ pub async fn deploy_active(lc: &Lifecycle, version: &str, changed: bool) {
 /// The state of version `v`, if registered.
 pub fn state(lc: &Lifecycle, v: &str) -> Option<ViewState> {
     lc.status_of(&id(v)).map(|s| s.state)
+}
+
+/// Every event of the log up to its head, read by a tail.
+pub async fn read_log(store: &Arc<dyn EventStore>) -> Vec<RecordedEvent> {
+    let head = store.head().await.expect("head");
+    let mut out = Vec::new();
+    if head == 0 {
+        return out;
+    }
+    let mut tail = store.tail(1);
+    while let Some(batch) = tail.next().await {
+        out.extend(batch.expect("tail"));
+        if out.last().is_some_and(|e| e.position >= head) {
+            break;
+        }
+    }
+    out
+}
+
+/// The documents `module` builds from the log up to `checkpoint`, in memory.
+pub fn rebuild(
+    module: &Module,
+    events: &[RecordedEvent],
+    checkpoint: u64,
+) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let docs = SharedDocuments::default();
+    let mut instance = Instance::new(module, Box::new(docs.clone())).expect("instance");
+    for e in events.iter().filter(|e| e.position <= checkpoint) {
+        // Event by event: a poison event would fail only itself; the live
+        // view never applies one either (it stopped before it).
+        if let Ok(writes) = instance.apply(std::slice::from_ref(e)) {
+            docs.apply(writes);
+        }
+    }
+    docs.snapshot()
 }

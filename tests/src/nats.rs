@@ -373,3 +373,25 @@ impl Harness for ClusterHarness {
         self.store = Some(connect_when_ready(&self.config).await);
     }
 }
+
+/// The position of the first event appended after `recovered_at`, from
+/// (position, acknowledged at) pairs: acknowledged after it, and after every
+/// position acknowledged before it (a retry that resolves late is
+/// acknowledged late at an early position). How a failover test finds the
+/// event whose delivery says a tail or a view resumed.
+pub fn first_appended_after(
+    acked: &[(u64, std::time::Instant)],
+    recovered_at: std::time::Instant,
+) -> Option<u64> {
+    let before = acked
+        .iter()
+        .filter(|(_, t)| *t <= recovered_at)
+        .map(|(p, _)| *p)
+        .max()
+        .unwrap_or(0);
+    acked
+        .iter()
+        .filter(|(p, t)| *t > recovered_at && *p > before)
+        .map(|(p, _)| *p)
+        .min()
+}

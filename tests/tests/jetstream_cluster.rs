@@ -125,9 +125,10 @@ async fn a_follower_dies_under_load() {
 
 /// Bound of the append window; the measured ones are 5-7 s (BENCHMARKS.md).
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
-/// Bound of the tail's resumption (measured 5-13 s on 2 busy cores, against
-/// one to two minutes before stall detection and the election advisory).
-const TAIL_RESUME_BOUND: Duration = Duration::from_secs(30);
+/// Bound of the tail's resumption after appends came back (measured under
+/// 0.1 s: the election advisory recreates it; one to two minutes before
+/// issue 17, 6 s more while an idle check waited on the dead leader).
+const TAIL_RESUME_BOUND: Duration = Duration::from_secs(5);
 
 async fn a_node_dies_under_load(kill_the_leader: bool) {
     let mut h = ClusterHarness::start().await;
@@ -221,12 +222,12 @@ async fn a_node_dies_under_load(kill_the_leader: bool) {
     // The tail has resumed when it delivers the first event acknowledged
     // after appends recovered (after the last error, or the kill if none).
     let recovered_at = last_error.map_or(killed_at, |t| t.max(killed_at));
-    let first_after: u64 = written
+    let acked: Vec<(u64, std::time::Instant)> = written
         .iter()
         .flat_map(|w| w.acked.iter().zip(&w.acked_at))
-        .filter(|(_, t)| **t > recovered_at)
-        .map(|((_, p), _)| *p)
-        .min()
+        .map(|((_, p), t)| (*p, *t))
+        .collect();
+    let first_after = kiln_tests::nats::first_appended_after(&acked, recovered_at)
         .expect("appends acknowledged after the failover");
     let resumed = seen
         .iter()
@@ -253,8 +254,8 @@ async fn a_node_dies_under_load(kill_the_leader: bool) {
     );
     let resumed = resumed.expect("the tail delivered events written after the kill");
     assert!(
-        resumed < TAIL_RESUME_BOUND,
-        "the tail resumed after {resumed:?}"
+        resumed.saturating_sub(append_window) < TAIL_RESUME_BOUND,
+        "the tail resumed after {resumed:?}, appends after {append_window:?}"
     );
     // The killed node comes back and catches up.
     let victim = &mut h.cluster.nodes[index];

@@ -418,7 +418,10 @@ fn kiln_headers(version: &str, guard: Option<u64>) -> HeaderMap {
     h.insert("Kiln-Type", "user.Renamed");
     h.insert("Kiln-Version", version);
     if let Some(g) = guard {
-        h.insert("Nats-Expected-Last-Subject-Sequence", g.to_string().as_str());
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            g.to_string().as_str(),
+        );
     }
     h
 }
@@ -516,11 +519,15 @@ async fn foreign_messages_never_stop_kiln() {
         "{health:?}"
     );
     assert!(
-        health.foreign_messages[3].reason.contains("no version guard"),
+        health.foreign_messages[3]
+            .reason
+            .contains("no version guard"),
         "{health:?}"
     );
     assert!(
-        health.foreign_messages[5].reason.contains("does not follow"),
+        health.foreign_messages[5]
+            .reason
+            .contains("does not follow"),
         "{health:?}"
     );
     // A stream holding only a foreign message is empty: version 0.

@@ -34,14 +34,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kiln::lifecycle::{
     DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError, ViewState, ViewStatus,
 };
-use kiln::runtime::{Instance, Module, Runtime, RuntimeConfig};
+use kiln::runtime::{Module, Runtime, RuntimeConfig};
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
-use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
-use kiln::views::{SharedDocuments, ViewId};
+use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
+use kiln::views::ViewId;
+use kiln_tests::lifecycle::{read_log, rebuild};
 use kiln_tests::rng::Rng;
 use kiln_tests::wasm::users_module;
 use serde_json::json;
@@ -834,40 +834,6 @@ fn brief(status: &[ViewStatus]) -> Vec<String> {
             )
         })
         .collect()
-}
-
-async fn read_log(store: &Arc<dyn EventStore>) -> Vec<RecordedEvent> {
-    let head = store.head().await.expect("head");
-    let mut out = Vec::new();
-    if head == 0 {
-        return out;
-    }
-    let mut tail = store.tail(1);
-    while let Some(batch) = tail.next().await {
-        out.extend(batch.expect("tail"));
-        if out.last().is_some_and(|e| e.position >= head) {
-            break;
-        }
-    }
-    out
-}
-
-/// The documents `module` builds from the log up to `checkpoint`, in memory.
-fn rebuild(
-    module: &Module,
-    events: &[RecordedEvent],
-    checkpoint: u64,
-) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let docs = SharedDocuments::default();
-    let mut instance = Instance::new(module, Box::new(docs.clone())).expect("instance");
-    for e in events.iter().filter(|e| e.position <= checkpoint) {
-        // Event by event: a poison event would fail only itself; the live
-        // view never applies one either (it stopped before it).
-        if let Ok(writes) = instance.apply(std::slice::from_ref(e)) {
-            docs.apply(writes);
-        }
-    }
-    docs.snapshot()
 }
 
 async fn run_sequence(seed: u64, steps: u64, shared: &Shared) {

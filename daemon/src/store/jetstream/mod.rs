@@ -1771,9 +1771,30 @@ impl Tail {
                     Vec::new()
                 }
                 _ = tokio::time::sleep(TAIL_IDLE_CHECK) => {
+                    // The check is bounded and gives way to a leader change:
+                    // during an election it could wait a whole request
+                    // timeout while the new leader is already announced.
+                    let check = tokio::time::timeout(
+                        TAIL_IDLE_CHECK,
+                        self.inner.event_at_or_after(self.next),
+                    );
+                    let waiting = tokio::select! {
+                        waiting = check => waiting.ok().flatten(),
+                        changed = self.reconnects.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                            tracing::info!(
+                                "tail at position {}: reconnected, recreating its consumer",
+                                self.next
+                            );
+                            self.messages = None;
+                            self.failures = 0;
+                            continue;
+                        }
+                    };
                     // Two silent checks in a row with an event waiting: not
                     // one merely in flight at the first check.
-                    let waiting = self.inner.event_at_or_after(self.next).await;
                     let stalled = waiting.is_some() && self.suspect == waiting;
                     self.suspect = waiting;
                     if stalled {
