@@ -154,9 +154,18 @@ pub struct ServeArgs {
     /// Address of the HTTP API [default: 127.0.0.1:7070].
     #[arg(long, env = "KILN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address of the operations listener (probes and metrics only) [default: none].
+    #[arg(long, env = "KILN_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
     /// Bearer token required by the admin endpoints.
     #[arg(long, env = "KILN_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Bearer token required by reads of views and of the log.
+    #[arg(long, env = "KILN_READ_TOKEN")]
+    pub read_token: Option<String>,
+    /// Bearer token required by appends.
+    #[arg(long, env = "KILN_WRITE_TOKEN")]
+    pub write_token: Option<String>,
     /// Longest a read-your-writes query waits, in milliseconds [default: 5000].
     #[arg(long, env = "KILN_RYW_MAX_WAIT_MS")]
     pub ryw_max_wait_ms: Option<u64>,
@@ -269,8 +278,17 @@ impl ServeConfig {
         if let Some(l) = a.listen {
             self.api.listen = l;
         }
+        if let Some(l) = a.ops_listen {
+            self.api.ops_listen = Some(l);
+        }
         if let Some(t) = &a.admin_token {
             self.api.admin_token = Some(t.clone());
+        }
+        if let Some(t) = &a.read_token {
+            self.api.read_token = Some(t.clone());
+        }
+        if let Some(t) = &a.write_token {
+            self.api.write_token = Some(t.clone());
         }
         if let Some(ms) = a.ryw_max_wait_ms {
             self.api.ryw_max_wait = Duration::from_millis(ms);

@@ -411,9 +411,31 @@ impl Api {
             .await
     }
 
+    /// POSTs raw bytes with the content type the route takes: a module
+    /// (`application/wasm`) to `/admin/views`, JSON anywhere else.
     pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-        self.send(self.http.post(format!("{}{path}", self.base)).body(body))
-            .await
+        let content_type = if path.starts_with("/admin/views?") || path == "/admin/views" {
+            "application/wasm"
+        } else {
+            "application/json"
+        };
+        self.post_typed(path, content_type, body).await
+    }
+
+    /// POSTs raw bytes with this `Content-Type`.
+    pub async fn post_typed(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await
     }
 
     /// Appends one event; returns (status, answer).

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_tests::daemon::{Api, Daemon, Options, projections_dir};
+use kiln_tests::daemon::{
+    Api, Daemon, Options, deploy_slow_warming_chaos, projections_dir, slow_warming_options,
+};
 use kiln_tests::wasm::USERS;
 use serde_json::json;
 
@@ -67,32 +69,49 @@ async fn a_read_naming_the_stream_never_returns_a_view_older_than_the_write() {
     assert_eq!(waits, Some((CLIENTS * PAIRS) as u64), "{metrics}");
 }
 
+/// A wait for a version still warming past the position times out as a
+/// `504` naming the version and the position; a position beyond the log's
+/// head answers `400` at once (no write is coming there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_that_cannot_be_met_is_a_504_naming_the_view_and_position() {
-    let dir = projections_dir(&[USERS]);
-    let d = Daemon::start_with(Options::default().projections(dir.path()));
+    let d = Daemon::start_with(slow_warming_options());
     let api = Api::new(&d);
-    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
-        .await;
-    api.register_user("user-1").await;
+    let id = deploy_slow_warming_chaos(&api, 6).await;
+    let (_, head) = api.get("/streams/chaos-5").await;
+    let position = head["position"].as_u64().expect("position");
     let started = Instant::now();
     let (s, b) = api
-        .get("/views/users/user-1?position=1000000&wait_ms=300")
+        .get(&format!("/views/{id}?position={position}&wait_ms=300"))
         .await;
     let waited = started.elapsed();
     assert_eq!(s, 504, "{b}");
     assert_eq!(b["error"]["code"], "read_your_writes_timeout");
     let message = b["error"]["message"].as_str().unwrap_or("");
     assert!(
-        message.contains("users-1_0_0") && message.contains("1000000"),
+        message.contains(&id) && message.contains(&position.to_string()),
         "{message}"
     );
     assert!(
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
         "waited {waited:?} for a 300 ms bound"
     );
+    // Beyond the head: refused at once, naming the head.
+    let started = Instant::now();
+    let (s, b) = api
+        .get(&format!("/views/{id}?position=1000000&wait_ms=3000"))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("position_beyond_head")),
+        "{b}"
+    );
+    assert_eq!(b["error"]["head"], position, "{b}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "it did not wait"
+    );
     // An unknown stream is version 0, position 0: nothing to wait for.
-    let (s, b) = api.get("/views/users/user-1?stream=user-nobody").await;
+    let (s, b) = api.get(&format!("/views/{id}?stream=user-nobody")).await;
     assert_eq!(s, 200, "{b}");
 }
 
@@ -100,21 +119,22 @@ async fn a_wait_that_cannot_be_met_is_a_504_naming_the_view_and_position() {
 /// file): a client asking for a minute gets its 504 after the cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configured_cap_bounds_what_a_client_asks_to_wait() {
-    let dir = projections_dir(&[USERS]);
     let config = tempfile::tempdir().expect("temp dir");
     let path = config.path().join("kiln.toml");
     std::fs::write(&path, "[api]\nryw_max_wait_ms = 400\n").expect("writing the config");
     let d = Daemon::start_with(
-        Options::default()
-            .projections(dir.path())
+        slow_warming_options()
             .arg("--config")
             .arg(path.to_str().expect("utf-8 path")),
     );
     let api = Api::new(&d);
-    api.wait_state("users-1_0_0", "active", Duration::from_secs(60))
-        .await;
+    let id = deploy_slow_warming_chaos(&api, 6).await;
+    let (_, head) = api.get("/streams/chaos-5").await;
+    let position = head["position"].as_u64().expect("position");
     let started = Instant::now();
-    let (s, b) = api.get("/views/users?position=5000000&wait_ms=60000").await;
+    let (s, b) = api
+        .get(&format!("/views/{id}?position={position}&wait_ms=60000"))
+        .await;
     let waited = started.elapsed();
     assert_eq!(
         (s, b["error"]["code"].as_str()),

@@ -1,65 +1,21 @@
 //! Admin endpoints: deploy a module, promote, roll back, resume, retire, and list / retry
 //! parked events. When the server has an admin token, each needs
-//! `Authorization: Bearer <token>` (compared in constant time).
+//! `Authorization: Bearer <token>` (checked by [`super::access`]).
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::access::BodyKind;
 use super::views::{path_error, query_error};
-use super::{ApiError, AppState, read_body};
+use super::{ApiError, AppState};
 use crate::lifecycle::DeployOutcome;
 use crate::views::ViewId;
-
-/// Refuses admin requests without the configured bearer token.
-pub async fn require_token(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(token) = &state.config.admin_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "));
-        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
-        let had_token = given.is_some();
-        if !ok {
-            // Read (and drop) the body first, up to the body limit: answering
-            // while a client still uploads a module makes the server close the
-            // connection, and the client would see a reset instead of the 401.
-            let limit = state.config.body_limit;
-            let _ = axum::body::to_bytes(req.into_body(), limit).await;
-            let message = if had_token {
-                "the bearer token is wrong for admin endpoints"
-            } else {
-                "admin endpoints need an 'Authorization: Bearer <token>' header"
-            };
-            let mut res =
-                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
-            res.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"kiln admin\""),
-            );
-            return Ok(res);
-        }
-    }
-    Ok(next.run(req).await)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let ha = blake3::hash(a);
-    let hb = blake3::hash(b);
-    // blake3::Hash's equality is constant time.
-    ha == hb
-}
 
 /// An exact id (`users-1_2_0`), or a spec the lifecycle resolves (`users@^2`).
 fn version_id(state: &AppState, text: &str) -> Result<ViewId, ApiError> {
@@ -90,7 +46,9 @@ pub async fn deploy(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(query_error)?;
-    let wasm = read_body(body, state.config.body_limit, "the uploaded module").await?;
+    let wasm = state
+        .read_body(body, BodyKind::Wasm, "the uploaded module")
+        .await?;
     if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
         return Err(ApiError::bad_request(
             "invalid_module",

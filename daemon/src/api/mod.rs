@@ -8,9 +8,11 @@
 //! while a promote happens. Every error is JSON, `{"error": {"code", "message"}}`
 //! (see [`error`]); `docs/api.md` lists the routes and codes.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod probes;
+pub mod server;
 pub mod streams;
 pub mod views;
 
@@ -24,7 +26,6 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::Lifecycle;
@@ -33,31 +34,80 @@ pub use error::ApiError;
 /// Default address: loopback only; expose it deliberately.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
-/// The HTTP server's knobs. `kiln serve` fills this from its flags / environment.
+/// The HTTP server's knobs. `kiln serve` fills this from its file, its
+/// flags and the environment; docs/api.md says which to set in production.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ApiConfig {
-    /// Address to bind (`--listen`, `KILN_LISTEN`).
+    /// Address of the data API (`--listen`, `KILN_LISTEN`).
     pub listen: SocketAddr,
+    /// Address of the operations listener: `/healthz`, `/readyz`,
+    /// `/readyz/{view}` and `/metrics` only (`--ops-listen`, `KILN_OPS_LISTEN`).
+    pub ops_listen: Option<SocketAddr>,
     /// Bearer token the admin endpoints require, when set (`--admin-token`, `KILN_ADMIN_TOKEN`).
     pub admin_token: Option<String>,
+    /// Bearer token reads of views and of the log require, when set
+    /// (`--read-token`, `KILN_READ_TOKEN`); the write and admin tokens also do.
+    pub read_token: Option<String>,
+    /// Bearer token appends require, when set (`--write-token`,
+    /// `KILN_WRITE_TOKEN`); the admin token also does.
+    pub write_token: Option<String>,
+    /// More `Host` names a loopback listener accepts (besides `localhost`,
+    /// `127.0.0.1`, `[::1]`); on another listener, the only ones it accepts.
+    pub allowed_hosts: Vec<String>,
     /// Longest a read-your-writes query waits for its view (`ryw_max_wait_ms`).
     #[serde(with = "millis", rename = "ryw_max_wait_ms")]
     pub ryw_max_wait: Duration,
-    /// Largest request body in bytes, uploads of modules included.
+    /// Largest request body in bytes: module uploads.
     pub body_limit: usize,
+    /// Largest append body in bytes (the store takes at most 4 MiB of data
+    /// in one append; this leaves room for the JSON around it).
+    pub append_body_limit: usize,
     /// Most documents one listing page returns.
     pub max_page: usize,
+    /// Most bytes of documents or events one page returns; the page stops
+    /// early (with its `next` cursor) past it.
+    pub page_bytes: usize,
+    /// Most connections each listener holds; one more is answered 503.
+    pub max_connections: usize,
+    /// Most `GET /events` followers at once; one more is answered 503.
+    pub max_followers: usize,
+    /// A connection waiting this long for a request head (new, or idle
+    /// between keep-alive requests) is closed.
+    #[serde(with = "millis", rename = "header_timeout_ms")]
+    pub header_timeout: Duration,
+    /// A request body must arrive within this (408 otherwise).
+    #[serde(with = "millis", rename = "body_timeout_ms")]
+    pub body_timeout: Duration,
+    /// A client that takes no data for this long (a follower that stopped
+    /// reading) is cut.
+    #[serde(with = "millis", rename = "write_timeout_ms")]
+    pub write_timeout: Duration,
+    /// After SIGTERM, connections still open after this are cut.
+    #[serde(with = "millis", rename = "shutdown_grace_ms")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: DEFAULT_LISTEN.parse().expect("default listen address"),
+            ops_listen: None,
             admin_token: None,
+            read_token: None,
+            write_token: None,
+            allowed_hosts: Vec::new(),
             ryw_max_wait: Duration::from_secs(5),
             body_limit: 16 * 1024 * 1024,
+            append_body_limit: 5 * 1024 * 1024,
             max_page: 1000,
+            page_bytes: 4 * 1024 * 1024,
+            max_connections: 512,
+            max_followers: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -82,6 +132,39 @@ pub struct AppState {
     pub lifecycle: Lifecycle,
     pub config: Arc<ApiConfig>,
     pub counters: Arc<Counters>,
+    /// Turns true when the daemon begins to stop: followers end their
+    /// streams, read-your-writes waiters answer 503.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// One permit per `GET /events` follower.
+    pub followers: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// Reads a request body of a route of `kind`, bounded by its limit and
+    /// by the body timeout.
+    pub async fn read_body(
+        &self,
+        body: Body,
+        kind: access::BodyKind,
+        what: &str,
+    ) -> Result<Bytes, ApiError> {
+        let limit = access::body_limit(self, kind);
+        let timeout = self.config.body_timeout;
+        match tokio::time::timeout(timeout, read_body(body, limit, what)).await {
+            Ok(read) => read,
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("{what} did not arrive within {timeout:?} (body_timeout_ms)"),
+            )),
+        }
+    }
+
+    /// Resolves when the daemon begins to stop.
+    pub async fn stopping(&self) {
+        let mut s = self.shutdown.clone();
+        let _ = s.wait_for(|s| *s).await;
+    }
 }
 
 /// Request counters for `/metrics`, by outcome class.
@@ -108,83 +191,128 @@ impl Counters {
     }
 }
 
-/// Binds `config.listen` and serves until `shutdown` resolves, then drains.
+/// Binds `config.listen` (and `config.ops_listen`) and serves until
+/// `shutdown` resolves, then drains within `shutdown_grace`.
 pub async fn serve(
     lifecycle: Lifecycle,
     config: &ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the HTTP API to {}: {e}", config.listen))?;
-    serve_on(listener, lifecycle, config, shutdown).await
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the {what} to {addr}: {e}"))
+    };
+    let listener = bind(config.listen, "HTTP API").await?;
+    let ops = match config.ops_listen {
+        Some(addr) => Some(bind(addr, "operations listener").await?),
+        None => None,
+    };
+    serve_on(listener, ops, lifecycle, config, shutdown).await
 }
 
-/// [`serve`] on a listener that is already bound (tests bind port 0).
+/// [`serve`] on listeners that are already bound (tests bind port 0).
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
+    ops: Option<tokio::net::TcpListener>,
     lifecycle: Lifecycle,
     config: &ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    if config.admin_token.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "admin endpoints are open: the API listens beyond loopback without --admin-token");
+    if !addr.ip().is_loopback() {
+        for (class, token) in [
+            ("admin", &config.admin_token),
+            ("read", &config.read_token),
+            ("write", &config.write_token),
+        ] {
+            if token.is_none() {
+                tracing::warn!(
+                    %addr,
+                    "{class} endpoints are open: the data API listens beyond loopback without \
+                     --{class}-token (serve probes and metrics with --ops-listen instead)"
+                );
+            }
+        }
     }
-    let app = router(lifecycle, config.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = app_state(lifecycle, config.clone(), stop_rx.clone());
+    let limits = server::ServerLimits {
+        max_connections: config.max_connections.max(1),
+        header_timeout: config.header_timeout,
+        write_timeout: config.write_timeout,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let data = router_for(&state, addr, false);
     tracing::info!(%addr, "HTTP API listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    servers.spawn(server::run(listener, data, limits, stop_rx.clone()));
+    if let Some(ops) = ops {
+        let ops_addr = ops.local_addr()?;
+        tracing::info!(addr = %ops_addr, "operations listener (probes, metrics) listening");
+        let app = router_for(&state, ops_addr, true);
+        servers.spawn(server::run(ops, app, limits, stop_rx));
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
     Ok(())
 }
 
-/// Every route, with the state they share.
-pub fn router(lifecycle: Lifecycle, config: ApiConfig) -> Router {
+fn app_state(
+    lifecycle: Lifecycle,
+    config: ApiConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> AppState {
     let counters = Arc::new(Counters::default());
     let _ = counters.started.set(Instant::now());
-    let state = AppState {
+    AppState {
         lifecycle,
+        followers: Arc::new(tokio::sync::Semaphore::new(config.max_followers)),
         config: Arc::new(config),
-        counters: counters.clone(),
-    };
-    let admin = Router::new()
-        .route("/admin/views", post(admin::deploy))
-        .route("/admin/views/{id}/promote", post(admin::promote))
-        .route("/admin/views/{name}/rollback", post(admin::rollback))
-        .route("/admin/views/{id}/retire", post(admin::retire))
-        .route("/admin/views/{id}/resume", post(admin::resume))
-        .route("/admin/views/{id}/parked", get(admin::parked))
-        .route("/admin/views/{id}/parked/retry", post(admin::retry_parked))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admin::require_token,
-        ));
-    Router::new()
-        .route("/", get(probes::status_page))
-        .route("/healthz", get(probes::healthz))
-        .route("/readyz", get(probes::readyz))
-        .route("/readyz/{view}", get(probes::readyz_view))
-        .route("/metrics", get(probes::metrics))
-        .route("/store/health", get(probes::store_health))
-        .route("/views", get(views::list_views))
-        .route("/views/{view}", get(views::list_docs))
-        .route("/views/{view}/{*key}", get(views::get_doc))
-        .route("/streams/{stream}", get(streams::head))
-        .route(
-            "/streams/{stream}/events",
-            post(streams::append).get(streams::read),
-        )
-        .route("/events", get(streams::tail))
-        .merge(admin)
-        .fallback(no_route)
+        counters,
+        shutdown,
+    }
+}
+
+/// Every route, with the state they share (a data listener on loopback).
+pub fn router(lifecycle: Lifecycle, config: ApiConfig) -> Router {
+    let (_, never) = tokio::sync::watch::channel(false);
+    let listen = config.listen;
+    router_for(&app_state(lifecycle, config, never), listen, false)
+}
+
+/// The routes a listener at `addr` serves: all of them, or on the
+/// operations listener only the probes and metrics.
+fn router_for(state: &AppState, addr: SocketAddr, ops: bool) -> Router {
+    let mut app = Router::new();
+    for r in access::routes() {
+        if ops && r.listener != access::Listener::Ops {
+            continue;
+        }
+        let guard = access::Guard {
+            app: state.clone(),
+            access: r.access,
+            body: r.body,
+        };
+        app = app.route(
+            r.path,
+            (r.handler)().route_layer(axum::middleware::from_fn_with_state(guard, access::guard)),
+        );
+    }
+    let origins = access::Origins::new(addr, &state.config.allowed_hosts);
+    app.fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        // Bodies are read with `read_body` against the configured limit; the
+        // Bodies are read with `read_body` against the route's limit; the
         // framework's own limit is lifted so the refusal is our JSON error.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(close_after_refused_body))
+        .layer(axum::middleware::from_fn_with_state(
+            origins,
+            access::same_origin,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
-        .with_state(state)
+        .with_state(state.clone())
 }
 
 async fn count(
@@ -213,11 +341,14 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
     )
 }
 
-/// A body refused as too large is not read to its end: the connection must
+/// A body refused as too large (or too slow) is not read to its end: the connection must
 /// not carry another request (the client would read the rest of the body as
 /// its answer, or find the connection gone), so the answer closes it.
 async fn close_after_refused_body(mut res: axum::response::Response) -> axum::response::Response {
-    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if matches!(
+        res.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
         res.headers_mut().insert(
             axum::http::header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),

@@ -21,8 +21,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::access::BodyKind;
 use super::views::{path_error, query_error};
-use super::{ApiError, AppState, read_body};
+use super::{ApiError, AppState};
 use crate::store::{AppendCondition, AppendRequest, ExpectedVersion, NewEvent, StreamId};
 
 /// Header carrying the expected version of an append.
@@ -91,7 +92,9 @@ pub async fn append(
 ) -> Result<Response, ApiError> {
     let Path(stream) = path.map_err(path_error)?;
     let stream = StreamId::new(stream)?;
-    let bytes = read_body(body, state.config.body_limit, "the append body").await?;
+    let bytes = state
+        .read_body(body, BodyKind::Json, "the append body")
+        .await?;
     let malformed = |e: serde_json::Error| {
         ApiError::malformed_body(format!(
             "append body for stream '{stream}' is not {{\"events\": [...]}} or an array of events: {e}"
@@ -211,7 +214,9 @@ pub struct ReadQuery {
     limit: Option<usize>,
 }
 
-/// `GET /streams/{stream}/events?from_version=1&limit=100`.
+/// `GET /streams/{stream}/events?from_version=1&limit=100`: at most `limit`
+/// events and at most `page_bytes` of them (always at least one); `next`
+/// is the `from_version` of the following page, `null` when none is left.
 pub async fn read(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -220,14 +225,47 @@ pub async fn read(
     let Path(stream) = path.map_err(path_error)?;
     let Query(q) = query.map_err(query_error)?;
     let stream = StreamId::new(stream)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, state.config.max_page);
-    let events = state
-        .lifecycle
-        .store()
-        .read_stream(&stream, q.from_version.unwrap_or(1).max(1), limit)
-        .await?;
-    Ok(Json(json!({ "stream": stream.as_str(), "events": events })))
+    let max = state.config.max_page;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("limit must be 1 to {max}, got {limit}"),
+        ));
+    }
+    let store = state.lifecycle.store();
+    let budget = state.config.page_bytes;
+    let mut from = q.from_version.unwrap_or(1).max(1);
+    let mut events = Vec::new();
+    let mut bytes = 0usize;
+    let mut more = false;
+    // Read in small pages so a page of large events never sits in memory
+    // past the budget.
+    'pages: while events.len() < limit {
+        let want = (limit - events.len()).min(READ_CHUNK) + 1;
+        let page = store.read_stream(&stream, from, want).await?;
+        let last_page = page.len() < want;
+        for e in page {
+            if events.len() == limit || (bytes >= budget && !events.is_empty()) {
+                more = true;
+                break 'pages;
+            }
+            bytes += e.data.len() + e.event_type.len() + 200;
+            from = e.version + 1;
+            events.push(e);
+        }
+        if last_page {
+            break;
+        }
+    }
+    let next = if more { Some(from) } else { None };
+    Ok(Json(
+        json!({ "stream": stream.as_str(), "events": events, "next": next }),
+    ))
 }
+
+/// Events read from the store at a time by [`read`].
+const READ_CHUNK: usize = 64;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +278,13 @@ pub struct TailQuery {
 
 /// `GET /events?from=1&follow=true`: the log as NDJSON, one recorded event a line.
 /// Without `follow` it ends at the head as of the request.
+///
+/// Bounded: at most `max_followers` at once (`503 too_many_followers`); the
+/// answer is sent in chunks of about [`CHUNK_BYTES`], each encoded when the
+/// client has taken the previous one, so a slow reader holds one store batch
+/// (itself bounded in bytes) and one chunk; a reader that takes nothing for
+/// `write_timeout` is cut (see [`super::server`]). When the daemon stops, the
+/// stream ends cleanly after the last whole line.
 pub async fn tail(
     State(state): State<AppState>,
     query: Result<Query<TailQuery>, QueryRejection>,
@@ -247,6 +292,15 @@ pub async fn tail(
     let Query(q) = query.map_err(query_error)?;
     let from = q.from.unwrap_or(1).max(1);
     let follow = q.follow.unwrap_or(true);
+    let permit = state.followers.clone().try_acquire_owned().map_err(|_| {
+        let max = state.config.max_followers;
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_followers",
+            format!("{max} clients already follow the log (max_followers); retry later"),
+        )
+        .with("limit", max)
+    })?;
     let store = state.lifecycle.store().clone();
     let until = if follow {
         u64::MAX
@@ -256,22 +310,17 @@ pub async fn tail(
     let body = if until < from {
         Body::empty()
     } else {
-        // Ends right after the batch holding `until` (without waiting for the
-        // log to grow), or at the first error.
-        let batches = store.tail(from);
-        let lines = futures::stream::unfold(Some(batches), move |batches| async move {
-            let mut batches = batches?;
-            let item = match batches.next().await? {
-                Ok(events) => encode_lines(events, until),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            match item {
-                Ok((text, false)) => Some((Ok(text), Some(batches))),
-                Ok((text, true)) => Some((Ok(text), None)),
-                Err(e) => Some((Err(e), None)),
-            }
-        });
-        Body::from_stream(lines)
+        let lines = Lines {
+            batches: Some(store.tail(from)),
+            pending: std::collections::VecDeque::new(),
+            until,
+            _permit: permit,
+        };
+        let stopping = {
+            let state = state.clone();
+            async move { state.stopping().await }
+        };
+        Body::from_stream(futures::stream::unfold(lines, Lines::next_chunk).take_until(stopping))
     };
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
@@ -280,25 +329,60 @@ pub async fn tail(
         .into_response())
 }
 
-/// NDJSON lines of `events` up to position `until`, and whether `until` was
-/// reached (the tail is then done).
-fn encode_lines(
-    events: Vec<crate::store::RecordedEvent>,
+/// Bytes of NDJSON sent to a follower at a time (one event more when a
+/// single event is larger).
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// A follower's state: the store's batches, the events of the current one
+/// not sent yet, where to stop, and its place among the followers.
+struct Lines {
+    batches: Option<crate::store::EventBatches>,
+    pending: std::collections::VecDeque<crate::store::RecordedEvent>,
     until: u64,
-) -> Result<(String, bool), std::io::Error> {
-    let mut out = String::new();
-    for e in events {
-        if e.position > until {
-            return Ok((out, true));
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Lines {
+    /// The next chunk of lines; the stream ends after `until` or the first
+    /// error.
+    async fn next_chunk(mut self) -> Option<(Result<String, std::io::Error>, Lines)> {
+        if self.pending.is_empty() {
+            let batches = self.batches.as_mut()?;
+            match batches.next().await? {
+                Ok(events) => self.pending.extend(events),
+                Err(e) => {
+                    self.batches = None;
+                    return Some((Err(std::io::Error::other(e.to_string())), self));
+                }
+            }
         }
-        let line = serde_json::to_string(&e).map_err(|err| {
-            std::io::Error::other(format!("encoding event at position {}: {err}", e.position))
-        })?;
-        out.push_str(&line);
-        out.push('\n');
-        if e.position >= until {
-            return Ok((out, true));
+        let mut out = String::new();
+        while out.len() < CHUNK_BYTES {
+            let Some(e) = self.pending.pop_front() else {
+                break;
+            };
+            if e.position > self.until {
+                self.batches = None;
+                self.pending.clear();
+                break;
+            }
+            match serde_json::to_string(&e) {
+                Ok(line) => {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+                Err(err) => {
+                    self.batches = None;
+                    let msg = format!("encoding event at position {}: {err}", e.position);
+                    return Some((Err(std::io::Error::other(msg)), self));
+                }
+            }
+            if e.position >= self.until {
+                self.batches = None;
+                self.pending.clear();
+                break;
+            }
         }
+        Some((Ok(out), self))
     }
-    Ok((out, false))
 }

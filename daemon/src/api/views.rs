@@ -107,7 +107,34 @@ async fn resolve_consistent(
             .counters
             .ryw_waits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = state.lifecycle.wait_for_position(id, position, wait).await {
+        // A position past the log's head is not a write that is coming:
+        // say so now rather than wait out the timeout.
+        if state
+            .lifecycle
+            .checkpoint_of(id)
+            .is_some_and(|c| c < position)
+        {
+            let head = state.lifecycle.store().head().await?;
+            if position > head {
+                return Err(ApiError::bad_request(
+                    "position_beyond_head",
+                    format!("position {position} is beyond the log's head ({head})"),
+                )
+                .with("position", position)
+                .with("head", head));
+            }
+        }
+        let waited = tokio::select! {
+            w = state.lifecycle.wait_for_position(id, position, wait) => w,
+            _ = state.stopping() => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    format!("the daemon is stopping; {id} did not reach position {position} before"),
+                ));
+            }
+        };
+        if let Err(e) = waited {
             let err = ApiError::from(e);
             if err.code == "read_your_writes_timeout" {
                 state
@@ -258,12 +285,16 @@ pub async fn list_docs(
         prefix.as_bytes(),
         after.as_deref().map(str::as_bytes),
         want,
+        state.config.page_bytes,
     )?;
+    // The scan stops at `page_bytes`: then the page ends there, with `next`.
+    let cut_by_bytes = rows.len() < want
+        && rows.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() >= state.config.page_bytes;
     items.extend(rows);
     if let Some(to) = &q.to {
         items.retain(|(k, _)| k.as_slice() < to.as_bytes());
     }
-    let more = items.len() > limit;
+    let more = items.len() > limit || cut_by_bytes;
     items.truncate(limit);
     let next = if more {
         items

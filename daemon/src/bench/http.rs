@@ -96,7 +96,7 @@ async fn bench(args: &HttpBenchArgs, dir: &std::path::Path) -> anyhow::Result<()
         let lifecycle = lifecycle.clone();
         async move {
             let config = ApiConfig::default();
-            api::serve_on(listener, lifecycle, &config, async {
+            api::serve_on(listener, None, lifecycle, &config, async {
                 let _ = stop_rx.await;
             })
             .await

@@ -719,19 +719,28 @@ impl Lifecycle {
     }
 
     /// Up to `limit` documents of `view` whose keys start with `prefix`, in key
-    /// order, after key `after` when given (paging).
+    /// order, after key `after` when given (paging), stopping once they hold
+    /// `max_bytes` (at least one).
     pub fn scan(
         &self,
         view: &ViewId,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Documents, LifecycleError> {
         let physical = self.inner.physical(view)?;
         self.inner
             .views
-            .scan(&physical, prefix, after, limit)
+            .scan_bounded(&physical, prefix, after, limit, max_bytes)
             .map_err(|e| not_found_as_unknown(e, view))
+    }
+
+    /// The checkpoint of `view` (its physical view's), if it is deployed.
+    pub fn checkpoint_of(&self, view: &ViewId) -> Option<u64> {
+        let physical = self.inner.physical(view).ok()?;
+        let st = self.inner.lock();
+        st.progress.get(&physical).map(|p| p.checkpoint())
     }
 
     /// Read-your-writes: returns once `view`'s checkpoint is at `position` or

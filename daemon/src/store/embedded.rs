@@ -58,6 +58,9 @@ const COLUMN_FAMILIES: [&str; 6] = [
 pub const MAX_GROUP: usize = 1024;
 /// Most events in one batch handed out by a tail.
 pub const TAIL_BATCH: usize = 1024;
+/// Most bytes of stored events in one tail batch (at least one event): a
+/// slow consumer of a log of large events holds at most this.
+pub const TAIL_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// When an acknowledged append is durable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -690,11 +693,13 @@ fn read_range(
     from: Position,
     to: Position,
     max: usize,
+    max_bytes: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let mut out = Vec::with_capacity(max.min((to.saturating_sub(from) + 1) as usize));
     let mut it = db.raw_iterator_cf(cf(db, CF_EVENTS));
     it.seek(position_key(from));
-    while out.len() < max {
+    let mut bytes = 0usize;
+    while out.len() < max && (bytes < max_bytes || out.is_empty()) {
         let (Some(k), Some(v)) = (it.key(), it.value()) else {
             break;
         };
@@ -702,6 +707,7 @@ fn read_range(
         if pos > to {
             break;
         }
+        bytes += v.len();
         out.push(decode_event(pos, v)?);
         it.next();
     }
@@ -796,7 +802,7 @@ impl EventStore for EmbeddedStore {
                 if head >= next {
                     let reader = db.clone();
                     let got = blocking("tailing the log", move || {
-                        read_range(&reader, next, head, TAIL_BATCH)
+                        read_range(&reader, next, head, TAIL_BATCH, TAIL_BATCH_BYTES)
                     })
                     .await;
                     return match got {
@@ -872,5 +878,5 @@ pub fn scan_log(
     from: Position,
     max: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    read_range(&store.inner.db, from, Position::MAX, max)
+    read_range(&store.inner.db, from, Position::MAX, max, usize::MAX)
 }

@@ -338,6 +338,19 @@ impl ViewStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Entries, ViewError> {
+        self.scan_bounded(view, prefix, start_after, limit, usize::MAX)
+    }
+
+    /// [`Self::scan`] that also stops once the entries it holds reach
+    /// `max_bytes` (keys and values; always at least one entry).
+    pub fn scan_bounded(
+        &self,
+        view: &ViewId,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Entries, ViewError> {
         let cf = self.cf(view)?;
         let mut it = self.db.raw_iterator_cf(&cf);
         match start_after {
@@ -350,13 +363,15 @@ impl ViewStore {
             _ => it.seek(prefix),
         }
         let mut out = Vec::new();
-        while out.len() < limit {
+        let mut bytes = 0usize;
+        while out.len() < limit && (bytes < max_bytes || out.is_empty()) {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
             if !k.starts_with(prefix) {
                 break;
             }
+            bytes += k.len() + v.len();
             out.push((k.to_vec(), v.to_vec()));
             it.next();
         }
