@@ -116,7 +116,7 @@ async fn append_get_ls_status_tail_with_json_and_exit_codes() {
     assert!(err.contains("user-404"), "{err}");
     let (code, _, _) = kiln_cli(&d, &["get", "nope", "k"]);
     assert_eq!(code, 4);
-    let (code, _, _) = kiln_cli(
+    let (code, _, err) = kiln_cli(
         &d,
         &[
             "get",
@@ -128,7 +128,11 @@ async fn append_get_ls_status_tail_with_json_and_exit_codes() {
             "100",
         ],
     );
-    assert_eq!(code, 6, "a read-your-writes timeout exits 6");
+    assert_eq!(
+        code, 1,
+        "a position beyond the head is refused at once: {err}"
+    );
+    assert!(err.contains("beyond the log's head"), "{err}");
 
     // ls: pages followed with --all, keys only.
     for n in 2..=7 {
@@ -346,12 +350,13 @@ async fn deploy_wait_promote_rollback_from_the_command_line() {
     assert_eq!(code, 0, "{err}");
     let chaos = modules.path().join("chaos.wasm");
     std::fs::copy(kiln_tests::wasm::CHAOS, &chaos).expect("copy");
-    let (code, _, err) = kiln_cli(
+    let (code, out, err) = kiln_cli(
         &d,
         &[
             "deploy",
             chaos.to_str().expect("utf-8 path"),
             "--wait",
+            "--json",
             "--token",
             "tok",
         ],
@@ -361,6 +366,11 @@ async fn deploy_wait_promote_rollback_from_the_command_line() {
         err.contains("failed") && err.contains("boom at one"),
         "{err}"
     );
+    // --json prints the documented error object, the version's status in it.
+    let last = out.lines().last().unwrap_or("");
+    let answer: serde_json::Value = serde_json::from_str(last).expect("a JSON line");
+    assert_eq!(answer["error"]["code"], "version_failed", "{out}");
+    assert_eq!(answer["error"]["view"]["state"], "failed", "{out}");
 }
 
 #[test]
@@ -373,4 +383,30 @@ fn an_unreachable_daemon_exits_5_and_says_where_it_looked() {
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&port.to_string()), "{err}");
+}
+
+/// A read-your-writes wait that times out exits 6: a version still warming
+/// past the position asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_your_writes_timeout_exits_6() {
+    let d = Daemon::start_with(kiln_tests::daemon::slow_warming_options());
+    let api = Api::new(&d);
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api, 4).await;
+    let (_, head) = api.get("/streams/chaos-3").await;
+    let position = head["position"].as_u64().expect("position").to_string();
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        kiln_cli(
+            &d,
+            &[
+                "get",
+                &id,
+                "k",
+                "--after-position",
+                &position,
+                "--wait-ms",
+                "100",
+            ],
+        )
+    });
+    assert_eq!(code, 6, "a read-your-writes timeout exits 6: {err}");
 }

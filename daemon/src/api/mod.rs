@@ -160,6 +160,18 @@ impl AppState {
         }
     }
 
+    /// A page's `limit` (100 when not given): 1 to `max_page`, else 400.
+    pub fn page_limit(&self, limit: Option<usize>) -> Result<usize, ApiError> {
+        let max = self.config.max_page;
+        match limit.unwrap_or(100) {
+            l @ 1.. if l <= max => Ok(l),
+            l => Err(ApiError::bad_request(
+                "bad_query",
+                format!("limit must be 1 to {max}, got {l}"),
+            )),
+        }
+    }
+
     /// Resolves when the daemon begins to stop.
     pub async fn stopping(&self) {
         let mut s = self.shutdown.clone();
@@ -358,23 +370,33 @@ async fn close_after_refused_body(mut res: axum::response::Response) -> axum::re
 }
 
 /// Reads a request body up to `limit` bytes; more is a 413 naming the limit.
+/// What comes past the limit is read and dropped (never kept), up to
+/// [`DRAIN_PAST_LIMIT`], so a client still sending reads the 413 rather than
+/// a reset; the answer then closes the connection.
 pub async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut too_large = false;
-        let mut cause: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(c) = cause {
-            too_large |= c.to_string().contains("length limit exceeded");
-            cause = c.source();
+    use futures::StreamExt;
+    let mut frames = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = frames.next().await {
+        let chunk = frame.map_err(|e| ApiError::malformed_body(format!("reading {what}: {e}")))?;
+        total += chunk.len();
+        if total <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if total > limit.saturating_add(DRAIN_PAST_LIMIT) {
+            break;
         }
-        if too_large {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("{what} is larger than the body limit of {limit} bytes"),
-            )
-            .with("limit", limit)
-        } else {
-            ApiError::malformed_body(format!("reading {what}: {e}"))
-        }
-    })
+    }
+    if total > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("{what} is larger than the body limit of {limit} bytes"),
+        )
+        .with("limit", limit));
+    }
+    Ok(kept.freeze())
 }
+
+/// Most bytes read and dropped past a body's limit before its 413.
+pub const DRAIN_PAST_LIMIT: usize = 32 * 1024 * 1024;

@@ -225,14 +225,7 @@ pub async fn read(
     let Path(stream) = path.map_err(path_error)?;
     let Query(q) = query.map_err(query_error)?;
     let stream = StreamId::new(stream)?;
-    let max = state.config.max_page;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > max {
-        return Err(ApiError::bad_request(
-            "bad_query",
-            format!("limit must be 1 to {max}, got {limit}"),
-        ));
-    }
+    let limit = state.page_limit(q.limit)?;
     let store = state.lifecycle.store();
     let budget = state.config.page_bytes;
     let mut from = q.from_version.unwrap_or(1).max(1);

@@ -240,14 +240,7 @@ pub async fn list_docs(
 ) -> Result<Response, ApiError> {
     let Path(spec) = path.map_err(path_error)?;
     let Query(q) = query.map_err(query_error)?;
-    let max = state.config.max_page;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > max {
-        return Err(ApiError::bad_request(
-            "bad_query",
-            format!("limit must be 1 to {max}, got {limit}"),
-        ));
-    }
+    let limit = state.page_limit(q.limit)?;
     let prefix = q.prefix.clone().unwrap_or_default();
     for k in [&q.from, &q.to, &q.after].into_iter().flatten() {
         check_key(k)?;

@@ -618,13 +618,22 @@ async fn wait_ready(client: &Client, id: &str, timeout_secs: u64, json: bool) ->
                 if tty {
                     eprintln!();
                 }
+                let message = format!(
+                    "{id} is {state}: {}",
+                    v["last_error"].as_str().unwrap_or("no error recorded")
+                );
+                // The documented error object, with the version's status.
+                let code = if state == "failed" {
+                    "version_failed"
+                } else {
+                    "version_retired"
+                };
                 return Err(Failure {
                     code: exit::FAILED,
-                    message: format!(
-                        "{id} is {state}: {}",
-                        v["last_error"].as_str().unwrap_or("no error recorded")
-                    ),
-                    body: Some(v),
+                    body: Some(json!({
+                        "error": { "code": code, "message": message.clone(), "view": v }
+                    })),
+                    message,
                 });
             }
             _ => {}
