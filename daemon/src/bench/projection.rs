@@ -250,13 +250,16 @@ fn measure(
     })
 }
 
+/// Documents a native run built, by key.
+type NativeDocs = Vec<(String, Vec<u8>)>;
+
 /// The projection compiled natively, run by the SDK's harness over the
 /// same encoded batches: events/s and the documents it built.
 fn native<P: kiln_sdk::Projection>(
     store: &EmbeddedStore,
     batch: usize,
     mut harness: kiln_sdk::Harness<P>,
-) -> anyhow::Result<(f64, Vec<(String, Vec<u8>)>)> {
+) -> anyhow::Result<(f64, NativeDocs)> {
     let mut writer = BatchWriter::new();
     let rate = replay(store, batch, |events| {
         writer.clear();
@@ -410,7 +413,7 @@ fn order_event(order: u64, version: u64, seed: u64) -> NewEvent {
             ]}),
         ),
         1 => ("OrderPaid", serde_json::json!({})),
-        _ if seed % 5 == 0 => (
+        _ if seed.is_multiple_of(5) => (
             "OrderCancelled",
             serde_json::json!({"reason": "changed their mind"}),
         ),
