@@ -376,6 +376,9 @@ impl Api {
         Api {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
+                // Below the daemon's header_timeout (10 s), which closes
+                // idle keep-alive connections: never reuse one it closes.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .expect("HTTP client"),
             base: daemon.url(),

@@ -299,6 +299,9 @@ impl Client {
     fn new(conn: &Conn) -> Result<Self, Failure> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // Below the daemon's header_timeout (10 s), which closes idle
+            // keep-alive connections (`status --wait` polls on one).
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| Failure::new(exit::ERROR, format!("building the HTTP client: {e}")))?;
         Ok(Client {
