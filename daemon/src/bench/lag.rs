@@ -70,6 +70,12 @@ pub struct LagBenchArgs {
     /// Durability of the embedded store.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
     pub durability: DurabilityArg,
+    /// Events a warming version applies at a time (`warmup_batch`).
+    #[arg(long, default_value_t = crate::lifecycle::LifecycleConfig::new(".").warmup_batch)]
+    pub warmup_batch: usize,
+    /// Layout of the generated log (see `kiln bench projection`).
+    #[arg(long, value_enum, default_value = "runs")]
+    pub layout: super::projection::Layout,
     /// The users module (built by `cargo test --release`, or
     /// `cargo build --release --target wasm32-unknown-unknown -p projection-users`).
     #[arg(long, default_value = DEFAULT_MODULE)]
@@ -110,11 +116,17 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
     };
     let embedded = EmbeddedStore::open(config).context("opening the embedded store")?;
     println!(
-        "kiln bench lag — {} events in the log, probes at {}/s, {} rounds, durability {:?}",
-        args.events, args.rate, args.rounds, args.durability
+        "kiln bench lag — {} events in the log ({:?} layout), probes at {}/s, {} rounds, durability {:?}",
+        args.events, args.layout, args.rate, args.rounds, args.durability
     );
     let started = Instant::now();
-    super::projection::fill(&embedded, args.events).await?;
+    super::projection::fill_layout(
+        &embedded,
+        args.events,
+        args.layout,
+        super::projection::Which::Users,
+    )
+    .await?;
     println!(
         "fill: {} events in {:.1} s",
         args.events,
@@ -123,6 +135,7 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
     let store: Arc<dyn EventStore> = Arc::new(embedded);
 
     let mut lc = LifecycleConfig::new(dir.join("data"));
+    lc.warmup_batch = args.warmup_batch.max(1);
     lc.policies.insert(
         "users".into(),
         ViewPolicy {

@@ -297,15 +297,9 @@ fn replay(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Appends `total` user events from 16 concurrent writers, 50 per append
-/// (the log of `kiln bench lag`).
-pub(super) async fn fill(store: &EmbeddedStore, total: u64) -> anyhow::Result<()> {
-    fill_layout(store, total, Layout::Runs, Which::Users).await
-}
-
 /// Appends `total` events of `which` in `layout` from 16 concurrent writers,
 /// each owning every 16th stream (so each knows its streams' versions).
-async fn fill_layout(
+pub(super) async fn fill_layout(
     store: &EmbeddedStore,
     total: u64,
     layout: Layout,
