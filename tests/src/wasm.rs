@@ -125,3 +125,26 @@ pub fn wat_module(imports: &str, data: &str, body: &str, manifest: Option<&str>)
 
 /// A manifest for hand-written test modules.
 pub const RAW_MANIFEST: &str = r#"{"abi":1,"name":"raw","version":"0.1.0"}"#;
+
+/// The compiled-module entries of a compile cache directory (`*.cwasm`), by name.
+pub fn cache_entries(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("the cache directory")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// A hand-written module (WAT) with a kiln manifest named `name`: `fields`
+/// are spliced into a module that declares its own memory, `kiln_alloc`
+/// and `kiln_apply`, imports included.
+pub fn wat_raw(name: &str, fields: &str) -> Vec<u8> {
+    let manifest = format!(r#"{{"abi":1,"name":"{name}","version":"0.1.0"}}"#);
+    let text = format!(
+        "(module {fields} (@custom \"kiln-manifest\" \"{}\"))",
+        manifest.replace('"', "\\\"")
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test WAT: {e}\n{text}"))
+}
