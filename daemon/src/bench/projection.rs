@@ -94,6 +94,7 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
     );
 
     let batch = args.batch.max(1);
+    let instance_cost = instantiation_cost(&module, 1000)?;
     let (rounds, dir) = (args.rounds.max(1), dir.to_path_buf());
     let best = tokio::task::spawn_blocking(move || -> anyhow::Result<Rates> {
         let mut best = Rates::default();
@@ -122,11 +123,27 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
         "ratio wasm+RocksDB / native:          {:.2}",
         ratio(wasm_view, native)
     );
+    let batch_secs = batch as f64 / wasm_mem.max(1.0);
+    println!(
+        "fresh instance per batch:           {:>10.1} µs each ({:.1}% of a {batch}-event batch's time at the wasm → memory rate)",
+        instance_cost * 1e6,
+        100.0 * instance_cost / batch_secs
+    );
     println!(
         "documents identical (wasm vs native): yes ({rounds} rounds, best of each shown)",
         rounds = args.rounds.max(1)
     );
     Ok(())
+}
+
+/// Mean seconds to make a fresh instance of `module` (every batch gets one),
+/// over `n` instantiations.
+fn instantiation_cost(module: &crate::runtime::Module, n: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    for _ in 0..n {
+        Instance::new(module, Box::new(SharedDocuments::default()))?;
+    }
+    Ok(started.elapsed().as_secs_f64() / f64::from(n))
 }
 
 /// events/s of each variant in one round.
