@@ -58,6 +58,8 @@ pub struct RuntimeLimits {
     pub scan_mib: usize,
     /// Largest module accepted, in MiB.
     pub module_mib: usize,
+    /// Largest code section (all function bodies), in MiB.
+    pub code_mib: usize,
     /// Largest function body, in KiB.
     pub function_kib: usize,
     /// Deepest nesting of blocks in a function.
@@ -77,6 +79,7 @@ impl Default for RuntimeLimits {
             batch_write_entries: l.batch_write_entries,
             scan_mib: l.scan_bytes >> 20,
             module_mib: l.module_bytes >> 20,
+            code_mib: l.code_bytes >> 20,
             function_kib: l.function_bytes >> 10,
             block_nesting: l.block_nesting,
             definitions: l.definitions,
@@ -377,6 +380,7 @@ impl ServeConfig {
             ("batch_write_entries", r.batch_write_entries),
             ("scan_mib", r.scan_mib),
             ("module_mib", r.module_mib),
+            ("code_mib", r.code_mib),
             ("function_kib", r.function_kib),
             ("block_nesting", r.block_nesting),
             ("definitions", r.definitions),
@@ -420,6 +424,7 @@ impl ServeConfig {
                 batch_write_entries: self.runtime.batch_write_entries,
                 scan_bytes: self.runtime.scan_mib << 20,
                 module_bytes: self.runtime.module_mib << 20,
+                code_bytes: self.runtime.code_mib << 20,
                 function_bytes: self.runtime.function_kib << 10,
                 block_nesting: self.runtime.block_nesting,
                 definitions: self.runtime.definitions,

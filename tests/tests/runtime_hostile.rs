@@ -494,14 +494,16 @@ fn a_renamed_or_altered_compile_cache_entry_is_never_run() {
 fn compile_work_is_bounded_before_compiling() {
     let _s = serial();
     let rt = runtime(RuntimeConfig::default());
-    // One function of 200,000 sequential ifs: 1.2 MB of code.
+    // One function of 200,000 sequential ifs: 1.2 MB of code (an if setting
+    // a local compiles in time growing with the square of the function's
+    // size: 25 s at 1 MB).
     let ifs = "(if (local.get $i) (then (nop)))".repeat(200_000);
     let e = load_err(&rt, &hostile("ifs", 1, "", &format!("{ifs} (i32.const 0)")));
     match &e {
         LoadError::TooBig {
             key, limit, value, ..
         } => {
-            assert_eq!((*key, *limit), ("function_kib", MIB));
+            assert_eq!((*key, *limit), ("function_kib", 128 << 10));
             assert!(*value > MIB, "{value}");
         }
         other => panic!("expected TooBig, got {other}"),
@@ -550,6 +552,28 @@ fn compile_work_is_bounded_before_compiling() {
             &e,
             LoadError::TooBig {
                 key: "module_mib",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let small = runtime(RuntimeConfig {
+        limits: Limits {
+            code_bytes: 100,
+            ..Limits::default()
+        },
+        ..RuntimeConfig::default()
+    });
+    let e = load_err(
+        &small,
+        &hostile("code", 1, &"(func nop)".repeat(100), "(i32.const 0)"),
+    );
+    assert!(
+        matches!(
+            &e,
+            LoadError::TooBig {
+                key: "code_mib",
+                limit: 100,
                 ..
             }
         ),

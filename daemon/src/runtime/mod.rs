@@ -80,7 +80,10 @@ pub struct Limits {
     pub scan_bytes: usize,
     /// Largest module accepted, in bytes.
     pub module_bytes: usize,
-    /// Largest function body, in bytes of code (compile time grows with it).
+    /// Largest code section (all function bodies), in bytes.
+    pub code_bytes: usize,
+    /// Largest function body, in bytes of code (compile time grows with its
+    /// square for some shapes of code).
     pub function_bytes: usize,
     /// Deepest nesting of blocks, loops and ifs in a function.
     pub block_nesting: usize,
@@ -95,7 +98,8 @@ impl Default for Limits {
             batch_write_entries: 100_000,
             scan_bytes: 16 << 20,
             module_bytes: 16 << 20,
-            function_bytes: 1 << 20,
+            code_bytes: 4 << 20,
+            function_bytes: 128 << 10,
             block_nesting: 1_000,
             definitions: 100_000,
         }

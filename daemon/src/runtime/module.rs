@@ -267,6 +267,14 @@ fn check_size(
                     memory = memory.saturating_add(m.initial.saturating_mul(page));
                 }
             }
+            Payload::CodeSectionStart { size, .. } if size as usize > limits.code_bytes => {
+                return too_big(
+                    "the code section, in bytes".into(),
+                    size as usize,
+                    limits.code_bytes,
+                    "code_mib",
+                );
+            }
             Payload::CodeSectionEntry(body) => {
                 let size = body.range().len();
                 if size > limits.function_bytes {
