@@ -273,7 +273,7 @@ fn a_scan_streams_from_the_view_and_stops_at_its_limit() {
     }
     drop(doc);
     let mut p = Projector::open(&module, &views).unwrap();
-    let (applied, growth) = peak_growth(|| p.apply(events(1).events()));
+    let (applied, growth) = peak_growth(|| p.apply(events(1).events()).map_err(|e| e.to_string()));
     applied.unwrap();
     let got = views.get(module.view_id(), b"len").unwrap();
     assert_eq!(got.as_deref(), Some(&b"true"[..]), "the scan's length");
