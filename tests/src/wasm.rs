@@ -148,3 +148,23 @@ pub fn wat_raw(name: &str, fields: &str) -> Vec<u8> {
     );
     wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test WAT: {e}\n{text}"))
 }
+
+/// A module named `name` that counts its calls to `kiln_apply` in a global
+/// and puts the count (its last digit) under `calls`: in a fresh instance per
+/// batch it is always 1; were instances reused, it would depend on the batching.
+pub fn call_counter(name: &str) -> Vec<u8> {
+    wat_raw(
+        name,
+        r#"(import "kiln" "put" (func $put (param i32 i32 i32 i32)))
+        (memory (export "memory") 1)
+        (global $calls (mut i32) (i32.const 0))
+        (data (i32.const 0) "calls")
+        (func (export "kiln_alloc") (param i32) (result i32) (i32.const 1024))
+        (func (export "kiln_apply") (param i32 i32) (result i32)
+            (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+            (i32.store8 (i32.const 16)
+                (i32.add (i32.const 48) (i32.rem_u (global.get $calls) (i32.const 10))))
+            (call $put (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 1))
+            (i32.const 0))"#,
+    )
+}

@@ -491,3 +491,35 @@ async fn the_watched_directory_deploys_and_retires_modules() {
     assert_eq!(state(&lc, "users-1_1_0"), Some(ViewState::Active));
     lc.shutdown().await;
 }
+
+/// The same events make the same view whatever the batching: a module that
+/// counts its calls warms over a log in warm-up batches, then tails live
+/// appends one batch at a time; another deployed afterwards only warms. Both
+/// say one call (a fresh instance per batch), as `kiln run` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counting_module_builds_the_same_view_warming_and_tailing() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.warmup_batch = 7;
+    let lc = env.start(config).await;
+    append_users(&env.store, 100, 0).await;
+    lc.deploy(&wasm::call_counter("tailing"), "test")
+        .await
+        .unwrap();
+    let mut head = 0;
+    for i in 0..20 {
+        head = append_users(&env.store, 10, 100 + i * 10).await;
+    }
+    lc.deploy(&wasm::call_counter("warming"), "test")
+        .await
+        .unwrap();
+    for view in ["tailing-0_1_0", "warming-0_1_0"] {
+        lc.wait_for_position(&id(view), head, WAIT).await.unwrap();
+        assert_eq!(
+            lc.get(&id(view), b"calls").unwrap().as_deref(),
+            Some(&b"1"[..]),
+            "{view}"
+        );
+    }
+    lc.shutdown().await;
+}

@@ -14,7 +14,7 @@ use kiln::runtime::{
     Instance, Limits, LoadError, ProjectionError, Projector, Runtime, RuntimeConfig,
 };
 use kiln::views::{MemoryDocuments, SharedDocuments, ViewStore, Writes};
-use kiln_tests::wasm::{EventLog, cache_entries, wat_raw};
+use kiln_tests::wasm::{EventLog, cache_entries, call_counter, wat_raw};
 use serde_json::json;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -343,25 +343,11 @@ fn bad_message_pointers_in_fail_and_panic_are_malformed() {
     }
 }
 
-/// A module counting its calls in a global and writing the count.
-fn call_counter() -> Vec<u8> {
-    hostile(
-        "counter",
-        1,
-        r#"(global $calls (mut i32) (i32.const 0)) (data (i32.const 0) "calls")"#,
-        r#"
-        (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
-        (i32.store8 (i32.const 16) (i32.add (i32.const 48) (global.get $calls)))
-        (call $put (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 1))
-        (i32.const 0)"#,
-    )
-}
-
 #[test]
 fn a_module_counting_its_calls_builds_the_same_view_at_every_batch_size() {
     let _s = serial();
     let rt = runtime(RuntimeConfig::default());
-    let module = rt.load("counter.wasm", &call_counter()).unwrap();
+    let module = rt.load("counter.wasm", &call_counter("counter")).unwrap();
     let log = events(4);
     let mut views = Vec::new();
     for batch in [1, 2, 3, 4] {
@@ -381,7 +367,7 @@ fn a_module_counting_its_calls_builds_the_same_view_at_every_batch_size() {
     // The same through `kiln run`.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("counter.wasm");
-    std::fs::write(&path, call_counter()).unwrap();
+    std::fs::write(&path, call_counter("counter")).unwrap();
     let input = "{\"stream\":\"s-1\",\"type\":\"A\"}\n".repeat(4);
     let mut outputs = Vec::new();
     for batch in [1, 2, 4] {
