@@ -15,6 +15,22 @@ pub const INVENTORY: &str = env!("KILN_WASM_INVENTORY");
 /// `projections/chaos` (deliberately faulty) as a module.
 pub const CHAOS: &str = env!("KILN_WASM_CHAOS");
 
+/// What loading `bytes` (named `label`) was refused for; panics if it loads.
+pub fn load_err(rt: &Runtime, label: &str, bytes: &[u8]) -> kiln::runtime::LoadError {
+    match rt.load(label, bytes) {
+        Ok(m) => panic!("{label} loaded as {}", m.view_id()),
+        Err(e) => e,
+    }
+}
+
+/// Asserts that `e`'s message mentions each of `parts`.
+pub fn assert_mentions(e: &impl std::fmt::Display, parts: &[&str]) {
+    let text = e.to_string();
+    for p in parts {
+        assert!(text.contains(p), "{text:?} does not mention {p:?}");
+    }
+}
+
 /// A runtime with default limits and no compile cache.
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig::default()).expect("runtime")

@@ -14,7 +14,7 @@ use kiln::runtime::{
     Instance, Limits, LoadError, ProjectionError, Projector, Runtime, RuntimeConfig,
 };
 use kiln::views::{MemoryDocuments, SharedDocuments, ViewStore, Writes};
-use kiln_tests::wasm::{EventLog, cache_entries, call_counter, wat_raw};
+use kiln_tests::wasm::{self, EventLog, assert_mentions, cache_entries, call_counter, wat_raw};
 use serde_json::json;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -91,17 +91,15 @@ fn events(n: usize) -> EventLog {
 }
 
 fn load_err(rt: &Runtime, bytes: &[u8]) -> LoadError {
-    match rt.load("hostile.wasm", bytes) {
-        Ok(m) => panic!("loaded as {}", m.view_id()),
-        Err(e) => e,
-    }
+    wasm::load_err(rt, "hostile.wasm", bytes)
 }
 
-fn assert_mentions(e: &impl std::fmt::Display, parts: &[&str]) {
-    let text = e.to_string();
-    for p in parts {
-        assert!(text.contains(p), "{text:?} does not mention {p:?}");
-    }
+/// A runtime with the default memory cap and deadline, and `limits`.
+fn with_limits(limits: Limits) -> Runtime {
+    runtime(RuntimeConfig {
+        limits,
+        ..RuntimeConfig::default()
+    })
 }
 
 #[test]
@@ -253,12 +251,9 @@ fn a_scan_streams_from_the_view_and_stops_at_its_limit() {
     let mut doc = vec![b'a'; doc_len as usize];
     doc[0] = b'"';
     doc[doc_len as usize - 1] = b'"';
-    let rt = runtime(RuntimeConfig {
-        limits: Limits {
-            scan_bytes: 256 << 20,
-            ..Limits::default()
-        },
-        ..RuntimeConfig::default()
+    let rt = with_limits(Limits {
+        scan_bytes: 256 << 20,
+        ..Limits::default()
     });
     let key_len = 8u64;
     let expected = 4 + docs * (8 + key_len + doc_len);
@@ -521,69 +516,53 @@ fn compile_work_is_bounded_before_compiling() {
         "{e}"
     );
 
-    let small = runtime(RuntimeConfig {
-        limits: Limits {
-            module_bytes: 200,
-            definitions: 10,
-            ..Limits::default()
-        },
-        ..RuntimeConfig::default()
-    });
-    let e = load_err(
-        &small,
-        &hostile("big", 1, &"(func)".repeat(100), "(i32.const 0)"),
-    );
-    assert!(
-        matches!(
-            &e,
-            LoadError::TooBig {
-                key: "module_mib",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let small = runtime(RuntimeConfig {
-        limits: Limits {
-            code_bytes: 100,
-            ..Limits::default()
-        },
-        ..RuntimeConfig::default()
-    });
-    let e = load_err(
-        &small,
-        &hostile("code", 1, &"(func nop)".repeat(100), "(i32.const 0)"),
-    );
-    assert!(
-        matches!(
-            &e,
-            LoadError::TooBig {
-                key: "code_mib",
-                limit: 100,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let small = runtime(RuntimeConfig {
-        limits: Limits {
-            definitions: 10,
-            ..Limits::default()
-        },
-        ..RuntimeConfig::default()
-    });
+    let functions = "(func nop)".repeat(100);
     let globals = "(global i32 (i32.const 0))".repeat(11);
-    let e = load_err(&small, &hostile("globals", 1, &globals, "(i32.const 0)"));
-    assert!(
-        matches!(
-            &e,
-            LoadError::TooBig {
-                key: "definitions",
-                value: 11,
-                limit: 10,
-                ..
-            }
+    let cases = [
+        (
+            Limits {
+                module_bytes: 200,
+                ..Limits::default()
+            },
+            &functions,
+            "module_mib",
+            200,
         ),
-        "{e}"
-    );
+        (
+            Limits {
+                code_bytes: 100,
+                ..Limits::default()
+            },
+            &functions,
+            "code_mib",
+            100,
+        ),
+        (
+            Limits {
+                definitions: 10,
+                ..Limits::default()
+            },
+            &globals,
+            "definitions",
+            10,
+        ),
+    ];
+    for (limits, fields, key, limit) in cases {
+        let e = load_err(
+            &with_limits(limits),
+            &hostile("small", 1, fields, "(i32.const 0)"),
+        );
+        match &e {
+            LoadError::TooBig {
+                key: k,
+                limit: l,
+                value,
+                ..
+            } => {
+                assert_eq!((*k, *l), (key, limit));
+                assert!(*value > limit, "{e}");
+            }
+            other => panic!("expected {key}, got {other}"),
+        }
+    }
 }

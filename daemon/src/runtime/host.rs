@@ -44,6 +44,26 @@ pub(super) struct LimitHit {
     pub(super) key: &'static str,
 }
 
+impl LimitHit {
+    /// `value` within `limit`, or the hit.
+    fn check(
+        what: &'static str,
+        value: usize,
+        limit: usize,
+        key: &'static str,
+    ) -> Result<(), LimitHit> {
+        if value <= limit {
+            return Ok(());
+        }
+        Err(LimitHit {
+            what,
+            value: value as u64,
+            limit: limit as u64,
+            key,
+        })
+    }
+}
+
 /// How many scanned entries between two looks at the clock.
 const SCAN_CLOCK_EVERY: u32 = 256;
 
@@ -131,23 +151,22 @@ impl HostState {
             None => (0, true),
         };
         let bytes = self.write_bytes - old + size(doc_len);
-        if bytes > self.limits.batch_write_bytes {
-            return Err(self.stop(Fault::Limit(LimitHit {
-                what: "bytes of keys and documents written by the batch",
-                value: bytes as u64,
-                limit: self.limits.batch_write_bytes as u64,
-                key: "batch_write_mib",
-            })));
-        }
         let entries = self.writes.len() + usize::from(new_key);
-        if entries > self.limits.batch_write_entries {
-            return Err(self.stop(Fault::Limit(LimitHit {
-                what: "keys written by the batch",
-                value: entries as u64,
-                limit: self.limits.batch_write_entries as u64,
-                key: "batch_write_entries",
-            })));
-        }
+        LimitHit::check(
+            "bytes of keys and documents written by the batch",
+            bytes,
+            self.limits.batch_write_bytes,
+            "batch_write_mib",
+        )
+        .and_then(|()| {
+            LimitHit::check(
+                "keys written by the batch",
+                entries,
+                self.limits.batch_write_entries,
+                "batch_write_entries",
+            )
+        })
+        .map_err(|hit| self.stop(Fault::Limit(hit)))?;
         self.write_bytes = bytes;
         Ok(())
     }
@@ -237,13 +256,13 @@ impl ScanEncoder<'_> {
         let at = self.len;
         self.len += 8 + key.len() + doc.len();
         self.count += 1;
-        if self.len > self.limit {
-            self.stopped = Some(Fault::Limit(LimitHit {
-                what: "bytes of one scan's result",
-                value: self.len as u64,
-                limit: self.limit as u64,
-                key: "scan_mib",
-            }));
+        if let Err(hit) = LimitHit::check(
+            "bytes of one scan's result",
+            self.len,
+            self.limit,
+            "scan_mib",
+        ) {
+            self.stopped = Some(Fault::Limit(hit));
             return ControlFlow::Break(());
         }
         if self.count.is_multiple_of(SCAN_CLOCK_EVERY) && Instant::now() > self.deadline {
@@ -293,14 +312,13 @@ impl ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let total = self.table_total.saturating_sub(current) + desired;
-        if total > self.limits.definitions {
-            return Err(self.stop(Fault::Limit(LimitHit {
-                what: "table elements",
-                value: total as u64,
-                limit: self.limits.definitions as u64,
-                key: "definitions",
-            })));
-        }
+        LimitHit::check(
+            "table elements",
+            total,
+            self.limits.definitions,
+            "definitions",
+        )
+        .map_err(|hit| self.stop(Fault::Limit(hit)))?;
         self.table_total = total;
         Ok(true)
     }
@@ -645,26 +663,14 @@ mod tests {
         put(&mut st, "a", 90).unwrap();
         put(&mut st, "a", 10).unwrap();
         put(&mut st, "b", 80).unwrap();
+        let hit = |st: &mut HostState| match st.fault.take() {
+            Some(Fault::Limit(hit)) => (hit.key, hit.value, hit.limit),
+            _ => panic!("expected a limit"),
+        };
         assert!(put(&mut st, "c", 80).is_err());
-        match st.fault.take() {
-            Some(Fault::Limit(hit)) => {
-                assert_eq!(
-                    (hit.key, hit.value, hit.limit),
-                    ("batch_write_mib", 173, 100)
-                )
-            }
-            _ => panic!("expected the write limit"),
-        }
+        assert_eq!(hit(&mut st), ("batch_write_mib", 173, 100));
         put(&mut st, "c", 1).unwrap();
         assert!(put(&mut st, "d", 1).is_err());
-        match st.fault.take() {
-            Some(Fault::Limit(hit)) => {
-                assert_eq!(
-                    (hit.key, hit.value, hit.limit),
-                    ("batch_write_entries", 4, 3)
-                )
-            }
-            _ => panic!("expected the entries limit"),
-        }
+        assert_eq!(hit(&mut st), ("batch_write_entries", 4, 3));
     }
 }
