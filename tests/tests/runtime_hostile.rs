@@ -494,6 +494,7 @@ fn compile_work_is_bounded_before_compiling() {
         &[
             "hostile.wasm",
             "refused before compiling",
+            "projection ifs 0.1.0",
             "runtime.function_kib",
         ],
     );

@@ -149,10 +149,12 @@ pub enum LoadError {
     #[error("module {module}: does not compile: {reason}")]
     Compile { module: String, reason: String },
     #[error(
-        "module {module}: {what} is {value}, over the limit of {limit} (runtime.{key}); refused before compiling"
+        "module {module}: projection {projection}: {what} is {value}, over the limit of {limit} (runtime.{key}); refused before compiling"
     )]
     TooBig {
         module: String,
+        /// The projection's name and version, e.g. "users 1.2.0".
+        projection: String,
         /// What was measured, e.g. "function 3's body, in bytes".
         what: String,
         value: u64,

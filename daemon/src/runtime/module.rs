@@ -233,6 +233,7 @@ fn check_size(
     let too_big = |what: String, value: usize, limit: usize, key: &'static str| {
         Err(LoadError::TooBig {
             module: module.to_string(),
+            projection: format!("{} {}", manifest.name, manifest.version),
             what,
             value: value as u64,
             limit: limit as u64,
