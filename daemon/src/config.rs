@@ -50,14 +50,39 @@ pub struct RuntimeLimits {
     pub batch_deadline_ms: u64,
     /// Cache compiled modules in `<data-dir>/cache`.
     pub compile_cache: bool,
+    /// Most bytes of keys and documents one batch may write, in MiB.
+    pub batch_write_mib: usize,
+    /// Most keys one batch may write (puts and deletes).
+    pub batch_write_entries: usize,
+    /// Largest result of one `scan`, in MiB.
+    pub scan_mib: usize,
+    /// Largest module accepted, in MiB.
+    pub module_mib: usize,
+    /// Largest code section (all function bodies), in MiB.
+    pub code_mib: usize,
+    /// Largest function body, in KiB.
+    pub function_kib: usize,
+    /// Deepest nesting of blocks in a function.
+    pub block_nesting: usize,
+    /// Most functions, globals or table elements in a module.
+    pub definitions: usize,
 }
 
 impl Default for RuntimeLimits {
     fn default() -> Self {
+        let l = crate::runtime::Limits::default();
         RuntimeLimits {
             memory_mib: 256,
             batch_deadline_ms: 10_000,
             compile_cache: true,
+            batch_write_mib: l.batch_write_bytes >> 20,
+            batch_write_entries: l.batch_write_entries,
+            scan_mib: l.scan_bytes >> 20,
+            module_mib: l.module_bytes >> 20,
+            code_mib: l.code_bytes >> 20,
+            function_kib: l.function_bytes >> 10,
+            block_nesting: l.block_nesting,
+            definitions: l.definitions,
         }
     }
 }
@@ -367,6 +392,19 @@ impl ServeConfig {
             self.runtime.batch_deadline_ms > 0,
             "runtime.batch_deadline_ms must be above 0"
         );
+        let r = &self.runtime;
+        for (key, value) in [
+            ("batch_write_mib", r.batch_write_mib),
+            ("batch_write_entries", r.batch_write_entries),
+            ("scan_mib", r.scan_mib),
+            ("module_mib", r.module_mib),
+            ("code_mib", r.code_mib),
+            ("function_kib", r.function_kib),
+            ("block_nesting", r.block_nesting),
+            ("definitions", r.definitions),
+        ] {
+            anyhow::ensure!(value > 0, "runtime.{key} must be above 0");
+        }
         anyhow::ensure!(self.warmup_batch > 0, "warmup_batch must be above 0");
         if self.store == StoreBackend::Jetstream {
             self.jetstream
@@ -399,6 +437,16 @@ impl ServeConfig {
                 .runtime
                 .compile_cache
                 .then(|| self.data_dir.join("cache")),
+            limits: crate::runtime::Limits {
+                batch_write_bytes: self.runtime.batch_write_mib << 20,
+                batch_write_entries: self.runtime.batch_write_entries,
+                scan_bytes: self.runtime.scan_mib << 20,
+                module_bytes: self.runtime.module_mib << 20,
+                code_bytes: self.runtime.code_mib << 20,
+                function_bytes: self.runtime.function_kib << 10,
+                block_nesting: self.runtime.block_nesting,
+                definitions: self.runtime.definitions,
+            },
         }
     }
 }

@@ -15,6 +15,22 @@ pub const INVENTORY: &str = env!("KILN_WASM_INVENTORY");
 /// `projections/chaos` (deliberately faulty) as a module.
 pub const CHAOS: &str = env!("KILN_WASM_CHAOS");
 
+/// What loading `bytes` (named `label`) was refused for; panics if it loads.
+pub fn load_err(rt: &Runtime, label: &str, bytes: &[u8]) -> kiln::runtime::LoadError {
+    match rt.load(label, bytes) {
+        Ok(m) => panic!("{label} loaded as {}", m.view_id()),
+        Err(e) => e,
+    }
+}
+
+/// Asserts that `e`'s message mentions each of `parts`.
+pub fn assert_mentions(e: &impl std::fmt::Display, parts: &[&str]) {
+    let text = e.to_string();
+    for p in parts {
+        assert!(text.contains(p), "{text:?} does not mention {p:?}");
+    }
+}
+
 /// A runtime with default limits and no compile cache.
 pub fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig::default()).expect("runtime")
@@ -125,3 +141,46 @@ pub fn wat_module(imports: &str, data: &str, body: &str, manifest: Option<&str>)
 
 /// A manifest for hand-written test modules.
 pub const RAW_MANIFEST: &str = r#"{"abi":1,"name":"raw","version":"0.1.0"}"#;
+
+/// The compiled-module entries of a compile cache directory (`*.cwasm`), by name.
+pub fn cache_entries(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("the cache directory")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// A hand-written module (WAT) with a kiln manifest named `name`: `fields`
+/// are spliced into a module that declares its own memory, `kiln_alloc`
+/// and `kiln_apply`, imports included.
+pub fn wat_raw(name: &str, fields: &str) -> Vec<u8> {
+    let manifest = format!(r#"{{"abi":1,"name":"{name}","version":"0.1.0"}}"#);
+    let text = format!(
+        "(module {fields} (@custom \"kiln-manifest\" \"{}\"))",
+        manifest.replace('"', "\\\"")
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test WAT: {e}\n{text}"))
+}
+
+/// A module named `name` that counts its calls to `kiln_apply` in a global
+/// and puts the count (its last digit) under `calls`: in a fresh instance per
+/// batch it is always 1; were instances reused, it would depend on the batching.
+pub fn call_counter(name: &str) -> Vec<u8> {
+    wat_raw(
+        name,
+        r#"(import "kiln" "put" (func $put (param i32 i32 i32 i32)))
+        (memory (export "memory") 1)
+        (global $calls (mut i32) (i32.const 0))
+        (data (i32.const 0) "calls")
+        (func (export "kiln_alloc") (param i32) (result i32) (i32.const 1024))
+        (func (export "kiln_apply") (param i32 i32) (result i32)
+            (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+            (i32.store8 (i32.const 16)
+                (i32.add (i32.const 48) (i32.rem_u (global.get $calls) (i32.const 10))))
+            (call $put (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 1))
+            (i32.const 0))"#,
+    )
+}

@@ -491,3 +491,73 @@ async fn the_watched_directory_deploys_and_retires_modules() {
     assert_eq!(state(&lc, "users-1_1_0"), Some(ViewState::Active));
     lc.shutdown().await;
 }
+
+/// The same events make the same view whatever the batching: a module that
+/// counts its calls warms over a log in warm-up batches, then tails live
+/// appends one batch at a time; another deployed afterwards only warms. Both
+/// say one call (a fresh instance per batch), as `kiln run` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counting_module_builds_the_same_view_warming_and_tailing() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.warmup_batch = 7;
+    let lc = env.start(config).await;
+    append_users(&env.store, 100, 0).await;
+    lc.deploy(&wasm::call_counter("tailing"), "test")
+        .await
+        .unwrap();
+    let mut head = 0;
+    for i in 0..20 {
+        head = append_users(&env.store, 10, 100 + i * 10).await;
+    }
+    lc.deploy(&wasm::call_counter("warming"), "test")
+        .await
+        .unwrap();
+    for view in ["tailing-0_1_0", "warming-0_1_0"] {
+        lc.wait_for_position(&id(view), head, WAIT).await.unwrap();
+        assert_eq!(
+            lc.get(&id(view), b"calls").unwrap().as_deref(),
+            Some(&b"1"[..]),
+            "{view}"
+        );
+    }
+    lc.shutdown().await;
+}
+
+/// A batch's resource fault is not charged to its events: a module growing
+/// its memory by 1 MiB per event of the batch goes over a 4 MiB cap in warm-up
+/// batches of 10, and fits event by event; under `poison = park` nothing is
+/// parked and every event is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_memory_cap_parks_none_of_its_events() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.default_policy.poison = PoisonPolicy::Park;
+    config.warmup_batch = 10;
+    let runtime = kiln::runtime::Runtime::new(kiln::runtime::RuntimeConfig {
+        memory_cap: 4 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    let lc = kiln::lifecycle::Lifecycle::start(config, env.store.clone(), runtime)
+        .await
+        .unwrap();
+    let head = append_users(&env.store, 30, 0).await;
+    let grower = wasm::wat_raw(
+        "grower",
+        r#"(import "kiln" "put" (func $put (param i32 i32 i32 i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 0) "k1")
+        (func (export "kiln_alloc") (param i32) (result i32) (i32.const 1024))
+        (func (export "kiln_apply") (param i32 i32) (result i32)
+            (drop (memory.grow (i32.mul (i32.load (local.get 0)) (i32.const 16))))
+            (call $put (i32.const 0) (i32.const 2) (i32.const 1) (i32.const 1))
+            (i32.const 0))"#,
+    );
+    lc.deploy(&grower, "test").await.unwrap();
+    let view = id("grower-0_1_0");
+    lc.wait_for_position(&view, head, WAIT).await.unwrap();
+    assert!(lc.parked(&view).unwrap().is_empty(), "nothing parked");
+    assert_eq!(lc.status_of(&view).unwrap().events_applied, head);
+    lc.shutdown().await;
+}

@@ -6,22 +6,10 @@ use std::time::{Duration, Instant};
 
 use kiln::runtime::{Instance, LoadError, ProjectionError, Runtime, RuntimeConfig};
 use kiln::views::MemoryDocuments;
-use kiln_tests::wasm::{self, CHAOS, EventLog, RAW_MANIFEST, wat_module};
+use kiln_tests::wasm::{
+    self, CHAOS, EventLog, RAW_MANIFEST, assert_mentions, load_err, wat_module,
+};
 use serde_json::json;
-
-fn load_err(rt: &Runtime, label: &str, bytes: &[u8]) -> LoadError {
-    match rt.load(label, bytes) {
-        Ok(m) => panic!("{label} loaded as {}", m.view_id()),
-        Err(e) => e,
-    }
-}
-
-fn assert_mentions(e: &impl std::fmt::Display, parts: &[&str]) {
-    let text = e.to_string();
-    for p in parts {
-        assert!(text.contains(p), "{text:?} does not mention {p:?}");
-    }
-}
 
 #[test]
 fn not_wasm_is_refused() {

@@ -180,8 +180,7 @@ fn compiled_modules_are_cached_on_disk_by_content_hash() {
         .load_file(USERS)
         .unwrap();
     assert!(!first.from_cache());
-    let entries = std::fs::read_dir(cache.path()).unwrap().count();
-    assert_eq!(entries, 1);
+    assert_eq!(kiln_tests::wasm::cache_entries(cache.path()).len(), 1);
     // A restart: a new runtime (engine) reads the compiled code instead of compiling.
     let second = Runtime::new(config.clone())
         .unwrap()
@@ -190,12 +189,7 @@ fn compiled_modules_are_cached_on_disk_by_content_hash() {
     assert!(second.from_cache());
     assert_eq!(second.fingerprint(), first.fingerprint());
     // A corrupt cache entry is ignored and replaced.
-    let entry = std::fs::read_dir(cache.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let entry = kiln_tests::wasm::cache_entries(cache.path()).remove(0);
     let mut bytes = std::fs::read(&entry).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;

@@ -28,7 +28,7 @@ use crate::lifecycle::Resolved;
 use crate::store::StreamId;
 
 /// Longest key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
+pub use crate::views::MAX_KEY_LEN;
 
 /// `GET /views`: every version the daemon knows, with state and progress.
 pub async fn list_views(State(state): State<AppState>) -> Json<Value> {
@@ -149,21 +149,7 @@ async fn resolve_consistent(
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
-    if key.is_empty() {
-        return Err(ApiError::bad_key("the key is empty"));
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(ApiError::bad_key(format!(
-            "the key is {} bytes long, the limit is {MAX_KEY_LEN}",
-            key.len()
-        )));
-    }
-    if let Some(c) = key.chars().find(|c| c.is_control()) {
-        return Err(ApiError::bad_key(format!(
-            "the key contains the control character {c:?}"
-        )));
-    }
-    Ok(())
+    crate::views::check_key(key.as_bytes()).map_err(ApiError::bad_key)
 }
 
 /// A stored document as JSON: documents are JSON; anything else comes back as a

@@ -133,6 +133,7 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
         module.view_id(),
         path.display()
     );
+    let instance_cost = instantiation_cost(&module, 1000)?;
     for layout in &args.layout {
         let log_dir = dir.join(format!("{layout:?}"));
         let mut config = EmbeddedConfig::new(log_dir.join("log"));
@@ -179,8 +180,24 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             "  ratio wasm / native (same sink):      {:.2}   documents identical: yes",
             ratio(wasm_mem, native)
         );
+        let batch_secs = batch as f64 / wasm_mem.max(1.0);
+        println!(
+            "  fresh instance per batch:           {:>10.1} µs each ({:.1}% of a {batch}-event batch's time at the wasm → memory rate)",
+            instance_cost * 1e6,
+            100.0 * instance_cost / batch_secs
+        );
     }
     Ok(())
+}
+
+/// Mean seconds to make a fresh instance of `module` (every batch gets one),
+/// over `n` instantiations.
+fn instantiation_cost(module: &crate::runtime::Module, n: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    for _ in 0..n {
+        Instance::new(module, Box::new(SharedDocuments::default()))?;
+    }
+    Ok(started.elapsed().as_secs_f64() / f64::from(n))
 }
 
 /// events/s of each variant in one round.

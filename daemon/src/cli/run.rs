@@ -55,6 +55,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         memory_cap: args.memory_mib << 20,
         batch_deadline: Duration::from_millis(args.deadline_ms),
         cache_dir: None,
+        limits: Default::default(),
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -1067,6 +1067,18 @@ impl Inner {
         self.config.data_dir.join("modules")
     }
 
+    /// Reads and loads (compiles) the deployed module of physical view `id`.
+    fn load_module(&self, id: &ViewId) -> Result<Module, String> {
+        let path = self.module_path(id);
+        std::fs::read(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))
+            .and_then(|bytes| {
+                self.runtime
+                    .load(&path.display().to_string(), &bytes)
+                    .map_err(|e| e.to_string())
+            })
+    }
+
     fn module_path(&self, id: &ViewId) -> PathBuf {
         self.modules_dir().join(format!("{id}.wasm"))
     }
@@ -1106,6 +1118,28 @@ impl Inner {
     /// views still read, column families nothing reads dropped.
     async fn resume(self: &Arc<Self>) -> Result<(), LifecycleError> {
         let existing: Vec<ViewId> = self.views.views()?;
+        // Compiled before the state lock is taken (and off the async
+        // threads): a slow compile holds up no one.
+        let to_load: BTreeSet<ViewId> = {
+            let st = self.lock();
+            st.registry
+                .entries
+                .values()
+                .map(|e| e.physical().clone())
+                .collect()
+        };
+        let this = self.clone();
+        let mut loaded = tokio::task::spawn_blocking(move || {
+            to_load
+                .into_iter()
+                .map(|id| {
+                    let module = this.load_module(&id);
+                    (id, module)
+                })
+                .collect::<HashMap<ViewId, Result<Module, String>>>()
+        })
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
         let mut st = self.lock();
         let physicals: BTreeSet<ViewId> = st
             .registry
@@ -1133,14 +1167,10 @@ impl Inner {
             if state == Physical::Failed {
                 continue;
             }
-            let path = self.module_path(id);
-            let module = std::fs::read(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))
-                .and_then(|bytes| {
-                    self.runtime
-                        .load(&path.display().to_string(), &bytes)
-                        .map_err(|e| e.to_string())
-                });
+            let module = match loaded.remove(id) {
+                Some(module) => module,
+                None => self.load_module(id),
+            };
             match module {
                 Ok(module) => {
                     let poison = self.config.policy(id.name()).poison;

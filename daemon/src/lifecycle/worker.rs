@@ -516,7 +516,11 @@ impl Worker {
     }
 
     /// Applies `batch[range]`; a projection failure is handled by the poison
-    /// policy (the events are re-applied one by one to find the poison one).
+    /// policy (the events are re-applied one by one, each batch in a fresh
+    /// instance, to find the poison one). An event refused alone for a
+    /// resource fault ([`ProjectionError::is_resource_fault`]) is tried once
+    /// more before it is declared poison: what a batch of many spent is never
+    /// charged to one of its events.
     async fn apply(
         &mut self,
         batch: &Arc<Vec<RecordedEvent>>,
@@ -534,7 +538,20 @@ impl Worker {
             if batch[i].position <= self.progress.checkpoint() {
                 continue;
             }
-            match self.apply_blocking(batch, i..i + 1).await {
+            let mut alone = self.apply_blocking(batch, i..i + 1).await;
+            if let Err(e) = &alone
+                && e.is_resource_fault()
+            {
+                // A fault of the engine's limits (deadline, memory cap, a host
+                // limit) may be the machine's: once more, in a fresh instance,
+                // before the event is charged with it.
+                tracing::warn!(
+                    position = batch[i].position,
+                    "event refused alone, trying it once more: {e}"
+                );
+                alone = self.apply_blocking(batch, i..i + 1).await;
+            }
+            match alone {
                 Ok(()) => {}
                 Err(e) if !is_poison(&e) => return Err(Halt::of(e, Some(batch[i].position))),
                 Err(e) => match self.poison {

@@ -5,17 +5,19 @@
 //! Anything malformed the guest hands over (out-of-bounds pointers, keys that
 //! are not UTF-8, documents that are not JSON) records a [`Fault`] and traps.
 
-use std::ops::Range;
+use std::ops::{Bound, ControlFlow, Range};
+use std::time::Instant;
 
-use kiln_sdk::abi::{ABSENT, HOST_MODULE, encode_entries};
+use kiln_sdk::abi::{ABSENT, HOST_MODULE};
 use wasmtime::{Caller, Engine, Linker, Memory, ResourceLimiter};
 
+use super::Limits;
 use crate::views::{DocumentSource, ViewError, Writes};
 
 /// Names of the host functions of ABI version 1.
 pub(super) const HOST_FUNCTIONS: [&str; 6] = ["get", "put", "delete", "scan", "fail", "panic"];
 /// Longest document key, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
+pub use crate::views::MAX_KEY_LEN;
 /// Largest document, in bytes.
 pub const MAX_DOCUMENT_LEN: usize = 4 << 20;
 /// Longest failure or panic message kept, in bytes.
@@ -27,10 +29,47 @@ pub(super) enum Fault {
     Malformed(String),
     /// Reading the view failed.
     View(ViewError),
+    /// The guest went over one of the host's [`Limits`].
+    Limit(LimitHit),
+    /// Host work done for the guest (a scan) ran past the batch's deadline.
+    Deadline,
 }
 
+/// Which limit, and how far the guest went.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LimitHit {
+    pub(super) what: &'static str,
+    pub(super) value: u64,
+    pub(super) limit: u64,
+    pub(super) key: &'static str,
+}
+
+impl LimitHit {
+    /// `value` within `limit`, or the hit.
+    fn check(
+        what: &'static str,
+        value: usize,
+        limit: usize,
+        key: &'static str,
+    ) -> Result<(), LimitHit> {
+        if value <= limit {
+            return Ok(());
+        }
+        Err(LimitHit {
+            what,
+            value: value as u64,
+            limit: limit as u64,
+            key,
+        })
+    }
+}
+
+/// How many scanned entries between two looks at the clock.
+const SCAN_CLOCK_EVERY: u32 = 256;
+
 /// A store's data: the instance's memory, the view it reads, the batch's writes
-/// and what the guest reported.
+/// and what the guest reported. One per batch: every batch runs in a fresh
+/// instance, so nothing here outlives it.
 pub(crate) struct HostState {
     pub(super) memory: Option<Memory>,
     pub(super) source: Box<dyn DocumentSource>,
@@ -41,12 +80,26 @@ pub(crate) struct HostState {
     /// Set when a memory growth beyond the cap was refused: the size wanted.
     pub(super) memory_refused: Option<usize>,
     pub(super) memory_cap: usize,
-    scratch: Vec<u8>,
+    /// When the batch's deadline passes (host work checks it; guest code is
+    /// interrupted by the epoch).
+    pub(super) deadline: Instant,
+    limits: Limits,
+    /// Bytes of keys and documents in `writes`.
+    write_bytes: usize,
+    /// Bytes of every memory of the instance together.
+    memory_total: usize,
+    /// Elements of every table of the instance together.
+    table_total: usize,
     read_buf: Vec<u8>,
 }
 
 impl HostState {
-    pub(super) fn new(source: Box<dyn DocumentSource>, memory_cap: usize) -> Self {
+    pub(super) fn new(
+        source: Box<dyn DocumentSource>,
+        memory_cap: usize,
+        limits: Limits,
+        deadline: Instant,
+    ) -> Self {
         HostState {
             memory: None,
             source,
@@ -56,18 +109,13 @@ impl HostState {
             fault: None,
             memory_refused: None,
             memory_cap,
-            scratch: Vec::new(),
+            deadline,
+            limits,
+            write_bytes: 0,
+            memory_total: 0,
+            table_total: 0,
             read_buf: Vec::new(),
         }
-    }
-
-    /// Clears what one batch left behind.
-    pub(super) fn reset(&mut self) {
-        self.writes.clear();
-        self.failure = None;
-        self.panic = None;
-        self.fault = None;
-        self.memory_refused = None;
     }
 
     fn malformed(&mut self, reason: String) -> wasmtime::Error {
@@ -82,6 +130,47 @@ impl HostState {
         out
     }
 
+    fn stop(&mut self, fault: Fault) -> wasmtime::Error {
+        let e = match &fault {
+            Fault::Limit(hit) => wasmtime::Error::msg(format!(
+                "{} reached {}, the limit is {}",
+                hit.what, hit.value, hit.limit
+            )),
+            _ => wasmtime::Error::msg("stopped by the host"),
+        };
+        self.fault = Some(fault);
+        e
+    }
+
+    /// Admits a write of `key` (a document of `doc_len` bytes, or a delete)
+    /// into the batch's overlay, within the batch's write limits.
+    fn admit_write(&mut self, key: &[u8], doc_len: Option<usize>) -> wasmtime::Result<()> {
+        let size = |doc: Option<usize>| key.len() + doc.unwrap_or(0);
+        let (old, new_key) = match self.writes.get(key) {
+            Some(doc) => (size(doc.as_ref().map(Vec::len)), false),
+            None => (0, true),
+        };
+        let bytes = self.write_bytes - old + size(doc_len);
+        let entries = self.writes.len() + usize::from(new_key);
+        LimitHit::check(
+            "bytes of keys and documents written by the batch",
+            bytes,
+            self.limits.batch_write_bytes,
+            "batch_write_mib",
+        )
+        .and_then(|()| {
+            LimitHit::check(
+                "keys written by the batch",
+                entries,
+                self.limits.batch_write_entries,
+                "batch_write_entries",
+            )
+        })
+        .map_err(|hit| self.stop(Fault::Limit(hit)))?;
+        self.write_bytes = bytes;
+        Ok(())
+    }
+
     /// The overlay's document, else the committed one.
     fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<&[u8]>> {
         if self.writes.contains_key(key) {
@@ -94,59 +183,161 @@ impl HostState {
         }
     }
 
-    /// Committed documents under `prefix` with the overlay applied, encoded.
-    fn scan_into_scratch(&mut self, prefix: &[u8]) -> wasmtime::Result<()> {
-        let committed = match self.source.scan_prefix(prefix) {
-            Ok(v) => v,
-            Err(e) => return Err(self.view_error(e)),
+    /// Streams the committed documents under `prefix`, with the overlay
+    /// applied, into `out` in the entries encoding, as far as they fit; returns
+    /// the whole encoding's length. Nothing is buffered in the host; the scan
+    /// stops at [`Limits::scan_bytes`] or the batch's deadline.
+    fn scan(&mut self, prefix: &[u8], out: &mut [u8]) -> wasmtime::Result<i64> {
+        let mut enc = ScanEncoder {
+            out,
+            len: 4,
+            count: 0,
+            limit: self.limits.scan_bytes,
+            deadline: self.deadline,
+            stopped: None,
         };
-        let mut merged: std::collections::BTreeMap<&[u8], &[u8]> = committed
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        for (k, v) in self.writes.range(prefix.to_vec()..) {
-            if !k.starts_with(prefix) {
-                break;
+        let from = (Bound::Included(prefix), Bound::Unbounded);
+        let mut overlay = self
+            .writes
+            .range::<[u8], _>(from)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let scanned = self.source.scan_each(prefix, &mut |k, v| {
+            // Overlay entries before this key, then this key's own, if any.
+            while let Some((ok, ov)) = overlay.next_if(|(ok, _)| ok.as_slice() <= k) {
+                let replaces = ok.as_slice() == k;
+                if let Some(ov) = ov
+                    && enc.push(ok, ov).is_break()
+                {
+                    return ControlFlow::Break(());
+                }
+                if replaces {
+                    return ControlFlow::Continue(());
+                }
             }
-            match v {
-                Some(v) => merged.insert(k, v),
-                None => merged.remove(k.as_slice()),
-            };
+            enc.push(k, v)
+        });
+        if let Err(e) = scanned {
+            return Err(self.view_error(e));
         }
-        self.scratch.clear();
-        encode_entries(&mut self.scratch, merged.into_iter());
-        Ok(())
+        if enc.stopped.is_none() {
+            for (k, v) in overlay {
+                if let Some(v) = v
+                    && enc.push(k, v).is_break()
+                {
+                    break;
+                }
+            }
+        }
+        if let Some(fault) = enc.stopped.take() {
+            return Err(self.stop(fault));
+        }
+        if enc.len <= enc.out.len() {
+            enc.out[..4].copy_from_slice(&enc.count.to_le_bytes());
+        }
+        Ok(enc.len as i64)
     }
 }
 
-/// The memory cap: a growth past it traps (rather than failing the guest's
-/// allocation silently) and is reported as [`super::ProjectionError::MemoryCap`].
+/// Writes a scan's entries into the guest's buffer while they fit, counting
+/// the whole length; stops the scan at the size limit or the deadline.
+struct ScanEncoder<'a> {
+    out: &'a mut [u8],
+    /// Length of the encoding so far (the count's 4 bytes included).
+    len: usize,
+    count: u32,
+    limit: usize,
+    deadline: Instant,
+    stopped: Option<Fault>,
+}
+
+impl ScanEncoder<'_> {
+    fn push(&mut self, key: &[u8], doc: &[u8]) -> ControlFlow<()> {
+        let at = self.len;
+        self.len += 8 + key.len() + doc.len();
+        self.count += 1;
+        if let Err(hit) = LimitHit::check(
+            "bytes of one scan's result",
+            self.len,
+            self.limit,
+            "scan_mib",
+        ) {
+            self.stopped = Some(Fault::Limit(hit));
+            return ControlFlow::Break(());
+        }
+        if self.count.is_multiple_of(SCAN_CLOCK_EVERY) && Instant::now() > self.deadline {
+            self.stopped = Some(Fault::Deadline);
+            return ControlFlow::Break(());
+        }
+        if self.len <= self.out.len() {
+            let mut w = at;
+            for part in [key, doc] {
+                self.out[w..w + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+                self.out[w + 4..w + 4 + part.len()].copy_from_slice(part);
+                w += 4 + part.len();
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The memory cap covers every memory of the instance together (kiln's engine
+/// refuses multi-memory modules, so there is one); a growth past it traps
+/// (rather than failing the guest's allocation silently) and is reported as
+/// [`super::ProjectionError::MemoryCap`]. Tables are bounded alike, by
+/// [`Limits::definitions`] elements in all.
 impl ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_cap {
-            self.memory_refused = Some(desired);
+        let total = self.memory_total.saturating_sub(current) + desired;
+        if total > self.memory_cap {
+            self.memory_refused = Some(total);
             return Err(wasmtime::Error::msg(format!(
-                "memory cap exceeded: wanted {desired} bytes, the cap is {}",
+                "memory cap exceeded: wanted {total} bytes, the cap is {}",
                 self.memory_cap
             )));
         }
+        self.memory_total = total;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        let total = self.table_total.saturating_sub(current) + desired;
+        LimitHit::check(
+            "table elements",
+            total,
+            self.limits.definitions,
+            "definitions",
+        )
+        .map_err(|hit| self.stop(Fault::Limit(hit)))?;
+        self.table_total = total;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
+
+/// Most tables one instance may have.
+const MAX_TABLES: usize = 16;
 
 /// A guest region as a range of its memory, or a fault naming what was wrong.
 fn region(mem_len: usize, ptr: i32, len: i32, what: &str) -> Result<Range<usize>, String> {
@@ -170,16 +361,7 @@ fn memory(caller: &mut Caller<'_, HostState>) -> wasmtime::Result<Memory> {
 }
 
 fn check_key(key: &[u8]) -> Result<(), String> {
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Err(format!(
-            "document key of {} bytes (must be 1 to {MAX_KEY_LEN})",
-            key.len()
-        ));
-    }
-    if let Err(e) = std::str::from_utf8(key) {
-        return Err(format!("document key is not UTF-8: {e}"));
-    }
-    Ok(())
+    crate::views::check_key(key)
 }
 
 fn check_document(key: &[u8], doc: &[u8]) -> Result<(), String> {
@@ -190,9 +372,7 @@ fn check_document(key: &[u8], doc: &[u8]) -> Result<(), String> {
             doc.len()
         ));
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(doc)
-        .map(|_| ())
-        .map_err(|e| format!("document {key:?} is not JSON: {e}"))
+    crate::views::check_json(doc).map_err(|e| format!("document {key:?} is not JSON: {e}"))
 }
 
 /// Copies `value` into the guest's `out` region if it fits; returns its length.
@@ -203,12 +383,11 @@ fn deliver(mem: &mut [u8], out: Range<usize>, value: &[u8]) -> i64 {
     value.len() as i64
 }
 
-fn message(mem: &[u8], ptr: i32, len: i32) -> String {
-    let clipped = len.clamp(0, MAX_MESSAGE_LEN as i32);
-    match region(mem.len(), ptr, clipped, "message") {
-        Ok(r) => String::from_utf8_lossy(&mem[r]).into_owned(),
-        Err(reason) => format!("<unreadable message: {reason}>"),
-    }
+/// A `fail`/`panic` message (the region checked whole, the text clipped).
+fn message(mem: &[u8], ptr: i32, len: i32) -> Result<String, String> {
+    let r = region(mem.len(), ptr, len, "message")?;
+    let clipped = r.start..r.end.min(r.start + MAX_MESSAGE_LEN);
+    Ok(String::from_utf8_lossy(&mem[clipped]).into_owned())
 }
 
 /// kiln's host functions, for every store of `engine`.
@@ -257,23 +436,23 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
                 check_document(&bytes[k.clone()], &bytes[v.clone()])?;
                 Ok((k, v))
             });
-            match checked {
-                Ok((k, v)) => {
-                    // Rewrites of a key within a batch reuse its buffer.
-                    match st.writes.get_mut(&bytes[k.clone()]) {
-                        Some(Some(doc)) => {
-                            doc.clear();
-                            doc.extend_from_slice(&bytes[v]);
-                        }
-                        Some(slot) => *slot = Some(bytes[v].to_vec()),
-                        None => {
-                            st.writes.insert(bytes[k].to_vec(), Some(bytes[v].to_vec()));
-                        }
-                    }
-                    Ok(())
+            let (k, v) = match checked {
+                Ok(r) => r,
+                Err(reason) => return Err(st.malformed(reason)),
+            };
+            st.admit_write(&bytes[k.clone()], Some(v.len()))?;
+            // Rewrites of a key within a batch reuse its buffer.
+            match st.writes.get_mut(&bytes[k.clone()]) {
+                Some(Some(doc)) => {
+                    doc.clear();
+                    doc.extend_from_slice(&bytes[v]);
                 }
-                Err(reason) => Err(st.malformed(reason)),
+                Some(slot) => *slot = Some(bytes[v].to_vec()),
+                None => {
+                    st.writes.insert(bytes[k].to_vec(), Some(bytes[v].to_vec()));
+                }
             }
+            Ok(())
         },
     )?;
     l.func_wrap(
@@ -288,6 +467,7 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
             });
             match checked {
                 Ok(k) => {
+                    st.admit_write(&bytes[k.clone()], None)?;
                     st.writes.insert(bytes[k].to_vec(), None);
                     Ok(())
                 }
@@ -314,8 +494,12 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
                 Ok(r) => r,
                 Err(reason) => return Err(st.malformed(reason)),
             };
-            st.scan_into_scratch(&bytes[p])?;
-            Ok(deliver(bytes, out, &st.scratch))
+            if p.len() > MAX_KEY_LEN {
+                // Matches no key; the empty result is the count alone.
+                return Ok(deliver(bytes, out, &0u32.to_le_bytes()));
+            }
+            let prefix = bytes[p].to_vec();
+            st.scan(&prefix, &mut bytes[out])
         },
     )?;
     l.func_wrap(
@@ -324,8 +508,13 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut caller: Caller<'_, HostState>, index: i32, mp: i32, ml: i32| -> wasmtime::Result<()> {
             let mem = memory(&mut caller)?;
             let (bytes, st) = mem.data_and_store_mut(&mut caller);
-            st.failure = Some((index as u32, message(bytes, mp, ml)));
-            Ok(())
+            match message(bytes, mp, ml) {
+                Ok(m) => {
+                    st.failure = Some((index as u32, m));
+                    Ok(())
+                }
+                Err(reason) => Err(st.malformed(reason)),
+            }
         },
     )?;
     l.func_wrap(
@@ -334,9 +523,145 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         |mut caller: Caller<'_, HostState>, index: i32, mp: i32, ml: i32| -> wasmtime::Result<()> {
             let mem = memory(&mut caller)?;
             let (bytes, st) = mem.data_and_store_mut(&mut caller);
-            st.panic = Some((index as u32, message(bytes, mp, ml)));
-            Ok(())
+            match message(bytes, mp, ml) {
+                Ok(m) => {
+                    st.panic = Some((index as u32, m));
+                    Ok(())
+                }
+                Err(reason) => Err(st.malformed(reason)),
+            }
         },
     )?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::MemoryDocuments;
+    use kiln_sdk::abi::encode_entries;
+
+    fn state(committed: &[(&str, &str)], limits: Limits) -> HostState {
+        let docs = MemoryDocuments(
+            committed
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        );
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        HostState::new(Box::new(docs), 1 << 20, limits, deadline)
+    }
+
+    #[test]
+    fn scan_streams_committed_documents_merged_with_the_batch_writes() {
+        let mut st = state(
+            &[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("x", "9")],
+            Limits::default(),
+        );
+        st.writes.insert(b"b".to_vec(), Some(b"20".to_vec()));
+        st.writes.insert(b"c".to_vec(), None);
+        st.writes.insert(b"a0".to_vec(), Some(b"10".to_vec()));
+        st.writes.insert(b"e".to_vec(), Some(b"5".to_vec()));
+        st.writes.insert(b"y".to_vec(), Some(b"0".to_vec()));
+        let want: Vec<(&[u8], &[u8])> = vec![
+            (b"a", b"1"),
+            (b"a0", b"10"),
+            (b"b", b"20"),
+            (b"d", b"4"),
+            (b"e", b"5"),
+        ];
+        let mut expected = Vec::new();
+        encode_entries(&mut expected, want.into_iter());
+        // "" would see x and y too; scan the a..e documents through prefixes.
+        let mut all = Vec::new();
+        encode_entries(
+            &mut all,
+            [
+                (&b"a"[..], &b"1"[..]),
+                (b"a0", b"10"),
+                (b"b", b"20"),
+                (b"d", b"4"),
+                (b"e", b"5"),
+                (b"x", b"9"),
+                (b"y", b"0"),
+            ]
+            .into_iter(),
+        );
+        let mut out = vec![0xAA; 4096];
+        let n = st.scan(b"", &mut out).unwrap();
+        assert_eq!(&out[..n as usize], all.as_slice());
+        let mut out = vec![0xAA; 4096];
+        let n = st.scan(b"a", &mut out).unwrap();
+        let mut a_only = Vec::new();
+        encode_entries(
+            &mut a_only,
+            [(&b"a"[..], &b"1"[..]), (b"a0", b"10")].into_iter(),
+        );
+        assert_eq!(&out[..n as usize], a_only.as_slice());
+        assert!(expected.len() < all.len());
+        // Too small a buffer: the full length, and no count written.
+        let mut small = vec![0xAA; 8];
+        assert_eq!(st.scan(b"", &mut small).unwrap() as usize, all.len());
+        assert_eq!(&small[..4], &[0xAA; 4]);
+        // No match: the count alone.
+        let mut out = vec![0xAA; 16];
+        assert_eq!(st.scan(b"q", &mut out).unwrap(), 4);
+        assert_eq!(&out[..4], &0u32.to_le_bytes());
+    }
+
+    #[test]
+    fn scan_stops_at_its_size_limit_and_at_the_deadline() {
+        let docs: Vec<(String, String)> = (0..1000)
+            .map(|i| (format!("k{i:04}"), "[1,2,3]".to_string()))
+            .collect();
+        let refs: Vec<(&str, &str)> = docs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let limits = Limits {
+            scan_bytes: 1000,
+            ..Limits::default()
+        };
+        let mut st = state(&refs, limits);
+        assert!(st.scan(b"k", &mut []).is_err());
+        match st.fault.take() {
+            Some(Fault::Limit(hit)) => {
+                assert_eq!(hit.key, "scan_mib");
+                assert_eq!(hit.limit, 1000);
+                assert!(hit.value > 1000 && hit.value < 1100, "{}", hit.value);
+            }
+            _ => panic!("expected the scan limit"),
+        }
+        let mut st = state(&refs, Limits::default());
+        st.deadline = Instant::now() - std::time::Duration::from_millis(1);
+        assert!(st.scan(b"k", &mut []).is_err());
+        assert!(matches!(st.fault.take(), Some(Fault::Deadline)));
+    }
+
+    #[test]
+    fn batch_writes_are_counted_at_their_latest_size() {
+        let limits = Limits {
+            batch_write_bytes: 100,
+            batch_write_entries: 3,
+            ..Limits::default()
+        };
+        let mut st = state(&[], limits);
+        let put = |st: &mut HostState, k: &str, len: usize| {
+            st.admit_write(k.as_bytes(), Some(len))?;
+            st.writes
+                .insert(k.as_bytes().to_vec(), Some(vec![b'0'; len]));
+            Ok::<_, wasmtime::Error>(())
+        };
+        put(&mut st, "a", 60).unwrap();
+        // A rewrite replaces the key's bytes rather than adding to them.
+        put(&mut st, "a", 90).unwrap();
+        put(&mut st, "a", 10).unwrap();
+        put(&mut st, "b", 80).unwrap();
+        let hit = |st: &mut HostState| match st.fault.take() {
+            Some(Fault::Limit(hit)) => (hit.key, hit.value, hit.limit),
+            _ => panic!("expected a limit"),
+        };
+        assert!(put(&mut st, "c", 80).is_err());
+        assert_eq!(hit(&mut st), ("batch_write_mib", 173, 100));
+        put(&mut st, "c", 1).unwrap();
+        assert!(put(&mut st, "d", 1).is_err());
+        assert_eq!(hit(&mut st), ("batch_write_entries", 4, 3));
+    }
 }

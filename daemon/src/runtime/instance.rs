@@ -8,7 +8,9 @@
 use kiln_sdk::abi::{APPLY_FAILED, APPLY_OK, BatchWriter, EXPORT_ALLOC, EXPORT_APPLY};
 use wasmtime::{Store, Trap, TypedFunc};
 
-use super::host::{Fault, HostState};
+use std::time::Instant;
+
+use super::host::{Fault, HostState, LimitHit};
 use super::{EPOCH_TICK, Module, ProjectionError};
 use crate::store::{Position, RecordedEvent};
 use crate::views::{DocumentSource, ViewId, ViewStore, Writes};
@@ -19,13 +21,16 @@ struct Live {
     apply: TypedFunc<(i32, i32), i32>,
 }
 
-/// One instance of a module, reading committed documents from a
-/// [`DocumentSource`]. After a trap its memory is discarded and the next batch
-/// runs in a fresh instance.
+/// Runs a module over batches, reading committed documents from a
+/// [`DocumentSource`]. Every batch runs in a fresh instance (nothing a module
+/// keeps in its globals, memory or tables reaches the next batch), so a view
+/// depends on its events only, never on how they were batched.
 pub struct Instance {
     module: Module,
+    /// The next batch's instance, made ahead (at [`Instance::new`], which
+    /// checks that the module instantiates).
     live: Option<Live>,
-    /// The source, while no instance is live (between a trap and the next batch).
+    /// The source, while no instance is made.
     idle_source: Option<Box<dyn DocumentSource>>,
     batch: BatchWriter,
     positions: Vec<Position>,
@@ -36,11 +41,11 @@ impl Instance {
         let mut inst = Instance {
             module: module.clone(),
             live: None,
-            idle_source: Some(source),
+            idle_source: None,
             batch: BatchWriter::new(),
             positions: Vec::new(),
         };
-        inst.ensure_live()?;
+        inst.live = Some(inst.instantiate(source)?);
         Ok(inst)
     }
 
@@ -55,16 +60,15 @@ impl Instance {
         )
     }
 
-    fn ensure_live(&mut self) -> Result<&mut Live, ProjectionError> {
-        if self.live.is_none() {
-            let source = self
-                .idle_source
-                .take()
-                .ok_or_else(|| self.instantiate_error("lost its view source"))?;
-            let live = self.instantiate(source)?;
-            self.live = Some(live);
+    /// The instance made ahead, or a new one.
+    fn take_live(&mut self) -> Result<Live, ProjectionError> {
+        if let Some(live) = self.live.take() {
+            return Ok(live);
         }
-        self.live.as_mut().ok_or_else(unreachable_live)
+        match self.idle_source.take() {
+            Some(source) => self.instantiate(source),
+            None => Err(self.instantiate_error("lost its view source")),
+        }
     }
 
     fn instantiate_error(&self, reason: &str) -> ProjectionError {
@@ -78,7 +82,14 @@ impl Instance {
 
     fn instantiate(&mut self, source: Box<dyn DocumentSource>) -> Result<Live, ProjectionError> {
         let rt = self.module.runtime();
-        let mut store = Store::new(&rt.engine, HostState::new(source, rt.config.memory_cap));
+        let deadline = Instant::now() + rt.config.batch_deadline;
+        let state = HostState::new(
+            source,
+            rt.config.memory_cap,
+            rt.config.limits.clone(),
+            deadline,
+        );
+        let mut store = Store::new(&rt.engine, state);
         store.limiter(|st| st as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(rt.config.batch_deadline));
@@ -131,41 +142,31 @@ impl Instance {
         }
         let first = events.first().map_or(0, |e| e.position);
         let last = events.last().map_or(0, |e| e.position);
-        let result = self.call_guest();
-        let live = self.live.as_mut().ok_or_else(unreachable_live)?;
+        let mut live = self.take_live()?;
+        let result = self.call_guest(&mut live);
         let st = live.store.data_mut();
         let outcome = match result {
-            Ok(APPLY_OK) => return Ok(std::mem::take(&mut st.writes)),
-            Ok(APPLY_FAILED) => match st.failure.take() {
+            Ok(APPLY_OK) => Ok(std::mem::take(&mut st.writes)),
+            Ok(APPLY_FAILED) => Err(match st.failure.take() {
                 Some((index, message)) => Outcome::Failed { index, message },
                 None => Outcome::Malformed(
                     "kiln_apply returned 1 (failed) without calling kiln.fail".into(),
                 ),
-            },
-            Ok(other) => {
-                Outcome::Malformed(format!("kiln_apply returned {other}, expected 0 or 1"))
-            }
-            Err(e) => classify(st, &e),
+            }),
+            Ok(other) => Err(Outcome::Malformed(format!(
+                "kiln_apply returned {other}, expected 0 or 1"
+            ))),
+            Err(e) => Err(classify(st, &e)),
         };
-        // The guest's state is suspect after anything but success: start afresh.
-        if !matches!(outcome, Outcome::Failed { .. }) {
-            self.retire_live();
-        } else if let Some(live) = self.live.as_mut() {
-            live.store.data_mut().reset();
-        }
-        Err(self.error(outcome, first, last))
+        // The instance served its batch: the next one starts afresh.
+        self.idle_source = Some(live.store.into_data().source);
+        outcome.map_err(|o| self.error(o, first, last))
     }
 
-    fn call_guest(&mut self) -> Result<i32, wasmtime::Error> {
-        let deadline = deadline_ticks(self.module.runtime().config.batch_deadline);
-        if let Err(e) = self.ensure_live() {
-            return Err(wasmtime::Error::msg(e.to_string()));
-        }
-        let Some(live) = self.live.as_mut() else {
-            return Err(wasmtime::Error::msg("no live instance"));
-        };
-        live.store.data_mut().reset();
-        live.store.set_epoch_deadline(deadline);
+    fn call_guest(&self, live: &mut Live) -> Result<i32, wasmtime::Error> {
+        let deadline = self.module.runtime().config.batch_deadline;
+        live.store.data_mut().deadline = Instant::now() + deadline;
+        live.store.set_epoch_deadline(deadline_ticks(deadline));
         let bytes = self.batch.bytes();
         let len = i32::try_from(bytes.len())
             .map_err(|_| wasmtime::Error::msg("batch larger than 2 GiB"))?;
@@ -184,12 +185,6 @@ impl Instance {
             return Err(wasmtime::Error::msg(reason));
         }
         live.apply.call(&mut live.store, (ptr, len))
-    }
-
-    fn retire_live(&mut self) {
-        if let Some(live) = self.live.take() {
-            self.idle_source = Some(live.store.into_data().source);
-        }
     }
 
     fn error(&self, outcome: Outcome, first: Position, last: Position) -> ProjectionError {
@@ -236,6 +231,16 @@ impl Instance {
                 last,
                 source,
             },
+            Outcome::Limit(hit) => ProjectionError::Limit {
+                projection,
+                version,
+                first,
+                last,
+                what: hit.what,
+                value: hit.value,
+                limit: hit.limit,
+                key: hit.key,
+            },
             Outcome::Trap(reason) => ProjectionError::Trap {
                 projection,
                 version,
@@ -265,6 +270,7 @@ enum Outcome {
     Panic { index: u32, message: String },
     Deadline,
     MemoryCap(usize),
+    Limit(LimitHit),
     Malformed(String),
     View(crate::views::ViewError),
     Trap(String),
@@ -281,6 +287,8 @@ fn classify(st: &mut HostState, e: &wasmtime::Error) -> Outcome {
     match st.fault.take() {
         Some(Fault::Malformed(reason)) => return Outcome::Malformed(reason),
         Some(Fault::View(e)) => return Outcome::View(e),
+        Some(Fault::Limit(hit)) => return Outcome::Limit(hit),
+        Some(Fault::Deadline) => return Outcome::Deadline,
         None => {}
     }
     if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
@@ -291,14 +299,6 @@ fn classify(st: &mut HostState, e: &wasmtime::Error) -> Outcome {
 
 fn deadline_ticks(deadline: std::time::Duration) -> u64 {
     (deadline.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
-}
-
-fn unreachable_live() -> ProjectionError {
-    ProjectionError::Instantiate {
-        projection: String::new(),
-        version: String::new(),
-        reason: "no live instance".into(),
-    }
 }
 
 /// A module bound to its view: applies batches and commits each batch's writes

@@ -51,6 +51,8 @@ pub struct RuntimeConfig {
     pub batch_deadline: Duration,
     /// Where compiled modules are cached (by content hash); `None` = no cache.
     pub cache_dir: Option<PathBuf>,
+    /// What else a module may make the host spend (`sdk/ABI.md`, "Limits").
+    pub limits: Limits,
 }
 
 impl Default for RuntimeConfig {
@@ -59,6 +61,47 @@ impl Default for RuntimeConfig {
             memory_cap: 256 << 20,
             batch_deadline: Duration::from_secs(10),
             cache_dir: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Bounds on the host resources a module can make kiln spend, beyond its
+/// memory cap and batch deadline. Each refusal is a typed error naming the
+/// limit ([`LoadError::TooBig`] at load, [`ProjectionError::Limit`] in a batch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of keys and documents one batch may hold written (the batch's
+    /// overlay: a key rewritten counts once, at its latest size).
+    pub batch_write_bytes: usize,
+    /// Keys (puts and deletes) one batch may write.
+    pub batch_write_entries: usize,
+    /// Largest result of one `scan` (its encoding's length), in bytes.
+    pub scan_bytes: usize,
+    /// Largest module accepted, in bytes.
+    pub module_bytes: usize,
+    /// Largest code section (all function bodies), in bytes.
+    pub code_bytes: usize,
+    /// Largest function body, in bytes of code (compile time grows with its
+    /// square for some shapes of code).
+    pub function_bytes: usize,
+    /// Deepest nesting of blocks, loops and ifs in a function.
+    pub block_nesting: usize,
+    /// Most functions, globals, or table elements a module may declare.
+    pub definitions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            batch_write_bytes: 64 << 20,
+            batch_write_entries: 100_000,
+            scan_bytes: 16 << 20,
+            module_bytes: 16 << 20,
+            code_bytes: 4 << 20,
+            function_bytes: 128 << 10,
+            block_nesting: 1_000,
+            definitions: 100_000,
         }
     }
 }
@@ -105,6 +148,30 @@ pub enum LoadError {
     },
     #[error("module {module}: does not compile: {reason}")]
     Compile { module: String, reason: String },
+    #[error(
+        "module {module}: projection {projection}: {what} is {value}, over the limit of {limit} (runtime.{key}); refused before compiling"
+    )]
+    TooBig {
+        module: String,
+        /// The projection's name and version, e.g. "users 1.2.0".
+        projection: String,
+        /// What was measured, e.g. "function 3's body, in bytes".
+        what: String,
+        value: u64,
+        limit: u64,
+        /// The configuration key of the limit.
+        key: &'static str,
+    },
+    #[error(
+        "module {module}: projection {name} {version} declares {initial} bytes of initial memory, over the memory cap of {cap} bytes"
+    )]
+    MemoryCap {
+        module: String,
+        name: String,
+        version: String,
+        initial: u64,
+        cap: usize,
+    },
 }
 
 /// Why a batch could not be applied. Every variant names the projection, its
@@ -166,6 +233,21 @@ pub enum ProjectionError {
         last: Position,
         reason: String,
     },
+    #[error(
+        "projection {projection} {version} went over a host limit in the batch at positions {first}..={last}: {what} reached {value}, the limit is {limit} (runtime.{key})"
+    )]
+    Limit {
+        projection: String,
+        version: String,
+        first: Position,
+        last: Position,
+        /// What was counted, e.g. "bytes written by the batch".
+        what: &'static str,
+        value: u64,
+        limit: u64,
+        /// The configuration key of the limit.
+        key: &'static str,
+    },
     #[error("projection {projection} {version} could not be instantiated: {reason}")]
     Instantiate {
         projection: String,
@@ -188,11 +270,29 @@ pub struct Runtime {
     engine: Engine,
     linker: std::sync::Arc<Linker<HostState>>,
     config: RuntimeConfig,
+    /// The compile cache, when configured and safe to use.
+    cache: Option<std::sync::Arc<module::CompileCache>>,
+}
+
+impl ProjectionError {
+    /// A fault of the engine's limits (deadline, memory cap, a host limit)
+    /// rather than of one event: such a batch is retried in smaller batches,
+    /// in a fresh instance, before any event is declared poison.
+    pub fn is_resource_fault(&self) -> bool {
+        matches!(
+            self,
+            ProjectionError::Deadline { .. }
+                | ProjectionError::MemoryCap { .. }
+                | ProjectionError::Limit { .. }
+        )
+    }
 }
 
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
         let mut c = Config::new();
+        // One memory per module: the memory cap is the instance's whole memory.
+        c.wasm_multi_memory(false);
         c.cranelift_nan_canonicalization(true)
             .relaxed_simd_deterministic(true)
             .epoch_interruption(true)
@@ -206,14 +306,15 @@ impl Runtime {
         let linker = host::linker(&engine)
             .map_err(|e| anyhow::anyhow!("defining kiln's host functions: {e}"))?;
         start_epoch_ticker(&engine)?;
-        if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("creating the module cache {}: {e}", dir.display()))?;
-        }
+        let cache = match &config.cache_dir {
+            Some(dir) => module::CompileCache::open(dir)?,
+            None => None,
+        };
         Ok(Runtime {
             engine,
             linker: std::sync::Arc::new(linker),
             config,
+            cache: cache.map(std::sync::Arc::new),
         })
     }
 

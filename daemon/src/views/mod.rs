@@ -11,6 +11,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -211,8 +212,91 @@ pub type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 pub trait DocumentSource: Send {
     /// Copies the document at `key` into `out` (cleared first); `false` if absent.
     fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError>;
-    /// Every document whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError>;
+    /// Calls `each` with every document whose key starts with `prefix`, in key
+    /// order, until it breaks. Nothing is copied: the slices live for the call.
+    fn scan_each(&self, prefix: &[u8], each: &mut ScanVisitor<'_>) -> Result<(), ViewError>;
+}
+
+/// What [`DocumentSource::scan_each`] calls per document: key, document.
+pub type ScanVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
+/// The JSON documents kiln stores and serves: any JSON value serde_json parses
+/// ([`serde_json::Value`] is what readers parse them into), so with its limits
+/// (nesting at most 128 deep, numbers within `f64`, strings UTF-8 without lone
+/// surrogates). Checked without building the value.
+pub fn check_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<JsonCheck>(bytes).map(|_| ())
+}
+
+/// Visits a JSON value the way [`serde_json::Value`] does (`deserialize_any`,
+/// so every string, number and nesting level is checked), keeping nothing.
+struct JsonCheck;
+
+impl<'de> serde::Deserialize<'de> for JsonCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonCheck)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonCheck {
+    type Value = JsonCheck;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<JsonCheck, E> {
+        if v.is_finite() {
+            Ok(JsonCheck)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_unit<E>(self) -> Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonCheck, A::Error> {
+        while seq.next_element::<JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonCheck, A::Error> {
+        while map.next_entry::<JsonCheck, JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
+    }
+}
+
+/// Longest document key, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The one rule for document keys, on the host (what a projection may
+/// write) and in the API (what a client may ask for, a listing's `after`):
+/// 1 to [`MAX_KEY_LEN`] bytes of UTF-8 without control characters. So every
+/// key a listing returns as `next` is one it takes back.
+pub fn check_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "document key of {} bytes (must be 1 to {MAX_KEY_LEN})",
+            key.len()
+        ));
+    }
+    let text = std::str::from_utf8(key).map_err(|e| format!("document key is not UTF-8: {e}"))?;
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "document key {text:?} contains the control character {c:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The views database. Cheap to clone.
@@ -551,8 +635,22 @@ impl DocumentSource for ViewSource {
         self.store.get_in(&self.cf, &self.view, key, out)
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
-        self.store.scan(&self.view, prefix, None, usize::MAX)
+    fn scan_each(&self, prefix: &[u8], each: &mut ScanVisitor<'_>) -> Result<(), ViewError> {
+        let handle = self
+            .store
+            .db
+            .cf_handle(&self.cf)
+            .ok_or_else(|| ViewError::NotFound(self.view.clone()))?;
+        let mut it = self.store.db.raw_iterator_cf(&handle);
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(prefix) || each(k, v).is_break() {
+                break;
+            }
+            it.next();
+        }
+        it.status()
+            .map_err(storage(format!("scanning {}", self.view)))
     }
 }
 
@@ -589,13 +687,17 @@ impl DocumentSource for MemoryDocuments {
         Ok(copy_out(self.0.get(key), out))
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
-        Ok(self
-            .0
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+    fn scan_each(&self, prefix: &[u8], each: &mut ScanVisitor<'_>) -> Result<(), ViewError> {
+        let from = (
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        );
+        for (k, v) in self.0.range::<[u8], _>(from) {
+            if !k.starts_with(prefix) || each(k, v).is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -626,10 +728,10 @@ impl DocumentSource for SharedDocuments {
         }
     }
 
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, ViewError> {
+    fn scan_each(&self, prefix: &[u8], each: &mut ScanVisitor<'_>) -> Result<(), ViewError> {
         match self.0.read() {
-            Ok(d) => d.scan_prefix(prefix),
-            Err(_) => Ok(Vec::new()),
+            Ok(d) => d.scan_each(prefix, each),
+            Err(_) => Ok(()),
         }
     }
 }
@@ -691,5 +793,57 @@ mod tests {
         }
         let e = ViewId::from_parts("users", "1.0.0+build5").unwrap_err();
         assert!(e.to_string().contains("build metadata"), "{e}");
+    }
+
+    #[test]
+    fn one_key_rule_for_writers_and_readers() {
+        for ok in ["k", "user-42", "ünïcode key", &"x".repeat(MAX_KEY_LEN)] {
+            assert_eq!(check_key(ok.as_bytes()), Ok(()), "{ok:?}");
+        }
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        for (bad, why) in [
+            (&b""[..], "bytes"),
+            (long.as_bytes(), "bytes"),
+            (&b"a\x01b"[..], "control character"),
+            (&b"tab\there"[..], "control character"),
+            (&b"\xff"[..], "UTF-8"),
+        ] {
+            let e = check_key(bad).expect_err("refused");
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn documents_are_checked_as_readers_parse_them() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let cases: Vec<Vec<u8>> = vec![
+            br#"{"a":[1,2.5,-3e10,true,null,"x\u00e9"]}"#.to_vec(),
+            b"1e99999".to_vec(),
+            b"-1e400".to_vec(),
+            br#""\ud800""#.to_vec(),
+            br#""\ud83d\ude00""#.to_vec(),
+            b"\"\xff\xfe\"".to_vec(),
+            deep(100).into_bytes(),
+            deep(128).into_bytes(),
+            deep(129).into_bytes(),
+            deep(100_000).into_bytes(),
+            br#"{"k":1} trailing"#.to_vec(),
+            b"".to_vec(),
+            br#"{"\ud800":1}"#.to_vec(),
+            b"18446744073709551616".to_vec(),
+        ];
+        for bytes in cases {
+            let reader = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+            assert_eq!(
+                check_json(&bytes).is_ok(),
+                reader,
+                "{:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+            );
+        }
+        assert!(check_json(b"1e99999").is_err());
+        assert!(check_json(deep(100_000).as_bytes()).is_err());
+        assert!(check_json(br#""\ud800""#).is_err());
+        assert!(check_json(br#"{"ok":[1,"two"]}"#).is_ok());
     }
 }
