@@ -66,6 +66,8 @@ pub struct RuntimeLimits {
     pub block_nesting: usize,
     /// Most functions, globals or table elements in a module.
     pub definitions: usize,
+    /// Longest a module may take to compile, in milliseconds.
+    pub compile_ms: u64,
 }
 
 impl Default for RuntimeLimits {
@@ -83,6 +85,7 @@ impl Default for RuntimeLimits {
             function_kib: l.function_bytes >> 10,
             block_nesting: l.block_nesting,
             definitions: l.definitions,
+            compile_ms: l.compile_time.as_millis() as u64,
         }
     }
 }
@@ -402,6 +405,7 @@ impl ServeConfig {
             ("function_kib", r.function_kib),
             ("block_nesting", r.block_nesting),
             ("definitions", r.definitions),
+            ("compile_ms", r.compile_ms as usize),
         ] {
             anyhow::ensure!(value > 0, "runtime.{key} must be above 0");
         }
@@ -446,6 +450,7 @@ impl ServeConfig {
                 function_bytes: self.runtime.function_kib << 10,
                 block_nesting: self.runtime.block_nesting,
                 definitions: self.runtime.definitions,
+                compile_time: Duration::from_millis(self.runtime.compile_ms),
             },
         }
     }

@@ -567,3 +567,35 @@ fn compile_work_is_bounded_before_compiling() {
         }
     }
 }
+
+/// A module within the size limits that still compiles slowly is refused
+/// once its compile outlasts the budget (`runtime.compile_ms`): the load
+/// answers then, naming the module and the key, while the compile finishes
+/// alone; the same module loads under the default budget.
+#[test]
+fn a_compile_over_its_time_budget_is_refused() {
+    let _s = serial();
+    // About 110 KB of ifs setting a local (the quadratic shape): ~0.3 s to
+    // compile here, 15× the 20 ms budget.
+    let ifs = "(if (local.get $i) (then (local.set $i (i32.const 1))))".repeat(12_000);
+    let slow = hostile("slow", 1, "", &format!("{ifs} (i32.const 0)"));
+    let rt = with_limits(Limits {
+        compile_time: std::time::Duration::from_millis(20),
+        ..Limits::default()
+    });
+    let started = std::time::Instant::now();
+    let e = load_err(&rt, &slow);
+    let answered = started.elapsed();
+    assert!(
+        matches!(&e, LoadError::CompileTimeout { millis: 20, .. }),
+        "{e}"
+    );
+    assert_mentions(&e, &["hostile.wasm", "runtime.compile_ms"]);
+    assert!(
+        answered < std::time::Duration::from_secs(2),
+        "the refusal waited {answered:?}"
+    );
+    let rt = runtime(RuntimeConfig::default());
+    rt.load("hostile.wasm", &slow)
+        .unwrap_or_else(|e| panic!("under the default budget: {e}"));
+}

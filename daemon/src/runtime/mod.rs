@@ -89,6 +89,9 @@ pub struct Limits {
     pub block_nesting: usize,
     /// Most functions, globals, or table elements a module may declare.
     pub definitions: usize,
+    /// Longest a module may take to compile: past it the load is refused
+    /// ([`LoadError::CompileTimeout`]) and nothing waits for it any more.
+    pub compile_time: Duration,
 }
 
 impl Default for Limits {
@@ -102,6 +105,7 @@ impl Default for Limits {
             function_bytes: 128 << 10,
             block_nesting: 1_000,
             definitions: 100_000,
+            compile_time: Duration::from_secs(60),
         }
     }
 }
@@ -148,6 +152,10 @@ pub enum LoadError {
     },
     #[error("module {module}: does not compile: {reason}")]
     Compile { module: String, reason: String },
+    #[error(
+        "module {module}: compiling took longer than {millis} ms (runtime.compile_ms); refused (the compile finishes in the background and is dropped)"
+    )]
+    CompileTimeout { module: String, millis: u64 },
     #[error(
         "module {module}: projection {projection}: {what} is {value}, over the limit of {limit} (runtime.{key}); refused before compiling"
     )]

@@ -362,16 +362,46 @@ fn compile(
     {
         return Ok((m, true));
     }
-    let compiled = wasmtime::Module::new(&rt.engine, bytes).map_err(|e| LoadError::Compile {
-        module: module.to_string(),
-        reason: format!("{e:#}"),
-    })?;
+    let compiled = compile_within(rt, module, bytes)?;
     if let Some(cache) = &rt.cache
         && let Err(e) = cache.write(&compiled, content_hash, engine_hash)
     {
         tracing::warn!(module, cache = %cache.dir.display(), "could not cache the compiled module: {e}");
     }
     Ok((compiled, false))
+}
+
+/// Compiles on a thread of its own and waits at most the compile budget:
+/// wasmtime cannot interrupt a compile, so past the budget the load is
+/// refused and the thread finishes alone (the size limits checked before
+/// bound how long that is).
+fn compile_within(rt: &Runtime, module: &str, bytes: &[u8]) -> Result<wasmtime::Module, LoadError> {
+    let budget = rt.config.limits.compile_time;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (engine, code) = (rt.engine.clone(), bytes.to_vec());
+    std::thread::Builder::new()
+        .name("kiln-compile".into())
+        .spawn(move || {
+            let _ = tx.send(wasmtime::Module::new(&engine, &code));
+        })
+        .map_err(|e| LoadError::Compile {
+            module: module.to_string(),
+            reason: format!("cannot start a compile thread: {e}"),
+        })?;
+    match rx.recv_timeout(budget) {
+        Ok(compiled) => compiled.map_err(|e| LoadError::Compile {
+            module: module.to_string(),
+            reason: format!("{e:#}"),
+        }),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(LoadError::CompileTimeout {
+            module: module.to_string(),
+            millis: budget.as_millis() as u64,
+        }),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(LoadError::Compile {
+            module: module.to_string(),
+            reason: "the compile thread panicked".into(),
+        }),
+    }
 }
 
 /// A hash of the engine's compatibility settings (wasmtime's version and the
