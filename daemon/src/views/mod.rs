@@ -304,6 +304,9 @@ pub fn check_key(key: &[u8]) -> Result<(), String> {
 pub struct ViewStore {
     db: Arc<Db>,
     path: PathBuf,
+    /// Each view's read cache ([`DocCache`]), kept current by every write
+    /// of documents below.
+    caches: Arc<std::sync::Mutex<std::collections::HashMap<ViewId, DocCache>>>,
 }
 
 impl ViewStore {
@@ -324,6 +327,7 @@ impl ViewStore {
         Ok(ViewStore {
             db: Arc::new(db),
             path,
+            caches: Arc::default(),
         })
     }
 
@@ -380,9 +384,37 @@ impl ViewStore {
         self.db.write(batch).map_err(storage(format!(
             "deleting the checkpoint and dead letters of {view}"
         )))?;
+        self.forget_cache(view);
         self.db
             .drop_cf(&view.to_string())
             .map_err(storage(format!("dropping view {view}")))
+    }
+
+    /// The read cache of `view`'s documents, shared by every reader of it
+    /// in this process.
+    fn cache_of(&self, view: &ViewId) -> DocCache {
+        match self.caches.lock() {
+            Ok(mut caches) => caches.entry(view.clone()).or_default().clone(),
+            // A poisoned map: a cache of its own that nothing else fills.
+            Err(_) => DocCache::default(),
+        }
+    }
+
+    fn forget_cache(&self, view: &ViewId) {
+        if let Ok(mut caches) = self.caches.lock()
+            && let Some(cache) = caches.remove(view)
+        {
+            cache.clear();
+        }
+    }
+
+    /// After `writes` to `view` were committed: its cache says the same.
+    fn cached_commit(&self, view: &ViewId, writes: &Writes) {
+        if let Ok(caches) = self.caches.lock()
+            && let Some(cache) = caches.get(view)
+        {
+            cache.committed(writes);
+        }
     }
 
     /// The position the view has applied up to (0 for a fresh view).
@@ -475,7 +507,9 @@ impl ViewStore {
         batch.put(checkpoint_key(view), checkpoint.to_be_bytes());
         self.db.write(batch).map_err(storage(format!(
             "committing {view} at position {checkpoint}"
-        )))
+        )))?;
+        self.cached_commit(view, writes);
+        Ok(())
     }
 
     /// Parks the event at `position` (its dead-letter `record`) and moves the
@@ -519,7 +553,9 @@ impl ViewStore {
         batch.delete(parked_key(view, position));
         self.db.write(batch).map_err(storage(format!(
             "committing parked position {position} of {view}"
-        )))
+        )))?;
+        self.cached_commit(view, writes);
+        Ok(())
     }
 
     /// The view's dead-letter records, in position order.
@@ -568,6 +604,7 @@ impl ViewStore {
             store: self.clone(),
             cf: view.to_string(),
             view: view.clone(),
+            cache: self.cache_of(view),
         })
     }
 
@@ -623,16 +660,113 @@ fn parked_range(view: &ViewId) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-/// One view's committed documents, as a [`DocumentSource`].
+/// One view's committed documents, as a [`DocumentSource`], read through
+/// the view's [`DocCache`].
 pub struct ViewSource {
     store: ViewStore,
     cf: String,
     view: ViewId,
+    cache: DocCache,
+}
+
+/// Most bytes of documents (keys included) one view's [`DocCache`] holds;
+/// past it the cache starts over empty.
+pub const DOC_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The committed documents (and known absences) a view's projection read or
+/// wrote lately, so the next batches read them from memory instead of
+/// RocksDB: in a log whose streams interleave, each batch touches each
+/// document once and a point read per document is most of the view's cost.
+/// The [`ViewStore`] keeps one per view and tells it of every write of
+/// documents once RocksDB has it ([`ViewStore::commit`],
+/// [`ViewStore::commit_unparked`]); dropping the view drops it. So it never
+/// holds what RocksDB does not.
+#[derive(Clone, Default)]
+pub struct DocCache(Arc<std::sync::Mutex<CacheEntries>>);
+
+#[derive(Default)]
+struct CacheEntries {
+    docs: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+    /// Bumped by every commit: a read from RocksDB is remembered only if no
+    /// commit came between it and its remembering.
+    generation: u64,
+}
+
+impl CacheEntries {
+    fn insert(&mut self, key: &[u8], doc: Option<&[u8]>) {
+        let size = key.len() + doc.map_or(0, <[u8]>::len) + 32;
+        if self.bytes + size > DOC_CACHE_BYTES {
+            self.docs.clear();
+            self.bytes = 0;
+        }
+        if let Some(old) = self.docs.insert(key.to_vec(), doc.map(<[u8]>::to_vec)) {
+            self.bytes = self
+                .bytes
+                .saturating_sub(key.len() + old.map_or(0, |d| d.len()) + 32);
+        }
+        self.bytes += size;
+    }
+}
+
+impl DocCache {
+    /// `Some(found)` when `key` is cached (its document copied into `out`).
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+        let entries = self.0.lock().ok()?;
+        let cached = entries.docs.get(key)?;
+        out.clear();
+        Some(match cached {
+            Some(doc) => {
+                out.extend_from_slice(doc);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.lock().map_or(0, |e| e.generation)
+    }
+
+    /// Remembers what RocksDB answered for `key`, unless a commit came after
+    /// the read (at `generation`).
+    fn remember(&self, key: &[u8], doc: Option<&[u8]>, generation: u64) {
+        if let Ok(mut entries) = self.0.lock()
+            && entries.generation == generation
+        {
+            entries.insert(key, doc);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut entries) = self.0.lock() {
+            entries.generation += 1;
+            entries.docs.clear();
+            entries.bytes = 0;
+        }
+    }
+
+    /// A batch's writes, committed: the cache now says what RocksDB says.
+    fn committed(&self, writes: &Writes) {
+        if let Ok(mut entries) = self.0.lock() {
+            entries.generation += 1;
+            for (k, v) in writes {
+                entries.insert(k, v.as_deref());
+            }
+        }
+    }
 }
 
 impl DocumentSource for ViewSource {
     fn get_into(&self, key: &[u8], out: &mut Vec<u8>) -> Result<bool, ViewError> {
-        self.store.get_in(&self.cf, &self.view, key, out)
+        if let Some(found) = self.cache.get_into(key, out) {
+            return Ok(found);
+        }
+        let generation = self.cache.generation();
+        let found = self.store.get_in(&self.cf, &self.view, key, out)?;
+        self.cache
+            .remember(key, found.then_some(out.as_slice()), generation);
+        Ok(found)
     }
 
     fn scan_each(&self, prefix: &[u8], each: &mut ScanVisitor<'_>) -> Result<(), ViewError> {
@@ -811,6 +945,48 @@ mod tests {
             let e = check_key(bad).expect_err("refused");
             assert!(e.contains(why), "{bad:?}: {e}");
         }
+    }
+
+    /// The read cache says what RocksDB says: commits (and commits of
+    /// parked events) update it, a read raced by a commit is not
+    /// remembered, and dropping the view forgets it.
+    #[test]
+    fn the_read_cache_follows_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let views = ViewStore::open(dir.path()).unwrap();
+        let v: ViewId = "c-1_0_0".parse().unwrap();
+        views.create(&v).unwrap();
+        let source = views.source(&v).unwrap();
+        let mut out = Vec::new();
+        let write = |k: &str, d: Option<&str>| -> Writes {
+            [(k.as_bytes().to_vec(), d.map(|d| d.as_bytes().to_vec()))].into()
+        };
+        assert!(
+            !source.get_into(b"k", &mut out).unwrap(),
+            "absent, remembered"
+        );
+        views.commit(&v, &write("k", Some("1")), 1).unwrap();
+        assert!(source.get_into(b"k", &mut out).unwrap());
+        assert_eq!(out, b"1");
+        views
+            .commit_unparked(&v, &write("k", Some("2")), 2)
+            .unwrap();
+        source.get_into(b"k", &mut out).unwrap();
+        assert_eq!(out, b"2", "a retried parked event's write");
+        views.commit(&v, &write("k", None), 3).unwrap();
+        assert!(!source.get_into(b"k", &mut out).unwrap(), "deleted");
+        // A read from RocksDB that a commit overtook is not remembered.
+        let cache = views.cache_of(&v);
+        let before = cache.generation();
+        views.commit(&v, &write("j", Some("new")), 4).unwrap();
+        cache.remember(b"j", Some(b"old"), before);
+        source.get_into(b"j", &mut out).unwrap();
+        assert_eq!(out, b"new");
+        // Dropped and created again: nothing of the old view is cached.
+        views.drop_view(&v).unwrap();
+        views.create(&v).unwrap();
+        let source = views.source(&v).unwrap();
+        assert!(!source.get_into(b"j", &mut out).unwrap());
     }
 
     #[test]
