@@ -326,7 +326,8 @@ pub(super) async fn fill_layout(
     const WRITERS: u64 = 16;
     let (streams, cap) = match which {
         Which::Users => (USERS, u64::MAX),
-        Which::Orders => (total.div_ceil(ORDER_EVENTS).max(1), ORDER_EVENTS),
+        // Room for every writer's share: a writer owns every 16th order.
+        Which::Orders => (total.div_ceil(ORDER_EVENTS) + WRITERS, ORDER_EVENTS),
     };
     let per_append = if layout == Layout::Runs { 50 } else { 1 };
     let tasks: Vec<_> = (0..WRITERS)
