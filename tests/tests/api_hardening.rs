@@ -578,3 +578,33 @@ fn listing_pages_stop_at_their_byte_budget() {
     );
     assert!(pages > 2);
 }
+
+/// What the HTTP layer refuses before a request reaches kiln is answered
+/// in JSON like every other error: a header too large, a URI too long,
+/// bytes that are not HTTP.
+#[test]
+fn even_unreadable_requests_get_a_json_error() {
+    let (d, _cfg) = daemon("", Options::default());
+    let addr = d.addr();
+    let big_header = format!(
+        "GET /views HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    for (raw, status, code) in [
+        (big_header.as_bytes(), 431, "headers_too_large"),
+        (long_uri.as_bytes(), 414, "uri_too_long"),
+        (&b"GARBAGE\r\n\r\n"[..], 400, "malformed_request"),
+    ] {
+        let (got, body) = exchange(addr, raw);
+        assert_eq!(got, status, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body:?}"));
+        assert_eq!(answer["error"]["code"], code, "{body}");
+    }
+    // And the daemon answers the next client as usual.
+    assert_eq!(exchange(addr, &request("GET", "/healthz", &[], b"")).0, 200);
+}

@@ -137,10 +137,18 @@ async fn refuse(mut tcp: TcpStream, max: usize) {
 /// `timeout` for the client to take data: a reader that stopped reading is
 /// cut instead of pinning its buffers for ever. Reads are left to hyper's
 /// header timeout and the body timeout.
+///
+/// It also gives the errors hyper answers by itself, before a request
+/// reaches kiln (`400` for what is not HTTP/1.1, `414`, `431`), the JSON
+/// body every other error has: their answer head is recognised as hyper
+/// writes it and replaced whole (see [`hyper_error_answer`]).
 pub struct WriteTimeout<T> {
     inner: T,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
+    /// A replacement answer being written: its bytes, how many are sent,
+    /// and the length of the write it stands for.
+    rewrite: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl<T> WriteTimeout<T> {
@@ -149,6 +157,7 @@ impl<T> WriteTimeout<T> {
             inner,
             timeout,
             timer: None,
+            rewrite: None,
         }
     }
 
@@ -185,6 +194,77 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> WriteTimeout<T> {
+    /// Writes the replacement answer standing for a write of `buf`, if
+    /// `buf` is hyper's own error answer (or one is being written).
+    fn poll_rewrite(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.rewrite.is_none() {
+            let answer = hyper_error_answer(buf)?;
+            self.rewrite = Some((answer, 0, buf.len()));
+        }
+        loop {
+            let (bytes, sent, stands_for) = self.rewrite.take()?;
+            if sent == bytes.len() {
+                self.timer = None;
+                return Some(Poll::Ready(Ok(stands_for)));
+            }
+            let poll = Pin::new(&mut self.inner).poll_write(cx, &bytes[sent..]);
+            match self.on_poll(cx, poll) {
+                Poll::Ready(Ok(n)) if n > 0 => self.rewrite = Some((bytes, sent + n, stands_for)),
+                Poll::Ready(Ok(_)) => return Some(Poll::Ready(Ok(0))),
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => {
+                    self.rewrite = Some((bytes, sent, stands_for));
+                    return Some(Poll::Pending);
+                }
+            }
+        }
+    }
+}
+
+/// hyper's own answer to a request it could not read (`400`, `414`, `431`,
+/// written as `HTTP/1.1 <status>\r\nconnection: close\r\ncontent-length: 0`),
+/// as kiln's JSON error; `None` for anything else (kiln's own answers always
+/// carry a content type and a body).
+pub fn hyper_error_answer(head: &[u8]) -> Option<Vec<u8>> {
+    const TAIL: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\n";
+    let (status, code, message) = [
+        (
+            "400 Bad Request",
+            "malformed_request",
+            "the request is not valid HTTP/1.1",
+        ),
+        (
+            "414 URI Too Long",
+            "uri_too_long",
+            "the request's URI is longer than the server reads",
+        ),
+        (
+            "431 Request Header Fields Too Large",
+            "headers_too_large",
+            "the request's headers are larger than the server reads",
+        ),
+    ]
+    .into_iter()
+    .find(|(status, _, _)| {
+        let line = format!("HTTP/1.1 {status}");
+        head.starts_with(line.as_bytes()) && head[line.len()..].starts_with(TAIL)
+    })?;
+    let body = format!("{{\"error\":{{\"code\":\"{code}\",\"message\":\"{message}\"}}}}");
+    Some(
+        format!(
+            "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -192,6 +272,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(poll) = this.poll_rewrite(cx, buf) {
+            return poll;
+        }
         let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.on_poll(cx, poll)
     }
@@ -202,6 +285,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(first) = bufs.first()
+            && let Some(poll) = this.poll_rewrite(cx, first)
+        {
+            return poll;
+        }
         let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.on_poll(cx, poll)
     }
