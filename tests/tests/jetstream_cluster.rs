@@ -125,10 +125,13 @@ async fn a_follower_dies_under_load() {
 
 /// Bound of the append window; the measured ones are 5-7 s (BENCHMARKS.md).
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
-/// Bound of the tail's resumption after appends came back (measured under
-/// 0.1 s: the election advisory recreates it; one to two minutes before
-/// issue 17, 6 s more while an idle check waited on the dead leader).
-const TAIL_RESUME_BOUND: Duration = Duration::from_secs(5);
+/// Bound of the tail's resumption after appends came back. After a leader
+/// change the election advisory recreates the consumer at once (measured
+/// under 0.1 s; one to two minutes before issue 17, 6 s more while an idle
+/// check waited on the dead leader). A consumer lost with a follower (an
+/// ordered consumer has one replica, on any node of the stream) has no
+/// advisory: two idle checks find it, 6 s (measured 6.03 s).
+const TAIL_RESUME_BOUND: Duration = Duration::from_secs(10);
 
 async fn a_node_dies_under_load(kill_the_leader: bool) {
     let mut h = ClusterHarness::start().await;
