@@ -110,6 +110,9 @@ pub struct ServeConfig {
     pub watch_debounce_ms: u64,
     /// Most events a warming version applies between yields to live views.
     pub warmup_batch: usize,
+    /// Workers a warming per-stream view replays with, each the streams of
+    /// its hash partition; 0 (the default) = the machine's cores minus one.
+    pub warmup_workers: usize,
     /// A live view whose checkpoint has not moved for this many seconds
     /// while the log moved on is reported stalled (`/readyz/{view}` 503).
     pub stall_after_secs: u64,
@@ -137,6 +140,7 @@ impl Default for ServeConfig {
             standby_grace_secs: 300,
             watch_debounce_ms: 300,
             warmup_batch: 256,
+            warmup_workers: 0,
             stall_after_secs: 30,
             default_policy: ViewPolicy::default(),
             views: BTreeMap::new(),
@@ -203,6 +207,10 @@ pub struct ServeArgs {
     /// Seconds a standby version keeps tailing before it is retired [default: 300].
     #[arg(long, env = "KILN_STANDBY_GRACE_SECS")]
     pub standby_grace_secs: Option<u64>,
+    /// Workers a warming per-stream view replays with [default: 0 = the
+    /// cores minus one].
+    #[arg(long, env = "KILN_WARMUP_WORKERS")]
+    pub warmup_workers: Option<usize>,
     /// Milliseconds a module file must be quiet before it is loaded [default: 300].
     #[arg(long, env = "KILN_WATCH_DEBOUNCE_MS")]
     pub watch_debounce_ms: Option<u64>,
@@ -330,6 +338,9 @@ impl ServeConfig {
         if let Some(d) = a.watch_debounce_ms {
             self.watch_debounce_ms = d;
         }
+        if let Some(w) = a.warmup_workers {
+            self.warmup_workers = w;
+        }
         if let Some(c) = a.cutover {
             self.default_policy.cutover = c;
         }
@@ -410,6 +421,11 @@ impl ServeConfig {
             anyhow::ensure!(value > 0, "runtime.{key} must be above 0");
         }
         anyhow::ensure!(self.warmup_batch > 0, "warmup_batch must be above 0");
+        anyhow::ensure!(
+            self.warmup_workers <= crate::lifecycle::MAX_WARMUP_WORKERS,
+            "warmup_workers must be at most {} (0 = the cores minus one)",
+            crate::lifecycle::MAX_WARMUP_WORKERS
+        );
         if self.store == StoreBackend::Jetstream {
             self.jetstream
                 .validate()
@@ -427,6 +443,10 @@ impl ServeConfig {
         c.policies = self.views.clone();
         c.standby_grace = Duration::from_secs(self.standby_grace_secs);
         c.warmup_batch = self.warmup_batch;
+        c.warmup_workers = match self.warmup_workers {
+            0 => crate::lifecycle::default_warmup_workers(),
+            n => n,
+        };
         c.stall_after = Duration::from_secs(self.stall_after_secs);
         c.recover_registry = self.recover_registry;
         c

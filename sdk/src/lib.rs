@@ -173,6 +173,12 @@ pub trait Projection {
     const EVENTS: &'static [&'static str] = &[];
     /// Stream categories read; empty = all categories.
     const CATEGORIES: &'static [&'static str] = &[];
+    /// Every document this projection writes depends only on the events of
+    /// one stream, so the host may warm its view with several workers, each
+    /// replaying the streams of its hash partition (`per_stream` in the
+    /// manifest). [`PerStream`] says so unless [`StreamProjection::PARTITIONED`]
+    /// is `false`; a general projection may declare it when it holds.
+    const PER_STREAM: bool = false;
     /// The typed events: an enum whose variants are the event types.
     type Event: DeserializeOwned;
 
@@ -211,6 +217,11 @@ pub trait StreamProjection {
     const NAME: &'static str;
     const EVENTS: &'static [&'static str] = &[];
     const CATEGORIES: &'static [&'static str] = &[];
+    /// Whether the view may be warmed by stream partition (see
+    /// [`Projection::PER_STREAM`]). Set it to `false` when [`Self::key`] maps
+    /// two streams to one document: their events would then race in two
+    /// workers.
+    const PARTITIONED: bool = true;
     type Event: DeserializeOwned;
     type State: Serialize + DeserializeOwned + Default + 'static;
 
@@ -230,6 +241,7 @@ impl<S: StreamProjection> Projection for PerStream<S> {
     const NAME: &'static str = S::NAME;
     const EVENTS: &'static [&'static str] = S::EVENTS;
     const CATEGORIES: &'static [&'static str] = S::CATEGORIES;
+    const PER_STREAM: bool = S::PARTITIONED;
     type Event = S::Event;
 
     /// One event on its own: read the stream's state, apply, write it back.
@@ -345,6 +357,7 @@ macro_rules! export {
                 env!("CARGO_PKG_VERSION"),
                 <$projection as $crate::Projection>::EVENTS,
                 <$projection as $crate::Projection>::CATEGORIES,
+                <$projection as $crate::Projection>::PER_STREAM,
             );
             #[cfg_attr(target_arch = "wasm32", unsafe(link_section = "kiln-manifest"))]
             #[allow(dead_code)]
@@ -354,6 +367,7 @@ macro_rules! export {
                     env!("CARGO_PKG_VERSION"),
                     <$projection as $crate::Projection>::EVENTS,
                     <$projection as $crate::Projection>::CATEGORIES,
+                    <$projection as $crate::Projection>::PER_STREAM,
                 );
 
             #[cfg(target_arch = "wasm32")]

@@ -31,6 +31,15 @@ pub struct Manifest {
     /// empty = every category.
     #[serde(default)]
     pub categories: Vec<String>,
+    /// Every document depends only on the events of one stream (the SDK's
+    /// `PerStream` form): the host may warm the view with several workers,
+    /// each replaying the streams of its hash partition. Absent = `false`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub per_stream: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Manifest {
@@ -47,10 +56,12 @@ impl Manifest {
     }
 
     /// The manifest's bytes with the version left out, the part of a module's
-    /// fingerprint that comes from its manifest.
+    /// fingerprint that comes from its manifest. `per_stream` is left out too:
+    /// it says how the host may schedule a warm-up, not what the documents are.
     pub fn without_version(&self) -> Vec<u8> {
         let mut m = self.clone();
         m.version.clear();
+        m.per_stream = false;
         serde_json::to_vec(&m).unwrap_or_default()
     }
 }
@@ -64,21 +75,32 @@ pub fn of<P: crate::Projection>(version: &str) -> Manifest {
         version: version.to_string(),
         events: P::EVENTS.iter().map(|s| s.to_string()).collect(),
         categories: P::CATEGORIES.iter().map(|s| s.to_string()).collect(),
+        per_stream: P::PER_STREAM,
     }
 }
 
-const PARTS: [&str; 6] = [
+const PARTS: [&str; 7] = [
     "{\"abi\":",
     ",\"name\":\"",
     "\",\"version\":\"",
     "\",\"events\":[",
     "],\"categories\":[",
-    "]}",
+    "]",
+    "}",
 ];
 
+/// Written before the closing brace when the projection is per stream.
+const PER_STREAM: &str = ",\"per_stream\":true";
+
 /// Length in bytes of the encoded manifest (compile time).
-pub const fn encoded_len(name: &str, version: &str, events: &[&str], categories: &[&str]) -> usize {
-    let mut n = 0;
+pub const fn encoded_len(
+    name: &str,
+    version: &str,
+    events: &[&str],
+    categories: &[&str],
+    per_stream: bool,
+) -> usize {
+    let mut n = if per_stream { PER_STREAM.len() } else { 0 };
     let mut i = 0;
     while i < PARTS.len() {
         n += PARTS[i].len();
@@ -95,6 +117,7 @@ pub const fn encode<const N: usize>(
     version: &str,
     events: &[&str],
     categories: &[&str],
+    per_stream: bool,
 ) -> [u8; N] {
     check(name);
     check(version);
@@ -110,6 +133,10 @@ pub const fn encode<const N: usize>(
     at = copy(&mut out, at, PARTS[4].as_bytes());
     at = write_list(&mut out, at, categories);
     at = copy(&mut out, at, PARTS[5].as_bytes());
+    if per_stream {
+        at = copy(&mut out, at, PER_STREAM.as_bytes());
+    }
+    at = copy(&mut out, at, PARTS[6].as_bytes());
     assert!(at == N, "manifest length mismatch");
     out
 }
@@ -194,8 +221,10 @@ mod tests {
 
     const NAME: &str = "orders";
     const EVENTS: &[&str] = &["OrderPlaced", "OrderShipped"];
-    const LEN: usize = encoded_len(NAME, "1.2.0-rc.1", EVENTS, &[]);
-    static BYTES: [u8; LEN] = encode::<LEN>(NAME, "1.2.0-rc.1", EVENTS, &[]);
+    const LEN: usize = encoded_len(NAME, "1.2.0-rc.1", EVENTS, &[], false);
+    static BYTES: [u8; LEN] = encode::<LEN>(NAME, "1.2.0-rc.1", EVENTS, &[], false);
+    const PS_LEN: usize = encoded_len("users", "1.0.0", &[], &["user"], true);
+    static PS_BYTES: [u8; PS_LEN] = encode::<PS_LEN>("users", "1.0.0", &[], &["user"], true);
 
     #[test]
     fn compile_time_manifest_is_the_json_the_host_parses() {
@@ -205,6 +234,20 @@ mod tests {
         assert_eq!(m.version, "1.2.0-rc.1");
         assert_eq!(m.events, ["OrderPlaced", "OrderShipped"]);
         assert!(m.categories.is_empty());
+        assert!(!m.per_stream);
+        // Absent when false: the bytes of modules built before the field.
+        assert!(!String::from_utf8_lossy(&BYTES).contains("per_stream"));
+    }
+
+    #[test]
+    fn a_per_stream_manifest_says_so_and_fingerprints_alike() {
+        let m = Manifest::parse(&PS_BYTES).unwrap();
+        assert!(m.per_stream);
+        assert_eq!(m.categories, ["user"]);
+        assert_eq!(serde_json::to_vec(&m).unwrap(), PS_BYTES);
+        let mut general = m.clone();
+        general.per_stream = false;
+        assert_eq!(m.without_version(), general.without_version());
     }
 
     #[test]

@@ -98,6 +98,20 @@ pub async fn append_users(store: &Arc<dyn EventStore>, n: usize, offset: usize) 
     head
 }
 
+/// Appends one event to `stream` at any version; its position.
+pub async fn append_one(store: &Arc<dyn EventStore>, stream: &str, event: NewEvent) -> u64 {
+    let stream = StreamId::new(stream).expect("stream id");
+    store
+        .append(AppendRequest::new(
+            stream,
+            ExpectedVersion::Any,
+            vec![event],
+        ))
+        .await
+        .expect("append")
+        .position
+}
+
 /// Appends a `LoginFailed` whose data is not an object: the `users` module
 /// (which reads `LoginFailed`) refuses it; the variant without `LoginFailed`
 /// never sees it. Returns its position.

@@ -41,7 +41,7 @@ use kiln::runtime::{Module, Runtime, RuntimeConfig};
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use kiln::views::ViewId;
-use kiln_tests::lifecycle::{read_log, rebuild};
+use kiln_tests::lifecycle::{append_one, read_log, rebuild};
 use kiln_tests::rng::Rng;
 use kiln_tests::wasm::users_module;
 use serde_json::json;
@@ -278,16 +278,7 @@ impl<'a> Run<'a> {
                 (_, 0) => NewEvent::json("LoginFailed", &json!({})),
                 _ => NewEvent::json("UserLoggedIn", &json!({})),
             };
-            last = self
-                .store
-                .append(AppendRequest::new(
-                    stream,
-                    ExpectedVersion::Any,
-                    vec![event],
-                ))
-                .await
-                .expect("append")
-                .position;
+            last = append_one(&self.store, stream.as_str(), event).await;
         }
         last
     }

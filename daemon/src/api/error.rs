@@ -183,6 +183,9 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::NotFailed { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "not_failed", message)
             }
+            LifecycleError::WarmingInPartitions { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "warming_in_partitions", message)
+            }
             LifecycleError::Load(_) => ApiError::bad_request("invalid_module", message),
             LifecycleError::Store(e) => e.into(),
             LifecycleError::View(e) => e.into(),

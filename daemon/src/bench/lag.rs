@@ -12,7 +12,9 @@
 //!      one more (never appended) event type in its manifest, so a new
 //!      fingerprint: a new physical view replaying the log from the first
 //!      event — and probes run until it is ready; it is then retired (its
-//!      column family dropped) before the next round.
+//!      column family dropped) before the next round. With several
+//!      `--warmup-workers` settings (e.g. `1,2`), each round warms one
+//!      version with each, so their warm-up rates and lags compare in one run.
 //!
 //! A probe appends one `UserLoggedIn` to a user stream and waits until the
 //! active view's checkpoint has reached it (the signal read-your-writes waits
@@ -73,6 +75,10 @@ pub struct LagBenchArgs {
     /// Events a warming version applies at a time (`warmup_batch`).
     #[arg(long, default_value_t = crate::lifecycle::LifecycleConfig::new(".").warmup_batch)]
     pub warmup_batch: usize,
+    /// Workers each warm-up replays with (a list: every round warms once with
+    /// each, `users` being per stream), e.g. `1,2`.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub warmup_workers: Vec<usize>,
     /// Layout of the generated log (see `kiln bench projection`).
     #[arg(long, value_enum, default_value = "runs")]
     pub layout: super::projection::Layout,
@@ -89,6 +95,15 @@ pub async fn run(args: LagBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.events > 0 && args.rate > 0 && args.samples > 0 && args.rounds > 0,
         "--events, --rate, --samples and --rounds must be positive"
+    );
+    anyhow::ensure!(
+        !args.warmup_workers.is_empty()
+            && args
+                .warmup_workers
+                .iter()
+                .all(|k| (1..=crate::lifecycle::MAX_WARMUP_WORKERS).contains(k)),
+        "--warmup-workers: each between 1 and {}",
+        crate::lifecycle::MAX_WARMUP_WORKERS
     );
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -157,46 +172,59 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
     );
 
     let mut baseline = Histogram::<u64>::new(3)?;
-    let mut warming = Histogram::<u64>::new(3)?;
     // Each phase's best round (lowest p99): less exposed to other load.
-    let (mut best_idle, mut best_busy): (Option<Histogram<u64>>, Option<Histogram<u64>>) =
-        (None, None);
-    let mut warm_rates = Vec::new();
+    let mut best_idle: Option<Histogram<u64>> = None;
+    // Per `--warmup-workers` entry: every probe, the best round, warm-up rates.
+    let mut phases: Vec<WarmPhase> = args
+        .warmup_workers
+        .iter()
+        .map(|&workers| WarmPhase::new(workers))
+        .collect::<anyhow::Result<_>>()?;
+    let mut variants = 0;
     for round in 1..=args.rounds {
         let idle = probe(&lifecycle, &store, &active, args.rate, |n| {
             n >= args.samples
         })
         .await?;
-        let module = variant(&wasm, round)?;
-        let deployed = Instant::now();
-        let id = match lifecycle.deploy(&module, "bench-variant").await? {
-            DeployOutcome::Warming(id) => id,
-            other => anyhow::bail!("the variant module was not a new view: {other:?}"),
-        };
-        let busy = probe(&lifecycle, &store, &active, args.rate, |_| {
-            lifecycle
-                .status_of(&id)
-                .is_none_or(|s| s.state != ViewState::Warming)
-        })
-        .await?;
-        let took = deployed.elapsed().as_secs_f64();
-        let replayed = lifecycle.status_of(&id).map_or(0, |s| s.events_applied);
-        lifecycle.retire(&id).await?;
-        warm_rates.push(replayed as f64 / took);
         println!(
-            "round {round}: baseline p50 {} p99 {} ({} probes) | while {id} warms: p50 {} p99 {} ({} probes; it replayed {replayed} events in {took:.1} s, {:.0} events/s)",
+            "round {round}: baseline p50 {} p99 {} ({} probes)",
             millis(&idle, 0.5),
             millis(&idle, 0.99),
-            idle.len(),
-            millis(&busy, 0.5),
-            millis(&busy, 0.99),
-            busy.len(),
-            replayed as f64 / took
+            idle.len()
         );
         baseline.add(&idle)?;
-        warming.add(&busy)?;
         keep_best(&mut best_idle, idle);
-        keep_best(&mut best_busy, busy);
+        for phase in &mut phases {
+            variants += 1;
+            lifecycle.set_warmup_workers(phase.workers);
+            let module = variant(&wasm, variants)?;
+            let deployed = Instant::now();
+            let id = match lifecycle.deploy(&module, "bench-variant").await? {
+                DeployOutcome::Warming(id) => id,
+                other => anyhow::bail!("the variant module was not a new view: {other:?}"),
+            };
+            let busy = probe(&lifecycle, &store, &active, args.rate, |_| {
+                lifecycle
+                    .status_of(&id)
+                    .is_none_or(|s| s.state != ViewState::Warming)
+            })
+            .await?;
+            let took = deployed.elapsed().as_secs_f64();
+            let status = lifecycle.status_of(&id);
+            let replayed = status.as_ref().map_or(0, |s| s.events_applied);
+            let used = status.and_then(|s| s.warmup_workers).unwrap_or(1);
+            lifecycle.retire(&id).await?;
+            phase.rates.push(replayed as f64 / took);
+            println!(
+                "  while {id} warms with {used} worker(s): p50 {} p99 {} ({} probes; it replayed {replayed} events in {took:.2} s, {:.0} events/s)",
+                millis(&busy, 0.5),
+                millis(&busy, 0.99),
+                busy.len(),
+                replayed as f64 / took
+            );
+            phase.all.add(&busy)?;
+            keep_best(&mut phase.best, busy);
+        }
     }
 
     println!("live lag, append → visible in the active view {active}, all rounds:");
@@ -207,36 +235,64 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
         millis(&baseline, 1.0),
         baseline.len()
     );
-    println!(
-        "  while a version warms:   p50 {}  p99 {}  max {}  ({} probes; warm-up at {:.0} events/s, mean)",
-        millis(&warming, 0.5),
-        millis(&warming, 0.99),
-        millis(&warming, 1.0),
-        warming.len(),
-        warm_rates.iter().sum::<f64>() / warm_rates.len() as f64
-    );
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
-    println!(
-        "ratio warming / baseline, all rounds:  p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
-        ratio(q(&warming, 0.5), q(&baseline, 0.5)),
-        ratio(q(&warming, 0.99), q(&baseline, 0.99))
-    );
-    if let (Some(idle), Some(busy)) = (&best_idle, &best_busy) {
+    let first_rate = phases.first().map_or(0.0, WarmPhase::mean_rate);
+    for phase in &phases {
+        let rate = phase.mean_rate();
         println!(
-            "best round of each (lowest p99): baseline p50 {} p99 {} | warming p50 {} p99 {}",
-            millis(idle, 0.5),
-            millis(idle, 0.99),
-            millis(busy, 0.5),
-            millis(busy, 0.99)
+            "  warming, {} worker(s):    p50 {}  p99 {}  max {}  ({} probes; warm-up at {rate:.0} events/s, mean; {:.2}× the first setting's)",
+            phase.workers,
+            millis(&phase.all, 0.5),
+            millis(&phase.all, 0.99),
+            millis(&phase.all, 1.0),
+            phase.all.len(),
+            ratio(rate, first_rate),
         );
         println!(
-            "ratio warming / baseline, best rounds: p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
-            ratio(q(busy, 0.5), q(idle, 0.5)),
-            ratio(q(busy, 0.99), q(idle, 0.99))
+            "    ratio warming / baseline, all rounds:  p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
+            ratio(q(&phase.all, 0.5), q(&baseline, 0.5)),
+            ratio(q(&phase.all, 0.99), q(&baseline, 0.99))
         );
+        if let (Some(idle), Some(busy)) = (&best_idle, &phase.best) {
+            println!(
+                "    best rounds (lowest p99): baseline p50 {} p99 {} | warming p50 {} p99 {}; ratio p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
+                millis(idle, 0.5),
+                millis(idle, 0.99),
+                millis(busy, 0.5),
+                millis(busy, 0.99),
+                ratio(q(busy, 0.5), q(idle, 0.5)),
+                ratio(q(busy, 0.99), q(idle, 0.99))
+            );
+        }
     }
     lifecycle.shutdown().await;
     Ok(())
+}
+
+/// The probes taken while warm-ups with one setting of `--warmup-workers` ran.
+struct WarmPhase {
+    workers: usize,
+    all: Histogram<u64>,
+    best: Option<Histogram<u64>>,
+    rates: Vec<f64>,
+}
+
+impl WarmPhase {
+    fn new(workers: usize) -> anyhow::Result<Self> {
+        Ok(WarmPhase {
+            workers,
+            all: Histogram::new(3)?,
+            best: None,
+            rates: Vec::new(),
+        })
+    }
+
+    fn mean_rate(&self) -> f64 {
+        if self.rates.is_empty() {
+            return 0.0;
+        }
+        self.rates.iter().sum::<f64>() / self.rates.len() as f64
+    }
 }
 
 /// Waits until `id` has left `warming` (polled: this is the bench's driver,

@@ -23,6 +23,11 @@
 //! The wasm/native ratio compares 3 with 4 (same sink); 2 adds RocksDB. Each
 //! variant runs `--rounds` times, interleaved, and the best rate is shown, so
 //! a busy machine skews the figures less.
+//!
+//! With `--nats-url`, each layout is also written to a JetStream stream of its
+//! own (`KILNBENCH_<random>`, deleted afterwards) and the warm-up's read path
+//! is measured there: the log read alone through kiln's JetStream tail, and
+//! wasm → RocksDB view fed by that tail, next to the embedded figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +102,10 @@ pub struct ProjectionBenchArgs {
     /// Directory for the log and the view (a temp dir, removed afterwards, by default).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also measure the warm-up reading from JetStream on this NATS server
+    /// (e.g. `nats://127.0.0.1:4222`; a stream of its own, deleted afterwards).
+    #[arg(long)]
+    pub nats_url: Option<String>,
 }
 
 pub async fn run(args: ProjectionBenchArgs) -> anyhow::Result<()> {
@@ -147,8 +156,9 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             started.elapsed().as_secs_f64()
         );
         let batch = args.batch.max(1);
-        let (rounds, which, module) = (args.rounds.max(1), args.projection, module.clone());
+        let (rounds, which, wasm) = (args.rounds.max(1), args.projection, module.clone());
         let best = tokio::task::spawn_blocking(move || -> anyhow::Result<Rates> {
+            let module = wasm;
             let mut best = Rates::default();
             for round in 0..rounds {
                 let views = log_dir.join(format!("views-{round}"));
@@ -186,8 +196,100 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             instance_cost * 1e6,
             100.0 * instance_cost / batch_secs
         );
+        if let Some(url) = &args.nats_url {
+            let views = dir.join(format!("{layout:?}-jetstream-views"));
+            jetstream(url, args, *layout, &module, &views, log_only, wasm_view).await?;
+        }
     }
     Ok(())
+}
+
+/// The warm-up's read path on JetStream: the layout written to a stream of
+/// its own, read alone through kiln's tail, then through the tail into a
+/// [`Projector`]; printed next to the embedded figures of the same layout.
+async fn jetstream(
+    url: &str,
+    args: &ProjectionBenchArgs,
+    layout: Layout,
+    module: &crate::runtime::Module,
+    views_dir: &std::path::Path,
+    embedded_read: f64,
+    embedded_view: f64,
+) -> anyhow::Result<()> {
+    use crate::store::jetstream::{JetStreamConfig, JetStreamStore};
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let mut config = JetStreamConfig::new(url);
+    config.stream = format!("KILNBENCH_{tag}");
+    config.subject_prefix = format!("kilnbench{tag}");
+    let js = JetStreamStore::connect(config.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let context = js.context().clone();
+    let store: Arc<dyn EventStore> = Arc::new(js);
+    let result = async {
+        let started = Instant::now();
+        fill_into(store.clone(), args.events, layout, args.projection).await?;
+        let head = store.head().await?;
+        println!(
+            "  JetStream ({url}, stream {}): {} events written in {:.1} s",
+            config.stream,
+            args.events,
+            started.elapsed().as_secs_f64()
+        );
+        let mut read = 0.0f64;
+        let mut view = 0.0f64;
+        for round in 0..args.rounds.max(1) {
+            read = read.max(replay_tail(&store, head, |_| Ok(())).await?);
+            let views = ViewStore::open(views_dir.join(format!("{round}")))?;
+            let mut projector = Projector::open(module, &views)?;
+            let rate = replay_tail(&store, head, |events| {
+                tokio::task::block_in_place(|| projector.apply(events).map_err(anyhow::Error::from))
+            })
+            .await?;
+            view = view.max(rate);
+        }
+        println!(
+            "  JetStream log read alone (tail):    {read:>10.0} events/s  = {:.2} × the embedded log read",
+            ratio(read, embedded_read)
+        );
+        println!(
+            "  JetStream → RocksDB view + checkpoint: {view:>8.0} events/s  = {:.2} × the JetStream log read, {:.2} × the embedded warm-up",
+            ratio(view, read),
+            ratio(view, embedded_view)
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    drop(store);
+    for name in [config.stream.clone(), config.snapshot_stream()] {
+        let _ = context.delete_stream(&name).await;
+    }
+    result
+}
+
+/// Reads the log through the store's tail up to `head`, handing each batch
+/// to `apply`; events/s.
+async fn replay_tail(
+    store: &Arc<dyn EventStore>,
+    head: u64,
+    mut apply: impl FnMut(&[RecordedEvent]) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    use futures::StreamExt;
+    let started = Instant::now();
+    let mut tail = store.tail(1);
+    let mut count = 0u64;
+    while let Some(batch) = tail.next().await {
+        let batch = batch?;
+        let Some(last) = batch.last().map(|e| e.position) else {
+            continue;
+        };
+        count += batch.len() as u64;
+        apply(&batch)?;
+        if last >= head {
+            break;
+        }
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Mean seconds to make a fresh instance of `module` (every batch gets one),
@@ -322,7 +424,16 @@ pub(super) async fn fill_layout(
     layout: Layout,
     which: Which,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn EventStore> = Arc::new(store.clone());
+    fill_into(Arc::new(store.clone()), total, layout, which).await
+}
+
+/// [`fill_layout`] into any store.
+async fn fill_into(
+    store: Arc<dyn EventStore>,
+    total: u64,
+    layout: Layout,
+    which: Which,
+) -> anyhow::Result<()> {
     const WRITERS: u64 = 16;
     let (streams, cap) = match which {
         Which::Users => (USERS, u64::MAX),

@@ -70,7 +70,7 @@ mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -177,6 +177,10 @@ pub struct LifecycleConfig {
     /// Most events a warming version applies per batch (it yields to live
     /// versions between batches).
     pub warmup_batch: usize,
+    /// Workers a warming per-stream view (manifest `per_stream`) replays
+    /// with, each the streams of its hash partition with its own instance and
+    /// checkpoint; 1 = one worker, as any other view.
+    pub warmup_workers: usize,
     /// Start even though `registry.json` is missing or unreadable while the
     /// data directory holds views or modules: the registry is rebuilt from
     /// `modules/`, each version resuming from its view's checkpoint, none
@@ -187,6 +191,19 @@ pub struct LifecycleConfig {
     /// log moved on is reported stalled (`GET /views`, `/readyz/{view}` 503,
     /// `kiln_view_stalled_seconds`).
     pub stall_after: Duration,
+}
+
+/// Most workers one view warms with (and the most partitions a stored
+/// warm-up may have).
+pub const MAX_WARMUP_WORKERS: usize = 64;
+
+/// The default of `warmup_workers`: the machine's cores minus one (at least 1),
+/// so live views and the API keep a core.
+pub fn default_warmup_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .clamp(1, MAX_WARMUP_WORKERS)
 }
 
 impl LifecycleConfig {
@@ -200,6 +217,7 @@ impl LifecycleConfig {
             policies: BTreeMap::new(),
             standby_grace: Duration::from_secs(300),
             warmup_batch: 256,
+            warmup_workers: 1,
             recover_registry: false,
             stall_after: Duration::from_secs(30),
         }
@@ -281,6 +299,9 @@ pub struct ViewStatus {
     pub eta_secs: Option<f64>,
     /// Events in the dead-letter list.
     pub parked: usize,
+    /// Workers its warm-up replays (or replayed, since the daemon started)
+    /// with, each the streams of one partition; `None`: one worker.
+    pub warmup_workers: Option<usize>,
     /// Why its worker is paused by a host fault (storage I/O, a full disk,
     /// the log unreadable): it retries with backoff and resumes by itself,
     /// serving its committed documents meanwhile. Not a failure.
@@ -378,6 +399,10 @@ pub enum LifecycleError {
     Failed { id: ViewId, reason: String },
     #[error("view {id} is retired")]
     Retired { id: ViewId },
+    #[error(
+        "view {id} is warming in {partitions} partitions: its parked events can be retried once it has caught up"
+    )]
+    WarmingInPartitions { id: ViewId, partitions: usize },
     #[error("view {id} is {state}, not failed: there is nothing to resume")]
     NotFailed { id: ViewId, state: ViewState },
     #[error(
@@ -457,6 +482,8 @@ struct Inner {
     /// Last log head seen (by a worker or the head poller).
     head: AtomicU64,
     priority: Arc<Priority>,
+    /// `config.warmup_workers`, changeable while running (for benchmarks).
+    warmup_workers: AtomicUsize,
     shutting_down: AtomicBool,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -506,6 +533,7 @@ impl Lifecycle {
         registry.save()?;
         let head = store.head().await?;
         let (shutdown_tx, _) = tokio::sync::watch::channel(false);
+        let warmup_workers = config.warmup_workers.clamp(1, MAX_WARMUP_WORKERS);
         let inner = Arc::new(Inner {
             config,
             store,
@@ -521,6 +549,7 @@ impl Lifecycle {
             watch_reads: AtomicU64::new(0),
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
+            warmup_workers: AtomicUsize::new(warmup_workers),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             background: Mutex::new(Vec::new()),
@@ -850,6 +879,16 @@ impl Lifecycle {
     /// The views database (for tools and tests: digests, column families).
     pub fn views(&self) -> &ViewStore {
         &self.inner.views
+    }
+
+    /// Sets the workers of warm-ups that start from now on (see
+    /// [`LifecycleConfig::warmup_workers`]; for benchmarks comparing them in
+    /// one process).
+    #[doc(hidden)]
+    pub fn set_warmup_workers(&self, workers: usize) {
+        self.inner
+            .warmup_workers
+            .store(workers.clamp(1, MAX_WARMUP_WORKERS), Ordering::Relaxed);
     }
 
     /// The lifecycle's configuration.
@@ -1471,6 +1510,9 @@ impl Inner {
                 .map_or_else(BatchLatency::default, |p| p.batch_latency.snapshot()),
             eta_secs: (e.state == ViewState::Warming && rate > 0.0).then(|| lag as f64 / rate),
             parked: progress.map_or(0, |p| p.parked.load(Ordering::Relaxed)),
+            warmup_workers: progress
+                .map(|p| p.partitions.load(Ordering::Relaxed))
+                .filter(|n| *n > 1),
             paused: progress.and_then(|p| p.paused()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
             stalled_secs: progress

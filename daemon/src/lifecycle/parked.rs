@@ -250,7 +250,9 @@ mod tests {
         let view: ViewId = "users-1_0_0".parse().expect("id");
         views.create(&view).expect("create");
         let p = Parked::new(&event(5, b"{}"), "no".into());
-        views.park(&view, 5, &p.encode()).expect("park");
+        views
+            .park(&view, crate::views::Slot::View, 5, &p.encode())
+            .expect("park");
         assert_eq!(views.checkpoint(&view).expect("checkpoint"), 5);
         assert_eq!(load(&views, &view).expect("load").len(), 1);
         let mut writes = Writes::new();
@@ -266,7 +268,9 @@ mod tests {
             "a retry does not move it"
         );
         // Dropping a view drops its dead letters too.
-        views.park(&view, 6, &p.encode()).expect("park");
+        views
+            .park(&view, crate::views::Slot::View, 6, &p.encode())
+            .expect("park");
         views.drop_view(&view).expect("drop");
         views.create(&view).expect("create again");
         assert!(load(&views, &view).expect("load").is_empty());

@@ -26,7 +26,9 @@ use tracing::Instrument;
 use super::{Inner, LifecycleError, PoisonPolicy, parked};
 use crate::runtime::{Instance, Module, ProjectionError, Projector};
 use crate::store::{Position, RecordedEvent};
-use crate::views::ViewId;
+use crate::views::{Slot, ViewId};
+
+mod partitioned;
 
 /// How long a worker waits before re-opening a tail that returned an error.
 const TAIL_RETRY: Duration = Duration::from_millis(500);
@@ -92,6 +94,8 @@ pub(super) struct Progress {
     pub paused: std::sync::Mutex<Option<String>>,
     /// Host faults met since start (each one paused the worker).
     pub faults: AtomicU64,
+    /// Partitions of its warm-up, while one runs or since one ran (0: none).
+    pub partitions: AtomicUsize,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -108,6 +112,7 @@ impl Progress {
             batch_latency: LatencyHistogram::default(),
             paused: std::sync::Mutex::new(None),
             faults: AtomicU64::new(0),
+            partitions: AtomicUsize::new(0),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -258,6 +263,7 @@ pub(super) fn spawn(
         retry: None,
         target: None,
         open_error: None,
+        slot: Slot::View,
     };
     let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
     WorkerHandle {
@@ -280,6 +286,9 @@ struct Worker {
     target: Option<Position>,
     /// Why the projector last failed to open.
     open_error: Option<String>,
+    /// Whose checkpoint the projector moves: the view's, or (a worker of a
+    /// partitioned warm-up) its partition's.
+    slot: Slot,
 }
 
 /// Why a worker stopped applying.
@@ -343,6 +352,20 @@ impl Worker {
             warming,
             "view worker started"
         );
+        match self.warm_in_partitions(&mut stop_rx, &mut commands).await {
+            Ok(()) => {}
+            Err(Halt::Failed { position, reason }) => {
+                self.fail(position, reason);
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    checkpoint = self.progress.checkpoint(),
+                    "view worker stopped"
+                );
+                return;
+            }
+        }
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
@@ -433,16 +456,18 @@ impl Worker {
     async fn open(&mut self) -> Result<(), ProjectionError> {
         let module = self.module.clone();
         let views = self.inner.views.clone();
-        let projector =
-            tokio::task::spawn_blocking(move || Projector::open(&module, &views).map_err(Box::new))
-                .await
-                .map_err(|e| ProjectionError::Instantiate {
-                    projection: self.module.name().to_string(),
-                    version: self.module.version().to_string(),
-                    reason: format!("opening the view panicked: {e}"),
-                })?
-                .map_err(|e| *e)
-                .inspect_err(|e| self.open_error = Some(e.to_string()))?;
+        let slot = self.slot;
+        let projector = tokio::task::spawn_blocking(move || {
+            Projector::open_at(&module, &views, slot).map_err(Box::new)
+        })
+        .await
+        .map_err(|e| ProjectionError::Instantiate {
+            projection: self.module.name().to_string(),
+            version: self.module.version().to_string(),
+            reason: format!("opening the view panicked: {e}"),
+        })?
+        .map_err(|e| *e)
+        .inspect_err(|e| self.open_error = Some(e.to_string()))?;
         self.progress.advance(projector.checkpoint());
         self.projector = Some(projector);
         Ok(())
@@ -469,6 +494,22 @@ impl Worker {
             let _busy = priority.enter();
             return self.apply(&batch, 0..batch.len()).await;
         }
+        self.apply_warming(&batch, stop_rx).await?;
+        self.check_caught_up()
+            .await
+            .map_err(|e| tracing::warn!("reading the log head: {e}"))
+            .ok();
+        Ok(())
+    }
+
+    /// Applies `batch` as a warming version does: `warmup_batch` events at a
+    /// time, each step once live workers are idle (or [`WARM_MAX_WAIT`] has
+    /// passed).
+    async fn apply_warming(
+        &mut self,
+        batch: &Arc<Vec<RecordedEvent>>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), Halt> {
         let step = self.inner.config.warmup_batch.max(1);
         let mut at = 0;
         while at < batch.len() {
@@ -479,17 +520,13 @@ impl Worker {
                 _ = tokio::time::sleep(WARM_MAX_WAIT) => {}
             }
             let end = (at + step).min(batch.len());
-            self.apply(&batch, at..end).await?;
+            self.apply(batch, at..end).await?;
             at = end;
             if !self.progress.warming.load(Ordering::Acquire) {
                 // Promoted to live mid-batch (it cannot be, but stay correct).
-                return self.apply(&batch, at..batch.len()).await;
+                return self.apply(batch, at..batch.len()).await;
             }
         }
-        self.check_caught_up()
-            .await
-            .map_err(|e| tracing::warn!("reading the log head: {e}"))
-            .ok();
         Ok(())
     }
 
@@ -575,7 +612,7 @@ impl Worker {
         let record = parked::Parked::new(event, error.to_string()).encode();
         self.inner
             .views
-            .park(&self.view, position, &record)
+            .park(&self.view, self.slot, position, &record)
             .map_err(|e| Halt::Fault {
                 reason: format!("parking the event at {position}: {e}"),
             })?;

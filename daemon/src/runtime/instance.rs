@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::host::{Fault, HostState, LimitHit};
 use super::{EPOCH_TICK, Module, ProjectionError};
 use crate::store::{Position, RecordedEvent};
-use crate::views::{DocumentSource, ViewId, ViewStore, Writes};
+use crate::views::{DocumentSource, Slot, ViewId, ViewStore, Writes};
 
 struct Live {
     store: Store<HostState>,
@@ -307,12 +307,24 @@ pub struct Projector {
     instance: Instance,
     views: ViewStore,
     view: ViewId,
+    /// Whose checkpoint this projector moves: the view's, or one warm-up
+    /// partition's.
+    slot: Slot,
     checkpoint: Position,
 }
 
 impl Projector {
     /// Opens (creating if needed) the module's view and reads its checkpoint.
     pub fn open(module: &Module, views: &ViewStore) -> Result<Self, ProjectionError> {
+        Self::open_at(module, views, Slot::View)
+    }
+
+    /// [`Self::open`] committing to the checkpoint of `slot`.
+    pub fn open_at(
+        module: &Module,
+        views: &ViewStore,
+        slot: Slot,
+    ) -> Result<Self, ProjectionError> {
         let view = module.view_id().clone();
         let view_err = |source| ProjectionError::View {
             view: view.clone(),
@@ -321,14 +333,19 @@ impl Projector {
             source,
         };
         views.ensure(&view).map_err(view_err)?;
-        let checkpoint = views.checkpoint(&view).map_err(view_err)?;
+        let checkpoint = views.checkpoint_at(&view, slot).map_err(view_err)?;
         let source = views.source(&view).map_err(view_err)?;
         Ok(Projector {
             instance: Instance::new(module, Box::new(source))?,
             views: views.clone(),
             view,
+            slot,
             checkpoint,
         })
+    }
+
+    pub fn slot(&self) -> Slot {
+        self.slot
     }
 
     pub fn view(&self) -> &ViewId {
@@ -357,11 +374,30 @@ impl Projector {
             tracing::debug_span!("batch", view = %self.view, first = events[0].position, last)
                 .entered();
         let writes = self.instance.apply(events)?;
+        self.commit(&writes, events[0].position, last)
+    }
+
+    /// Moves the checkpoint to `through` with no documents: the events up to
+    /// it that this projector was given were all it had to apply (a warm-up
+    /// partition's share of a batch).
+    pub fn advance_to(&mut self, through: Position) -> Result<(), ProjectionError> {
+        if through <= self.checkpoint {
+            return Ok(());
+        }
+        self.commit(&Writes::new(), self.checkpoint + 1, through)
+    }
+
+    fn commit(
+        &mut self,
+        writes: &Writes,
+        first: Position,
+        last: Position,
+    ) -> Result<(), ProjectionError> {
         self.views
-            .commit(&self.view, &writes, last)
+            .commit_at(&self.view, self.slot, writes, last)
             .map_err(|source| ProjectionError::View {
                 view: self.view.clone(),
-                first: events[0].position,
+                first,
                 last,
                 source,
             })?;

@@ -28,6 +28,13 @@ const CHECKPOINT_PREFIX: &str = "checkpoint/";
 /// Dead letters: `parked/<view-id>/<position, u64 big-endian>` → the record
 /// the lifecycle encodes (the event's original bytes and why it was parked).
 const PARKED_PREFIX: &str = "parked/";
+/// A partitioned warm-up's checkpoints: `partition/<view-id>/<index, u32
+/// big-endian>` → partitions (u32 BE) and checkpoint (u64 BE). While they
+/// exist the view's own checkpoint is the position the warm-up split at,
+/// followed by [`SPLIT_TAG`] (9 bytes: a kiln that predates partitions refuses
+/// the view as corrupt rather than replaying some partitions' events twice).
+const PARTITION_PREFIX: &str = "partition/";
+const SPLIT_TAG: u8 = b'P';
 /// Longest view name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -381,6 +388,8 @@ impl ViewStore {
         batch.delete(checkpoint_key(view));
         let (from, to) = parked_range(view);
         batch.delete_range(from, to);
+        let (from, to) = partition_range(view);
+        batch.delete_range(from, to);
         self.db.write(batch).map_err(storage(format!(
             "deleting the checkpoint and dead letters of {view}"
         )))?;
@@ -417,7 +426,9 @@ impl ViewStore {
         }
     }
 
-    /// The position the view has applied up to (0 for a fresh view).
+    /// The position the view has applied up to (0 for a fresh view). While
+    /// a partitioned warm-up runs, the position it split at: every event up
+    /// to it is applied, some after it too (see [`Self::partitions`]).
     pub fn checkpoint(&self, view: &ViewId) -> Result<Position, ViewError> {
         if !self.exists(view) {
             return Err(ViewError::NotFound(view.clone()));
@@ -426,15 +437,128 @@ impl ViewStore {
             .db
             .get_pinned(checkpoint_key(view))
             .map_err(storage(format!("reading the checkpoint of {view}")))?;
-        match got {
-            None => Ok(0),
-            Some(v) => <[u8; 8]>::try_from(&v[..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| ViewError::CorruptCheckpoint {
-                    view: view.clone(),
-                    reason: format!("{} bytes, expected 8", v.len()),
-                }),
+        let Some(v) = got else { return Ok(0) };
+        match (<[u8; 8]>::try_from(&v[..v.len().min(8)]), v.get(8..)) {
+            (Ok(p), Some([] | [SPLIT_TAG])) => Ok(u64::from_be_bytes(p)),
+            _ => Err(ViewError::CorruptCheckpoint {
+                view: view.clone(),
+                reason: format!("{} bytes, expected 8 (or 9 while partitioned)", v.len()),
+            }),
         }
+    }
+
+    /// The checkpoint of `slot`: the view's, or one warm-up partition's.
+    pub fn checkpoint_at(&self, view: &ViewId, slot: Slot) -> Result<Position, ViewError> {
+        let Slot::Partition { index, of } = slot else {
+            return self.checkpoint(view);
+        };
+        self.cf(view)?;
+        let corrupt = |reason: String| ViewError::CorruptCheckpoint {
+            view: view.clone(),
+            reason,
+        };
+        let got = self
+            .db
+            .get_pinned(partition_key(view, index))
+            .map_err(storage(format!("reading partition {index} of {view}")))?
+            .ok_or_else(|| corrupt(format!("partition {index} of {of} has no checkpoint")))?;
+        match decode_partition(&got) {
+            Some((n, position)) if n == of => Ok(position),
+            _ => Err(corrupt(format!(
+                "partition {index}: not a checkpoint of one of {of} partitions"
+            ))),
+        }
+    }
+
+    /// The checkpoints of the view's partitioned warm-up, by partition
+    /// index, or `None` when it has none. A set that is not whole (a missing
+    /// index, disagreeing partition counts) is refused as corrupt: which
+    /// events were applied cannot be told then.
+    pub fn partitions(&self, view: &ViewId) -> Result<Option<Vec<Position>>, ViewError> {
+        self.cf(view)?;
+        let corrupt = |reason: String| ViewError::CorruptCheckpoint {
+            view: view.clone(),
+            reason,
+        };
+        let (from, to) = partition_range(view);
+        let mut it = self.db.raw_iterator();
+        it.seek(&from);
+        let mut found: Vec<(u32, u32, Position)> = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= to.as_slice() {
+                break;
+            }
+            let index = k
+                .get(from.len()..)
+                .and_then(|i| <[u8; 4]>::try_from(i).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| corrupt(format!("a partition key of {} bytes", k.len())))?;
+            let (of, position) = decode_partition(v)
+                .ok_or_else(|| corrupt(format!("partition {index}: {} bytes", v.len())))?;
+            found.push((index, of, position));
+            it.next();
+        }
+        it.status()
+            .map_err(storage(format!("reading the partitions of {view}")))?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let of = found[0].1;
+        let whole = found.len() == of as usize
+            && found
+                .iter()
+                .enumerate()
+                .all(|(i, &(index, n, _))| index as usize == i && n == of);
+        if !whole {
+            return Err(corrupt(format!(
+                "{} partition checkpoints, not one for each of {of} partitions",
+                found.len()
+            )));
+        }
+        Ok(Some(found.into_iter().map(|(_, _, p)| p).collect()))
+    }
+
+    /// Splits the view's warm-up into `of` partitions, each at the view's
+    /// checkpoint, in one write batch.
+    pub fn split(&self, view: &ViewId, of: u32) -> Result<Position, ViewError> {
+        self.cf(view)?;
+        let at = self.checkpoint(view)?;
+        let mut batch = WriteBatch::default();
+        for index in 0..of {
+            batch.put(partition_key(view, index), encode_partition(of, at));
+        }
+        let mut tagged = at.to_be_bytes().to_vec();
+        tagged.push(SPLIT_TAG);
+        batch.put(checkpoint_key(view), tagged);
+        self.db.write(batch).map_err(storage(format!(
+            "splitting the warm-up of {view} into {of} partitions"
+        )))?;
+        Ok(at)
+    }
+
+    /// Ends a partitioned warm-up whose partitions all stand at `at`: the
+    /// view's checkpoint becomes `at` and the partitions' go, in one write
+    /// batch. Refused when a partition stands elsewhere.
+    pub fn merge(&self, view: &ViewId, at: Position) -> Result<(), ViewError> {
+        let Some(all) = self.partitions(view)? else {
+            return Err(ViewError::CorruptCheckpoint {
+                view: view.clone(),
+                reason: "merging a warm-up that has no partitions".into(),
+            });
+        };
+        if let Some((index, p)) = all.iter().enumerate().find(|(_, p)| **p != at) {
+            return Err(ViewError::CorruptCheckpoint {
+                view: view.clone(),
+                reason: format!("merging at {at}, but partition {index} stands at {p}"),
+            });
+        }
+        let mut batch = WriteBatch::default();
+        let (from, to) = partition_range(view);
+        batch.delete_range(from, to);
+        batch.put(checkpoint_key(view), at.to_be_bytes());
+        self.db
+            .write(batch)
+            .map_err(storage(format!("merging the partitions of {view} at {at}")))
     }
 
     /// One document.
@@ -503,26 +627,45 @@ impl ViewStore {
         writes: &Writes,
         checkpoint: Position,
     ) -> Result<(), ViewError> {
+        self.commit_at(view, Slot::View, writes, checkpoint)
+    }
+
+    /// [`Self::commit`] with the checkpoint of `slot`.
+    pub fn commit_at(
+        &self,
+        view: &ViewId,
+        slot: Slot,
+        writes: &Writes,
+        checkpoint: Position,
+    ) -> Result<(), ViewError> {
         let mut batch = self.documents_batch(view, writes)?;
-        batch.put(checkpoint_key(view), checkpoint.to_be_bytes());
+        put_checkpoint(&mut batch, view, slot, checkpoint);
         self.db.write(batch).map_err(storage(format!(
-            "committing {view} at position {checkpoint}"
+            "committing {view} at position {checkpoint}{}",
+            slot.describe()
         )))?;
         self.cached_commit(view, writes);
         Ok(())
     }
 
     /// Parks the event at `position` (its dead-letter `record`) and moves the
-    /// checkpoint to it, in one write batch: a crash parks it and skips it, or
-    /// does neither.
-    pub fn park(&self, view: &ViewId, position: Position, record: &[u8]) -> Result<(), ViewError> {
+    /// checkpoint of `slot` to it, in one write batch: a crash parks it and
+    /// skips it, or does neither.
+    pub fn park(
+        &self,
+        view: &ViewId,
+        slot: Slot,
+        position: Position,
+        record: &[u8],
+    ) -> Result<(), ViewError> {
         self.cf(view)?;
         let mut batch = WriteBatch::default();
         batch.put(parked_key(view, position), record);
-        batch.put(checkpoint_key(view), position.to_be_bytes());
-        self.db
-            .write(batch)
-            .map_err(storage(format!("parking position {position} of {view}")))
+        put_checkpoint(&mut batch, view, slot, position);
+        self.db.write(batch).map_err(storage(format!(
+            "parking position {position} of {view}{}",
+            slot.describe()
+        )))
     }
 
     /// Replaces the dead-letter record at `position` (e.g. a newer error).
@@ -646,18 +789,76 @@ fn checkpoint_key(view: &ViewId) -> Vec<u8> {
     format!("{CHECKPOINT_PREFIX}{view}").into_bytes()
 }
 
-fn parked_key(view: &ViewId, position: Position) -> Vec<u8> {
-    let mut k = format!("{PARKED_PREFIX}{view}/").into_bytes();
-    k.extend_from_slice(&position.to_be_bytes());
+/// Where a committer's checkpoint lives: the view's own, or one partition's
+/// of a partitioned warm-up (see [`ViewStore::partitions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    View,
+    Partition { index: u32, of: u32 },
+}
+
+impl Slot {
+    fn describe(self) -> String {
+        match self {
+            Slot::View => String::new(),
+            Slot::Partition { index, of } => format!(" (warm-up partition {index} of {of})"),
+        }
+    }
+}
+
+fn put_checkpoint(batch: &mut WriteBatch, view: &ViewId, slot: Slot, checkpoint: Position) {
+    match slot {
+        Slot::View => batch.put(checkpoint_key(view), checkpoint.to_be_bytes()),
+        Slot::Partition { index, of } => {
+            batch.put(partition_key(view, index), encode_partition(of, checkpoint))
+        }
+    }
+}
+
+fn partition_key(view: &ViewId, index: u32) -> Vec<u8> {
+    per_view_key(PARTITION_PREFIX, view, &index.to_be_bytes())
+}
+
+/// `[from, to)` of a view's partition keys.
+fn partition_range(view: &ViewId) -> (Vec<u8>, Vec<u8>) {
+    per_view_range(PARTITION_PREFIX, view)
+}
+
+/// `<prefix><view>/<suffix>`: one record of a view's in the default family.
+fn per_view_key(prefix: &str, view: &ViewId, suffix: &[u8]) -> Vec<u8> {
+    let mut k = format!("{prefix}{view}/").into_bytes();
+    k.extend_from_slice(suffix);
     k
 }
 
-/// `[from, to)` of a view's dead-letter keys (`/` + 1 is `0`).
-fn parked_range(view: &ViewId) -> (Vec<u8>, Vec<u8>) {
+/// `[from, to)` of the keys [`per_view_key`] gives `view` (`/` + 1 is `0`).
+fn per_view_range(prefix: &str, view: &ViewId) -> (Vec<u8>, Vec<u8>) {
     (
-        format!("{PARKED_PREFIX}{view}/").into_bytes(),
-        format!("{PARKED_PREFIX}{view}0").into_bytes(),
+        format!("{prefix}{view}/").into_bytes(),
+        format!("{prefix}{view}0").into_bytes(),
     )
+}
+
+fn encode_partition(of: u32, checkpoint: Position) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&of.to_be_bytes());
+    v[4..].copy_from_slice(&checkpoint.to_be_bytes());
+    v
+}
+
+fn decode_partition(v: &[u8]) -> Option<(u32, Position)> {
+    let of = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+    let at = u64::from_be_bytes(v.get(4..)?.try_into().ok()?);
+    Some((of, at))
+}
+
+fn parked_key(view: &ViewId, position: Position) -> Vec<u8> {
+    per_view_key(PARKED_PREFIX, view, &position.to_be_bytes())
+}
+
+/// `[from, to)` of a view's dead-letter keys.
+fn parked_range(view: &ViewId) -> (Vec<u8>, Vec<u8>) {
+    per_view_range(PARKED_PREFIX, view)
 }
 
 /// One view's committed documents, as a [`DocumentSource`], read through
