@@ -24,6 +24,8 @@
 //! append events, append a poison event (variant A fails on it, B does not
 //! read it), let the grace period pass, clean restart, crash, lose the
 //! registry, and the racing pairs retire ‖ redeploy and rollback ‖ sweep.
+//! Warm-ups run with one worker or by 2 or 3 stream partitions (the setting
+//! changes across restarts; a warm-up a crash interrupted keeps its own).
 //!
 //! `KILN_MODEL_SEQUENCES` (default 200) sequences of `KILN_MODEL_STEPS`
 //! (default 14) steps run in the normal test command; `KILN_MODEL_SEED=<n>`
@@ -119,6 +121,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// Modules and compiled code shared by every sequence.
 struct Shared {
+    /// Steps after which some version had warmed by stream partitions (so
+    /// the run is known to exercise them).
+    partitioned: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     modules: BTreeMap<(usize, Logic), (Vec<u8>, Module)>,
     _cache: tempfile::TempDir,
@@ -141,6 +146,7 @@ impl Shared {
             }
         }
         Shared {
+            partitioned: std::sync::atomic::AtomicU64::new(0),
             runtime,
             modules,
             _cache: cache,
@@ -221,6 +227,10 @@ impl<'a> Run<'a> {
         c.watch_debounce = DEBOUNCE;
         c.standby_grace = Duration::from_secs(3600);
         c.warmup_batch = 16;
+        // Warm-ups by 1, 2 or 3 stream partitions, whatever their length, the
+        // setting changing across restarts (a stored warm-up keeps its own).
+        c.warmup_workers = 1 + ((self.seed + self.log.len() as u64) % 3) as usize;
+        c.warmup_partition_min_events = 0;
         c
     }
 
@@ -719,6 +729,11 @@ impl<'a> Run<'a> {
     async fn check(&mut self) {
         self.check_resolution("settled");
         let status = self.lc().status();
+        if status.iter().any(|s| s.warmup_workers.is_some()) {
+            self.shared
+                .partitioned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let actives = status
             .iter()
             .filter(|s| s.state == ViewState::Active)
@@ -854,8 +869,15 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     for i in 0..n {
         run_sequence(base.wrapping_add(i), steps, &shared).await;
     }
+    let partitioned = shared
+        .partitioned
+        .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up",
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        n < 20 || partitioned > 0,
+        "no sequence warmed a version by stream partitions"
     );
 }

@@ -181,6 +181,9 @@ pub struct LifecycleConfig {
     /// with, each the streams of its hash partition with its own instance and
     /// checkpoint; 1 = one worker, as any other view.
     pub warmup_workers: usize,
+    /// A warm-up with fewer events than this left to replay uses one worker
+    /// (splitting and merging would cost more than they save).
+    pub warmup_partition_min_events: u64,
     /// Start even though `registry.json` is missing or unreadable while the
     /// data directory holds views or modules: the registry is rebuilt from
     /// `modules/`, each version resuming from its view's checkpoint, none
@@ -218,6 +221,7 @@ impl LifecycleConfig {
             standby_grace: Duration::from_secs(300),
             warmup_batch: 256,
             warmup_workers: 1,
+            warmup_partition_min_events: 4096,
             recover_registry: false,
             stall_after: Duration::from_secs(30),
         }

@@ -41,10 +41,6 @@ use crate::lifecycle::LifecycleError;
 use crate::store::{Position, RecordedEvent};
 use crate::views::{Slot, ViewError};
 
-/// Fewer events than this left to replay: one worker does it (splitting and
-/// merging would cost more than they save).
-pub(crate) const MIN_PARTITIONED_EVENTS: u64 = 4096;
-
 /// Shares queued per partition worker.
 const QUEUED_SHARES: usize = 2;
 
@@ -158,7 +154,8 @@ impl Worker {
                 let head = self.inner.store.head().await.map_err(|e| Halt::Fault {
                     reason: format!("reading the log head: {e}"),
                 })?;
-                if head.saturating_sub(self.progress.checkpoint()) < MIN_PARTITIONED_EVENTS {
+                let left = head.saturating_sub(self.progress.checkpoint());
+                if left < self.inner.config.warmup_partition_min_events {
                     return Ok(false);
                 }
                 let at = views.split(&self.view, workers as u32).map_err(halt_of)?;
