@@ -180,6 +180,25 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Retired { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "view_retired", message)
             }
+            LifecycleError::NotComparable { ref id, state } => {
+                ApiError::new(StatusCode::CONFLICT, "not_comparable", message)
+                    .with("view", id.to_string())
+                    .with("state", state.to_string())
+            }
+            LifecycleError::NoCommonPosition {
+                ref a,
+                a_at,
+                ref b,
+                b_at,
+                target,
+                millis,
+            } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_common_position", message)
+                .with("a", a.to_string())
+                .with("a_at", a_at)
+                .with("b", b.to_string())
+                .with("b_at", b_at)
+                .with("position", target)
+                .with("waited_ms", millis),
             LifecycleError::NotFailed { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "not_failed", message)
             }

@@ -16,9 +16,11 @@
 //!   active version;
 //! - nothing still read is released.
 
+use super::compare::{CheckResult, CutoverCheck};
 use super::registry::{Entry, Registry};
-use super::{LifecycleError, ViewState};
+use super::{CutoverPolicy, LifecycleError, ViewState};
 use crate::views::ViewId;
+use crate::views::diff::DiffReport;
 
 /// Where a physical view (a column family and its worker) stands, as the
 /// registry's states imply.
@@ -69,6 +71,22 @@ pub(super) enum DeployPlan {
         alias_of: Option<ViewId>,
         state: ViewState,
         start_worker: bool,
+    },
+}
+
+/// What a name's cutover policy does when a version of it is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Cutover {
+    /// Make it active now.
+    Promote(ViewId),
+    /// Compare its documents with the active version's first (the check is
+    /// recorded as pending on `candidate`); [`Registry::compared`] takes the
+    /// result, and promotes only when `promote_if_identical` and they are
+    /// identical.
+    Compare {
+        candidate: ViewId,
+        against: ViewId,
+        promote_if_identical: bool,
     },
 }
 
@@ -228,6 +246,7 @@ impl Registry {
                 last_error: None,
                 serving_stale: false,
                 activated_by: None,
+                cutover_check: None,
             },
         );
         Ok(DeployPlan::Registered {
@@ -390,6 +409,101 @@ impl Registry {
             Some(active) if active.id > newest_ready => None,
             _ => Some(newest_ready),
         }
+    }
+
+    /// What `policy` does for `name` now that a version of it is ready:
+    /// - `auto`: promote the [`Self::cutover_candidate`];
+    /// - `auto-if-identical`: promote it when the name has no healthy active
+    ///   version (a first deploy) or when it reads the active version's very
+    ///   view (an alias: the same documents); else compare it with the active
+    ///   version and promote only if identical;
+    /// - `manual`: never promote; compare with a healthy active version on
+    ///   another view, so the operator sees what a promote would change.
+    ///
+    /// The candidate gets a pending check when a comparison is asked for.
+    pub fn cutover_plan(&mut self, name: &str, policy: CutoverPolicy, now: u64) -> Option<Cutover> {
+        let candidate = self.cutover_candidate(name)?;
+        let live_active = self
+            .active(name)
+            .filter(|a| self.physical_state(a.physical()) == Physical::Live)
+            .map(|a| (a.id.clone(), a.physical().clone()));
+        let same_view = |reg: &Registry, physical: &ViewId| {
+            reg.entries
+                .get(&candidate)
+                .is_some_and(|c| c.physical() == physical)
+        };
+        let plan = match (policy, live_active) {
+            (CutoverPolicy::Auto, _) => Cutover::Promote(candidate),
+            (CutoverPolicy::AutoIfIdentical, None) => Cutover::Promote(candidate),
+            (CutoverPolicy::AutoIfIdentical, Some((_, p))) if same_view(self, &p) => {
+                Cutover::Promote(candidate)
+            }
+            (CutoverPolicy::Manual, None) => return None,
+            (CutoverPolicy::Manual, Some((_, p))) if same_view(self, &p) => return None,
+            (policy, Some((against, _))) => {
+                // Already compared with this active version (or being compared).
+                let known = self
+                    .entries
+                    .get(&candidate)
+                    .and_then(|e| e.cutover_check.as_ref());
+                if known.is_some_and(|c| c.against == against.to_string()) {
+                    return None;
+                }
+                Cutover::Compare {
+                    candidate,
+                    against,
+                    promote_if_identical: policy == CutoverPolicy::AutoIfIdentical,
+                }
+            }
+        };
+        if let Cutover::Compare {
+            candidate, against, ..
+        } = &plan
+            && let Some(e) = self.entries.get_mut(candidate)
+        {
+            e.cutover_check = Some(CutoverCheck::pending(against, now));
+        }
+        Some(plan)
+    }
+
+    /// A comparison [`Self::cutover_plan`] asked for is over: `outcome` is its
+    /// report or why it could not be taken. Recorded on the candidate; the
+    /// candidate is promoted only when `promote_if_identical`, the documents
+    /// are identical, the candidate is still ready and still the name's
+    /// cutover candidate, and `against` is still its active version (else
+    /// the operator decides). Returns `Some(previous active)` on a promote.
+    pub fn compared(
+        &mut self,
+        candidate: &ViewId,
+        against: &ViewId,
+        outcome: Result<DiffReport, String>,
+        promote_if_identical: bool,
+        now: u64,
+    ) -> Option<Option<ViewId>> {
+        let entry = self.entries.get_mut(candidate)?;
+        let still_pending = entry
+            .cutover_check
+            .as_ref()
+            .is_some_and(|c| c.result == CheckResult::Pending && c.against == against.to_string());
+        if !still_pending {
+            return None;
+        }
+        let check = CutoverCheck::done(against, &outcome, now);
+        let identical = check.result == CheckResult::Identical;
+        entry.cutover_check = Some(check);
+        let position = outcome.as_ref().map_or(0, |r| r.position);
+        let name = candidate.name().to_string();
+        let go = promote_if_identical
+            && identical
+            && entry.state == ViewState::Ready
+            && self.active(&name).is_some_and(|a| &a.id == against)
+            && self.cutover_candidate(&name).as_ref() == Some(candidate);
+        if !go {
+            return None;
+        }
+        let how =
+            format!("auto-if-identical cutover: identical to {against} at position {position}");
+        self.promote(candidate, now, &how).ok()
     }
 
     /// The standby a rollback of `name` promotes: the most recent one whose

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub mod diff;
+
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
 use semver::Version;
 
