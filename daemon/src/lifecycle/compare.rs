@@ -418,7 +418,7 @@ mod tests {
     fn event(position: Position) -> RecordedEvent {
         RecordedEvent {
             id: uuid::Uuid::nil(),
-            stream: "s-1".parse().expect("stream"),
+            stream: crate::store::StreamId::new("s-1").expect("stream"),
             event_type: "E".into(),
             version: position,
             position,
