@@ -185,20 +185,15 @@ impl From<LifecycleError> for ApiError {
                     .with("view", id.to_string())
                     .with("state", state.to_string())
             }
-            LifecycleError::NoCommonPosition {
-                ref a,
-                a_at,
-                ref b,
-                b_at,
-                target,
-                millis,
-            } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_common_position", message)
-                .with("a", a.to_string())
-                .with("a_at", a_at)
-                .with("b", b.to_string())
-                .with("b_at", b_at)
-                .with("position", target)
-                .with("waited_ms", millis),
+            LifecycleError::NoCommonPosition(u) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_common_position", message)
+                    .with("a", u.a.to_string())
+                    .with("a_at", u.a_at)
+                    .with("b", u.b.to_string())
+                    .with("b_at", u.b_at)
+                    .with("position", u.target)
+                    .with("waited_ms", u.millis)
+            }
             LifecycleError::NotFailed { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "not_failed", message)
             }

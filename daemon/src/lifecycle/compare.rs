@@ -105,6 +105,18 @@ impl CutoverCheck {
     }
 }
 
+/// Two versions that did not meet at one position in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{a} (at {a_at}) and {b} (at {b_at}) did not meet at position {target} within {millis} ms")]
+pub struct Unmet {
+    pub a: ViewId,
+    pub a_at: Position,
+    pub b: ViewId,
+    pub b_at: Position,
+    pub target: Position,
+    pub millis: u64,
+}
+
 /// Two versions compared (see [`Lifecycle::diff`]).
 #[derive(Clone, Debug)]
 pub struct Diff {
@@ -272,13 +284,15 @@ impl Inner {
                         });
                     }
                 }
-                let timeout = || LifecycleError::NoCommonPosition {
-                    a: a.version.clone(),
-                    a_at: at_a,
-                    b: b.version.clone(),
-                    b_at: at_b,
-                    target,
-                    millis: wait.as_millis() as u64,
+                let timeout = || {
+                    LifecycleError::NoCommonPosition(Box::new(Unmet {
+                        a: a.version.clone(),
+                        a_at: at_a,
+                        b: b.version.clone(),
+                        b_at: at_b,
+                        target,
+                        millis: wait.as_millis() as u64,
+                    }))
                 };
                 tokio::select! {
                     r = rx_a.changed() => r.map_err(|_| LifecycleError::ShuttingDown)?,

@@ -81,7 +81,7 @@ use crate::runtime::{LoadError, Module, ProjectionError, Runtime};
 use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
-pub use compare::{CheckResult, CutoverCheck, Diff};
+pub use compare::{CheckResult, CutoverCheck, Diff, Unmet};
 use machine::{Cutover, DeployPlan, Fallback, NewVersion, Origin, Physical};
 pub use parked::ParkedEvent;
 use registry::{Entry, Loaded, Registry};
@@ -395,17 +395,8 @@ pub enum LifecycleError {
         "view {id} is {state}: only a caught-up version tailing live (ready, active or standby) can be compared"
     )]
     NotComparable { id: ViewId, state: ViewState },
-    #[error(
-        "{a} (at {a_at}) and {b} (at {b_at}) did not meet at position {target} within {millis} ms"
-    )]
-    NoCommonPosition {
-        a: ViewId,
-        a_at: Position,
-        b: ViewId,
-        b_at: Position,
-        target: Position,
-        millis: u64,
-    },
+    #[error(transparent)]
+    NoCommonPosition(Box<compare::Unmet>),
     #[error("view {id} is {state}, not failed: there is nothing to resume")]
     NotFailed { id: ViewId, state: ViewState },
     #[error(
@@ -1236,6 +1227,24 @@ impl Inner {
         // (an operator's rollback beside a newer ready version stays).
         st.registry.save()?;
         tracing::info!(versions = st.registry.entries.len(), "lifecycle resumed");
+        // A cutover check a stop interrupted is taken again.
+        let unfinished: Vec<(ViewId, ViewId)> = st
+            .registry
+            .entries
+            .values()
+            .filter(|e| e.state == ViewState::Ready)
+            .filter_map(|e| {
+                let c = e.cutover_check.as_ref()?;
+                let against = c.against.parse().ok()?;
+                (c.result == CheckResult::Pending).then(|| (e.id.clone(), against))
+            })
+            .collect();
+        drop(st);
+        for (candidate, against) in unfinished {
+            let promote =
+                self.config.policy(candidate.name()).cutover == CutoverPolicy::AutoIfIdentical;
+            self.start_check(candidate, against, promote);
+        }
         Ok(())
     }
 

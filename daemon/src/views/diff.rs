@@ -20,7 +20,7 @@ use rocksdb::ReadOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ViewError, ViewId, ViewStore, checkpoint_key, storage};
+use super::{ViewError, ViewId, ViewStore, checkpoint_key, decode_checkpoint, storage};
 use crate::store::Position;
 
 /// Most field changes listed for one changed document (the rest are counted).
@@ -136,17 +136,9 @@ impl ViewStore {
         let snapshot = self.db.snapshot();
         let at = |v: &ViewId| -> Result<Position, ViewError> {
             let got = snapshot
-                .get(checkpoint_key(v))
+                .get_pinned(checkpoint_key(v))
                 .map_err(storage(format!("reading the checkpoint of {v}")))?;
-            match got {
-                None => Ok(0),
-                Some(bytes) => <[u8; 8]>::try_from(&bytes[..])
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| ViewError::CorruptCheckpoint {
-                        view: v.clone(),
-                        reason: format!("{} bytes, expected 8", bytes.len()),
-                    }),
-            }
+            decode_checkpoint(v, got.as_deref())
         };
         let (at_a, at_b) = (at(a), at(b));
         let (at_a, at_b) = match (at_a, at_b) {
@@ -160,15 +152,8 @@ impl ViewStore {
         if at_a != at_b {
             return Ok(Compared::Apart { a: at_a, b: at_b });
         }
-        let options = || {
-            let mut o = ReadOptions::default();
-            // A whole-view scan must not evict what queries keep hot.
-            o.fill_cache(false);
-            o.set_readahead_size(2 << 20);
-            o
-        };
-        let mut ia = snapshot.raw_iterator_cf_opt(&cf_a, options());
-        let mut ib = snapshot.raw_iterator_cf_opt(&cf_b, options());
+        let mut ia = snapshot.raw_iterator_cf_opt(&cf_a, whole_view_scan());
+        let mut ib = snapshot.raw_iterator_cf_opt(&cf_b, whole_view_scan());
         ia.seek(&opts.prefix);
         ib.seek(&opts.prefix);
         let mut report = DiffReport {
@@ -246,10 +231,7 @@ impl ViewStore {
     pub fn scan_count(&self, view: &ViewId, prefix: &[u8]) -> Result<(u64, u64), ViewError> {
         let cf = self.cf(view)?;
         let snapshot = self.db.snapshot();
-        let mut o = ReadOptions::default();
-        o.fill_cache(false);
-        o.set_readahead_size(2 << 20);
-        let mut it = snapshot.raw_iterator_cf_opt(&cf, o);
+        let mut it = snapshot.raw_iterator_cf_opt(&cf, whole_view_scan());
         it.seek(prefix);
         let (mut docs, mut bytes) = (0u64, 0u64);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -272,6 +254,15 @@ impl ViewStore {
             .flush_cf(&cf)
             .map_err(storage(format!("flushing {view}")))
     }
+}
+
+/// Read options of a scan of a whole view: it must not evict what queries
+/// keep hot in the block cache.
+fn whole_view_scan() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.fill_cache(false);
+    o.set_readahead_size(2 << 20);
+    o
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -428,15 +428,7 @@ impl ViewStore {
             .db
             .get_pinned(checkpoint_key(view))
             .map_err(storage(format!("reading the checkpoint of {view}")))?;
-        match got {
-            None => Ok(0),
-            Some(v) => <[u8; 8]>::try_from(&v[..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| ViewError::CorruptCheckpoint {
-                    view: view.clone(),
-                    reason: format!("{} bytes, expected 8", v.len()),
-                }),
-        }
+        decode_checkpoint(view, got.as_deref())
     }
 
     /// One document.
@@ -641,6 +633,19 @@ impl ViewStore {
             }
             None => Ok(false),
         }
+    }
+}
+
+/// A stored checkpoint (none: 0, a fresh view).
+fn decode_checkpoint(view: &ViewId, stored: Option<&[u8]>) -> Result<Position, ViewError> {
+    match stored {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v).map(u64::from_be_bytes).map_err(|_| {
+            ViewError::CorruptCheckpoint {
+                view: view.clone(),
+                reason: format!("{} bytes, expected 8", v.len()),
+            }
+        }),
     }
 }
 
