@@ -9,7 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_tests::daemon::{Api, Daemon, Options, kiln_cli, module_version};
+use kiln_tests::daemon::{
+    Api, Daemon, Options, deploy_slow_warming_chaos, kiln_cli, module_version, slow_warming_options,
+};
 use kiln_tests::wasm::{USERS, manifest_of, users_module, with_manifest};
 use serde_json::{Value, json};
 
@@ -215,7 +217,7 @@ async fn a_diff_names_changed_fields_added_and_removed_keys_with_cli_exit_codes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ids_and_retired_versions_are_refused_naming_the_view_and_why() {
-    let d = Daemon::start_with(Options::default());
+    let d = Daemon::start_with(slow_warming_options());
     let api = Api::new(&d);
     append_users(&api).await;
     deploy(&api, users_module("1.0.0", false), "users-1_0_0", "active").await;
@@ -224,6 +226,18 @@ async fn bad_ids_and_retired_versions_are_refused_naming_the_view_and_why() {
         .post_bytes("/admin/views/users-1_0_0/retire", vec![])
         .await;
     assert_eq!(s, 200, "{b}");
+    // A version still warming would hold the live one for its whole replay.
+    let warming = deploy_slow_warming_chaos(&api, 5).await;
+    let (s, body) = api.get(&format!("/admin/views/users/diff/{warming}")).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (409, Some("not_comparable")),
+        "{body}"
+    );
+    assert_eq!(body["error"]["view"], warming.as_str(), "{body}");
+    assert_eq!(body["error"]["state"], "warming", "{body}");
+    let (code, _, err) = kiln_cli(&d, &["diff", "users", &warming]);
+    assert_eq!(code, 3, "{err}");
     for (a, other, status, code, side, why) in [
         (
             "users",
