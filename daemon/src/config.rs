@@ -214,7 +214,7 @@ pub struct ServeArgs {
     /// Milliseconds a module file must be quiet before it is loaded [default: 300].
     #[arg(long, env = "KILN_WATCH_DEBOUNCE_MS")]
     pub watch_debounce_ms: Option<u64>,
-    /// Default cutover policy: auto or manual [default: auto].
+    /// Default cutover policy: auto, manual or auto-if-identical [default: auto].
     #[arg(long, env = "KILN_CUTOVER", value_parser = parse_cutover)]
     pub cutover: Option<CutoverPolicy>,
     /// Default poison-event policy: stop or park [default: stop].
@@ -236,7 +236,10 @@ fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
     match s {
         "auto" => Ok(CutoverPolicy::Auto),
         "manual" => Ok(CutoverPolicy::Manual),
-        _ => Err(format!("{s:?} is not a cutover policy (auto or manual)")),
+        "auto-if-identical" => Ok(CutoverPolicy::AutoIfIdentical),
+        _ => Err(format!(
+            "{s:?} is not a cutover policy (auto, manual or auto-if-identical)"
+        )),
     }
 }
 

@@ -9,8 +9,9 @@ use kiln_tests::daemon::{Api, Daemon, Options, kiln_bin, kiln_cli, projections_d
 use kiln_tests::wasm::USERS;
 use serde_json::Value;
 
-const SUBCOMMANDS: [&str; 10] = [
-    "status", "deploy", "promote", "rollback", "retire", "resume", "append", "get", "ls", "tail",
+const SUBCOMMANDS: [&str; 11] = [
+    "status", "deploy", "promote", "rollback", "retire", "resume", "diff", "append", "get", "ls",
+    "tail",
 ];
 
 #[test]

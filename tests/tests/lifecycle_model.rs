@@ -27,6 +27,11 @@
 //! Warm-ups run with one worker or by 2 or 3 stream partitions (the setting
 //! changes across restarts; a warm-up a crash interrupted keeps its own).
 //!
+//! Odd seeds run under `cutover = "auto-if-identical"` (even ones `auto`):
+//! there a version is promoted on its own only after its documents were
+//! found identical to the version then active (its `cutover_check` says so),
+//! and every check ends (identical, different, or could not be taken).
+//!
 //! `KILN_MODEL_SEQUENCES` (default 200) sequences of `KILN_MODEL_STEPS`
 //! (default 14) steps run in the normal test command; `KILN_MODEL_SEED=<n>`
 //! replays the one sequence a failure names.
@@ -37,7 +42,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln::lifecycle::{
-    DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError, ViewState, ViewStatus,
+    CheckResult, CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError,
+    ViewState, ViewStatus,
 };
 use kiln::runtime::{Module, Runtime, RuntimeConfig};
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
@@ -231,6 +237,9 @@ impl<'a> Run<'a> {
         // setting changing across restarts (a stored warm-up keeps its own).
         c.warmup_workers = 1 + ((self.seed + self.log.len() as u64) % 3) as usize;
         c.warmup_partition_min_events = 0;
+        if self.seed % 2 == 1 {
+            c.default_policy.cutover = CutoverPolicy::AutoIfIdentical;
+        }
         c
     }
 
@@ -664,6 +673,13 @@ impl<'a> Run<'a> {
         self.wait_for("the views to settle at the head", |r| {
             r.lc().status().iter().all(|s| match s.state {
                 ViewState::Warming => false,
+                ViewState::Ready
+                    if s.cutover_check
+                        .as_ref()
+                        .is_some_and(|c| c.result == CheckResult::Pending) =>
+                {
+                    false
+                }
                 ViewState::Ready | ViewState::Active | ViewState::Standby => s.checkpoint >= head,
                 _ => true,
             })
@@ -766,6 +782,29 @@ impl<'a> Run<'a> {
             let known = self.lc().status_of(&vid(*v));
             if known.is_none() {
                 self.fail(format!("{} deployed but unknown", vid(*v)));
+            }
+        }
+        // Promoted on its own under auto-if-identical: found identical to
+        // the version it replaced.
+        for s in &status {
+            let Some(how) = s.activated_by.as_deref() else {
+                continue;
+            };
+            if let Some(rest) = how.strip_prefix("auto-if-identical cutover: identical to ") {
+                let against = rest.split(' ').next().unwrap_or("");
+                let check = s.cutover_check.as_ref();
+                if check.is_none_or(|c| c.result != CheckResult::Identical || c.against != against)
+                {
+                    self.fail(format!(
+                        "{} promoted as identical to {against}: {check:?}",
+                        s.id
+                    ));
+                }
+            } else if self.seed % 2 == 1 && how == "auto cutover" {
+                self.fail(format!(
+                    "{} cut over by plain auto under auto-if-identical",
+                    s.id
+                ));
             }
         }
         // Aliases read a view of the same logic.

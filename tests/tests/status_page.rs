@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_tests::daemon::{
     Api, Daemon, deploy_slow_warming_chaos, projections_dir, slow_warming_options,
 };
-use kiln_tests::wasm::USERS;
+use kiln_tests::wasm::{USERS, users_module};
 use serde_json::json;
 
 fn chromium() -> PathBuf {
@@ -129,4 +129,58 @@ async fn the_status_page_shows_states_aliases_and_a_progress_bar_while_warming_i
         .and_then(|vs| vs.iter().find(|v| v["id"] == chaos.as_str()))
         .map(|v| v["state"].clone());
     assert_eq!(still, Some(json!("warming")), "{views}");
+}
+
+/// A ready version under manual cutover: the page shows what promoting it
+/// would change, counts and examples with field paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_what_promoting_a_ready_version_would_change() {
+    let d = Daemon::start_with(
+        kiln_tests::daemon::Options::default()
+            .arg("--cutover")
+            .arg("manual"),
+    );
+    let api = Api::new(&d);
+    api.register_user("user-1").await;
+    let (s, b) = api
+        .append("user-1", json!("any"), "LoginFailed", json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    api.deploy(users_module("1.0.0", false)).await;
+    api.wait_state("users-1_0_0", "ready", Duration::from_secs(60))
+        .await;
+    let (s, b) = api
+        .post_bytes("/admin/views/users-1_0_0/promote", vec![])
+        .await;
+    assert_eq!(s, 200, "{b}");
+    api.deploy(users_module("1.1.0", true)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = api
+            .wait_state("users-1_1_0", "ready", Duration::from_secs(60))
+            .await;
+        if v["cutover_check"]["result"] == "different" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dom = tokio::task::spawn_blocking({
+        let url = d.url() + "/";
+        move || rendered_dom(&url)
+    })
+    .await
+    .expect("chromium task");
+    let start = dom
+        .find(r#"data-check-for="users-1_1_0""#)
+        .unwrap_or_else(|| panic!("no comparison row:\n{dom}"));
+    let check = &dom[start..start + dom[start..].find("</tr>").unwrap_or(0)];
+    for part in [
+        "against users-1_0_0",
+        "1 changed, 0 added, 0 removed",
+        "<code>user-1</code>",
+        "/failed_logins: 1 → 0",
+    ] {
+        assert!(check.contains(part), "{part:?} not in {check}");
+    }
 }

@@ -111,6 +111,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/admin/views/{id}/retire", Admin, Data, None, post(admin::retire)),
         route!(POST "/admin/views/{id}/resume", Admin, Data, None, post(admin::resume)),
         route!(GET "/admin/views/{id}/parked", Admin, Data, None, get(admin::parked)),
+        route!(GET "/admin/views/{a}/diff/{b}", Admin, Data, None, get(admin::diff)),
         route!(POST "/admin/views/{id}/parked/retry", Admin, Data, None, post(admin::retry_parked)),
     ]
 }

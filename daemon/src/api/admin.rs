@@ -161,3 +161,82 @@ pub async fn retry_parked(
     let retried = state.lifecycle.retry_parked(&id).await?;
     Ok(Json(json!({ "view": id.to_string(), "retried": retried })))
 }
+
+/// Examples of each kind a diff shows by default, and at most.
+const DIFF_EXAMPLES: usize = 10;
+const DIFF_EXAMPLES_MAX: usize = 1000;
+/// How long a diff waits for the two versions to meet, by default and at most.
+const DIFF_WAIT_MS: u64 = 10_000;
+const DIFF_WAIT_MAX_MS: u64 = 60_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// Only keys starting with this.
+    prefix: Option<String>,
+    /// Examples of each kind (only in A, only in B, changed).
+    limit: Option<usize>,
+    /// Longest wait for the two versions to meet at one position.
+    wait_ms: Option<u64>,
+}
+
+/// `GET /admin/views/{a}/diff/{b}`: the documents of two versions compared
+/// at one log position (see [`crate::lifecycle::Lifecycle::diff`]).
+pub async fn diff(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<DiffQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((a, b)) = path.map_err(path_error)?;
+    let Query(q) = query.map_err(query_error)?;
+    let examples = q.limit.unwrap_or(DIFF_EXAMPLES);
+    if examples > DIFF_EXAMPLES_MAX {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            format!("limit {examples} is above {DIFF_EXAMPLES_MAX} examples of each kind"),
+        ));
+    }
+    let prefix = q.prefix.unwrap_or_default();
+    if !prefix.is_empty() {
+        crate::views::check_key(prefix.as_bytes()).map_err(ApiError::bad_key)?;
+    }
+    let wait =
+        std::time::Duration::from_millis(q.wait_ms.unwrap_or(DIFF_WAIT_MS).min(DIFF_WAIT_MAX_MS));
+    let opts = crate::views::diff::DiffOptions {
+        prefix: prefix.into_bytes(),
+        examples,
+    };
+    // Name the side a refusal is about: which view, and why.
+    for (side, spec) in [("a", &a), ("b", &b)] {
+        if let Err(e) = state.lifecycle.resolve_version(spec) {
+            let retired = matches!(e, crate::lifecycle::LifecycleError::Retired { .. });
+            let mut err = ApiError::from(e);
+            if retired {
+                err.status = StatusCode::NOT_FOUND;
+                err.message = format!(
+                    "{}: its documents were dropped, there is nothing to compare",
+                    err.message
+                );
+            }
+            return Err(err.with("side", side).with("view", spec.as_str()));
+        }
+    }
+    let d = state.lifecycle.diff(&a, &b, opts, wait).await?;
+    let r = &d.report;
+    Ok(Json(json!({
+        "a": d.a.version.to_string(),
+        "a_backed_by": d.a.physical.to_string(),
+        "b": d.b.version.to_string(),
+        "b_backed_by": d.b.physical.to_string(),
+        "identical": r.identical(),
+        "position": r.position,
+        "compared": r.compared,
+        "only_in_a": r.only_in_a,
+        "only_in_b": r.only_in_b,
+        "changed": r.changed,
+        "same": r.same,
+        "examples": r.examples,
+        "waited_ms": d.waited.as_millis() as u64,
+        "took_ms": d.took.as_millis() as u64,
+    })))
+}

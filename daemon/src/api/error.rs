@@ -180,6 +180,20 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Retired { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "view_retired", message)
             }
+            LifecycleError::NotComparable { ref id, state } => {
+                ApiError::new(StatusCode::CONFLICT, "not_comparable", message)
+                    .with("view", id.to_string())
+                    .with("state", state.to_string())
+            }
+            LifecycleError::NoCommonPosition(u) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_common_position", message)
+                    .with("a", u.a.to_string())
+                    .with("a_at", u.a_at)
+                    .with("b", u.b.to_string())
+                    .with("b_at", u.b_at)
+                    .with("position", u.target)
+                    .with("waited_ms", u.millis)
+            }
             LifecycleError::NotFailed { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "not_failed", message)
             }

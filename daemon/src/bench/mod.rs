@@ -1,6 +1,7 @@
 //! Benchmarks behind `kiln bench`: each prints its figures next to a baseline
 //! measured in the same run, with the ratio, so numbers compare across machines.
 
+pub mod diff;
 pub mod http;
 pub mod lag;
 pub mod projection;
@@ -25,6 +26,9 @@ pub enum BenchCommand {
     /// warm-up running and while a new version replays the whole log, in the
     /// same run, and their ratio.
     Lag(lag::LagBenchArgs),
+    /// Two views of a million documents compared (`kiln diff`'s merge) next
+    /// to a plain scan of both, in the same run, and their ratio.
+    Diff(diff::DiffBenchArgs),
 }
 
 /// Runs a benchmark to completion on a fresh multi-threaded runtime.
@@ -37,6 +41,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Projection(args) => rt.block_on(projection::run(args)),
         BenchCommand::Http(args) => rt.block_on(http::run(args)),
         BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
+        BenchCommand::Diff(args) => rt.block_on(diff::run(args)),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The client subcommands — `kiln status`, `deploy`, `promote`, `rollback`,
-//! `retire`, `resume`, `append`, `get`, `ls`, `tail` — talking to a running daemon over its
+//! `retire`, `resume`, `diff`, `append`, `get`, `ls`, `tail` — talking to a running daemon over its
 //! HTTP API (`--url`, or `KILN_URL`; default `http://127.0.0.1:7070`).
 //!
 //! Output is for people by default; `--json` prints the daemon's JSON answer as
@@ -16,6 +16,7 @@
 //! | 6 | timed out: a read-your-writes wait, or `deploy --wait` / `status --wait` |
 //! | 7 | a view version failed (`deploy --wait`) |
 //! | 8 | unauthorized: the admin token is missing or wrong |
+//! | 9 | `kiln diff`: the two versions' documents differ (0: identical) |
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ pub mod exit {
     pub const TIMEOUT: u8 = 6;
     pub const FAILED: u8 = 7;
     pub const UNAUTHORIZED: u8 = 8;
+    pub const DIFFERENT: u8 = 9;
 }
 
 /// Where the daemon is and how to talk to it; every client subcommand takes these.
@@ -66,6 +68,10 @@ pub enum ClientCommand {
     Retire(IdArgs),
     /// Resume a failed version from its checkpoint (after dealing with the cause).
     Resume(IdArgs),
+    /// Compare the documents of two versions at one log position: keys only
+    /// in A, only in B, changed (with field paths). Exit 0 when identical, 9
+    /// when they differ.
+    Diff(DiffArgs),
     /// Append one event to a stream, optionally with an expected version.
     Append(AppendArgs),
     /// Read one document of a view.
@@ -111,6 +117,25 @@ pub struct IdArgs {
     pub conn: Conn,
     /// The version: an exact id (users-2_0_0) or a requirement (users@^2).
     pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Version A (usually the active one): a name, an exact id or users@^1.
+    pub a: String,
+    /// Version B (usually the new one).
+    pub b: String,
+    /// Only keys starting with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Examples shown of each kind.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Longest wait for the two versions to meet at one position (ms).
+    #[arg(long)]
+    pub wait_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +269,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             a.conn.json
         }
         ClientCommand::Rollback(a) => a.conn.json,
+        ClientCommand::Diff(a) => a.conn.json,
         ClientCommand::Append(a) => a.conn.json,
         ClientCommand::Get(a) => a.conn.json,
         ClientCommand::Ls(a) => a.conn.json,
@@ -267,6 +293,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Rollback(a) => rollback(a).await,
             ClientCommand::Retire(a) => retire(a).await,
             ClientCommand::Resume(a) => resume(a).await,
+            ClientCommand::Diff(a) => diff(a).await,
             ClientCommand::Append(a) => append(a).await,
             ClientCommand::Get(a) => get(a).await,
             ClientCommand::Ls(a) => ls(a).await,
@@ -275,6 +302,8 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
+        // Not an error: `kiln diff` printed its answer already.
+        Err(f) if f.code == exit::DIFFERENT => ExitCode::from(f.code),
         Err(f) => {
             if json {
                 let body = f.body.unwrap_or_else(
@@ -502,6 +531,11 @@ fn status_table(views: &[Value]) -> String {
         if let Some(p) = v["paused"].as_str() {
             line.push_str(&format!("  paused: {p}"));
         }
+        if state == "ready"
+            && let Some(c) = v.get("cutover_check").filter(|c| !c.is_null())
+        {
+            line.push_str(&format!("  {}", check_text(c)));
+        }
         if let Some(e) = v["last_error"].as_str() {
             line.push_str(&format!("  error: {e}"));
         }
@@ -509,6 +543,45 @@ fn status_table(views: &[Value]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A ready version's cutover check, in one line: `vs users-1_0_0 at 120:
+/// 2 changed, 0 removed, 1 added (user-7 /logins)`.
+fn check_text(c: &Value) -> String {
+    let against = c["against"].as_str().unwrap_or("?");
+    let r = &c["summary"];
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    match c["result"].as_str() {
+        Some("pending") => format!("comparing with {against}..."),
+        Some("identical") => format!("identical to {against} at position {}", n("position")),
+        Some("different") => {
+            let mut text = format!(
+                "vs {against} at position {}: {} changed, {} only in {against}, {} only here; promote to apply",
+                n("position"),
+                n("changed"),
+                n("only_in_a"),
+                n("only_in_b")
+            );
+            if let Some(c) = r["examples"]["changed"].get(0) {
+                let paths: Vec<&str> = c["fields"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f["path"].as_str())
+                    .collect();
+                text.push_str(&format!(
+                    " (e.g. {} {})",
+                    c["key"].as_str().unwrap_or("?"),
+                    paths.join(" ")
+                ));
+            }
+            text
+        }
+        _ => format!(
+            "could not compare with {against}: {}; promote by hand",
+            c["error"].as_str().unwrap_or("?")
+        ),
+    }
 }
 
 // ---- admin ----------------------------------------------------------------
@@ -716,6 +789,100 @@ async fn resume(a: IdArgs) -> Outcome {
         );
     }
     Ok(())
+}
+
+async fn diff(a: DiffArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    let mut q = vec![format!("limit={}", a.limit)];
+    if let Some(p) = &a.prefix {
+        q.push(format!("prefix={}", enc(p)));
+    }
+    if let Some(w) = a.wait_ms {
+        q.push(format!("wait_ms={w}"));
+    }
+    let path = with_query(format!("/admin/views/{}/diff/{}", enc(&a.a), enc(&a.b)), &q);
+    let body = client.get(&path).await?;
+    if a.conn.json {
+        print_json(&body);
+    } else {
+        print!("{}", diff_text(&body));
+    }
+    if body["identical"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: exit::DIFFERENT,
+            message: "the versions' documents differ".into(),
+            // Printed already.
+            body: None,
+        })
+    }
+}
+
+/// A diff answer for people: the counts, then the examples.
+fn diff_text(d: &Value) -> String {
+    let s = |k: &str| d[k].as_str().unwrap_or("?").to_string();
+    let n = |k: &str| d[k].as_u64().unwrap_or(0);
+    let (a, b) = (s("a"), s("b"));
+    let mut out = format!(
+        "{a} vs {b} at position {}: {} compared, {} same, {} changed, {} only in {a}, {} only in {b}\n",
+        n("position"),
+        n("compared"),
+        n("same"),
+        n("changed"),
+        n("only_in_a"),
+        n("only_in_b"),
+    );
+    if d["identical"].as_bool() == Some(true) {
+        out.push_str("identical\n");
+        return out;
+    }
+    let ex = &d["examples"];
+    let list = |k: &str| ex[k].as_array().cloned().unwrap_or_default();
+    let changed = list("changed");
+    if !changed.is_empty() {
+        out.push_str(&format!("changed (first {}):\n", changed.len()));
+        for c in &changed {
+            out.push_str(&format!("  {}\n", c["key"].as_str().unwrap_or("?")));
+            for f in c["fields"].as_array().into_iter().flatten() {
+                let shown = |v: &Value| {
+                    if v.is_null() {
+                        "(absent)".to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                let path = f["path"].as_str().unwrap_or("");
+                out.push_str(&format!(
+                    "    {}: {} -> {}\n",
+                    if path.is_empty() {
+                        "(whole document)"
+                    } else {
+                        path
+                    },
+                    shown(&f["old"]),
+                    shown(&f["new"])
+                ));
+            }
+            if let Some(m) = c["more_fields"].as_u64().filter(|m| *m > 0) {
+                out.push_str(&format!("    ... {m} more fields\n"));
+            }
+        }
+    }
+    for (kind, side) in [("only_in_a", &a), ("only_in_b", &b)] {
+        let docs = list(kind);
+        if !docs.is_empty() {
+            out.push_str(&format!("only in {side} (first {}):\n", docs.len()));
+            for k in &docs {
+                out.push_str(&format!(
+                    "  {}  {}\n",
+                    k["key"].as_str().unwrap_or("?"),
+                    k["doc"]
+                ));
+            }
+        }
+    }
+    out
 }
 
 // ---- data -----------------------------------------------------------------

@@ -16,9 +16,11 @@
 //!   active version;
 //! - nothing still read is released.
 
+use super::compare::{CheckResult, CutoverCheck};
 use super::registry::{Entry, Registry};
-use super::{LifecycleError, ViewState};
+use super::{CutoverPolicy, LifecycleError, ViewState};
 use crate::views::ViewId;
+use crate::views::diff::DiffReport;
 
 /// Where a physical view (a column family and its worker) stands, as the
 /// registry's states imply.
@@ -69,6 +71,22 @@ pub(super) enum DeployPlan {
         alias_of: Option<ViewId>,
         state: ViewState,
         start_worker: bool,
+    },
+}
+
+/// What a name's cutover policy does when a version of it is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Cutover {
+    /// Make it active now.
+    Promote(ViewId),
+    /// Compare its documents with the active version's first (the check is
+    /// recorded as pending on `candidate`); [`Registry::compared`] takes the
+    /// result, and promotes only when `promote_if_identical` and they are
+    /// identical.
+    Compare {
+        candidate: ViewId,
+        against: ViewId,
+        promote_if_identical: bool,
     },
 }
 
@@ -228,6 +246,7 @@ impl Registry {
                 last_error: None,
                 serving_stale: false,
                 activated_by: None,
+                cutover_check: None,
             },
         );
         Ok(DeployPlan::Registered {
@@ -392,6 +411,101 @@ impl Registry {
         }
     }
 
+    /// What `policy` does for `name` now that a version of it is ready:
+    /// - `auto`: promote the [`Self::cutover_candidate`];
+    /// - `auto-if-identical`: promote it when the name has no healthy active
+    ///   version (a first deploy) or when it reads the active version's very
+    ///   view (an alias: the same documents); else compare it with the active
+    ///   version and promote only if identical;
+    /// - `manual`: never promote; compare with a healthy active version on
+    ///   another view, so the operator sees what a promote would change.
+    ///
+    /// The candidate gets a pending check when a comparison is asked for.
+    pub fn cutover_plan(&mut self, name: &str, policy: CutoverPolicy, now: u64) -> Option<Cutover> {
+        let candidate = self.cutover_candidate(name)?;
+        let live_active = self
+            .active(name)
+            .filter(|a| self.physical_state(a.physical()) == Physical::Live)
+            .map(|a| (a.id.clone(), a.physical().clone()));
+        let same_view = |reg: &Registry, physical: &ViewId| {
+            reg.entries
+                .get(&candidate)
+                .is_some_and(|c| c.physical() == physical)
+        };
+        let plan = match (policy, live_active) {
+            (CutoverPolicy::Auto, _) => Cutover::Promote(candidate),
+            (CutoverPolicy::AutoIfIdentical, None) => Cutover::Promote(candidate),
+            (CutoverPolicy::AutoIfIdentical, Some((_, p))) if same_view(self, &p) => {
+                Cutover::Promote(candidate)
+            }
+            (CutoverPolicy::Manual, None) => return None,
+            (CutoverPolicy::Manual, Some((_, p))) if same_view(self, &p) => return None,
+            (policy, Some((against, _))) => {
+                // Already compared with this active version (or being compared).
+                let known = self
+                    .entries
+                    .get(&candidate)
+                    .and_then(|e| e.cutover_check.as_ref());
+                if known.is_some_and(|c| c.against == against.to_string()) {
+                    return None;
+                }
+                Cutover::Compare {
+                    candidate,
+                    against,
+                    promote_if_identical: policy == CutoverPolicy::AutoIfIdentical,
+                }
+            }
+        };
+        if let Cutover::Compare {
+            candidate, against, ..
+        } = &plan
+            && let Some(e) = self.entries.get_mut(candidate)
+        {
+            e.cutover_check = Some(CutoverCheck::pending(against, now));
+        }
+        Some(plan)
+    }
+
+    /// A comparison [`Self::cutover_plan`] asked for is over: `outcome` is its
+    /// report or why it could not be taken. Recorded on the candidate; the
+    /// candidate is promoted only when `promote_if_identical`, the documents
+    /// are identical, the candidate is still ready and still the name's
+    /// cutover candidate, and `against` is still its active version (else
+    /// the operator decides). Returns `Some(previous active)` on a promote.
+    pub fn compared(
+        &mut self,
+        candidate: &ViewId,
+        against: &ViewId,
+        outcome: Result<DiffReport, String>,
+        promote_if_identical: bool,
+        now: u64,
+    ) -> Option<Option<ViewId>> {
+        let entry = self.entries.get_mut(candidate)?;
+        let still_pending = entry
+            .cutover_check
+            .as_ref()
+            .is_some_and(|c| c.result == CheckResult::Pending && c.against == against.to_string());
+        if !still_pending {
+            return None;
+        }
+        let check = CutoverCheck::done(against, &outcome, now);
+        let identical = check.result == CheckResult::Identical;
+        entry.cutover_check = Some(check);
+        let position = outcome.as_ref().map_or(0, |r| r.position);
+        let name = candidate.name().to_string();
+        let go = promote_if_identical
+            && identical
+            && entry.state == ViewState::Ready
+            && self.active(&name).is_some_and(|a| &a.id == against)
+            && self.cutover_candidate(&name).as_ref() == Some(candidate);
+        if !go {
+            return None;
+        }
+        let how =
+            format!("auto-if-identical cutover: identical to {against} at position {position}");
+        self.promote(candidate, now, &how).ok()
+    }
+
     /// The standby a rollback of `name` promotes: the most recent one whose
     /// view is live.
     pub fn rollback_target(&self, name: &str) -> Option<ViewId> {
@@ -499,6 +613,8 @@ mod tests {
         Retire(usize, usize, bool),
         Resume(usize),
         Sweep,
+        /// A pending cutover check ends: 0 identical, 1 different, 2 error.
+        Compared(usize, u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -511,6 +627,7 @@ mod tests {
             2 => (0..2usize, 0..4usize, any::<bool>()).prop_map(|(n, v, a)| Op::Retire(n, v, a)),
             1 => (0..8usize).prop_map(Op::Resume),
             2 => Just(Op::Sweep),
+            3 => (0..4usize, 0..3u8).prop_map(|(i, r)| Op::Compared(i, r)),
         ]
     }
 
@@ -525,6 +642,10 @@ mod tests {
         now: u64,
         /// Versions retired by an operator: the watcher never brings them back.
         operator_retired: BTreeSet<ViewId>,
+        /// The cutover policy of `orders` (`users` is `auto`).
+        orders: CutoverPolicy,
+        /// Comparisons asked for and not over: candidate, against, promote.
+        pending: Vec<(ViewId, ViewId, bool)>,
     }
 
     impl World {
@@ -656,6 +777,46 @@ mod tests {
                         Err(_) => assert!(!failed),
                     }
                 }
+                Op::Compared(i, result) => {
+                    if self.pending.is_empty() {
+                        return;
+                    }
+                    let (candidate, against, promote) = self.pending.remove(i % self.pending.len());
+                    let name = candidate.name().to_string();
+                    let eligible = self.reg.entries.get(&candidate).is_some_and(|e| {
+                        e.state == ViewState::Ready
+                            && e.cutover_check.as_ref().is_some_and(|c| {
+                                c.result == CheckResult::Pending && c.against == against.to_string()
+                            })
+                    }) && self.reg.active(&name).is_some_and(|a| a.id == against)
+                        && self.reg.cutover_candidate(&name).as_ref() == Some(&candidate);
+                    let outcome = match result {
+                        0 => Ok(DiffReport::default()),
+                        1 => Ok(DiffReport {
+                            changed: 1,
+                            ..DiffReport::default()
+                        }),
+                        _ => Err("could not meet".to_string()),
+                    };
+                    let was_active = self.reg.active(&name).map(|a| a.id.clone());
+                    let got = self
+                        .reg
+                        .compared(&candidate, &against, outcome, promote, now);
+                    // Promoted exactly when allowed, identical and still current.
+                    assert_eq!(
+                        got.is_some(),
+                        promote && result == 0 && eligible,
+                        "{candidate} vs {against}: result {result}, promote {promote}, eligible {eligible}"
+                    );
+                    if got.is_some() {
+                        assert_eq!(
+                            self.reg.active(&name).map(|a| a.id.clone()),
+                            Some(candidate)
+                        );
+                    } else {
+                        assert_eq!(self.reg.active(&name).map(|a| a.id.clone()), was_active);
+                    }
+                }
                 Op::Sweep => {
                     for sid in self.reg.expired_standbys(now, |_| 2500) {
                         let e = &self.reg.entries[&sid];
@@ -668,11 +829,51 @@ mod tests {
             }
         }
 
+        fn policy(&self, name: &str) -> CutoverPolicy {
+            if name == "orders" {
+                self.orders
+            } else {
+                CutoverPolicy::Auto
+            }
+        }
+
         fn cutover(&mut self, name: &str) {
-            if let Some(c) = self.reg.cutover_candidate(name) {
-                self.reg
-                    .promote(&c, self.now, "auto cutover")
-                    .expect("a candidate promotes");
+            let policy = self.policy(name);
+            let live_active = self
+                .reg
+                .active(name)
+                .filter(|a| self.reg.physical_state(a.physical()) == Physical::Live)
+                .map(|a| (a.id.clone(), a.physical().clone()));
+            match self.reg.cutover_plan(name, policy, self.now) {
+                Some(Cutover::Promote(c)) => {
+                    // Never over a live active version on another view,
+                    // unless the policy is plain auto.
+                    let physical = self.reg.entries[&c].physical().clone();
+                    assert!(
+                        policy == CutoverPolicy::Auto
+                            || (policy == CutoverPolicy::AutoIfIdentical
+                                && live_active.as_ref().is_none_or(|(_, p)| *p == physical)),
+                        "{policy:?} promoted {c} over {live_active:?}"
+                    );
+                    self.reg
+                        .promote(&c, self.now, "auto cutover")
+                        .expect("a candidate promotes");
+                }
+                Some(Cutover::Compare {
+                    candidate,
+                    against,
+                    promote_if_identical,
+                }) => {
+                    assert_ne!(policy, CutoverPolicy::Auto);
+                    assert_eq!(
+                        promote_if_identical,
+                        policy == CutoverPolicy::AutoIfIdentical
+                    );
+                    assert_eq!(live_active.map(|(id, _)| id), Some(against.clone()));
+                    self.pending
+                        .push((candidate, against, promote_if_identical));
+                }
+                None => {}
             }
         }
 
@@ -756,6 +957,18 @@ mod tests {
                 if self.operator_retired.contains(&e.id) {
                     assert_eq!(e.state, ViewState::Retired, "{} came back", e.id);
                 }
+                // A version a check promoted was found identical.
+                if e.activated_by
+                    .as_deref()
+                    .is_some_and(|how| how.starts_with("auto-if-identical cutover: identical"))
+                {
+                    assert_eq!(
+                        e.cutover_check.as_ref().map(|c| c.result),
+                        Some(CheckResult::Identical),
+                        "{} promoted by a check that did not find it identical",
+                        e.id
+                    );
+                }
             }
             for w in &self.workers {
                 assert!(self.reg.needs_physical(w), "worker of unread {w}");
@@ -766,12 +979,17 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
         #[test]
-        fn every_sequence_keeps_the_lifecycle_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+        fn every_sequence_keeps_the_lifecycle_invariants(
+            ops in proptest::collection::vec(op(), 1..60),
+            orders in prop_oneof![
+                Just(CutoverPolicy::Auto),
+                Just(CutoverPolicy::Manual),
+                Just(CutoverPolicy::AutoIfIdentical),
+            ],
+        ) {
             let mut w = World {
-                reg: Registry::empty(Path::new("unused.json")),
-                workers: HashSet::new(),
-                now: 1,
-                operator_retired: BTreeSet::new(),
+                orders,
+                ..world()
             };
             for op in &ops {
                 w.run(op);
@@ -786,6 +1004,8 @@ mod tests {
             workers: HashSet::new(),
             now: 1,
             operator_retired: BTreeSet::new(),
+            orders: CutoverPolicy::Auto,
+            pending: Vec::new(),
         }
     }
 
@@ -801,6 +1021,45 @@ mod tests {
         let p = id(0, 1);
         w.reg.caught_up(&p, 10);
         assert_eq!(w.reg.entries[&id(0, 2)].state, ViewState::Ready);
+    }
+
+    /// `auto-if-identical`: the first version of a name is promoted like
+    /// `auto`; a later one is compared with the active version, promoted
+    /// when identical, left ready (with the diff) when not.
+    #[test]
+    fn auto_if_identical_promotes_on_identical_and_waits_on_different() {
+        let mut w = World {
+            orders: CutoverPolicy::AutoIfIdentical,
+            ..world()
+        };
+        w.run(&Op::Deploy(1, 0, 0, false));
+        w.run(&Op::CaughtUp(0));
+        assert_eq!(
+            w.reg.serving("orders").unwrap().id,
+            id(1, 0),
+            "first deploy"
+        );
+        w.run(&Op::Deploy(1, 1, 1, false));
+        w.run(&Op::CaughtUp(1));
+        assert_eq!(w.reg.entries[&id(1, 1)].state, ViewState::Ready);
+        assert_eq!(w.pending, vec![(id(1, 1), id(1, 0), true)]);
+        w.run(&Op::Compared(0, 1));
+        let e = &w.reg.entries[&id(1, 1)];
+        assert_eq!(e.state, ViewState::Ready, "different: waits");
+        assert_eq!(
+            e.cutover_check.as_ref().unwrap().result,
+            CheckResult::Different
+        );
+        w.run(&Op::Deploy(1, 2, 2, false));
+        w.run(&Op::CaughtUp(2));
+        w.run(&Op::Compared(0, 0));
+        assert_eq!(
+            w.reg.serving("orders").unwrap().id,
+            id(1, 2),
+            "identical: promoted"
+        );
+        assert_eq!(w.reg.entries[&id(1, 0)].state, ViewState::Standby);
+        w.check();
     }
 
     #[test]

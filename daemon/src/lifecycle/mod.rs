@@ -62,6 +62,7 @@
 //! `views/` (the views RocksDB, one column family per physical view) and
 //! `parked/<view-id>.json` (dead letters).
 
+mod compare;
 mod machine;
 mod parked;
 mod registry;
@@ -80,7 +81,8 @@ use crate::runtime::{LoadError, Module, ProjectionError, Runtime};
 use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
-use machine::{DeployPlan, Fallback, NewVersion, Origin, Physical};
+pub use compare::{CheckResult, CutoverCheck, Diff, Unmet};
+use machine::{Cutover, DeployPlan, Fallback, NewVersion, Origin, Physical};
 pub use parked::ParkedEvent;
 use registry::{Entry, Loaded, Registry};
 use worker::{Priority, Progress, WorkerHandle};
@@ -135,6 +137,13 @@ pub enum CutoverPolicy {
     Auto,
     /// Only on [`Lifecycle::promote`].
     Manual,
+    /// When ready, its documents are compared with the active version's at
+    /// one log position: identical, it becomes active at once (a refactor,
+    /// a faster build); different, or the comparison cannot be taken, it
+    /// waits for [`Lifecycle::promote`] with the comparison in its status.
+    /// With no healthy active version (a first deploy) it is `auto`.
+    #[serde(rename = "auto-if-identical", alias = "auto_if_identical")]
+    AutoIfIdentical,
 }
 
 /// What a version does when its projection fails on an event.
@@ -323,8 +332,12 @@ pub struct ViewStatus {
     /// serves its documents, marked stale.
     pub serving_stale: bool,
     /// How it last became active (`auto cutover`, `promote`, `rollback`,
-    /// `automatic rollback: <id> failed`).
+    /// `automatic rollback: <id> failed`, `auto-if-identical cutover: ...`).
     pub activated_by: Option<String>,
+    /// Its documents compared with the name's active version's when it
+    /// became ready (under `auto-if-identical` and `manual` cutover): what a
+    /// promote would change.
+    pub cutover_check: Option<CutoverCheck>,
     /// Where its module came from (a file path, or `api`).
     pub source: String,
     pub deployed_at: u64,
@@ -407,6 +420,12 @@ pub enum LifecycleError {
         "view {id} is warming in {partitions} partitions: its parked events can be retried once it has caught up"
     )]
     WarmingInPartitions { id: ViewId, partitions: usize },
+    #[error(
+        "view {id} is {state}: only a caught-up version tailing live (ready, active or standby) can be compared"
+    )]
+    NotComparable { id: ViewId, state: ViewState },
+    #[error(transparent)]
+    NoCommonPosition(Box<compare::Unmet>),
     #[error("view {id} is {state}, not failed: there is nothing to resume")]
     NotFailed { id: ViewId, state: ViewState },
     #[error(
@@ -488,6 +507,10 @@ struct Inner {
     priority: Arc<Priority>,
     /// `config.warmup_workers`, changeable while running (for benchmarks).
     warmup_workers: AtomicUsize,
+    /// Where comparisons hold view tails (see [`compare`]).
+    holds: compare::Holds,
+    /// Comparisons run one at a time.
+    compare_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -554,6 +577,8 @@ impl Lifecycle {
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             warmup_workers: AtomicUsize::new(warmup_workers),
+            holds: compare::Holds::default(),
+            compare_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             background: Mutex::new(Vec::new()),
@@ -1245,6 +1270,24 @@ impl Inner {
         // (an operator's rollback beside a newer ready version stays).
         st.registry.save()?;
         tracing::info!(versions = st.registry.entries.len(), "lifecycle resumed");
+        // A cutover check a stop interrupted is taken again.
+        let unfinished: Vec<(ViewId, ViewId)> = st
+            .registry
+            .entries
+            .values()
+            .filter(|e| e.state == ViewState::Ready)
+            .filter_map(|e| {
+                let c = e.cutover_check.as_ref()?;
+                let against = c.against.parse().ok()?;
+                (c.result == CheckResult::Pending).then(|| (e.id.clone(), against))
+            })
+            .collect();
+        drop(st);
+        for (candidate, against) in unfinished {
+            let promote =
+                self.config.policy(candidate.name()).cutover == CutoverPolicy::AutoIfIdentical;
+            self.start_check(candidate, against, promote);
+        }
         Ok(())
     }
 
@@ -1315,11 +1358,9 @@ impl Inner {
                 return Err(e.into());
             }
         }
-        let cutover = self.auto_promote(&mut st.registry, id.name());
+        let cutover = self.cutover(&mut st.registry, id.name());
         self.commit(&mut st, before)?;
-        if let Some((to, previous)) = cutover {
-            log_cutover(&to, previous.as_ref(), "auto cutover");
-        }
+        self.after_cutover(cutover);
         if start_worker {
             let progress = Progress::new(0, true, 0);
             st.progress.insert(id.clone(), progress.clone());
@@ -1357,26 +1398,53 @@ impl Inner {
         Ok(())
     }
 
-    /// Under the `auto` policy, promotes (in `reg`; the caller commits) the
-    /// newest ready version of `name` if it is newer than the active one.
-    /// Returns it and the previous active.
-    fn auto_promote(&self, reg: &mut Registry, name: &str) -> Option<(ViewId, Option<ViewId>)> {
-        if self.config.policy(name).cutover != CutoverPolicy::Auto {
-            return None;
-        }
-        let candidate = reg.cutover_candidate(name)?;
-        match reg.promote(&candidate, now_millis(), "auto cutover") {
-            Ok(previous) => Some((candidate, previous)),
-            Err(e) => {
-                tracing::error!(view = %candidate, "automatic cutover failed: {e}");
-                None
+    /// The name's cutover policy, now that a version of it may be ready
+    /// ([`Registry::cutover_plan`]): a promote happens in `reg` (the caller
+    /// commits, then calls [`Self::after_cutover`]); a comparison is
+    /// recorded as pending and started by [`Self::after_cutover`].
+    fn cutover(&self, reg: &mut Registry, name: &str) -> Option<Planned> {
+        let policy = self.config.policy(name).cutover;
+        match reg.cutover_plan(name, policy, now_millis())? {
+            Cutover::Promote(candidate) => {
+                let how = match policy {
+                    CutoverPolicy::AutoIfIdentical => {
+                        "auto-if-identical cutover (no active version to compare with, or the same view)"
+                    }
+                    _ => "auto cutover",
+                };
+                match reg.promote(&candidate, now_millis(), how) {
+                    Ok(previous) => Some(Planned::Promoted(candidate, previous)),
+                    Err(e) => {
+                        tracing::error!(view = %candidate, "automatic cutover failed: {e}");
+                        None
+                    }
+                }
             }
+            Cutover::Compare {
+                candidate,
+                against,
+                promote_if_identical,
+            } => Some(Planned::Compare(candidate, against, promote_if_identical)),
+        }
+    }
+
+    /// What [`Self::cutover`] planned, once the registry is committed.
+    fn after_cutover(self: &Arc<Self>, planned: Option<Planned>) {
+        match planned {
+            Some(Planned::Promoted(to, previous)) => {
+                log_cutover(&to, previous.as_ref(), "auto cutover")
+            }
+            Some(Planned::Compare(candidate, against, promote)) => {
+                tracing::info!(view = %candidate, against = %against, "ready: comparing its documents with the active version's");
+                self.start_check(candidate, against, promote);
+            }
+            None => {}
         }
     }
 
     /// A warming physical view reached the head: it and its aliases are
     /// `ready`, then the cutover policy.
-    fn on_caught_up(&self, id: &ViewId) {
+    fn on_caught_up(self: &Arc<Self>, id: &ViewId) {
         let mut st = self.lock();
         if st.registry.physical_state(id) != Physical::Warming {
             return;
@@ -1387,7 +1455,7 @@ impl Inner {
         // the two cannot leave a version ready that auto would have promoted.
         let cutovers: Vec<_> = names
             .iter()
-            .filter_map(|name| self.auto_promote(&mut st.registry, name))
+            .filter_map(|name| self.cutover(&mut st.registry, name))
             .collect();
         if let Err(e) = self.commit(&mut st, before) {
             // Still warming; the worker tries again after its next batch.
@@ -1398,8 +1466,9 @@ impl Inner {
             p.warming.store(false, Ordering::Release);
         }
         tracing::info!(view = %id, "caught up: ready");
-        for (to, previous) in cutovers {
-            log_cutover(&to, previous.as_ref(), "auto cutover");
+        drop(st);
+        for planned in cutovers {
+            self.after_cutover(Some(planned));
         }
     }
 
@@ -1534,6 +1603,7 @@ impl Inner {
             failed_position: e.failed_position,
             serving_stale: e.serving_stale,
             activated_by: e.activated_by.clone(),
+            cutover_check: e.cutover_check.clone(),
             source: e.source.clone(),
             deployed_at: e.deployed_at,
             ready_at: e.ready_at,
@@ -1583,6 +1653,14 @@ impl Inner {
             self.sweep(now_millis()).await;
         }
     }
+}
+
+/// A cutover [`Inner::cutover`] made or asked for.
+enum Planned {
+    /// Promoted: the new active version and the previous one.
+    Promoted(ViewId, Option<ViewId>),
+    /// A comparison to run: candidate, active version, promote if identical.
+    Compare(ViewId, ViewId, bool),
 }
 
 fn log_cutover(id: &ViewId, previous: Option<&ViewId>, how: &str) {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::compare::CutoverCheck;
 use super::{LifecycleError, ViewState};
 use crate::views::ViewId;
 
@@ -73,6 +74,11 @@ pub(super) struct Entry {
     /// `automatic rollback: <id> failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_by: Option<String>,
+    /// Its documents compared with the active version's when it became
+    /// ready (`auto-if-identical` and `manual` cutover): what a promote
+    /// would change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_check: Option<CutoverCheck>,
 }
 
 impl Entry {

@@ -369,7 +369,7 @@ impl Worker {
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
-        let mut tail = self.inner.store.tail(self.progress.checkpoint() + 1);
+        let mut tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
         loop {
             tokio::select! {
                 biased;
@@ -390,7 +390,7 @@ impl Worker {
                         if self.inner.store.head().await.is_ok() {
                             self.progress.set_paused(None);
                         }
-                        tail = self.inner.store.tail(self.progress.checkpoint() + 1);
+                        tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
                     }
                     Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
                         Ok(()) => backoff = FAULT_RETRY_FIRST,
@@ -419,7 +419,7 @@ impl Worker {
                                     },
                                 }
                             }
-                            tail = self.inner.store.tail(self.progress.checkpoint() + 1);
+                            tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
                         }
                     },
                 },

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub mod diff;
+
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
 use semver::Version;
 
@@ -437,14 +439,7 @@ impl ViewStore {
             .db
             .get_pinned(checkpoint_key(view))
             .map_err(storage(format!("reading the checkpoint of {view}")))?;
-        let Some(v) = got else { return Ok(0) };
-        match (<[u8; 8]>::try_from(&v[..v.len().min(8)]), v.get(8..)) {
-            (Ok(p), Some([] | [SPLIT_TAG])) => Ok(u64::from_be_bytes(p)),
-            _ => Err(ViewError::CorruptCheckpoint {
-                view: view.clone(),
-                reason: format!("{} bytes, expected 8 (or 9 while partitioned)", v.len()),
-            }),
-        }
+        decode_checkpoint(view, got.as_deref())
     }
 
     /// The checkpoint of `slot`: the view's, or one warm-up partition's.
@@ -782,6 +777,18 @@ impl ViewStore {
             }
             None => Ok(false),
         }
+    }
+}
+
+/// A stored checkpoint (none: 0, a fresh view).
+fn decode_checkpoint(view: &ViewId, stored: Option<&[u8]>) -> Result<Position, ViewError> {
+    let Some(v) = stored else { return Ok(0) };
+    match (<[u8; 8]>::try_from(&v[..v.len().min(8)]), v.get(8..)) {
+        (Ok(p), Some([] | [SPLIT_TAG])) => Ok(u64::from_be_bytes(p)),
+        _ => Err(ViewError::CorruptCheckpoint {
+            view: view.clone(),
+            reason: format!("{} bytes, expected 8 (or 9 while partitioned)", v.len()),
+        }),
     }
 }
 

@@ -230,6 +230,7 @@ impl Worker {
         }
         let mut target = 0;
         let mut closing = false;
+        // The store's own tail: comparisons hold only caught-up views' tails.
         let mut tail = self.inner.store.tail(handed_out + 1);
         loop {
             let low = lowest(&checkpoints);
