@@ -254,6 +254,13 @@ fn browsers_cannot_write_or_read_across_sites() {
         "allowed_hosts = [\"kiln.internal\"]",
         Options::default().projections(dir.path()),
     );
+    // Active before the requests below, so "still active" at the end means
+    // the refused retire did nothing (not merely that the warm-up ended).
+    assert!(
+        d.wait_for_status("/readyz/users", 200, Duration::from_secs(30)),
+        "users never became active: {}",
+        d.log()
+    );
     let addr = d.addr();
     let body = br#"[{"type":"UserRegistered","data":{}}]"#;
     for ct in ["text/plain", "application/x-www-form-urlencoded", ""] {
