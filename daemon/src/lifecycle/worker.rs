@@ -510,7 +510,13 @@ impl Worker {
         batch: &Arc<Vec<RecordedEvent>>,
         stop_rx: &mut watch::Receiver<bool>,
     ) -> Result<(), Halt> {
-        let step = self.inner.config.warmup_batch.max(1);
+        // K partition workers step K times finer: a live batch waits for a
+        // core at most as long as it would behind one warming worker.
+        let share = match self.slot {
+            Slot::View => 1,
+            Slot::Partition { of, .. } => of as usize,
+        };
+        let step = (self.inner.config.warmup_batch / share).max(1);
         let mut at = 0;
         while at < batch.len() {
             tokio::select! {
