@@ -26,6 +26,10 @@
 //!   count is stored, so a restart with another `warmup_workers` finishes
 //!   the warm-up it started.
 //!
+//! Each partition worker applies its shares as a warming worker does, in
+//! steps of `warmup_batch / K` events, each once live workers are idle: K of
+//! them keep a live batch waiting no longer than one warming worker would.
+//!
 //! Documents equal a single worker's: a stream's events reach one partition,
 //! in log order, and its documents see only them.
 
