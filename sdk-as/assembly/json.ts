@@ -1,8 +1,11 @@
 // JSON for kiln projections: a small parser for event data and view documents,
 // and a writer whose output is byte for byte what serde_json writes for the
 // same values (compact, fields in the order written, serde_json's string
-// escapes, integers in decimal, floats in ryu's shortest form), so a document
-// written from AssemblyScript equals the one the Rust SDK writes.
+// escapes, integers in decimal, floats in the shortest form), so a document
+// written from AssemblyScript equals the one the Rust SDK writes. One
+// exception: a float needing 16-17 significant digits reads back as the same
+// f64, but AssemblyScript's dtoa (Grisu2) may choose another last digit than
+// serde_json's shortest-nearest one (tests/tests/projections_as.rs measures it).
 
 import { fail } from "./failure";
 
@@ -673,7 +676,7 @@ export class JsonWriter {
     return present ? this.u64(v) : this.null();
   }
 
-  /** An f64 as serde_json writes it (ryu's shortest form; NaN and infinities as null). */
+  /** An f64 as serde_json writes it (NaN and infinities as null; see the file's note on 17-digit floats). */
   f64(v: f64): JsonWriter {
     if (!isFinite(v)) return this.null();
     this.sep();
@@ -750,8 +753,9 @@ export class JsonWriter {
 }
 
 /**
- * Writes a finite f64 the way ryu (serde_json's float formatter) does, from
- * the shortest round-tripping digits: `1.0`, `0.001`, `1e16`, `1.5e-7`.
+ * Writes a finite f64 the way serde_json (1.0.154, through zmij; ryu's
+ * layout) does, from the shortest round-tripping digits: `1.0`, `0.001`,
+ * `1e+16`, `1.5e-7`: plain from 1e-5 up to below 1e16, else scientific.
  */
 function writeFloat(out: Bytes, v: f64): void {
   if (v == 0) {
@@ -813,7 +817,9 @@ function writeFloat(out: Bytes, v: f64): void {
       out.byte(0x2e);
       for (let j = 1; j < length; j++) out.byte(d(j, digits.ptr, first));
     }
+    // serde_json 1.0.154's formatter (zmij) always signs the exponent: 1e+16, 1.5e-7.
     out.byte(0x65);
-    out.ascii((kk - 1).toString());
+    out.byte(kk - 1 < 0 ? 0x2d : 0x2b);
+    out.ascii(abs(kk - 1).toString());
   }
 }

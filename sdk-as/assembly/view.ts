@@ -1,9 +1,12 @@
 // A projection's handle on its view: JSON documents by key, read and written
 // through kiln's host functions (`kiln.get`, `put`, `delete`, `scan`). Reads
-// see the batch's own earlier writes.
+// see the batch's own earlier writes. Once the current event has failed
+// (`fail`, or a field that does not decode), the view does nothing more: reads
+// find nothing and writes are dropped, so a handler that carries on with zero
+// values cannot reach the host with them (the batch commits nothing anyway).
 
 import { Bytes, JsonObject, JsonWriter, parseObject, utf8 } from "./json";
-import { fail } from "./failure";
+import { fail, failed } from "./failure";
 
 @external("kiln", "get")
 declare function host_get(key: usize, keyLen: usize, out: usize, outCap: usize): i64;
@@ -40,6 +43,7 @@ export class View {
 
   /** Calls a host function that copies its answer when it fits; grows and retries. Returns its length or -1. */
   private fetch(scan: bool): i64 {
+    if (failed()) return -1;
     while (true) {
       const kb = this.keyBuf;
       const n = scan
@@ -100,6 +104,7 @@ export class View {
   }
 
   private putBytes(key: string, ptr: usize, len: usize): void {
+    if (failed()) return;
     this.encodeKey(key);
     host_put(this.keyBuf.ptr, this.keyBuf.len, ptr, len);
   }
@@ -112,6 +117,7 @@ export class View {
   }
 
   delete(key: string): void {
+    if (failed()) return;
     this.encodeKey(key);
     host_delete(this.keyBuf.ptr, this.keyBuf.len);
   }

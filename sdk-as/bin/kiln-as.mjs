@@ -91,7 +91,6 @@ async function build(opts) {
       "--runtime", "stub",
       "--optimizeLevel", "3",
       "--shrinkLevel", "0",
-      "--converge",
       "--use", `abort=${opts.abort ?? "~lib/kiln-sdk-as/assembly/failure/kilnAbort"}`,
     ],
     { stdout: process.stdout, stderr: process.stderr },
