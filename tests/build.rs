@@ -41,7 +41,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
-    let projections = projection_dirs(&root.join("projections"));
+    let projections = projection_dirs(&root.join("projections"), "Cargo.toml");
     ensure_wasm_target();
     let target_dir = root.join("target").join("wasm-projections");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -88,7 +88,7 @@ fn build_assemblyscript(root: &Path, target_dir: &Path) {
     let out_dir = target_dir.join("assemblyscript");
     let kiln_as = root.join("sdk-as/bin/kiln-as.mjs");
     let mut modules: Vec<(String, PathBuf, Vec<String>)> =
-        as_projection_dirs(&root.join("projections"))
+        projection_dirs(&root.join("projections"), "package.json")
             .into_iter()
             .map(|dir| {
                 let name = dir.to_uppercase().replace('-', "_");
@@ -137,24 +137,13 @@ fn build_assemblyscript(root: &Path, target_dir: &Path) {
     }
 }
 
-/// Every `projections/<name>/` with a package.json (AssemblyScript), sorted.
-fn as_projection_dirs(dir: &Path) -> Vec<String> {
+/// Every `projections/<name>/` holding `manifest` (Cargo.toml: Rust;
+/// package.json: AssemblyScript), sorted.
+fn projection_dirs(dir: &Path, manifest: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("reading projections/")
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("package.json").exists())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Every `projections/<name>/` with a Cargo.toml, sorted.
-fn projection_dirs(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("reading projections/")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("Cargo.toml").exists())
+        .filter(|e| e.path().join(manifest).exists())
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();

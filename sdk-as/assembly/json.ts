@@ -95,30 +95,31 @@ export class JsonObject {
     fail(this.context + "invalid type: " + v.describe() + ", expected " + expected + " (field `" + key + "`)");
   }
 
-  string(key: string): string {
+  /** The value at `key` when it is of `kind`; else reports and returns null. */
+  private typed(key: string, kind: JsonKind, expected: string): JsonValue | null {
     const v = this.need(key);
-    if (v === null) return "";
-    if (v.kind != JsonKind.String) {
-      this.invalid(v, key, "a string");
-      return "";
+    if (v === null) return null;
+    if (v.kind != kind) {
+      this.invalid(v, key, expected);
+      return null;
     }
-    return v.str;
+    return v;
+  }
+
+  string(key: string): string {
+    const v = this.typed(key, JsonKind.String, "a string");
+    return v === null ? "" : v.str;
   }
 
   bool(key: string): bool {
-    const v = this.need(key);
-    if (v === null) return false;
-    if (v.kind != JsonKind.Bool) {
-      this.invalid(v, key, "a boolean");
-      return false;
-    }
-    return v.bool;
+    const v = this.typed(key, JsonKind.Bool, "a boolean");
+    return v !== null && v.bool;
   }
 
   u64(key: string): u64 {
-    const v = this.need(key);
+    const v = this.typed(key, JsonKind.Number, "u64");
     if (v === null) return 0;
-    if (v.kind != JsonKind.Number || !v.isUint) {
+    if (!v.isUint) {
       this.invalid(v, key, "u64");
       return 0;
     }
@@ -126,9 +127,9 @@ export class JsonObject {
   }
 
   u32(key: string): u32 {
-    const v = this.need(key);
+    const v = this.typed(key, JsonKind.Number, "u32");
     if (v === null) return 0;
-    if (v.kind != JsonKind.Number || !v.isUint || v.uint > <u64>u32.MAX_VALUE) {
+    if (!v.isUint || v.uint > <u64>u32.MAX_VALUE) {
       this.invalid(v, key, "u32");
       return 0;
     }
@@ -136,9 +137,9 @@ export class JsonObject {
   }
 
   i64(key: string): i64 {
-    const v = this.need(key);
+    const v = this.typed(key, JsonKind.Number, "i64");
     if (v === null) return 0;
-    if (v.kind != JsonKind.Number || !v.isInt) {
+    if (!v.isInt) {
       this.invalid(v, key, "i64");
       return 0;
     }
@@ -146,13 +147,8 @@ export class JsonObject {
   }
 
   f64(key: string): f64 {
-    const v = this.need(key);
-    if (v === null) return 0;
-    if (v.kind != JsonKind.Number) {
-      this.invalid(v, key, "f64");
-      return 0;
-    }
-    return v.num;
+    const v = this.typed(key, JsonKind.Number, "f64");
+    return v === null ? 0 : v.num;
   }
 
   /** The nested object at `key` (its errors carry this object's context). */
