@@ -63,8 +63,14 @@ export class JsonValue {
 export class JsonObject {
   keys: string[] = [];
   values: JsonValue[] = [];
-  /** What the object is, prefixed to its decode errors. */
-  context: string = "";
+  /** What the object is (`event of type`, `document`) and its name, for decode errors. */
+  what: string = "";
+  name: string = "";
+
+  /** `event of type "UserRenamed" does not decode: ` (built only for an error). */
+  context(): string {
+    return this.what.length == 0 ? "" : this.what + ' "' + this.name + '" does not decode: ';
+  }
 
   /** The value at `key`, or null. */
   get(key: string): JsonValue | null {
@@ -87,12 +93,12 @@ export class JsonObject {
 
   private need(key: string): JsonValue | null {
     const v = this.get(key);
-    if (v === null) fail(this.context + "missing field `" + key + "`");
+    if (v === null) fail(this.context() + "missing field `" + key + "`");
     return v;
   }
 
   private invalid(v: JsonValue, key: string, expected: string): void {
-    fail(this.context + "invalid type: " + v.describe() + ", expected " + expected + " (field `" + key + "`)");
+    fail(this.context() + "invalid type: " + v.describe() + ", expected " + expected + " (field `" + key + "`)");
   }
 
   /** The value at `key` when it is of `kind`; else reports and returns null. */
@@ -160,7 +166,8 @@ export class JsonObject {
       this.invalid(v, key, "a map");
       return new JsonObject();
     }
-    o.context = this.context;
+    o.what = this.what;
+    o.name = this.name;
     return o;
   }
 
@@ -179,9 +186,12 @@ export class JsonObject {
 
 // ---------------------------------------------------------------- parsing
 
-/** Parses the UTF-8 JSON at `ptr..ptr+len`; null (after reporting) when malformed. */
-export function parseJson(ptr: usize, len: usize, context: string): JsonValue | null {
-  const p = new Parser(ptr, ptr + len, context);
+/**
+ * Parses the UTF-8 JSON at `ptr..ptr+len`; null (after reporting) when
+ * malformed. `what` and `name` say what it is in error messages.
+ */
+export function parseJson(ptr: usize, len: usize, what: string = "", name: string = ""): JsonValue | null {
+  const p = new Parser(ptr, ptr + len, what, name);
   const v = p.value(0);
   if (v === null) return null;
   p.ws();
@@ -193,23 +203,30 @@ export function parseJson(ptr: usize, len: usize, context: string): JsonValue | 
 }
 
 /** Parses a JSON object; reports and returns null when it is something else. */
-export function parseObject(ptr: usize, len: usize, context: string): JsonObject | null {
-  const v = parseJson(ptr, len, context);
+export function parseObject(ptr: usize, len: usize, what: string = "", name: string = ""): JsonObject | null {
+  const v = parseJson(ptr, len, what, name);
   if (v === null) return null;
   const o = v.obj;
   if (v.kind != JsonKind.Object || o === null) {
-    fail(context + "invalid type: " + v.describe() + ", expected a map");
+    const c = new JsonObject();
+    c.what = what;
+    c.name = name;
+    fail(c.context() + "invalid type: " + v.describe() + ", expected a map");
     return null;
   }
-  o.context = context;
+  o.what = what;
+  o.name = name;
   return o;
 }
 
 class Parser {
-  constructor(public pos: usize, public end: usize, public context: string) {}
+  constructor(public pos: usize, public end: usize, public what: string, public name: string) {}
 
-  error(what: string): void {
-    fail(this.context + "malformed JSON: " + what);
+  error(problem: string): void {
+    const c = new JsonObject();
+    c.what = this.what;
+    c.name = this.name;
+    fail(c.context() + "malformed JSON: " + problem);
     this.pos = this.end;
   }
 

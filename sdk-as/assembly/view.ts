@@ -70,7 +70,7 @@ export class View {
     this.encodeKey(key);
     const n = this.fetch(false);
     if (n < 0) return null;
-    return parseObject(this.outPtr, <usize>n, 'document "' + key + '" does not decode: ');
+    return parseObject(this.outPtr, <usize>n, "document", key);
   }
 
   /** The document at `key`, or null. */
@@ -139,7 +139,7 @@ export class View {
       const key = String.UTF8.decodeUnsafe(p + 4, kl);
       p += 4 + kl;
       const dl = <usize>load<u32>(p);
-      const o = parseObject(p + 4, dl, 'document "' + key + '" does not decode: ');
+      const o = parseObject(p + 4, dl, "document", key);
       p += 4 + dl;
       if (o === null) break;
       const d = instantiate<D>();
