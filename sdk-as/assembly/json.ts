@@ -3,9 +3,11 @@
 // same values (compact, fields in the order written, serde_json's string
 // escapes, integers in decimal, floats in the shortest form), so a document
 // written from AssemblyScript equals the one the Rust SDK writes. One
-// exception: a float needing 16-17 significant digits reads back as the same
-// f64, but AssemblyScript's dtoa (Grisu2) may choose another last digit than
-// serde_json's shortest-nearest one (tests/tests/projections_as.rs measures it).
+// exception: a float that needs 16-17 significant digits may be read and
+// written a few units in the last place away from serde_json's (the parser
+// below is exact only on Clinger's fast path; AssemblyScript's dtoa is
+// Grisu2); tests/tests/projections_as.rs measures it. Floats of up to 15
+// significant digits and exponents within ±22 are exact.
 
 import { fail } from "./failure";
 
@@ -411,7 +413,7 @@ class Parser {
         v.num = <f64>mag;
       }
     } else {
-      v.num = parseFloat(String.UTF8.decodeUnsafe(start, p - start));
+      v.num = decimalToF64(start, p);
     }
     return v;
   }
@@ -507,6 +509,73 @@ class Parser {
     }
     return v;
   }
+}
+
+// Powers of ten exactly representable as f64.
+const POW10: StaticArray<f64> = [
+  1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+  1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/**
+ * The JSON number at `start..end` as f64 (AssemblyScript's parseFloat is off
+ * by powers of ten for some 17-digit inputs). Exact when the significand has
+ * at most 15 digits and the decimal exponent is within ±22 (Clinger's fast
+ * path: numbers as people write them); otherwise within a few units in the
+ * last place.
+ */
+function decimalToF64(start: usize, end: usize): f64 {
+  let p = start;
+  const negative = load<u8>(p) == 0x2d;
+  if (negative) p++;
+  let sig: u64 = 0;
+  let digits = 0;
+  let exp10: i32 = 0;
+  let fraction = false;
+  for (; p < end; p++) {
+    const c = load<u8>(p);
+    if (c == 0x2e) {
+      fraction = true;
+      continue;
+    }
+    if (c < 0x30 || c > 0x39) break;
+    if (digits < 19) {
+      if (sig != 0 || c != 0x30) digits++;
+      sig = sig * 10 + <u64>(c - 0x30);
+      if (fraction) exp10--;
+    } else if (!fraction) {
+      exp10++;
+    }
+  }
+  if (p < end && (load<u8>(p) == 0x65 || load<u8>(p) == 0x45)) {
+    p++;
+    let expNegative = false;
+    if (p < end && (load<u8>(p) == 0x2b || load<u8>(p) == 0x2d)) expNegative = load<u8>(p++) == 0x2d;
+    let e: i32 = 0;
+    for (; p < end; p++) {
+      const c = load<u8>(p);
+      if (c < 0x30 || c > 0x39) break;
+      if (e < 100000) e = e * 10 + <i32>(c - 0x30);
+    }
+    exp10 += expNegative ? -e : e;
+  }
+  let r = <f64>sig;
+  if (sig == 0) return negative ? -0.0 : 0.0;
+  if (exp10 >= 0 && exp10 <= 22) {
+    r *= unchecked(POW10[exp10]);
+  } else if (exp10 < 0 && exp10 >= -22) {
+    r /= unchecked(POW10[-exp10]);
+  } else if (exp10 > 0) {
+    r *= Math.pow(10, <f64>min(exp10, 400));
+  } else {
+    // Two steps below 1e-308, so the divisor stays finite.
+    if (exp10 < -308) {
+      r /= 1e308;
+      exp10 += 308;
+    }
+    r /= Math.pow(10, <f64>min(-exp10, 400));
+  }
+  return negative ? -r : r;
 }
 
 // ---------------------------------------------------------------- bytes
@@ -807,28 +876,63 @@ function writeFloat(out: Bytes, v: f64): void {
     point--;
   }
   while (last > first && load<u8>(digits.ptr + last - 1) == 0x30) last--;
-  const length = last - first;
-  const kk = point + exp; // 10^(kk-1) <= v < 10^kk
+  let length = last - first;
+  let kk = point + exp; // 10^(kk-1) <= v < 10^kk
+  let dptr = digits.ptr + first;
+  // AssemblyScript's dtoa (Grisu2) can give 17 digits where fewer read back
+  // as the same f64 (7e22 as 7.0000000000000008e+22): try the roundings to
+  // 1, 2, ... digits and keep the first that parses back to `v`.
+  if (length > 15) {
+    const shorter = new Bytes();
+    shorter.reserve(<usize>length);
+    for (let p = 1; p < length; p++) {
+      memory.copy(shorter.ptr, dptr, <usize>p);
+      let pk = kk;
+      if (load<u8>(dptr + p) >= 0x35) {
+        let j = p - 1;
+        while (j >= 0 && load<u8>(shorter.ptr + j) == 0x39) {
+          store<u8>(shorter.ptr + j, 0x30);
+          j--;
+        }
+        if (j < 0) {
+          store<u8>(shorter.ptr, 0x31);
+          pk++;
+        } else {
+          store<u8>(shorter.ptr + j, load<u8>(shorter.ptr + j) + 1);
+        }
+      }
+      const candidate = "0." + String.UTF8.decodeUnsafe(shorter.ptr, <usize>p) + "e" + pk.toString();
+      if (parseFloat(candidate) == v) {
+        let n = p;
+        while (n > 1 && load<u8>(shorter.ptr + n - 1) == 0x30) n--;
+        dptr = shorter.ptr;
+        length = n;
+        kk = pk;
+        break;
+      }
+    }
+  }
+  first = 0;
   const k = kk - length; // v = digits × 10^k
   const d = (j: i32, ptr: usize, start: i32): u32 => <u32>load<u8>(ptr + start + j);
   if (k >= 0 && kk <= 16) {
-    for (let j = 0; j < length; j++) out.byte(d(j, digits.ptr, first));
+    for (let j = 0; j < length; j++) out.byte(d(j, dptr, first));
     for (let j = 0; j < k; j++) out.byte(0x30);
     out.ascii(".0");
   } else if (kk > 0 && kk <= 16) {
     for (let j = 0; j < length; j++) {
       if (j == kk) out.byte(0x2e);
-      out.byte(d(j, digits.ptr, first));
+      out.byte(d(j, dptr, first));
     }
   } else if (kk > -5 && kk <= 0) {
     out.ascii("0.");
     for (let j = 0; j < -kk; j++) out.byte(0x30);
-    for (let j = 0; j < length; j++) out.byte(d(j, digits.ptr, first));
+    for (let j = 0; j < length; j++) out.byte(d(j, dptr, first));
   } else {
-    out.byte(d(0, digits.ptr, first));
+    out.byte(d(0, dptr, first));
     if (length > 1) {
       out.byte(0x2e);
-      for (let j = 1; j < length; j++) out.byte(d(j, digits.ptr, first));
+      for (let j = 1; j < length; j++) out.byte(d(j, dptr, first));
     }
     // serde_json 1.0.154's formatter (zmij) always signs the exponent: 1e+16, 1.5e-7.
     out.byte(0x65);
