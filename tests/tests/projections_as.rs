@@ -24,12 +24,12 @@ fn run(
     module: &Module,
     log: &EventLog,
     batch: usize,
-) -> Result<BTreeMap<String, Vec<u8>>, ProjectionError> {
+) -> Result<BTreeMap<String, Vec<u8>>, Box<ProjectionError>> {
     let dir = tempfile::tempdir().unwrap();
     let views = ViewStore::open(dir.path()).unwrap();
     let mut p = Projector::open(module, &views).unwrap();
     for chunk in log.events().chunks(batch) {
-        p.apply(chunk)?;
+        p.apply(chunk).map_err(Box::new)?;
     }
     Ok(views
         .scan(p.view(), b"", None, usize::MAX)
@@ -117,7 +117,7 @@ fn users_as_failure_names_the_projection_and_position() {
         json!({"name": "A", "email": "a"}),
     )
     .push("user-1", "UserRenamed", json!({"nom": "x"}));
-    match run(&script, &log, 10) {
+    match run(&script, &log, 10).map_err(|e| *e) {
         Err(ProjectionError::Failed {
             projection,
             version,
@@ -143,7 +143,7 @@ fn sdk_as_panic_names_the_position_and_message() {
     log.push("c-1", "Count", json!({"key": "n"}))
         .push("c-1", "Panic", json!({"message": "boom"}))
         .push("c-1", "Count", json!({"key": "n"}));
-    match run(&fixture, &log, 10) {
+    match run(&fixture, &log, 10).map_err(|e| *e) {
         Err(ProjectionError::Panic {
             position, message, ..
         }) => {
