@@ -124,34 +124,30 @@ export class JsonObject {
     return v !== null && v.bool;
   }
 
-  u64(key: string): u64 {
-    const v = this.typed(key, JsonKind.Number, "u64");
-    if (v === null) return 0;
-    if (!v.isUint) {
-      this.invalid(v, key, "u64");
-      return 0;
+  /** The integer at `key` when it fits `expected` (u64, u32 or i64); else reports and returns null. */
+  private integer(key: string, expected: string, unsigned: bool, max: u64): JsonValue | null {
+    const v = this.typed(key, JsonKind.Number, expected);
+    if (v === null) return null;
+    if (unsigned ? !v.isUint || v.uint > max : !v.isInt) {
+      this.invalid(v, key, expected);
+      return null;
     }
-    return v.uint;
+    return v;
+  }
+
+  u64(key: string): u64 {
+    const v = this.integer(key, "u64", true, u64.MAX_VALUE);
+    return v === null ? 0 : v.uint;
   }
 
   u32(key: string): u32 {
-    const v = this.typed(key, JsonKind.Number, "u32");
-    if (v === null) return 0;
-    if (!v.isUint || v.uint > <u64>u32.MAX_VALUE) {
-      this.invalid(v, key, "u32");
-      return 0;
-    }
-    return <u32>v.uint;
+    const v = this.integer(key, "u32", true, <u64>u32.MAX_VALUE);
+    return v === null ? 0 : <u32>v.uint;
   }
 
   i64(key: string): i64 {
-    const v = this.typed(key, JsonKind.Number, "i64");
-    if (v === null) return 0;
-    if (!v.isInt) {
-      this.invalid(v, key, "i64");
-      return 0;
-    }
-    return v.int;
+    const v = this.integer(key, "i64", false, 0);
+    return v === null ? 0 : v.int;
   }
 
   f64(key: string): f64 {

@@ -18,7 +18,12 @@ export abstract class Projection {
   /** Called once after the last event of every batch; a failure fails the batch. */
   finishBatch(view: View): void {}
 
-  /** Applies a batch: `handle` for each event, then `finishBatch`. Returns how many events it held. */
+  /** One event of a batch: `handle` here; `PerStream` keeps states for the batch instead. */
+  step(e: Event, view: View): void {
+    this.handle(e, view);
+  }
+
+  /** Applies a batch: `step` for each event, then `finishBatch`. Returns how many events it held. */
   applyBatch(batch: BatchReader, view: View): u32 {
     const n = batch.count();
     for (let i: u32 = 0; i < n; i++) {
@@ -28,7 +33,7 @@ export abstract class Projection {
         fail("malformed batch");
         return i;
       }
-      this.handle(e, view);
+      this.step(e, view);
       if (failed()) return i;
     }
     if (n > 0) setIndex(n - 1);
@@ -51,31 +56,30 @@ export abstract class PerStream<S extends Document> extends Projection {
     return stream;
   }
 
+  /** One event on its own: read the stream's state, apply, write it back. */
   handle(e: Event, view: View): void {
     const key = this.key(e.stream);
     view.put<S>(key, this.apply(view.getOrDefault<S>(key), e));
   }
 
-  applyBatch(batch: BatchReader, view: View): u32 {
-    const memo = new Map<string, S>();
-    const n = batch.count();
-    for (let i: u32 = 0; i < n; i++) {
-      setIndex(i);
-      const e = batch.next();
-      if (e === null) {
-        fail("malformed batch");
-        return i;
-      }
-      const key = this.key(e.stream);
-      const state = memo.has(key) ? memo.get(key) : view.getOrDefault<S>(key);
-      if (failed()) return i;
-      memo.set(key, this.apply(state, e));
-      if (failed()) return i;
-    }
+  private memo: Map<string, S> = new Map<string, S>();
+
+  /** Within a batch: the stream's state from the batch's memo (or the view), applied, kept. */
+  step(e: Event, view: View): void {
+    const key = this.key(e.stream);
+    const memo = this.memo;
+    const state = memo.has(key) ? memo.get(key) : view.getOrDefault<S>(key);
+    if (failed()) return;
+    memo.set(key, this.apply(state, e));
+  }
+
+  /** Writes every state the batch touched, once, in key order. */
+  finishBatch(view: View): void {
+    const memo = this.memo;
     const keys = memo.keys();
     keys.sort();
     for (let i = 0; i < keys.length; i++) view.put<S>(keys[i], memo.get(keys[i]));
-    return n;
+    memo.clear();
   }
 }
 
