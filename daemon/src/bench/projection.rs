@@ -20,6 +20,10 @@
 //! 4. native: the same projection compiled natively, run by the SDK's harness
 //!    over the same batches (the same decoding path as the module).
 //!
+//! With `--compare <module>` (e.g. `users-as`, the AssemblyScript port of
+//! `users`), 2 and 3 run for that module too, in the same rounds, its documents
+//! must equal the native ones, and its rates are shown as a ratio to `--module`'s.
+//!
 //! The wasm/native ratio compares 3 with 4 (same sink); 2 adds RocksDB. Each
 //! variant runs `--rounds` times, interleaved, and the best rate is shown, so
 //! a busy machine skews the figures less.
@@ -96,6 +100,10 @@ pub struct ProjectionBenchArgs {
     /// or `cargo build --release --target wasm32-unknown-unknown -p projection-<name>`).
     #[arg(long)]
     pub module: Option<PathBuf>,
+    /// Other modules of the same projection (another language, another build)
+    /// to measure in the same run, each next to `--module` (repeatable).
+    #[arg(long)]
+    pub compare: Vec<PathBuf>,
     /// Rounds of measurements (the best of each variant is shown).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -143,6 +151,14 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
         path.display()
     );
     let instance_cost = instantiation_cost(&module, 1000)?;
+    let mut others = Vec::new();
+    for other in &args.compare {
+        let m = rt
+            .load_file(other)
+            .with_context(|| format!("loading {}", other.display()))?;
+        println!("  compared with {} ({})", m.view_id(), other.display());
+        others.push(m);
+    }
     for layout in &args.layout {
         let log_dir = dir.join(format!("{layout:?}"));
         let mut config = EmbeddedConfig::new(log_dir.join("log"));
@@ -156,18 +172,30 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             started.elapsed().as_secs_f64()
         );
         let batch = args.batch.max(1);
-        let (rounds, which, wasm) = (args.rounds.max(1), args.projection, module.clone());
-        let best = tokio::task::spawn_blocking(move || -> anyhow::Result<Rates> {
-            let module = wasm;
-            let mut best = Rates::default();
-            for round in 0..rounds {
-                let views = log_dir.join(format!("views-{round}"));
-                let r = measure(&store, &module, &views, batch, which)?;
-                best = best.max(&r);
-            }
-            Ok(best)
-        })
-        .await??;
+        let (rounds, which, main) = (args.rounds.max(1), args.projection, module.clone());
+        let others_here = others.clone();
+        let (best, best_others) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Rates, Vec<Rates>)> {
+                let mut best = Rates::default();
+                let mut best_others = vec![Rates::default(); others_here.len()];
+                for round in 0..rounds {
+                    let views = log_dir.join(format!("views-{round}"));
+                    let (r, native_docs) = measure(&store, &main, &views, batch, which)?;
+                    best = best.max(&r);
+                    for (i, other) in others_here.iter().enumerate() {
+                        let views = log_dir.join(format!("views-{round}-compare-{i}"));
+                        let (wasm_view, wasm_mem) =
+                            measure_wasm(&store, other, &views, batch, &native_docs)?;
+                        best_others[i] = best_others[i].max(&Rates {
+                            wasm_view,
+                            wasm_mem,
+                            ..r
+                        });
+                    }
+                }
+                Ok((best, best_others))
+            })
+            .await??;
         let Rates {
             log_only,
             wasm_view,
@@ -190,6 +218,21 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             "  ratio wasm / native (same sink):      {:.2}   documents identical: yes",
             ratio(wasm_mem, native)
         );
+        for (other, r) in others.iter().zip(&best_others) {
+            println!("  {} (compared):", other.view_id());
+            println!(
+                "    wasm → RocksDB view + checkpoint: {:>10.0} events/s  = {:.2} × {}'s",
+                r.wasm_view,
+                ratio(r.wasm_view, wasm_view),
+                module.view_id()
+            );
+            println!(
+                "    wasm → in-memory documents:       {:>10.0} events/s  = {:.2} × {}'s   documents identical to native: yes",
+                r.wasm_mem,
+                ratio(r.wasm_mem, wasm_mem),
+                module.view_id()
+            );
+        }
         let batch_secs = batch as f64 / wasm_mem.max(1.0);
         println!(
             "  fresh instance per batch:           {:>10.1} µs each ({:.1}% of a {batch}-event batch's time at the wasm → memory rate)",
@@ -323,25 +366,16 @@ impl Rates {
 }
 
 /// One round: the log alone, wasm into a fresh RocksDB view, wasm into memory,
-/// native into memory; fails if wasm and native documents differ.
+/// native into memory; fails if wasm and native documents differ. Returns the
+/// rates and the native documents.
 fn measure(
     store: &EmbeddedStore,
     module: &crate::runtime::Module,
     views_dir: &std::path::Path,
     batch: usize,
     which: Which,
-) -> anyhow::Result<Rates> {
+) -> anyhow::Result<(Rates, NativeDocs)> {
     let log_only = replay(store, batch, |_| Ok(()))?;
-    let views = ViewStore::open(views_dir)?;
-    let mut projector = Projector::open(module, &views)?;
-    let wasm_view = replay(store, batch, |events| Ok(projector.apply(events)?))?;
-
-    let docs = SharedDocuments::default();
-    let mut instance = Instance::new(module, Box::new(docs.clone()))?;
-    let wasm_mem = replay(store, batch, |events| {
-        docs.apply(instance.apply(events)?);
-        Ok(())
-    })?;
     let (native, native_docs) = match which {
         Which::Users => native(
             store,
@@ -354,19 +388,46 @@ fn measure(
             kiln_sdk::Harness::<projection_orders::Orders>::new(),
         )?,
     };
-    let wasm_docs = docs.snapshot();
-    let same = wasm_docs.len() == native_docs.len()
-        && wasm_docs
-            .iter()
-            .zip(&native_docs)
-            .all(|((k1, v1), (k2, v2))| k1 == k2.as_bytes() && v1 == v2);
-    anyhow::ensure!(same, "the wasm and native runs built different documents");
-    Ok(Rates {
+    let (wasm_view, wasm_mem) = measure_wasm(store, module, views_dir, batch, &native_docs)?;
+    let rates = Rates {
         log_only,
         wasm_view,
         wasm_mem,
         native,
-    })
+    };
+    Ok((rates, native_docs))
+}
+
+/// `module` into a fresh RocksDB view, then into memory: both rates; fails
+/// unless its documents are `native_docs`, byte for byte.
+fn measure_wasm(
+    store: &EmbeddedStore,
+    module: &crate::runtime::Module,
+    views_dir: &std::path::Path,
+    batch: usize,
+    native_docs: &NativeDocs,
+) -> anyhow::Result<(f64, f64)> {
+    let views = ViewStore::open(views_dir)?;
+    let mut projector = Projector::open(module, &views)?;
+    let wasm_view = replay(store, batch, |events| Ok(projector.apply(events)?))?;
+    let docs = SharedDocuments::default();
+    let mut instance = Instance::new(module, Box::new(docs.clone()))?;
+    let wasm_mem = replay(store, batch, |events| {
+        docs.apply(instance.apply(events)?);
+        Ok(())
+    })?;
+    let wasm_docs = docs.snapshot();
+    let same = wasm_docs.len() == native_docs.len()
+        && wasm_docs
+            .iter()
+            .zip(native_docs)
+            .all(|((k1, v1), (k2, v2))| k1 == k2.as_bytes() && v1 == v2);
+    anyhow::ensure!(
+        same,
+        "{} built documents other than the native projection's",
+        module.view_id()
+    );
+    Ok((wasm_view, wasm_mem))
 }
 
 /// Documents a native run built, by key.

@@ -4,6 +4,7 @@
 //! declares the surface (`kiln --help`) and maps errors to exit codes.
 
 pub mod client;
+pub mod new;
 pub mod run;
 pub mod serve;
 
@@ -29,6 +30,8 @@ pub enum Command {
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Create a projection project (Rust or AssemblyScript) that builds as it is.
+    New(new::NewArgs),
     /// Run a projection module offline over a JSONL file of events and print
     /// the resulting documents as JSONL.
     Run(run::RunArgs),
@@ -44,6 +47,7 @@ pub fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::New(args) => new::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Client(cmd) => return client::main(cmd),
