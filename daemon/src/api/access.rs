@@ -305,10 +305,32 @@ fn host_name(authority: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
+/// Most bytes of request headers a listener takes (names, values, separators).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Refuses foreign `Host` names on a loopback listener and any `Origin` that
 /// is not the one the request was sent to (see the module docs).
 pub async fn same_origin(State(o): State<Origins>, req: Request, next: Next) -> Response {
     let headers = req.headers();
+    // hyper refuses oversized headers only while it is still reading them;
+    // a request whose headers arrived whole in one read would pass. The
+    // same bound, whatever the reads.
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return close(
+            ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!(
+                    "the request's headers are {header_bytes} bytes, more than the                      {MAX_HEADER_BYTES} the server reads"
+                ),
+            )
+            .into_response(),
+        );
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
