@@ -56,7 +56,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // A probe's "not ready" is a state the orchestrator polls for (every
+        // few seconds through a warm-up), not a fault: kept out of the warnings.
+        if self.code == "not_ready" {
+            tracing::debug!(code = self.code, status = %self.status, "{}", self.message);
+        } else if self.status.is_server_error() {
             tracing::warn!(code = self.code, status = %self.status, "{}", self.message);
         }
         let mut body = Map::new();
