@@ -258,7 +258,7 @@ impl ViewStore {
 
 /// Read options of a scan of a whole view: it must not evict what queries
 /// keep hot in the block cache.
-fn whole_view_scan() -> ReadOptions {
+pub(super) fn whole_view_scan() -> ReadOptions {
     let mut o = ReadOptions::default();
     o.fill_cache(false);
     o.set_readahead_size(2 << 20);

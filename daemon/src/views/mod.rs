@@ -17,6 +17,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub mod diff;
+pub mod digest;
 
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
 use semver::Version;
@@ -57,6 +58,8 @@ pub enum ViewError {
     NotFound(ViewId),
     #[error("view {0} already exists")]
     AlreadyExists(ViewId),
+    #[error("view {0} is warming in partitions: its documents stand at no single position yet")]
+    Partitioned(ViewId),
     #[error("view {view}: corrupt checkpoint: {reason}")]
     CorruptCheckpoint { view: ViewId, reason: String },
     #[error("{op}: {source}")]
