@@ -108,6 +108,8 @@ struct Inner {
     head: watch::Receiver<Position>,
     limits: Limits,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// `embedded:<uuid>`, made when the log was created (see [`log_identity`]).
+    identity: String,
 }
 
 impl Drop for Inner {
@@ -139,6 +141,7 @@ impl EmbeddedStore {
     /// Opens (or creates) the store at `config.path`.
     pub fn open(config: EmbeddedConfig) -> Result<Self, StoreError> {
         let db = Arc::new(open_db(&config.path)?);
+        let identity = log_identity(&db)?;
         let head = last_position(&db)?;
         let (head_tx, head_rx) = watch::channel(head);
         let (jobs, rx) = mpsc::channel(4 * MAX_GROUP);
@@ -162,6 +165,7 @@ impl EmbeddedStore {
                 head: head_rx,
                 limits: config.limits,
                 writer: Mutex::new(Some(handle)),
+                identity,
             }),
         })
     }
@@ -198,6 +202,28 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
         StoreError::backend(format!("opening the event store at {}", path.display()), e)
     })
+}
+
+/// Where the log's identity lives (default column family).
+const LOG_ID_KEY: &[u8] = b"kiln/log-id";
+
+/// The log's identity, `embedded:<uuid v4>`: made and stored the first time
+/// a kiln that knows identities opens the log (a log created before has none
+/// yet: it gets one then, which is no change to its events).
+fn log_identity(db: &DB) -> Result<String, StoreError> {
+    let op = "reading the log's identity";
+    if let Some(v) = db.get(LOG_ID_KEY).map_err(|e| StoreError::backend(op, e))? {
+        return String::from_utf8(v).map_err(|_| StoreError::Corrupt {
+            what: "the log's identity".into(),
+            reason: "not UTF-8".into(),
+        });
+    }
+    let id = format!("embedded:{}", Uuid::new_v4());
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_opt(LOG_ID_KEY, id.as_bytes(), &opts)
+        .map_err(|e| StoreError::backend("storing the log's identity", e))?;
+    Ok(id)
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -727,6 +753,10 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
+    fn log_identity(&self) -> &str {
+        &self.inner.identity
+    }
+
     fn write_fault(&self) -> Option<String> {
         self.inner.stats.fault()
     }

@@ -546,6 +546,12 @@ pub trait EventStore: Send + Sync + 'static {
         0
     }
 
+    /// Which log this is: the same for every process reading this log, and
+    /// different for any other (another data directory, a stream deleted and
+    /// created again). A view snapshot is applied only to the log it was
+    /// built from.
+    fn log_identity(&self) -> &str;
+
     /// Foreign messages skipped and tails recreated, since the store was opened.
     fn health(&self) -> StoreHealth {
         StoreHealth::default()

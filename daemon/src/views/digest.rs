@@ -75,14 +75,7 @@ impl ViewStore {
     ) -> Result<Position, ViewError> {
         let cf = self.cf(view)?;
         let snapshot = self.db.snapshot();
-        let stored = snapshot
-            .get_pinned(checkpoint_key(view))
-            .map_err(storage(format!("reading the checkpoint of {view}")))?;
-        if stored.as_deref().is_some_and(|v| v.len() != 8) {
-            decode_checkpoint(view, stored.as_deref())?;
-            return Err(ViewError::Partitioned(view.clone()));
-        }
-        let position = decode_checkpoint(view, stored.as_deref())?;
+        let position = position_in(&snapshot, view)?;
         let mut it = snapshot.raw_iterator_cf_opt(&cf, super::diff::whole_view_scan());
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -103,6 +96,22 @@ impl ViewStore {
         })?;
         Ok(d.finish(at))
     }
+}
+
+/// The checkpoint `snapshot` holds for `view`; refused while the view warms
+/// in partitions.
+pub(super) fn position_in(
+    snapshot: &rocksdb::SnapshotWithThreadMode<'_, super::Db>,
+    view: &ViewId,
+) -> Result<Position, ViewError> {
+    let stored = snapshot
+        .get_pinned(checkpoint_key(view))
+        .map_err(storage(format!("reading the checkpoint of {view}")))?;
+    if stored.as_deref().is_some_and(|v| v.len() != 8) {
+        decode_checkpoint(view, stored.as_deref())?;
+        return Err(ViewError::Partitioned(view.clone()));
+    }
+    decode_checkpoint(view, stored.as_deref())
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub mod diff;
 pub mod digest;
+pub mod snapshot;
 
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
 use semver::Version;
@@ -60,6 +61,8 @@ pub enum ViewError {
     AlreadyExists(ViewId),
     #[error("view {0} is warming in partitions: its documents stand at no single position yet")]
     Partitioned(ViewId),
+    #[error("view {0} is not empty: a snapshot goes only into a fresh view")]
+    NotEmpty(ViewId),
     #[error("view {view}: corrupt checkpoint: {reason}")]
     CorruptCheckpoint { view: ViewId, reason: String },
     #[error("{op}: {source}")]
@@ -701,28 +704,7 @@ impl ViewStore {
 
     /// The view's dead-letter records, in position order.
     pub fn parked(&self, view: &ViewId) -> Result<Vec<(Position, Vec<u8>)>, ViewError> {
-        let (from, to) = parked_range(view);
-        let mut it = self.db.raw_iterator();
-        it.seek(&from);
-        let mut out = Vec::new();
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if k >= to.as_slice() {
-                break;
-            }
-            let position = k
-                .get(from.len()..)
-                .and_then(|p| <[u8; 8]>::try_from(p).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| ViewError::CorruptCheckpoint {
-                    view: view.clone(),
-                    reason: format!("a dead-letter key of {} bytes", k.len()),
-                })?;
-            out.push((position, v.to_vec()));
-            it.next();
-        }
-        it.status()
-            .map_err(storage(format!("reading the dead letters of {view}")))?;
-        Ok(out)
+        read_parked(view, self.db.raw_iterator())
     }
 
     /// A write batch holding `writes` to `view`'s documents.
@@ -860,6 +842,34 @@ fn decode_partition(v: &[u8]) -> Option<(u32, Position)> {
     let of = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
     let at = u64::from_be_bytes(v.get(4..)?.try_into().ok()?);
     Some((of, at))
+}
+
+/// A view's dead letters, read through `it` (the database's, or a snapshot's).
+fn read_parked(
+    view: &ViewId,
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, Db>,
+) -> Result<Vec<(Position, Vec<u8>)>, ViewError> {
+    let (from, to) = parked_range(view);
+    it.seek(&from);
+    let mut out = Vec::new();
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if k >= to.as_slice() {
+            break;
+        }
+        let position = k
+            .get(from.len()..)
+            .and_then(|p| <[u8; 8]>::try_from(p).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| ViewError::CorruptCheckpoint {
+                view: view.clone(),
+                reason: format!("a dead-letter key of {} bytes", k.len()),
+            })?;
+        out.push((position, v.to_vec()));
+        it.next();
+    }
+    it.status()
+        .map_err(storage(format!("reading the dead letters of {view}")))?;
+    Ok(out)
 }
 
 fn parked_key(view: &ViewId, position: Position) -> Vec<u8> {

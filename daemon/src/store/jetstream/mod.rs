@@ -91,6 +91,9 @@ pub struct JetStreamStore {
 }
 
 struct Inner {
+    /// `jetstream:<stream>:<created, ns>`: a stream deleted and made again
+    /// is another log.
+    identity: String,
     client: Client,
     js: Context,
     events: js_stream::Stream,
@@ -228,8 +231,14 @@ impl JetStreamStore {
             },
         )
         .await?;
+        let identity = format!(
+            "jetstream:{}:{}",
+            config.stream,
+            events.cached_info().created.unix_timestamp_nanos()
+        );
         Ok(JetStreamStore {
             inner: Arc::new(Inner {
+                identity,
                 client,
                 js,
                 events,
@@ -253,7 +262,6 @@ impl JetStreamStore {
     pub fn client(&self) -> &Client {
         &self.inner.client
     }
-
     pub fn config(&self) -> &JetStreamConfig {
         &self.inner.config
     }
@@ -1834,6 +1842,10 @@ impl Tail {
 
 #[async_trait]
 impl EventStore for JetStreamStore {
+    fn log_identity(&self) -> &str {
+        &self.inner.identity
+    }
+
     async fn append(&self, req: AppendRequest) -> Result<AppendResult, StoreError> {
         self.inner.append(req).await
     }
