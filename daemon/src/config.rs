@@ -40,6 +40,49 @@ pub struct EmbeddedOptions {
     pub durability: Durability,
 }
 
+/// View snapshots (`[snapshots]`): where they are kept, how often they are
+/// taken. Off unless `dir` or `bucket` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotOptions {
+    /// A directory to keep snapshots in (any store; the one choice on the
+    /// embedded store).
+    pub dir: Option<PathBuf>,
+    /// A JetStream object store bucket to keep them in (JetStream store
+    /// only; created if missing, with the stream's replicas), e.g.
+    /// `KILN_VIEWS`. Leases live in `<bucket>_LEASES`.
+    pub bucket: Option<String>,
+    /// Snapshot live views again every `"<n> events"` or `"<n>s|m|h"`
+    /// (unset: only when a warm-up this instance ran catches up, and on
+    /// demand).
+    pub every: Option<String>,
+    /// Snapshots kept per view logic and log.
+    pub keep: usize,
+    /// Fill fresh versions from a snapshot of their logic when one exists.
+    pub bootstrap: bool,
+    /// Largest SST file of a snapshot, in MiB.
+    pub max_file_mib: u64,
+    /// Seconds a publisher's lease lives unless refreshed (JetStream).
+    pub lease_ttl_secs: u64,
+    /// This instance's name in leases and manifests [default: host:pid].
+    pub instance: Option<String>,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            dir: None,
+            bucket: None,
+            every: None,
+            keep: 3,
+            bootstrap: true,
+            max_file_mib: 64,
+            lease_ttl_secs: 30,
+            instance: None,
+        }
+    }
+}
+
 /// Limits of the WebAssembly runtime.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -121,6 +164,7 @@ pub struct ServeConfig {
     /// Policies per view name: `[views.users] cutover = "manual"`.
     pub views: BTreeMap<String, ViewPolicy>,
     pub runtime: RuntimeLimits,
+    pub snapshots: SnapshotOptions,
     /// `--recover-registry` (a one-time flag, never in the file): start even
     /// though `registry.json` is missing or corrupt while the data directory
     /// holds views, rebuilding it from the deployed modules.
@@ -145,6 +189,7 @@ impl Default for ServeConfig {
             default_policy: ViewPolicy::default(),
             views: BTreeMap::new(),
             runtime: RuntimeLimits::default(),
+            snapshots: SnapshotOptions::default(),
             recover_registry: false,
         }
     }
@@ -230,6 +275,16 @@ pub struct ServeArgs {
     /// Deadline of one batch, in milliseconds [default: 10000].
     #[arg(long, env = "KILN_BATCH_DEADLINE_MS")]
     pub batch_deadline_ms: Option<u64>,
+    /// Keep view snapshots in this directory (and bootstrap from them).
+    #[arg(long, env = "KILN_SNAPSHOT_DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Keep view snapshots in this JetStream object store bucket (JetStream
+    /// store), e.g. KILN_VIEWS.
+    #[arg(long, env = "KILN_SNAPSHOT_BUCKET")]
+    pub snapshot_bucket: Option<String>,
+    /// Snapshot live views every "<n> events" or "<n>s|m|h".
+    #[arg(long, env = "KILN_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<String>,
 }
 
 fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
@@ -359,6 +414,15 @@ impl ServeConfig {
         if let Some(d) = a.batch_deadline_ms {
             self.runtime.batch_deadline_ms = d;
         }
+        if let Some(d) = &a.snapshot_dir {
+            self.snapshots.dir = Some(d.clone());
+        }
+        if let Some(b) = &a.snapshot_bucket {
+            self.snapshots.bucket = Some(b.clone());
+        }
+        if let Some(e) = &a.snapshot_every {
+            self.snapshots.every = Some(e.clone());
+        }
         Ok(())
     }
 
@@ -434,7 +498,43 @@ impl ServeConfig {
                 .validate()
                 .context("the [jetstream] configuration")?;
         }
+        self.snapshot_every()?;
+        let s = &self.snapshots;
+        anyhow::ensure!(
+            !(s.dir.is_some() && s.bucket.is_some()),
+            "snapshots: set dir or bucket, not both"
+        );
+        anyhow::ensure!(
+            s.bucket.is_none() || self.store == StoreBackend::Jetstream,
+            "snapshots.bucket is a JetStream object store: it needs the JetStream store (on the embedded store use snapshots.dir / --snapshot-dir)"
+        );
+        if let Some(b) = &s.bucket {
+            anyhow::ensure!(
+                !b.is_empty()
+                    && b.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "snapshots.bucket {b:?}: letters, digits, '_' and '-' only"
+            );
+        }
+        anyhow::ensure!(s.keep > 0, "snapshots.keep must be above 0");
+        anyhow::ensure!(s.max_file_mib > 0, "snapshots.max_file_mib must be above 0");
+        anyhow::ensure!(
+            s.lease_ttl_secs >= 3,
+            "snapshots.lease_ttl_secs must be at least 3"
+        );
         Ok(())
+    }
+
+    /// `snapshots.every`, parsed.
+    pub fn snapshot_every(&self) -> anyhow::Result<Option<crate::snapshots::Every>> {
+        self.snapshots
+            .every
+            .as_deref()
+            .map(|e| {
+                e.parse()
+                    .map_err(|e: String| anyhow::anyhow!("snapshots.every: {e}"))
+            })
+            .transpose()
     }
 
     /// The lifecycle's part.

@@ -16,5 +16,6 @@ pub mod cli;
 pub mod config;
 pub mod lifecycle;
 pub mod runtime;
+pub mod snapshots;
 pub mod store;
 pub mod views;

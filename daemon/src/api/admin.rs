@@ -240,3 +240,34 @@ pub async fn diff(
         "took_ms": d.took.as_millis() as u64,
     })))
 }
+
+/// `POST /admin/views/{id}/snapshot`: snapshot the version's view now and
+/// publish it (see [`crate::lifecycle::Lifecycle::snapshot`]).
+pub async fn snapshot(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = path.map_err(path_error)?;
+    let id = version_id(&state, &id)?;
+    let m = state.lifecycle.snapshot(&id.to_string()).await?;
+    Ok(Json(
+        json!({ "snapshot": m, "store": snapshot_store(&state) }),
+    ))
+}
+
+/// `GET /admin/snapshots`: every snapshot in the store.
+pub async fn snapshots(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let all = state.lifecycle.snapshots().await?;
+    Ok(Json(
+        json!({ "snapshots": all, "store": snapshot_store(&state) }),
+    ))
+}
+
+fn snapshot_store(state: &AppState) -> Option<String> {
+    state
+        .lifecycle
+        .config()
+        .snapshots
+        .as_ref()
+        .map(|s| s.describe())
+}

@@ -204,6 +204,18 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::WarmingInPartitions { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "warming_in_partitions", message)
             }
+            LifecycleError::SnapshotsOff => {
+                ApiError::new(StatusCode::NOT_FOUND, "snapshots_off", message)
+            }
+            LifecycleError::NotSnapshottable { ref id, state } => {
+                ApiError::new(StatusCode::CONFLICT, "not_snapshottable", message)
+                    .with("view", id.to_string())
+                    .with("state", state.to_string())
+            }
+            LifecycleError::SnapshotBusy { ref holder, .. } => {
+                let holder = holder.clone();
+                ApiError::new(StatusCode::CONFLICT, "snapshot_busy", message).with("holder", holder)
+            }
             LifecycleError::Load(_) => ApiError::bad_request("invalid_module", message),
             LifecycleError::Store(e) => e.into(),
             LifecycleError::View(e) => e.into(),

@@ -391,6 +391,57 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {n}"
         );
     }
+    if let Some(m) = state.lifecycle.snapshot_metrics() {
+        let ms = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed) as f64 / 1000.0;
+        let n = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed) as f64;
+        for (name, help, value) in [
+            (
+                "kiln_snapshot_bootstraps_total",
+                "View versions filled from a snapshot instead of a replay.",
+                n(&m.bootstraps),
+            ),
+            (
+                "kiln_snapshot_refused_total",
+                "Snapshots refused (digest, size, manifest) before a version replayed instead.",
+                n(&m.refused),
+            ),
+            (
+                "kiln_snapshot_downloaded_bytes_total",
+                "Bytes of snapshot files downloaded.",
+                n(&m.downloaded_bytes),
+            ),
+            (
+                "kiln_snapshot_download_seconds_total",
+                "Time spent downloading, checking and ingesting snapshots.",
+                ms(&m.download_millis),
+            ),
+            (
+                "kiln_snapshot_published_total",
+                "Snapshots this instance published.",
+                n(&m.published),
+            ),
+            (
+                "kiln_snapshot_uploaded_bytes_total",
+                "Bytes of snapshot files uploaded.",
+                n(&m.uploaded_bytes),
+            ),
+            (
+                "kiln_snapshot_upload_seconds_total",
+                "Time spent exporting and uploading snapshots.",
+                ms(&m.upload_millis),
+            ),
+            (
+                "kiln_snapshot_failures_total",
+                "Snapshots this instance failed to publish.",
+                n(&m.failures),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+    }
     let uptime = c.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
     let _ = writeln!(
         out,

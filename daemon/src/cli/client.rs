@@ -72,6 +72,11 @@ pub enum ClientCommand {
     /// in A, only in B, changed (with field paths). Exit 0 when identical, 9
     /// when they differ.
     Diff(DiffArgs),
+    /// Snapshot a version's view now and publish it to the snapshot store
+    /// (other instances bootstrap from it instead of replaying).
+    Snapshot(IdArgs),
+    /// List the view snapshots in the snapshot store.
+    Snapshots(ConnArgs),
     /// Append one event to a stream, optionally with an expected version.
     Append(AppendArgs),
     /// Read one document of a view.
@@ -109,6 +114,12 @@ pub struct DeployArgs {
     /// With --wait: give up after this many seconds (exit code 6).
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ConnArgs {
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 #[derive(Args, Debug)]
@@ -269,6 +280,8 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             a.conn.json
         }
         ClientCommand::Rollback(a) => a.conn.json,
+        ClientCommand::Snapshot(a) => a.conn.json,
+        ClientCommand::Snapshots(a) => a.conn.json,
         ClientCommand::Diff(a) => a.conn.json,
         ClientCommand::Append(a) => a.conn.json,
         ClientCommand::Get(a) => a.conn.json,
@@ -294,6 +307,8 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Retire(a) => retire(a).await,
             ClientCommand::Resume(a) => resume(a).await,
             ClientCommand::Diff(a) => diff(a).await,
+            ClientCommand::Snapshot(a) => snapshot(a).await,
+            ClientCommand::Snapshots(a) => snapshots(a).await,
             ClientCommand::Append(a) => append(a).await,
             ClientCommand::Get(a) => get(a).await,
             ClientCommand::Ls(a) => ls(a).await,
@@ -770,6 +785,60 @@ async fn retire(a: IdArgs) -> Outcome {
         print_json(&body);
     } else {
         println!("retired {}", body["retired"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+async fn snapshot(a: IdArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    let body = client
+        .post(&format!("/admin/views/{}/snapshot", enc(&a.id)))
+        .await?;
+    if a.conn.json {
+        print_json(&body);
+    } else {
+        let m = &body["snapshot"];
+        println!(
+            "snapshot of {} at position {}: {} documents, {} bytes in {} ({})",
+            m["view"].as_str().unwrap_or("?"),
+            m["position"],
+            m["documents"],
+            m["files"].as_array().map_or(0, |f| f
+                .iter()
+                .filter_map(|f| f["size"].as_u64())
+                .sum::<u64>()),
+            body["store"].as_str().unwrap_or("?"),
+            m["digest"].as_str().map_or("?", |d| &d[..d.len().min(16)]),
+        );
+    }
+    Ok(())
+}
+
+async fn snapshots(a: ConnArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    let body = client.get("/admin/snapshots").await?;
+    if a.conn.json {
+        print_json(&body);
+        return Ok(());
+    }
+    println!("{}", body["store"].as_str().unwrap_or("?"));
+    let all = body["snapshots"].as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        println!("no snapshots");
+    }
+    for m in all {
+        println!(
+            "{:<24} at {:>10}  {:>9} docs  {:>12} bytes  by {}  logic {}",
+            m["view"].as_str().unwrap_or("?"),
+            m["position"],
+            m["documents"],
+            m["files"].as_array().map_or(0, |f| f
+                .iter()
+                .filter_map(|f| f["size"].as_u64())
+                .sum::<u64>()),
+            m["instance"].as_str().unwrap_or("?"),
+            m["fingerprint"].as_str().unwrap_or("?"),
+        );
     }
     Ok(())
 }

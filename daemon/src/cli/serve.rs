@@ -4,12 +4,16 @@
 //! finish its current batch and writes the registry a last time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{ServeArgs, ServeConfig, StoreBackend};
 use crate::lifecycle::Lifecycle;
 use crate::runtime::Runtime;
+use crate::snapshots::dir::DirStore;
+use crate::snapshots::object::ObjectStore;
+use crate::snapshots::{SnapshotConfig, SnapshotStore, Snapshots};
 use crate::store::EventStore;
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::store::jetstream::JetStreamStore;
@@ -28,6 +32,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let mut bucket = None;
     let store: Arc<dyn EventStore> = match config.store {
         StoreBackend::Embedded => {
             let path = config.data_dir.join("log");
@@ -50,11 +55,26 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             if let Some(warning) = js.durability_warning() {
                 tracing::warn!("{warning}");
             }
+            if let Some(name) = &config.snapshots.bucket {
+                let s = &config.snapshots;
+                bucket = Some(
+                    ObjectStore::open(
+                        js.context(),
+                        name,
+                        config.jetstream.replicas,
+                        Duration::from_secs(s.lease_ttl_secs),
+                    )
+                    .await
+                    .with_context(|| format!("opening the snapshot bucket {name}"))?,
+                );
+            }
             Arc::new(js)
         }
     };
     let runtime = Runtime::new(config.runtime())?;
-    let lifecycle = Lifecycle::start(config.lifecycle(), store, runtime)
+    let mut lifecycle_config = config.lifecycle();
+    lifecycle_config.snapshots = snapshots(&config, bucket)?;
+    let lifecycle = Lifecycle::start(lifecycle_config, store, runtime)
         .await
         .context("starting the view lifecycle")?;
     tracing::info!(
@@ -67,6 +87,36 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     lifecycle.shutdown().await;
     served
+}
+
+/// The snapshot service `[snapshots]` asks for, if any.
+fn snapshots(
+    config: &ServeConfig,
+    bucket: Option<ObjectStore>,
+) -> anyhow::Result<Option<Arc<Snapshots>>> {
+    let s = &config.snapshots;
+    let store: Box<dyn SnapshotStore> = match (&s.dir, bucket) {
+        (Some(dir), _) => Box::new(
+            DirStore::open(dir)
+                .with_context(|| format!("opening the snapshot directory {}", dir.display()))?,
+        ),
+        (None, Some(bucket)) => Box::new(bucket),
+        (None, None) => return Ok(None),
+    };
+    // Staged downloads and exports: on the views' file system, emptied at start.
+    let work = config.data_dir.join("snapshots-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut c = SnapshotConfig::new(work);
+    c.every = config.snapshot_every()?;
+    c.keep = s.keep;
+    c.bootstrap = s.bootstrap;
+    c.max_file_bytes = s.max_file_mib << 20;
+    if let Some(i) = &s.instance {
+        c.instance = i.clone();
+    }
+    tracing::info!(store = %store.describe(), every = ?c.every, keep = c.keep, bootstrap = c.bootstrap, "view snapshots on");
+    Ok(Some(Arc::new(Snapshots::new(store, c))))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

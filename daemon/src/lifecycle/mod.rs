@@ -78,6 +78,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{LoadError, Module, ProjectionError, Runtime};
+use crate::snapshots::{SnapshotActivity, SnapshotError, SnapshotManifest, Snapshots};
 use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
@@ -203,6 +204,10 @@ pub struct LifecycleConfig {
     /// log moved on is reported stalled (`GET /views`, `/readyz/{view}` 503,
     /// `kiln_view_stalled_seconds`).
     pub stall_after: Duration,
+    /// View snapshots: published when a warm-up this instance ran is caught
+    /// up (and periodically), bootstrapped from by fresh versions
+    /// (see [`crate::snapshots`]). `None`: no snapshots.
+    pub snapshots: Option<Arc<Snapshots>>,
 }
 
 /// Most workers one view warms with (and the most partitions a stored
@@ -233,6 +238,7 @@ impl LifecycleConfig {
             warmup_partition_min_events: 4096,
             recover_registry: false,
             stall_after: Duration::from_secs(30),
+            snapshots: None,
         }
     }
 
@@ -338,6 +344,14 @@ pub struct ViewStatus {
     /// became ready (under `auto-if-identical` and `manual` cutover): what a
     /// promote would change.
     pub cutover_check: Option<CutoverCheck>,
+    /// Snapshots: waiting for another instance's, downloading, bootstrapped
+    /// from one at a position, refused one, or building (this instance
+    /// publishes when caught up). `None`: no snapshots configured, or an
+    /// alias.
+    pub snapshot: Option<SnapshotActivity>,
+    /// Position of the last snapshot this instance published of its view
+    /// (or bootstrapped it from) since it started.
+    pub last_snapshot: Option<u64>,
     /// Where its module came from (a file path, or `api`).
     pub source: String,
     pub deployed_at: u64,
@@ -420,6 +434,18 @@ pub enum LifecycleError {
         "view {id} is warming in {partitions} partitions: its parked events can be retried once it has caught up"
     )]
     WarmingInPartitions { id: ViewId, partitions: usize },
+    #[error(
+        "snapshots are off: start kiln with --snapshot-dir (or [snapshots] dir), or --snapshot-bucket on JetStream"
+    )]
+    SnapshotsOff,
+    #[error(
+        "view {id} is {state}: only a caught-up version (ready, active or standby) is snapshotted"
+    )]
+    NotSnapshottable { id: ViewId, state: ViewState },
+    #[error("another instance ({holder}) is publishing a snapshot of {id}'s logic now")]
+    SnapshotBusy { id: ViewId, holder: String },
+    #[error("snapshot of {id}: {reason}")]
+    Snapshot { id: ViewId, reason: String },
     #[error(
         "view {id} is {state}: only a caught-up version tailing live (ready, active or standby) can be compared"
     )]
@@ -921,6 +947,88 @@ impl Lifecycle {
     }
 
     /// The lifecycle's configuration.
+    /// Takes a snapshot of version `spec`'s view now and publishes it
+    /// (`POST /admin/views/{id}/snapshot`); the store's newest one when it
+    /// already holds one at the view's position.
+    pub async fn snapshot(&self, spec: &str) -> Result<SnapshotManifest, LifecycleError> {
+        self.inner.check_running()?;
+        let snapshots = self
+            .inner
+            .config
+            .snapshots
+            .clone()
+            .ok_or(LifecycleError::SnapshotsOff)?;
+        let resolved = self.resolve_version(spec)?;
+        let (physical, state, fingerprint) = {
+            let st = self.inner.lock();
+            let e = st.registry.entries.get(&resolved.version).ok_or_else(|| {
+                LifecycleError::UnknownView {
+                    spec: spec.to_string(),
+                }
+            })?;
+            let physical = e.physical().clone();
+            let state = st.registry.physical_state(&physical);
+            let fingerprint = st
+                .registry
+                .entries
+                .get(&physical)
+                .map_or_else(|| e.fingerprint.clone(), |p| p.fingerprint.clone());
+            (physical, (e.state, state), fingerprint)
+        };
+        if !matches!(
+            state.0,
+            ViewState::Ready | ViewState::Active | ViewState::Standby
+        ) || state.1 != Physical::Live
+        {
+            return Err(LifecycleError::NotSnapshottable {
+                id: resolved.version,
+                state: state.0,
+            });
+        }
+        let log = self.inner.store.log_identity();
+        let failed = |e: SnapshotError| match e {
+            SnapshotError::LeaseHeld(holder) => LifecycleError::SnapshotBusy {
+                id: physical.clone(),
+                holder,
+            },
+            e => LifecycleError::Snapshot {
+                id: physical.clone(),
+                reason: e.to_string(),
+            },
+        };
+        match snapshots
+            .publish(&self.inner.views, &physical, &fingerprint, log)
+            .await
+            .map_err(failed)?
+        {
+            Some(m) => Ok(m),
+            None => snapshots
+                .latest(log, &fingerprint)
+                .await
+                .map_err(failed)?
+                .ok_or_else(|| LifecycleError::Internal("a snapshot vanished".into())),
+        }
+    }
+
+    /// Every snapshot in the store (`GET /admin/snapshots`).
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotManifest>, LifecycleError> {
+        let snapshots = self
+            .inner
+            .config
+            .snapshots
+            .clone()
+            .ok_or(LifecycleError::SnapshotsOff)?;
+        snapshots
+            .list()
+            .await
+            .map_err(|e| LifecycleError::Internal(e.to_string()))
+    }
+
+    /// The snapshot counters, when snapshots are on.
+    pub fn snapshot_metrics(&self) -> Option<&crate::snapshots::SnapshotMetrics> {
+        self.inner.config.snapshots.as_ref().map(|s| &s.metrics)
+    }
+
     pub fn config(&self) -> &LifecycleConfig {
         &self.inner.config
     }
@@ -931,6 +1039,11 @@ impl Lifecycle {
         let workers = self.stop_background().await;
         for w in workers {
             w.stop().await;
+        }
+        if let Some(s) = &self.inner.config.snapshots {
+            // Others waiting for a snapshot this instance was building take
+            // over now rather than after the lease's time to live.
+            s.release_all().await;
         }
         {
             let mut st = self.inner.lock();
@@ -1466,9 +1579,82 @@ impl Inner {
             p.warming.store(false, Ordering::Release);
         }
         tracing::info!(view = %id, "caught up: ready");
+        let fingerprint = st.registry.entries.get(id).map(|e| e.fingerprint.clone());
         drop(st);
         for planned in cutovers {
             self.after_cutover(Some(planned));
+        }
+        if let (Some(snapshots), Some(fingerprint)) = (self.config.snapshots.clone(), fingerprint) {
+            // The warm-up this instance ran (holding the lease): ship it.
+            let (this, id) = (self.clone(), id.clone());
+            let task = tokio::spawn(async move {
+                if snapshots.holds_lease(&id).await {
+                    this.publish_snapshot(&snapshots, &id, &fingerprint).await;
+                }
+            });
+            self.push_background(task);
+        }
+    }
+
+    /// Publishes a snapshot of physical view `id`, logging the outcome.
+    async fn publish_snapshot(
+        &self,
+        snapshots: &Snapshots,
+        id: &ViewId,
+        fingerprint: &str,
+    ) -> Option<SnapshotManifest> {
+        match snapshots
+            .publish(&self.views, id, fingerprint, self.store.log_identity())
+            .await
+        {
+            Ok(m) => m,
+            Err(SnapshotError::LeaseHeld(holder)) => {
+                tracing::debug!(view = %id, %holder, "not publishing a snapshot: another instance is");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(view = %id, "publishing a snapshot: {e}");
+                None
+            }
+        }
+    }
+
+    /// Periodic snapshots (`[snapshots] every`): live physical views whose
+    /// last snapshot is far enough behind, one at a time.
+    async fn periodic_snapshots(self: &Arc<Self>, snapshots: &Arc<Snapshots>) {
+        let due: Vec<(ViewId, String)> = {
+            let st = self.lock();
+            st.registry
+                .entries
+                .values()
+                .filter(|e| e.alias_of.is_none())
+                .filter(|e| {
+                    matches!(
+                        e.state,
+                        ViewState::Ready | ViewState::Active | ViewState::Standby
+                    )
+                })
+                .filter(|e| st.workers.contains_key(&e.id))
+                .filter(|e| {
+                    st.progress
+                        .get(&e.id)
+                        .is_some_and(|p| snapshots.due(&e.id, p.checkpoint()))
+                })
+                .map(|e| (e.id.clone(), e.fingerprint.clone()))
+                .collect()
+        };
+        for (id, fingerprint) in due {
+            // Another instance may have published since: count from it.
+            if let Ok(Some(m)) = snapshots
+                .latest(self.store.log_identity(), &fingerprint)
+                .await
+            {
+                snapshots.note_published(&id, m.position);
+            }
+            let checkpoint = self.lock().progress.get(&id).map(|p| p.checkpoint());
+            if checkpoint.is_some_and(|c| snapshots.due(&id, c)) {
+                self.publish_snapshot(snapshots, &id, &fingerprint).await;
+            }
         }
     }
 
@@ -1604,6 +1790,15 @@ impl Inner {
             serving_stale: e.serving_stale,
             activated_by: e.activated_by.clone(),
             cutover_check: e.cutover_check.clone(),
+            snapshot: progress
+                .filter(|_| own)
+                .and_then(|p| p.snapshot.lock().ok().and_then(|g| g.clone())),
+            last_snapshot: self
+                .config
+                .snapshots
+                .as_ref()
+                .filter(|_| own)
+                .and_then(|s| s.last_published(e.physical())),
             source: e.source.clone(),
             deployed_at: e.deployed_at,
             ready_at: e.ready_at,
@@ -1635,6 +1830,8 @@ impl Inner {
         let mut shutdown = self.shutdown_tx.subscribe();
         let mut interval = tokio::time::interval(Duration::from_millis(250));
         let mut n: u64 = 0;
+        // The periodic snapshot pass under way (aborted with the ticker).
+        let mut snapshot_running = AbortOnDrop(None);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -1651,6 +1848,30 @@ impl Inner {
                 }
             }
             self.sweep(now_millis()).await;
+            if n.is_multiple_of(8)
+                && let Some(snapshots) = self.config.snapshots.clone()
+                && snapshots.config().every.is_some()
+                && !snapshot_running
+                    .0
+                    .as_ref()
+                    .is_some_and(|t| !t.is_finished())
+            {
+                let this = self.clone();
+                snapshot_running.0 = Some(tokio::spawn(async move {
+                    this.periodic_snapshots(&snapshots).await;
+                }));
+            }
+        }
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
         }
     }
 }

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use super::{Inner, LifecycleError, PoisonPolicy, parked};
 use crate::runtime::{Instance, Module, ProjectionError, Projector};
+use crate::snapshots::{Bootstrap, SnapshotError};
 use crate::store::{Position, RecordedEvent};
 use crate::views::{Slot, ViewId};
 
@@ -96,6 +97,8 @@ pub(super) struct Progress {
     pub faults: AtomicU64,
     /// Partitions of its warm-up, while one runs or since one ran (0: none).
     pub partitions: AtomicUsize,
+    /// What it is doing with snapshots (see [`crate::snapshots`]).
+    pub snapshot: std::sync::Mutex<Option<crate::snapshots::SnapshotActivity>>,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -113,6 +116,7 @@ impl Progress {
             paused: std::sync::Mutex::new(None),
             faults: AtomicU64::new(0),
             partitions: AtomicUsize::new(0),
+            snapshot: std::sync::Mutex::new(None),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -328,6 +332,20 @@ impl Worker {
         mut commands: mpsc::Receiver<Command>,
     ) {
         let mut backoff = FAULT_RETRY_FIRST;
+        if self.slot == Slot::View && self.progress.warming.load(Ordering::Acquire) {
+            loop {
+                match self.bootstrap(&mut stop_rx).await {
+                    Ok(true) => break,
+                    Ok(false) => return,
+                    Err(reason) => {
+                        if !self.pause(&reason, &mut backoff, &mut stop_rx).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            self.progress.set_paused(None);
+        }
         loop {
             match self.open().await {
                 Ok(()) => break,
@@ -429,6 +447,51 @@ impl Worker {
             checkpoint = self.progress.checkpoint(),
             "view worker stopped"
         );
+    }
+
+    /// Before a warming view opens: fills it from a snapshot when one of
+    /// its fingerprint exists on this log (or waits for the instance
+    /// building one), else lets it replay. `Ok(false)`: stopped meanwhile;
+    /// `Err`: the views database failed (a host fault: pause and retry).
+    async fn bootstrap(&mut self, stop_rx: &mut watch::Receiver<bool>) -> Result<bool, String> {
+        let Some(snapshots) = self.inner.config.snapshots.clone() else {
+            return Ok(true);
+        };
+        let fingerprint = self.module.fingerprint().to_string();
+        let log = self.inner.store.log_identity().to_string();
+        let outcome = snapshots
+            .bootstrap(
+                &self.inner.views,
+                &self.view,
+                &fingerprint,
+                &log,
+                &self.progress.snapshot,
+                stop_rx,
+            )
+            .await;
+        match outcome {
+            Ok(Bootstrap::Done(position)) => {
+                self.progress.advance(position);
+                self.progress.parked.store(
+                    parked::count(&self.inner.views, &self.view),
+                    Ordering::Relaxed,
+                );
+                Ok(true)
+            }
+            Ok(Bootstrap::Replay) => Ok(true),
+            Ok(Bootstrap::Stopped) => Ok(false),
+            Err(SnapshotError::View(e)) => Err(e.to_string()),
+            Err(e) => {
+                // The snapshot store is unreachable or unreadable: replay.
+                tracing::warn!("snapshots unavailable, replaying from the view's checkpoint: {e}");
+                if let Ok(mut g) = self.progress.snapshot.lock() {
+                    *g = Some(crate::snapshots::SnapshotActivity::Refused {
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Paused by a host fault: says why (status, metrics, log), waits the

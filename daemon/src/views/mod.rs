@@ -63,6 +63,8 @@ pub enum ViewError {
     Partitioned(ViewId),
     #[error("view {0} is not empty: a snapshot goes only into a fresh view")]
     NotEmpty(ViewId),
+    #[error("view {view}: snapshot refused: {reason}")]
+    DigestMismatch { view: ViewId, reason: String },
     #[error("view {view}: corrupt checkpoint: {reason}")]
     CorruptCheckpoint { view: ViewId, reason: String },
     #[error("{op}: {source}")]
@@ -398,6 +400,7 @@ impl ViewStore {
         batch.delete_range(from, to);
         let (from, to) = partition_range(view);
         batch.delete_range(from, to);
+        batch.delete(snapshot::marker_key(view));
         self.db.write(batch).map_err(storage(format!(
             "deleting the checkpoint and dead letters of {view}"
         )))?;

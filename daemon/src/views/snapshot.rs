@@ -37,7 +37,7 @@ pub struct Exported {
     pub parked: Vec<(Position, Vec<u8>)>,
 }
 
-fn marker_key(view: &ViewId) -> Vec<u8> {
+pub(super) fn marker_key(view: &ViewId) -> Vec<u8> {
     per_view_key(BOOTSTRAP_PREFIX, view, b"")
 }
 
@@ -109,9 +109,10 @@ impl ViewStore {
         &self,
         view: &ViewId,
         files: &[PathBuf],
-        position: Position,
+        expect: &ViewDigest,
         parked: &[(Position, Vec<u8>)],
     ) -> Result<(), ViewError> {
+        let position = expect.position;
         self.ensure(view)?;
         let cf = self.cf(view)?;
         let fresh = self.checkpoint(view)? == 0 && self.partitions(view)?.is_none() && {
@@ -133,6 +134,36 @@ impl ViewStore {
             self.db
                 .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())
                 .map_err(io(format!("ingesting the snapshot files of {view}")))?;
+        }
+        // The documents are checked before the checkpoint makes them a view.
+        let mut digest = Digester::new();
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(&cf, super::diff::whole_view_scan());
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            digest.add(k, v);
+            it.next();
+        }
+        it.status()
+            .map_err(storage(format!("reading the ingested documents of {view}")))?;
+        drop(it);
+        let got = digest.finish(position);
+        if got != *expect {
+            let reason = format!(
+                "its documents do not match its manifest: {} documents with digest {}, the manifest says {} with {}",
+                got.documents, got.digest, expect.documents, expect.digest
+            );
+            drop(cf);
+            self.drop_view(view)?;
+            self.create(view)?;
+            self.db
+                .delete(marker_key(view))
+                .map_err(io(format!("removing the bootstrap marker of {view}")))?;
+            return Err(ViewError::DigestMismatch {
+                view: view.clone(),
+                reason,
+            });
         }
         let mut batch = WriteBatch::default();
         for (at, record) in parked {
@@ -207,8 +238,27 @@ mod tests {
         assert_eq!(exported.parked.len(), 1);
 
         let other = ViewStore::open(dir.path().join("b")).expect("open");
+        // A digest that does not match refuses the files and leaves the view empty.
+        let mut wrong = exported.digest.clone();
+        wrong.digest = "0".repeat(64);
+        let copies: Vec<PathBuf> = exported
+            .files
+            .iter()
+            .map(|f| {
+                let c = f.with_extension("copy.sst");
+                std::fs::copy(f, &c).expect("copy");
+                c
+            })
+            .collect();
+        let refused = other.ingest(&v, &copies, &wrong, &exported.parked);
+        assert!(
+            matches!(refused, Err(ViewError::DigestMismatch { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(other.checkpoint(&v).expect("checkpoint"), 0);
+        assert_eq!(other.digest(&v).expect("digest").documents, 0);
         other
-            .ingest(&v, &exported.files, 41, &exported.parked)
+            .ingest(&v, &exported.files, &exported.digest, &exported.parked)
             .expect("ingest");
         assert_eq!(other.checkpoint(&v).expect("checkpoint"), 41);
         assert_eq!(other.digest(&v).expect("digest"), exported.digest);
@@ -217,7 +267,7 @@ mod tests {
         // A second ingest into a view that is not empty is refused.
         let again = store.export(&v, &out, 1 << 30).expect("export");
         assert!(matches!(
-            other.ingest(&v, &again.files, 41, &[]),
+            other.ingest(&v, &again.files, &again.digest, &[]),
             Err(ViewError::NotEmpty(_))
         ));
     }
@@ -250,7 +300,9 @@ mod tests {
         let exported = store.export(&v, dir.path(), 1 << 20).expect("export");
         assert!(exported.files.is_empty());
         let other = ViewStore::open(dir.path().join("b")).expect("open");
-        other.ingest(&v, &[], 3, &[]).expect("ingest");
+        other
+            .ingest(&v, &[], &exported.digest, &[])
+            .expect("ingest");
         assert_eq!(other.checkpoint(&v).expect("checkpoint"), 3);
     }
 }

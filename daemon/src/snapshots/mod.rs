@@ -1,0 +1,875 @@
+//! View snapshots: warm a view once, ship it to every instance on the log.
+//!
+//! A projection is deterministic, so one module fingerprint applied to one
+//! log up to position P gives the same documents wherever it runs. A
+//! **snapshot** is a view's documents at P written as SST files (key order is
+//! RocksDB's already), its dead letters, and a [`SnapshotManifest`]: the
+//! fingerprint, the log's identity, P, the documents' count and digest, each
+//! file's size and blake3, kiln's snapshot format.
+//!
+//! - **Where**: a [`SnapshotStore`]: a directory (`dir.rs`, `--snapshot-dir`)
+//!   or a JetStream object store bucket (`object.rs`, `--snapshot-bucket`).
+//!   Snapshots of one (log, fingerprint) live under one key,
+//!   [`snapshot_key`]; the manifest is written **last**, so a listed
+//!   manifest names files that are all there.
+//! - **Publishing** ([`Snapshots::publish`]) exports from one RocksDB
+//!   snapshot (the worker goes on), uploads, prunes to the newest `keep`.
+//!   At most one instance publishes a (log, fingerprint) at a time: the
+//!   store's **lease** (a JetStream KV entry created only if absent, expiring
+//!   unless refreshed; a directory needs none: one process owns a log).
+//! - **Bootstrap** ([`Snapshots::bootstrap`], run by a fresh version's worker
+//!   before it opens its view): the newest snapshot of the version's
+//!   fingerprint on this log is downloaded, each file checked against the
+//!   manifest (size, blake3), ingested, and the documents' digest checked
+//!   **before** the checkpoint is set (`ViewStore::ingest`); the worker then
+//!   tails from P+1. Anything wrong refuses the snapshot with the reason and
+//!   the version replays from the first event. When none exists yet and
+//!   another instance holds the lease (it is building that fingerprint now),
+//!   the worker waits for its snapshot instead of replaying the log a second
+//!   time; when the lease is free it takes it, replays, and publishes when
+//!   the version is caught up (warm once, ship to all).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Position;
+use crate::views::digest::ViewDigest;
+use crate::views::{ViewError, ViewId, ViewStore};
+
+pub mod dir;
+pub mod object;
+
+/// The snapshot format this kiln writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// Name of the manifest within a snapshot.
+pub const MANIFEST: &str = "manifest.json";
+/// Name of the dead-letter file within a snapshot.
+const PARKED_FILE: &str = "parked.bin";
+
+/// What went wrong with a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot store {store}: {op}: {reason}")]
+    Store {
+        store: String,
+        op: String,
+        reason: String,
+    },
+    #[error("snapshot {snapshot}: {reason}")]
+    Refused { snapshot: String, reason: String },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("another instance ({0}) is publishing this view's snapshot")]
+    LeaseHeld(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub(crate) fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io {
+        op: op.into(),
+        source,
+    }
+}
+
+/// One file of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    pub name: String,
+    pub size: u64,
+    /// blake3 of its bytes, hex.
+    pub blake3: String,
+}
+
+/// What a snapshot holds; written last, read first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    /// [`FORMAT`] of the kiln that wrote it.
+    pub format: u32,
+    /// That kiln's version.
+    pub kiln: String,
+    /// The view version that built it (`users-1_2_0`).
+    pub view: String,
+    /// The module fingerprint of the logic that built it.
+    pub fingerprint: String,
+    /// The identity of the log it was built from.
+    pub log: String,
+    /// Every event up to this log position is applied, none after.
+    pub position: Position,
+    pub documents: u64,
+    /// Bytes of keys and documents.
+    pub bytes: u64,
+    /// The documents' digest ([`crate::views::digest`]).
+    pub digest: String,
+    /// Dead letters in [`PARKED_FILE`].
+    pub parked: u64,
+    pub files: Vec<SnapshotFile>,
+    /// Who published it.
+    pub instance: String,
+    pub created_millis: u64,
+}
+
+impl SnapshotManifest {
+    /// `<key>/<position, 20 digits>`: where its files live in a store.
+    pub fn path(&self) -> String {
+        format!(
+            "{}/{:020}",
+            snapshot_key(&self.log, &self.fingerprint),
+            self.position
+        )
+    }
+
+    /// Bytes of all its files.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Where the snapshots of fingerprint `fingerprint` built from log `log` are
+/// kept: 32 hex digits of blake3 over both (a name any store accepts).
+pub fn snapshot_key(log: &str, fingerprint: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(log.as_bytes());
+    h.update(&[0]);
+    h.update(fingerprint.as_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// A lease on a snapshot key: held while building and publishing it.
+pub enum Lease {
+    /// This instance holds it until [`Lease::release`] (or until it stops
+    /// refreshing it and it expires).
+    Held(Box<dyn HeldLease>),
+    /// Another instance holds it.
+    HeldBy(String),
+}
+
+/// A lease this instance holds.
+#[async_trait]
+pub trait HeldLease: Send + Sync {
+    async fn release(self: Box<Self>);
+}
+
+/// Where snapshots are kept.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync + 'static {
+    /// `directory /x`, `object store KILN_VIEWS`.
+    fn describe(&self) -> String;
+    /// The manifests under `key` that parse (others are skipped with a warning).
+    async fn manifests(&self, key: &str) -> Result<Vec<SnapshotManifest>, SnapshotError>;
+    /// Every manifest in the store.
+    async fn all_manifests(&self) -> Result<Vec<SnapshotManifest>, SnapshotError>;
+    /// Stores local file `from` as `path`.
+    async fn put(&self, path: &str, from: &Path) -> Result<(), SnapshotError>;
+    /// Fetches `path` into local file `to`, adding the bytes to `done` as
+    /// they arrive.
+    async fn get(&self, path: &str, to: &Path, done: &AtomicU64) -> Result<(), SnapshotError>;
+    /// Removes the snapshot at `path` (its files and manifest).
+    async fn remove(&self, manifest: &SnapshotManifest) -> Result<(), SnapshotError>;
+    /// Takes the lease on `key` for `holder`, if free.
+    async fn lease(&self, key: &str, holder: &str) -> Result<Lease, SnapshotError>;
+}
+
+/// When a live view is snapshotted again (`[snapshots] every`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Every {
+    /// When its checkpoint is this many events past the last snapshot.
+    Events(u64),
+    /// When the last snapshot is this old (and the view moved since).
+    Period(Duration),
+}
+
+impl std::str::FromStr for Every {
+    type Err = String;
+
+    /// `"100000 events"`, `"30s"`, `"10m"`, `"2h"`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = || {
+            format!(
+                "{s:?} is not a snapshot interval (e.g. \"100000 events\", \"30s\", \"10m\", \"2h\")"
+            )
+        };
+        if let Some(n) = t.strip_suffix("events") {
+            let n: u64 = n.trim().parse().map_err(|_| bad())?;
+            return if n == 0 {
+                Err(bad())
+            } else {
+                Ok(Every::Events(n))
+            };
+        }
+        let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return Err(bad()),
+        };
+        if secs == 0 {
+            return Err(bad());
+        }
+        Ok(Every::Period(Duration::from_secs(secs)))
+    }
+}
+
+/// How snapshots are taken and used.
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    /// Snapshot live views periodically (`None`: only when a warm-up this
+    /// instance ran is caught up, and on demand).
+    pub every: Option<Every>,
+    /// Snapshots kept per (log, fingerprint); older ones are removed.
+    pub keep: usize,
+    /// Bootstrap fresh versions from snapshots.
+    pub bootstrap: bool,
+    /// Largest SST file of a snapshot.
+    pub max_file_bytes: u64,
+    /// Who this instance is (the lease's holder, the manifest's `instance`).
+    pub instance: String,
+    /// Where downloads and exports are staged (on the views' file system,
+    /// so ingesting moves files rather than copying them).
+    pub work_dir: PathBuf,
+}
+
+impl SnapshotConfig {
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        SnapshotConfig {
+            every: None,
+            keep: 3,
+            bootstrap: true,
+            max_file_bytes: 64 << 20,
+            instance: default_instance(),
+            work_dir: work_dir.into(),
+        }
+    }
+}
+
+/// `<host name>:<pid>`.
+pub fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "kiln".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// What a version's worker is doing with snapshots, for status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SnapshotActivity {
+    /// Another instance is building this fingerprint: waiting for its snapshot.
+    Waiting { holder: String },
+    /// Downloading the snapshot at `position`.
+    Downloading {
+        position: Position,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
+    /// Filled from the snapshot at `position`.
+    Bootstrapped {
+        position: Position,
+        bytes: u64,
+        millis: u64,
+        instance: String,
+    },
+    /// A snapshot was refused; the version replays.
+    Refused { reason: String },
+    /// Replaying: no snapshot of its fingerprint on this log (this instance
+    /// publishes one when the version is caught up).
+    Building,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SnapshotMetrics {
+    pub bootstraps: AtomicU64,
+    pub refused: AtomicU64,
+    pub downloaded_bytes: AtomicU64,
+    pub download_millis: AtomicU64,
+    pub published: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    pub upload_millis: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// Snapshots of this instance: the store, its settings, what it published.
+pub struct Snapshots {
+    store: Box<dyn SnapshotStore>,
+    config: SnapshotConfig,
+    pub metrics: SnapshotMetrics,
+    /// Last snapshot published or found, per physical view: (position, when).
+    published: Mutex<HashMap<ViewId, (Position, Instant)>>,
+    /// Leases held while building a fingerprint, per physical view.
+    leases: tokio::sync::Mutex<HashMap<ViewId, Box<dyn HeldLease>>>,
+    /// One publish at a time.
+    publishing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots")
+            .field("store", &self.store.describe())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// What [`Snapshots::bootstrap`] decided.
+pub enum Bootstrap {
+    /// The view holds the snapshot's documents at this position.
+    Done(Position),
+    /// Replay from the view's checkpoint.
+    Replay,
+    /// Stopped while waiting.
+    Stopped,
+}
+
+impl Snapshots {
+    pub fn new(store: Box<dyn SnapshotStore>, config: SnapshotConfig) -> Self {
+        Snapshots {
+            store,
+            config,
+            metrics: SnapshotMetrics::default(),
+            published: Mutex::new(HashMap::new()),
+            leases: tokio::sync::Mutex::new(HashMap::new()),
+            publishing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> &SnapshotConfig {
+        &self.config
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The newest usable snapshot of `fingerprint` on log `log`.
+    pub async fn latest(
+        &self,
+        log: &str,
+        fingerprint: &str,
+    ) -> Result<Option<SnapshotManifest>, SnapshotError> {
+        let key = snapshot_key(log, fingerprint);
+        let found = self.store.manifests(&key).await?;
+        Ok(found
+            .into_iter()
+            .filter(|m| m.format == FORMAT && m.log == log && m.fingerprint == fingerprint)
+            .max_by_key(|m| m.position))
+    }
+
+    /// Every snapshot in the store, newest first per key.
+    pub async fn list(&self) -> Result<Vec<SnapshotManifest>, SnapshotError> {
+        let mut all = self.store.all_manifests().await?;
+        all.sort_by(|a, b| {
+            (&a.fingerprint, &a.log, std::cmp::Reverse(a.position)).cmp(&(
+                &b.fingerprint,
+                &b.log,
+                std::cmp::Reverse(b.position),
+            ))
+        });
+        Ok(all)
+    }
+
+    /// Whether this instance holds the lease for building `view`.
+    pub async fn holds_lease(&self, view: &ViewId) -> bool {
+        self.leases.lock().await.contains_key(view)
+    }
+
+    async fn release(&self, view: &ViewId) {
+        let held = self.leases.lock().await.remove(view);
+        if let Some(lease) = held {
+            lease.release().await;
+        }
+    }
+
+    /// Releases every lease (at shutdown): others need not wait them out.
+    pub async fn release_all(&self) {
+        let held: Vec<_> = self.leases.lock().await.drain().collect();
+        for (_, lease) in held {
+            lease.release().await;
+        }
+    }
+
+    /// Takes the building lease of `view` when free; whether this instance
+    /// holds it now, or who does.
+    async fn take_lease(&self, view: &ViewId, key: &str) -> Result<Option<String>, SnapshotError> {
+        if self.holds_lease(view).await {
+            return Ok(None);
+        }
+        match self.store.lease(key, &self.config.instance).await? {
+            Lease::Held(lease) => {
+                self.leases.lock().await.insert(view.clone(), lease);
+                Ok(None)
+            }
+            Lease::HeldBy(holder) => Ok(Some(holder)),
+        }
+    }
+
+    /// Run by a warming version's worker before it opens its view: fills a
+    /// fresh view from the newest snapshot of its fingerprint on this log,
+    /// or decides to replay. `activity` is kept up to date for status.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn bootstrap(
+        &self,
+        views: &ViewStore,
+        view: &ViewId,
+        fingerprint: &str,
+        log: &str,
+        activity: &Mutex<Option<SnapshotActivity>>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Bootstrap, SnapshotError> {
+        let set = |a: Option<SnapshotActivity>| {
+            if let Ok(mut g) = activity.lock() {
+                *g = a;
+            }
+        };
+        let key = snapshot_key(log, fingerprint);
+        if views.abandoned_ingest(view)? {
+            tracing::warn!(view = %view, "an ingest of a snapshot was cut short: the view was emptied and starts again");
+        }
+        let fresh = !views.exists(view)
+            || (views.checkpoint(view)? == 0 && views.partitions(view)?.is_none());
+        if !fresh {
+            // A warm-up resumed after a restart: it goes on replaying, and
+            // keeps the others waiting for its snapshot.
+            if let Err(e) = self.take_lease(view, &key).await {
+                tracing::warn!(view = %view, "taking the snapshot lease: {e}");
+            }
+            return Ok(Bootstrap::Replay);
+        }
+        if !self.config.bootstrap {
+            return Ok(Bootstrap::Replay);
+        }
+        let mut announced = false;
+        loop {
+            if let Some(m) = self.latest(log, fingerprint).await? {
+                self.release(view).await;
+                return match self.fetch_and_ingest(views, view, &m, activity).await {
+                    Ok(()) => Ok(Bootstrap::Done(m.position)),
+                    Err(e) => {
+                        self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                        let reason = e.to_string();
+                        tracing::warn!(view = %view, "snapshot refused, replaying from the first event: {reason}");
+                        set(Some(SnapshotActivity::Refused { reason }));
+                        Ok(Bootstrap::Replay)
+                    }
+                };
+            }
+            if self.holds_lease(view).await {
+                set(Some(SnapshotActivity::Building));
+                return Ok(Bootstrap::Replay);
+            }
+            match self.take_lease(view, &key).await? {
+                // Taken: look once more (its holder may have published and
+                // let go just now), then build.
+                None => continue,
+                Some(holder) => {
+                    if !announced {
+                        tracing::info!(view = %view, %holder, "another instance is building this fingerprint: waiting for its snapshot");
+                        announced = true;
+                    }
+                    set(Some(SnapshotActivity::Waiting { holder }));
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(Bootstrap::Stopped),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch_and_ingest(
+        &self,
+        views: &ViewStore,
+        view: &ViewId,
+        m: &SnapshotManifest,
+        activity: &Mutex<Option<SnapshotActivity>>,
+    ) -> Result<(), SnapshotError> {
+        let started = Instant::now();
+        let refused = |reason: String| SnapshotError::Refused {
+            snapshot: format!("{} at {} ({})", m.view, m.position, m.path()),
+            reason,
+        };
+        if m.files.iter().any(|f| !safe_name(&f.name)) {
+            return Err(refused("a file name that is not a plain name".into()));
+        }
+        let dir = self
+            .config
+            .work_dir
+            .join(format!("incoming-{view}-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io(format!("creating {}", dir.display())))?;
+        let result = async {
+            let total = m.file_bytes();
+            let done = AtomicU64::new(0);
+            let report = |done: u64| {
+                if let Ok(mut g) = activity.lock() {
+                    *g = Some(SnapshotActivity::Downloading {
+                        position: m.position,
+                        done_bytes: done,
+                        total_bytes: total,
+                    });
+                }
+            };
+            report(0);
+            let mut ssts = Vec::new();
+            let mut parked = Vec::new();
+            for f in &m.files {
+                let local = dir.join(&f.name);
+                let before = done.load(Ordering::Relaxed);
+                let remote = format!("{}/{}", m.path(), f.name);
+                let got = self.store.get(&remote, &local, &done);
+                let ticker = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        report(done.load(Ordering::Relaxed));
+                    }
+                };
+                tokio::select! {
+                    r = got => r?,
+                    _ = ticker => unreachable!("the ticker never ends"),
+                }
+                report(done.load(Ordering::Relaxed));
+                let (size, hash) = hash_file(&local).await?;
+                if size != f.size {
+                    return Err(refused(format!(
+                        "{}: {size} bytes arrived, the manifest says {} (truncated?)",
+                        f.name, f.size
+                    )));
+                }
+                if hash != f.blake3 {
+                    return Err(refused(format!(
+                        "{}: its blake3 differs from the manifest's",
+                        f.name
+                    )));
+                }
+                self.metrics
+                    .downloaded_bytes
+                    .fetch_add(done.load(Ordering::Relaxed) - before, Ordering::Relaxed);
+                if f.name == PARKED_FILE {
+                    let bytes = tokio::fs::read(&local)
+                        .await
+                        .map_err(io(format!("reading {}", local.display())))?;
+                    parked = decode_parked(&bytes)
+                        .ok_or_else(|| refused("its dead-letter file is malformed".into()))?;
+                } else {
+                    ssts.push(local);
+                }
+            }
+            if parked.len() as u64 != m.parked {
+                return Err(refused(format!(
+                    "{} dead letters, the manifest says {}",
+                    parked.len(),
+                    m.parked
+                )));
+            }
+            let expect = ViewDigest {
+                position: m.position,
+                documents: m.documents,
+                bytes: m.bytes,
+                digest: m.digest.clone(),
+            };
+            let (views, view2) = (views.clone(), view.clone());
+            tokio::task::spawn_blocking(move || views.ingest(&view2, &ssts, &expect, &parked))
+                .await
+                .map_err(|e| SnapshotError::Internal(format!("ingesting panicked: {e}")))?
+                .map_err(|e| match e {
+                    ViewError::DigestMismatch { reason, .. } => refused(reason),
+                    e => e.into(),
+                })
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        result?;
+        let millis = started.elapsed().as_millis() as u64;
+        self.metrics.bootstraps.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .download_millis
+            .fetch_add(millis, Ordering::Relaxed);
+        if let Ok(mut p) = self.published.lock() {
+            p.insert(view.clone(), (m.position, Instant::now()));
+        }
+        if let Ok(mut g) = activity.lock() {
+            *g = Some(SnapshotActivity::Bootstrapped {
+                position: m.position,
+                bytes: m.file_bytes(),
+                millis,
+                instance: m.instance.clone(),
+            });
+        }
+        tracing::info!(view = %view, position = m.position, bytes = m.file_bytes(), millis, from = %m.instance, "bootstrapped from a snapshot: tailing from the next event");
+        Ok(())
+    }
+
+    /// Exports `view` (built by `fingerprint` from log `log`) as it stands,
+    /// uploads it and prunes older snapshots of its key. `Ok(None)` when the
+    /// store already has a snapshot at that position.
+    pub async fn publish(
+        &self,
+        views: &ViewStore,
+        view: &ViewId,
+        fingerprint: &str,
+        log: &str,
+    ) -> Result<Option<SnapshotManifest>, SnapshotError> {
+        let _one = self.publishing.lock().await;
+        let key = snapshot_key(log, fingerprint);
+        if let Some(holder) = self.take_lease(view, &key).await? {
+            return Err(SnapshotError::LeaseHeld(holder));
+        }
+        let result = self.publish_leased(views, view, fingerprint, log).await;
+        self.release(view).await;
+        if result.is_err() {
+            self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn publish_leased(
+        &self,
+        views: &ViewStore,
+        view: &ViewId,
+        fingerprint: &str,
+        log: &str,
+    ) -> Result<Option<SnapshotManifest>, SnapshotError> {
+        let started = Instant::now();
+        let dir = self
+            .config
+            .work_dir
+            .join(format!("outgoing-{view}-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io(format!("creating {}", dir.display())))?;
+        let result = async {
+            let (views2, view2, dir2) = (views.clone(), view.clone(), dir.clone());
+            let max = self.config.max_file_bytes;
+            let exported = tokio::task::spawn_blocking(move || views2.export(&view2, &dir2, max))
+                .await
+                .map_err(|e| SnapshotError::Internal(format!("exporting panicked: {e}")))??;
+            let existing = self
+                .store
+                .manifests(&snapshot_key(log, fingerprint))
+                .await?;
+            if existing
+                .iter()
+                .any(|m| m.position == exported.digest.position)
+            {
+                return Ok::<_, SnapshotError>((None, existing));
+            }
+            let mut paths = exported.files.clone();
+            let parked_path = dir.join(PARKED_FILE);
+            tokio::fs::write(&parked_path, encode_parked(&exported.parked))
+                .await
+                .map_err(io(format!("writing {}", parked_path.display())))?;
+            paths.push(parked_path);
+            let mut files = Vec::new();
+            for p in &paths {
+                let (size, blake3) = hash_file(p).await?;
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                files.push(SnapshotFile { name, size, blake3 });
+            }
+            let manifest = SnapshotManifest {
+                format: FORMAT,
+                kiln: env!("CARGO_PKG_VERSION").to_string(),
+                view: view.to_string(),
+                fingerprint: fingerprint.to_string(),
+                log: log.to_string(),
+                position: exported.digest.position,
+                documents: exported.digest.documents,
+                bytes: exported.digest.bytes,
+                digest: exported.digest.digest.clone(),
+                parked: exported.parked.len() as u64,
+                files,
+                instance: self.config.instance.clone(),
+                created_millis: now_millis(),
+            };
+            for (p, f) in paths.iter().zip(&manifest.files) {
+                self.store
+                    .put(&format!("{}/{}", manifest.path(), f.name), p)
+                    .await?;
+            }
+            let manifest_path = dir.join(MANIFEST);
+            let text = serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| SnapshotError::Internal(e.to_string()))?;
+            tokio::fs::write(&manifest_path, text)
+                .await
+                .map_err(io(format!("writing {}", manifest_path.display())))?;
+            self.store
+                .put(&format!("{}/{MANIFEST}", manifest.path()), &manifest_path)
+                .await?;
+            Ok((Some(manifest), existing))
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let (manifest, existing) = result?;
+        let Some(manifest) = manifest else {
+            return Ok(None);
+        };
+        let millis = started.elapsed().as_millis() as u64;
+        self.metrics.published.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .uploaded_bytes
+            .fetch_add(manifest.file_bytes(), Ordering::Relaxed);
+        self.metrics
+            .upload_millis
+            .fetch_add(millis, Ordering::Relaxed);
+        if let Ok(mut p) = self.published.lock() {
+            p.insert(view.clone(), (manifest.position, Instant::now()));
+        }
+        tracing::info!(view = %view, position = manifest.position, documents = manifest.documents, bytes = manifest.file_bytes(), millis, store = %self.store.describe(), "published a snapshot");
+        // Newest `keep` stay.
+        let mut older: Vec<SnapshotManifest> = existing;
+        older.sort_by_key(|m| std::cmp::Reverse(m.position));
+        for m in older.into_iter().skip(self.config.keep.saturating_sub(1)) {
+            if let Err(e) = self.store.remove(&m).await {
+                tracing::warn!(view = %view, "pruning the snapshot at {}: {e}", m.position);
+            }
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Whether `view`, now at `checkpoint`, is due a periodic snapshot.
+    pub fn due(&self, view: &ViewId, checkpoint: Position) -> bool {
+        let Some(every) = self.config.every else {
+            return false;
+        };
+        let last = self
+            .published
+            .lock()
+            .ok()
+            .and_then(|p| p.get(view).copied());
+        match (every, last) {
+            (_, Some((at, _))) if checkpoint <= at => false,
+            (_, None) => checkpoint > 0,
+            (Every::Events(n), Some((at, _))) => checkpoint - at >= n,
+            (Every::Period(d), Some((_, when))) => when.elapsed() >= d,
+        }
+    }
+
+    /// Notes a snapshot found in the store for `view` (so `due` counts from it).
+    pub fn note_published(&self, view: &ViewId, position: Position) {
+        if let Ok(mut p) = self.published.lock() {
+            let e = p.entry(view.clone()).or_insert((position, Instant::now()));
+            if e.0 < position {
+                *e = (position, Instant::now());
+            }
+        }
+    }
+
+    /// The last snapshot position published or bootstrapped from, per view.
+    pub fn last_published(&self, view: &ViewId) -> Option<Position> {
+        self.published
+            .lock()
+            .ok()
+            .and_then(|p| p.get(view).map(|e| e.0))
+    }
+}
+
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Size and blake3 (hex) of a local file.
+async fn hash_file(path: &Path) -> Result<(u64, String), SnapshotError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut h = blake3::Hasher::new();
+        let file = std::fs::File::open(&path).map_err(io(format!("opening {}", path.display())))?;
+        h.update_reader(file)
+            .map_err(io(format!("reading {}", path.display())))?;
+        let size = std::fs::metadata(&path)
+            .map_err(io(format!("reading {}", path.display())))?
+            .len();
+        Ok((size, h.finalize().to_hex().to_string()))
+    })
+    .await
+    .map_err(|e| SnapshotError::Internal(format!("hashing panicked: {e}")))?
+}
+
+/// Dead letters as `[u64 position][u32 length][record]…`, big-endian.
+fn encode_parked(parked: &[(Position, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (at, record) in parked {
+        out.extend_from_slice(&at.to_be_bytes());
+        out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+        out.extend_from_slice(record);
+    }
+    out
+}
+
+fn decode_parked(mut bytes: &[u8]) -> Option<Vec<(Position, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let at = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let len = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
+        let record = bytes.get(12..12 + len)?.to_vec();
+        out.push((at, record));
+        bytes = &bytes[12 + len..];
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_parse_and_bad_ones_are_named() {
+        assert_eq!("100000 events".parse(), Ok(Every::Events(100_000)));
+        assert_eq!("10m".parse(), Ok(Every::Period(Duration::from_secs(600))));
+        assert_eq!("2h".parse(), Ok(Every::Period(Duration::from_secs(7200))));
+        for bad in ["", "0 events", "10", "ten m", "5d", "0s"] {
+            let e = bad.parse::<Every>().expect_err(bad);
+            assert!(e.contains("not a snapshot interval"), "{e}");
+        }
+    }
+
+    #[test]
+    fn dead_letters_round_trip_and_truncation_is_caught() {
+        let parked = vec![(3, b"{\"a\":1}".to_vec()), (9, Vec::new())];
+        let bytes = encode_parked(&parked);
+        assert_eq!(decode_parked(&bytes), Some(parked));
+        assert_eq!(decode_parked(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn keys_separate_logs_and_fingerprints() {
+        let a = snapshot_key("embedded:1", "v2:ab");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, snapshot_key("embedded:2", "v2:ab"));
+        assert_ne!(a, snapshot_key("embedded:1", "v2:ac"));
+        assert!(!safe_name("../x") && !safe_name("a/b") && safe_name("docs-0001.sst"));
+    }
+}

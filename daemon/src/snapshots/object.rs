@@ -1,0 +1,288 @@
+//! Snapshots in a JetStream object store bucket (`--snapshot-bucket`,
+//! e.g. `KILN_VIEWS`) on the server the log is on: every instance of a fleet
+//! reads and publishes there. Object names are the directory store's paths
+//! (`<key>/<position>/<file>`); the manifest is put last.
+//!
+//! The lease of a key is an entry in the KV bucket `<bucket>_LEASES`, made
+//! with `create` (it succeeds only when the key is absent: the server
+//! decides, not a client-side lock). The bucket's `max_age` is the lease's
+//! time to live; the holder refreshes its entry with a revision-checked
+//! `update` every third of it, so a holder that dies lets go within the TTL,
+//! and releases it with a revision-checked purge (never someone else's).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{HeldLease, Lease, MANIFEST, SnapshotError, SnapshotManifest, SnapshotStore, io};
+
+/// How long a lease lives unless refreshed.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+pub struct ObjectStore {
+    bucket: String,
+    objects: object_store::ObjectStore,
+    leases: kv::Store,
+    ttl: Duration,
+}
+
+impl ObjectStore {
+    /// Opens bucket `bucket` (and its lease bucket), creating them when
+    /// missing, with `replicas` replicas.
+    pub async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        replicas: usize,
+        ttl: Duration,
+    ) -> Result<Self, SnapshotError> {
+        let store_err = |op: &str, e: String| SnapshotError::Store {
+            store: format!("object store {bucket}"),
+            op: op.to_string(),
+            reason: e,
+        };
+        let objects = match js.get_object_store(bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: bucket.to_string(),
+                    description: Some("kiln view snapshots".into()),
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| store_err("creating the bucket", e.to_string()))?,
+        };
+        let lease_bucket = format!("{bucket}_LEASES");
+        let leases = match js.get_key_value(&lease_bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: lease_bucket.clone(),
+                    description: "kiln snapshot leases (one publisher per view)".into(),
+                    history: 1,
+                    max_age: ttl,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| store_err("creating the lease bucket", e.to_string()))?,
+        };
+        Ok(ObjectStore {
+            bucket: bucket.to_string(),
+            objects,
+            leases,
+            ttl,
+        })
+    }
+
+    fn err(&self, op: impl Into<String>, e: impl std::fmt::Display) -> SnapshotError {
+        SnapshotError::Store {
+            store: self.describe(),
+            op: op.into(),
+            reason: e.to_string(),
+        }
+    }
+
+    async fn names(&self) -> Result<Vec<String>, SnapshotError> {
+        let mut list = self
+            .objects
+            .list()
+            .await
+            .map_err(|e| self.err("listing", e))?;
+        let mut out = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| self.err("listing", e))?;
+            if !info.deleted {
+                out.push(info.name);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_manifest(&self, name: &str) -> Option<SnapshotManifest> {
+        let mut object = match self.objects.get(name).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("reading the snapshot manifest {name}: {e}");
+                return None;
+            }
+        };
+        let mut bytes = Vec::new();
+        if let Err(e) = object.read_to_end(&mut bytes).await {
+            tracing::warn!("reading the snapshot manifest {name}: {e}");
+            return None;
+        }
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("skipping the snapshot manifest {name}: {e}");
+                None
+            }
+        }
+    }
+
+    async fn manifests_where(
+        &self,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<SnapshotManifest>, SnapshotError> {
+        let suffix = format!("/{MANIFEST}");
+        let mut out = Vec::new();
+        for name in self.names().await? {
+            if name.ends_with(&suffix)
+                && keep(&name)
+                && let Some(m) = self.read_manifest(&name).await
+            {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for ObjectStore {
+    fn describe(&self) -> String {
+        format!("object store {}", self.bucket)
+    }
+
+    async fn manifests(&self, key: &str) -> Result<Vec<SnapshotManifest>, SnapshotError> {
+        let prefix = format!("{key}/");
+        self.manifests_where(|n| n.starts_with(&prefix)).await
+    }
+
+    async fn all_manifests(&self) -> Result<Vec<SnapshotManifest>, SnapshotError> {
+        self.manifests_where(|_| true).await
+    }
+
+    async fn put(&self, path: &str, from: &Path) -> Result<(), SnapshotError> {
+        let mut file = tokio::fs::File::open(from)
+            .await
+            .map_err(io(format!("opening {}", from.display())))?;
+        self.objects
+            .put(path, &mut file)
+            .await
+            .map_err(|e| self.err(format!("uploading {path}"), e))?;
+        Ok(())
+    }
+
+    async fn get(&self, path: &str, to: &Path, done: &AtomicU64) -> Result<(), SnapshotError> {
+        let mut object = self
+            .objects
+            .get(path)
+            .await
+            .map_err(|e| self.err(format!("downloading {path}"), e))?;
+        let mut file = tokio::fs::File::create(to)
+            .await
+            .map_err(io(format!("creating {}", to.display())))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = object
+                .read(&mut buf)
+                .await
+                .map_err(|e| self.err(format!("downloading {path}"), e))?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&buf[..n])
+                .await
+                .map_err(io(format!("writing {}", to.display())))?;
+            done.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        file.flush()
+            .await
+            .map_err(io(format!("writing {}", to.display())))?;
+        Ok(())
+    }
+
+    async fn remove(&self, manifest: &SnapshotManifest) -> Result<(), SnapshotError> {
+        let base = manifest.path();
+        // The manifest first: a half-removed snapshot is never listed.
+        let manifest_name = format!("{base}/{MANIFEST}");
+        self.objects
+            .delete(&manifest_name)
+            .await
+            .map_err(|e| self.err(format!("removing {manifest_name}"), e))?;
+        for f in &manifest.files {
+            let name = format!("{base}/{}", f.name);
+            if let Err(e) = self.objects.delete(&name).await {
+                tracing::warn!("removing the snapshot file {name}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn lease(&self, key: &str, holder: &str) -> Result<Lease, SnapshotError> {
+        match self
+            .leases
+            .create(key, bytes::Bytes::from(holder.to_string()))
+            .await
+        {
+            Ok(revision) => {
+                let revision = Arc::new(AtomicU64::new(revision));
+                let (leases, key2, holder2, rev2) = (
+                    self.leases.clone(),
+                    key.to_string(),
+                    holder.to_string(),
+                    revision.clone(),
+                );
+                let every = self.ttl / 3;
+                let refresher = tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let at = rev2.load(Ordering::Acquire);
+                        match leases
+                            .update(&key2, bytes::Bytes::from(holder2.clone()), at)
+                            .await
+                        {
+                            Ok(r) => rev2.store(r, Ordering::Release),
+                            Err(e) => {
+                                tracing::warn!(key = %key2, "refreshing a snapshot lease failed, it lapses: {e}");
+                                return;
+                            }
+                        }
+                    }
+                });
+                Ok(Lease::Held(Box::new(KvLease {
+                    leases: self.leases.clone(),
+                    key: key.to_string(),
+                    revision,
+                    refresher,
+                })))
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let holder = match self.leases.get(key).await {
+                    Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
+                    // Gone meanwhile: free next time.
+                    Ok(None) => "(just released)".to_string(),
+                    Err(e) => return Err(self.err("reading a lease", e)),
+                };
+                Ok(Lease::HeldBy(holder))
+            }
+            Err(e) => Err(self.err("taking a lease", e)),
+        }
+    }
+}
+
+struct KvLease {
+    leases: kv::Store,
+    key: String,
+    revision: Arc<AtomicU64>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+#[async_trait]
+impl HeldLease for KvLease {
+    async fn release(self: Box<Self>) {
+        self.refresher.abort();
+        let at = self.revision.load(Ordering::Acquire);
+        if let Err(e) = self.leases.purge_expect_revision(&self.key, Some(at)).await {
+            tracing::debug!(key = %self.key, "releasing a snapshot lease: {e} (it lapses by itself)");
+        }
+    }
+}
