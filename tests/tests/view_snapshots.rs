@@ -1,0 +1,312 @@
+//! View snapshots (issue 11): real `kiln serve` processes, real RocksDB,
+//! real wasmtime running `projections/users`, a real nats-server.
+//!
+//! - Three instances on one JetStream log deploy a new version at once: one
+//!   replays the log, publishes its snapshot to the object store, the other
+//!   two bootstrap from it (the log is replayed once in all), and every
+//!   instance's documents equal a clean rebuild's, also after the log grows.
+//! - On the embedded store with a snapshot directory: a version built again
+//!   bootstraps from its snapshot; a tampered snapshot is refused with the
+//!   reason and the version replays to the same documents; another log never
+//!   uses this log's snapshots.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_tests::daemon::{Api, Daemon, Options, kiln_cli, module_version};
+use kiln_tests::nats::NatsServer;
+use kiln_tests::wasm::USERS;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Appends `streams` users, each registered with `i % 4` failed logins and a
+/// login: `streams * (2 + i % 4)` events in all. Returns the last position.
+async fn append_users(api: &Api, from: usize, streams: usize) -> u64 {
+    let mut last = 0;
+    for i in from..from + streams {
+        let mut events = vec![json!({
+            "type": "UserRegistered",
+            "data": { "name": format!("user {i}"), "email": format!("u{i}@x") }
+        })];
+        for _ in 0..i % 4 {
+            events.push(json!({ "type": "LoginFailed", "data": {} }));
+        }
+        events.push(json!({ "type": "UserLoggedIn", "data": {} }));
+        let (s, b) = api
+            .post_json(
+                &format!("/streams/user-{i}/events"),
+                &json!({ "events": events }),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        last = b["position"].as_u64().expect("position");
+    }
+    last
+}
+
+/// Every document of `view`, in key order, read once `view` has applied
+/// `position` (read-your-writes).
+async fn documents(api: &Api, view: &str, position: u64) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/views/{view}?limit=1000&position={position}&wait_ms=5000");
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let (s, b) = api.get(&path).await;
+        assert_eq!(s, 200, "{path}: {b}");
+        for item in b["items"].as_array().expect("items") {
+            out.push((
+                item["key"].as_str().expect("key").to_string(),
+                item["doc"].clone(),
+            ));
+        }
+        match b["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return out,
+        }
+    }
+}
+
+async fn status_of(api: &Api, id: &str) -> Value {
+    let (s, b) = api.get("/views").await;
+    assert_eq!(s, 200, "{b}");
+    b["views"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["id"] == id))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+async fn wait_snapshots(api: &Api, at_least: u64) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (s, b) = api.get("/admin/snapshots").await;
+        assert_eq!(s, 200, "{b}");
+        let all = b["snapshots"].as_array().cloned().unwrap_or_default();
+        if all
+            .iter()
+            .any(|m| m["position"].as_u64().unwrap_or(0) >= at_least)
+        {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot at {at_least} or later within {WAIT:?}: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+}
+
+async fn metrics(api: &Api) -> String {
+    let res = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .expect("metrics");
+    res.text().await.expect("metrics text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuild() {
+    let nats = NatsServer::start();
+    let with_snapshots = || {
+        Options::default()
+            .jetstream(&nats.url())
+            .arg("--snapshot-bucket")
+            .arg("KILN_VIEWS")
+    };
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::start_with(with_snapshots()))
+        .collect();
+    let apis: Vec<Api> = daemons.iter().map(Api::new).collect();
+    let head = append_users(&apis[0], 0, 400).await;
+    assert!(head >= 1000, "{head}");
+
+    // The same new version to all three at once.
+    let wasm = module_version(USERS, "1.0.0", None);
+    let deploys = futures::future::join_all(apis.iter().map(|a| a.deploy(wasm.clone()))).await;
+    for (s, b) in &deploys {
+        assert!(*s == 200 || *s == 202, "{b}");
+    }
+    for api in &apis {
+        api.wait_state("users-1_0_0", "active", WAIT).await;
+    }
+    let mut applied = Vec::new();
+    let mut builders = 0;
+    for api in &apis {
+        let v = status_of(api, "users-1_0_0").await;
+        let n = v["events_applied"].as_u64().expect("events_applied");
+        applied.push(n);
+        match v["snapshot"]["state"].as_str() {
+            Some("bootstrapped") => {
+                assert_eq!(v["snapshot"]["position"], head, "{v}");
+                assert_eq!(n, 0, "a bootstrapped instance replayed events: {v}");
+            }
+            Some("building") => {
+                builders += 1;
+                assert_eq!(n, head, "the builder replayed the whole log: {v}");
+            }
+            other => panic!("unexpected snapshot state {other:?}: {v}"),
+        }
+    }
+    println!("events applied per instance: {applied:?} (log head {head})");
+    assert_eq!(builders, 1, "one instance replays the log: {applied:?}");
+    assert_eq!(applied.iter().sum::<u64>(), head, "{applied:?}");
+
+    // A clean rebuild on the same log, without snapshots.
+    let clean = Daemon::start_with(Options::default().jetstream(&nats.url()));
+    let clean_api = Api::new(&clean);
+    let (s, b) = clean_api.deploy(wasm.clone()).await;
+    assert!(s == 200 || s == 202, "{b}");
+    clean_api.wait_state("users-1_0_0", "active", WAIT).await;
+    let expected = documents(&clean_api, "users-1_0_0", head).await;
+    assert_eq!(expected.len(), 400);
+    for api in &apis {
+        assert_eq!(documents(api, "users-1_0_0", head).await, expected);
+    }
+
+    // The log grows: bootstrapped instances tail from the snapshot on.
+    let head = append_users(&apis[1], 400, 50).await;
+    let expected = documents(&clean_api, "users-1_0_0", head).await;
+    assert_eq!(expected.len(), 450);
+    for api in &apis {
+        assert_eq!(documents(api, "users-1_0_0", head).await, expected);
+    }
+    let published: f64 = {
+        let mut n = 0.0;
+        for api in &apis {
+            n += metric(&metrics(api).await, "kiln_snapshot_published_total");
+        }
+        n
+    };
+    assert_eq!(published, 1.0, "one instance published");
+}
+
+/// The newest snapshot directory under `root` (`<key>/<position>`).
+fn newest_snapshot(root: &Path) -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
+        .expect("snapshot dir")
+        .flatten()
+        .flat_map(|k| std::fs::read_dir(k.path()).expect("key dir").flatten())
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found.pop().expect("a snapshot")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let dir = snapshots.path().to_str().expect("utf-8").to_string();
+    let d = Daemon::start_with(Options::default().arg("--snapshot-dir").arg(&dir));
+    let api = Api::new(&d);
+    let head = append_users(&api, 0, 300).await;
+    let wasm = module_version(USERS, "1.0.0", None);
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    // Published once caught up: the warm-up ran here.
+    let all = wait_snapshots(&api, head).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["position"], head);
+    assert_eq!(all[0]["documents"], 300);
+    let built = documents(&api, "users-1_0_0", head).await;
+
+    // Built again (retired, deployed anew): from the snapshot, nothing replayed.
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert!(s == 200 || s == 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let v = status_of(&api, "users-1_0_0").await;
+    assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
+    assert_eq!(v["snapshot"]["position"], head, "{v}");
+    assert_eq!(v["events_applied"], 0, "{v}");
+    assert_eq!(documents(&api, "users-1_0_0", head).await, built);
+
+    // The log grows; `kiln snapshot` publishes at the new position.
+    let head = append_users(&api, 300, 40).await;
+    let (code, out, err) = kiln_cli(&d, &["snapshot", "users-1_0_0"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("at position {head}")), "{out}");
+    let built = documents(&api, "users-1_0_0", head).await;
+    assert_eq!(built.len(), 340);
+
+    // One byte of the newest snapshot's documents changed on disk.
+    let newest = newest_snapshot(snapshots.path());
+    assert!(
+        newest.ends_with(format!("{head:020}")),
+        "{}",
+        newest.display()
+    );
+    let sst = newest.join("docs-0000.sst");
+    let mut bytes = std::fs::read(&sst).expect("sst");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&sst, bytes).expect("tamper");
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert!(s == 200 || s == 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let v = status_of(&api, "users-1_0_0").await;
+    assert_eq!(v["snapshot"]["state"], "refused", "{v}");
+    let reason = v["snapshot"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("docs-0000.sst") && reason.contains("blake3"),
+        "{reason}"
+    );
+    assert_eq!(v["events_applied"], head, "it replayed: {v}");
+    assert_eq!(documents(&api, "users-1_0_0", head).await, built);
+    let m = metrics(&api).await;
+    assert_eq!(metric(&m, "kiln_snapshot_bootstraps_total"), 1.0);
+    assert_eq!(metric(&m, "kiln_snapshot_refused_total"), 1.0);
+
+    // Another log (another data directory) never uses this log's snapshots.
+    let other = Daemon::start_with(Options::default().arg("--snapshot-dir").arg(&dir));
+    let other_api = Api::new(&other);
+    let other_head = append_users(&other_api, 0, 20).await;
+    let (s, b) = other_api.deploy(wasm).await;
+    assert_eq!(s, 202, "{b}");
+    other_api.wait_state("users-1_0_0", "active", WAIT).await;
+    let v = status_of(&other_api, "users-1_0_0").await;
+    assert_eq!(v["snapshot"]["state"], "building", "{v}");
+    assert_eq!(v["events_applied"], other_head, "{v}");
+    assert_eq!(
+        documents(&other_api, "users-1_0_0", other_head).await.len(),
+        20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_off_and_not_ready_versions_are_refused_by_name() {
+    let d = Daemon::start();
+    let api = Api::new(&d);
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/snapshot", &json!({}))
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert_eq!(b["error"]["code"], "snapshots_off", "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--snapshot-dir"),
+        "{b}"
+    );
+}
