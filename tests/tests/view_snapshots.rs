@@ -310,3 +310,107 @@ async fn snapshots_off_and_not_ready_versions_are_refused_by_name() {
         "{b}"
     );
 }
+
+async fn wait_snapshot_state(api: &Api, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = status_of(api, id).await;
+        if v["snapshot"]["state"] == state {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}'s snapshot state did not become {state} within {WAIT:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_builder_killed_mid_warm_up_lets_a_waiting_instance_take_over_within_the_lease() {
+    let nats = NatsServer::start();
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        config.path(),
+        "[snapshots]\nbucket = \"KILN_VIEWS\"\nlease_ttl_secs = 3\n",
+    )
+    .expect("config");
+    let options = || {
+        kiln_tests::daemon::slow_warming_options()
+            .jetstream(&nats.url())
+            .arg("--config")
+            .arg(config.path().to_str().expect("utf-8"))
+    };
+    let mut a = Daemon::start_with(options());
+    let b = Daemon::start_with(options());
+    let (api_a, api_b) = (Api::new(&a), Api::new(&b));
+    // A warms for at least 10 s (each Spin costs the 1 s batch deadline).
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api_a, 10).await;
+    wait_snapshot_state(&api_a, &id, "building").await;
+    let wasm = std::fs::read(kiln_tests::wasm::CHAOS).expect("chaos module");
+    let (s, body) = api_b.deploy(wasm.clone()).await;
+    assert_eq!(s, 202, "{body}");
+    let v = wait_snapshot_state(&api_b, &id, "waiting").await;
+    assert!(v["snapshot"]["holder"].is_string(), "{v}");
+    assert_eq!(v["events_applied"], 0, "B waits, it does not replay: {v}");
+    // The builder dies without letting go: its lease lapses within its TTL.
+    let killed = Instant::now();
+    a.kill9();
+    wait_snapshot_state(&api_b, &id, "building").await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "took over after {took:?}");
+    api_b.wait_state(&id, "active", WAIT).await;
+    // B published, dead letters included; a third instance bootstraps from it.
+    let all = wait_snapshots(&api_b, 1).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["parked"], 10, "{all:?}");
+    let c = Daemon::start_with(options());
+    let api_c = Api::new(&c);
+    let (s, body) = api_c.deploy(wasm).await;
+    assert_eq!(s, 202, "{body}");
+    api_c.wait_state(&id, "active", WAIT).await;
+    let v = status_of(&api_c, &id).await;
+    assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
+    assert_eq!(v["parked"], 10, "{v}");
+    let (s, parked) = api_c.get(&format!("/admin/views/{id}/parked")).await;
+    assert_eq!(s, 200, "{parked}");
+    let (_, parked_b) = api_b.get(&format!("/admin/views/{id}/parked")).await;
+    assert_eq!(parked["parked"], parked_b["parked"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_snapshots_follow_the_log_and_keep_the_newest() {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(
+        Options::default()
+            .arg("--snapshot-dir")
+            .arg(snapshots.path().to_str().expect("utf-8"))
+            .arg("--snapshot-every")
+            .arg("100 events"),
+    );
+    let api = Api::new(&d);
+    let (s, b) = api.deploy(module_version(USERS, "1.0.0", None)).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let mut heads = Vec::new();
+    for round in 0..5 {
+        // About 140 events a round: past the interval each time.
+        let head = append_users(&api, round * 40, 40).await;
+        let all = wait_snapshots(&api, head).await;
+        heads.push(head);
+        assert!(all.len() <= 3, "kept {} snapshots: {all:?}", all.len());
+    }
+    let (_, b) = api.get("/admin/snapshots").await;
+    let positions: Vec<u64> = b["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .filter_map(|m| m["position"].as_u64())
+        .collect();
+    assert_eq!(
+        positions,
+        heads[2..].iter().rev().copied().collect::<Vec<_>>()
+    );
+    let v = status_of(&api, "users-1_0_0").await;
+    assert_eq!(v["last_snapshot"], heads[4], "{v}");
+}
