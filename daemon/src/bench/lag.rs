@@ -297,7 +297,7 @@ impl WarmPhase {
 
 /// Waits until `id` has left `warming` (polled: this is the bench's driver,
 /// not a hot path).
-async fn wait_while_warming(lifecycle: &Lifecycle, id: &ViewId) -> anyhow::Result<()> {
+pub(super) async fn wait_while_warming(lifecycle: &Lifecycle, id: &ViewId) -> anyhow::Result<()> {
     loop {
         match lifecycle.status_of(id).map(|s| s.state) {
             Some(ViewState::Warming) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -311,7 +311,7 @@ async fn wait_while_warming(lifecycle: &Lifecycle, id: &ViewId) -> anyhow::Resul
 
 /// Issues probe `n` at `start + n / rate` until `done(n)`, each on a task of
 /// its own; lag in nanoseconds, from when each probe was due.
-async fn probe(
+pub(super) async fn probe(
     lifecycle: &Lifecycle,
     store: &Arc<dyn EventStore>,
     view: &ViewId,
@@ -351,7 +351,7 @@ async fn probe(
 }
 
 /// Keeps in `best` whichever of it and `round` has the lower p99.
-fn keep_best(best: &mut Option<Histogram<u64>>, round: Histogram<u64>) {
+pub(super) fn keep_best(best: &mut Option<Histogram<u64>>, round: Histogram<u64>) {
     let better = best
         .as_ref()
         .is_none_or(|b| round.value_at_quantile(0.99) < b.value_at_quantile(0.99));
@@ -361,7 +361,7 @@ fn keep_best(best: &mut Option<Histogram<u64>>, round: Histogram<u64>) {
 }
 
 /// The `q` quantile of `h` (nanoseconds) in milliseconds.
-fn millis(h: &Histogram<u64>, q: f64) -> String {
+pub(super) fn millis(h: &Histogram<u64>, q: f64) -> String {
     format!("{:.2} ms", h.value_at_quantile(q) as f64 / 1e6)
 }
 

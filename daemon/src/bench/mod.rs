@@ -1,6 +1,7 @@
 //! Benchmarks behind `kiln bench`: each prints its figures next to a baseline
 //! measured in the same run, with the ratio, so numbers compare across machines.
 
+pub mod bootstrap;
 pub mod diff;
 pub mod http;
 pub mod lag;
@@ -26,6 +27,10 @@ pub enum BenchCommand {
     /// warm-up running and while a new version replays the whole log, in the
     /// same run, and their ratio.
     Lag(lag::LagBenchArgs),
+    /// A view served from an empty data directory by a snapshot vs by a
+    /// replay of the log, in the same run, and live lag while snapshots are
+    /// taken vs idle.
+    Bootstrap(bootstrap::BootstrapBenchArgs),
     /// Two views of a million documents compared (`kiln diff`'s merge) next
     /// to a plain scan of both, in the same run, and their ratio.
     Diff(diff::DiffBenchArgs),
@@ -42,6 +47,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Http(args) => rt.block_on(http::run(args)),
         BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
         BenchCommand::Diff(args) => rt.block_on(diff::run(args)),
+        BenchCommand::Bootstrap(args) => rt.block_on(bootstrap::run(args)),
     }
 }
 
