@@ -113,6 +113,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/admin/views/{id}/parked", Admin, Data, None, get(admin::parked)),
         route!(GET "/admin/views/{a}/diff/{b}", Admin, Data, None, get(admin::diff)),
         route!(POST "/admin/views/{id}/parked/retry", Admin, Data, None, post(admin::retry_parked)),
+        route!(POST "/admin/backup", Admin, Data, Json, post(admin::backup)),
     ]
 }
 
