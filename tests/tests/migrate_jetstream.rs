@@ -413,3 +413,29 @@ async fn views_rebuilt_on_the_migrated_log_equal_the_embedded_ones_byte_for_byte
         "{doc}"
     );
 }
+
+/// The migration rate on this machine: a log of 200 streams, 10 000 events
+/// (runs of one to three events per stream), copied into a local nats-server.
+/// `cargo test --release -p kiln-tests --test migrate_jetstream -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn migration_rate() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let source = fill_embedded(&data, 200, 20).await;
+    let started = Instant::now();
+    let (code, out, err) = migrate(&[
+        "--to-jetstream",
+        &nats.url(),
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    println!(
+        "{} events in {took:?}, process start and connect included: {:.0} events/s\n{out}",
+        source.len(),
+        source.len() as f64 / took.as_secs_f64()
+    );
+}
