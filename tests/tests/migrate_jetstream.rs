@@ -32,6 +32,17 @@ fn sid(s: &str) -> StreamId {
 /// renames, logins and failures, some in multi-event appends, with metadata,
 /// tags and explicit old commit times on some. Returns the log.
 async fn fill_embedded(data: &Path, users: u64, rounds: u64) -> Vec<RecordedEvent> {
+    fill_embedded_with(data, users, rounds, true).await
+}
+
+/// [`fill_embedded`], with or without tags.
+async fn fill_embedded_with(
+    data: &Path,
+    users: u64,
+    rounds: u64,
+    tagged: bool,
+) -> Vec<RecordedEvent> {
+    let tag = |e: NewEvent, t: String| if tagged { e.with_tags([t]) } else { e };
     let store = EmbeddedStore::open(EmbeddedConfig::new(data.join("log"))).expect("embedded");
     for u in 0..users {
         let ev = NewEvent::json(
@@ -39,8 +50,8 @@ async fn fill_embedded(data: &Path, users: u64, rounds: u64) -> Vec<RecordedEven
             &json!({ "name": format!("user {u}"), "email": format!("u{u}@x") }),
         )
         .with_metadata("correlation-id", format!("reg-{u}"))
-        .with_tags([format!("tenant:{}", u % 3)])
         .with_timestamp(LONG_AGO + u);
+        let ev = tag(ev, format!("tenant:{}", u % 3));
         store
             .append(AppendRequest::new(
                 sid(&format!("user-{u}")),
@@ -63,8 +74,8 @@ async fn fill_embedded(data: &Path, users: u64, rounds: u64) -> Vec<RecordedEven
                         .with_metadata("by", "admin"),
                 ],
                 2 => vec![
-                    NewEvent::json("LoginFailed", &json!({})).with_tags(["security"]),
-                    NewEvent::json("LoginFailed", &json!({})).with_tags(["security"]),
+                    tag(NewEvent::json("LoginFailed", &json!({})), "security".into()),
+                    tag(NewEvent::json("LoginFailed", &json!({})), "security".into()),
                     NewEvent::json("UserLoggedIn", &json!({})),
                 ],
                 _ => vec![NewEvent::json("Audited", &json!({ "round": r }))],
@@ -414,28 +425,32 @@ async fn views_rebuilt_on_the_migrated_log_equal_the_embedded_ones_byte_for_byte
     );
 }
 
-/// The migration rate on this machine: a log of 200 streams, 10 000 events
-/// (runs of one to three events per stream), copied into a local nats-server.
-/// `cargo test --release -p kiln-tests --test migrate_jetstream -- --ignored --nocapture`
+/// The migration rate on this machine: logs of 200 streams, 7 200 events
+/// (runs of one to three events per stream), with tags on a third of the
+/// events and without any, copied into a local nats-server.
+/// `cargo test --release -p kiln-tests --test migrate_jetstream migration_rate -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn migration_rate() {
-    let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let data = tmp.path().join("data");
-    let source = fill_embedded(&data, 200, 20).await;
-    let started = Instant::now();
-    let (code, out, err) = migrate(&[
-        "--to-jetstream",
-        &nats.url(),
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-    ]);
-    let took = started.elapsed();
-    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    println!(
-        "{} events in {took:?}, process start and connect included: {:.0} events/s\n{out}",
-        source.len(),
-        source.len() as f64 / took.as_secs_f64()
-    );
+    for tagged in [false, true] {
+        let nats = NatsServer::start();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tmp.path().join("data");
+        let source = fill_embedded_with(&data, 200, 20, tagged).await;
+        let started = Instant::now();
+        let (code, out, err) = migrate(&[
+            "--to-jetstream",
+            &nats.url(),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ]);
+        let took = started.elapsed();
+        assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+        println!(
+            "tags: {tagged}: {} events in {took:?}, process start and connect included: \
+             {:.0} events/s\n{out}",
+            source.len(),
+            source.len() as f64 / took.as_secs_f64()
+        );
+    }
 }

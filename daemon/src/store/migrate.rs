@@ -7,7 +7,10 @@
 //! concurrency check, the server's guard on JetStream, proves the version),
 //! id, type, data, metadata, tags and commit time ([`NewEvent::timestamp`],
 //! carried on JetStream as `Kiln-Timestamp`). Runs of consecutive events of
-//! one stream go in one append (atomic on both backends), within the limits.
+//! one stream go in one append (atomic on both backends), within the limits,
+//! when they carry tags (the tag markers go with them) or are long; short
+//! untagged runs go one append per event, much faster on JetStream (see
+//! [`MIN_BATCH`]). Either way the copy is the same, event by event.
 //! Positions are the target's own: JetStream sequences have gaps (tag
 //! markers), the order is the same.
 //!
@@ -30,6 +33,14 @@ use super::{
 
 /// Events read from the source at a time.
 const READ_CHUNK: usize = 4096;
+
+/// Shortest run of untagged events of one stream copied in one append. A
+/// JetStream atomic batch costs a server round of about 20 ms whatever its
+/// size (measured with nats-server 2.12 on loopback: 0.2 ms for a single
+/// guarded publish), so shorter runs go one guarded append per event: the
+/// copy ends up identical, event by event. Tagged events always go through
+/// one append with their tag markers.
+const MIN_BATCH: usize = 64;
 
 /// What can stop a migration.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +264,28 @@ async fn append_run(
             timestamp: Some(e.timestamp),
         })
         .collect();
+    let events: Vec<NewEvent> = events;
+    let batched = events.len() >= MIN_BATCH || events.iter().any(|e| !e.tags.is_empty());
+    if batched {
+        return append_with_retry(target, &stream, first, last, events).await;
+    }
+    let mut position = 0;
+    for (ev, original) in events.into_iter().zip(run) {
+        position = append_with_retry(target, &stream, original, original, vec![ev]).await?;
+    }
+    Ok(position)
+}
+
+/// One append of `events` (the source's `first..=last`), expecting the
+/// stream just before `first`'s version; retried while the target is briefly
+/// unavailable.
+async fn append_with_retry(
+    target: &dyn EventStore,
+    stream: &StreamId,
+    first: &RecordedEvent,
+    last: &RecordedEvent,
+    events: Vec<NewEvent>,
+) -> Result<Position, MigrateError> {
     let req = AppendRequest::new(
         stream.clone(),
         ExpectedVersion::Exact(first.version - 1),
@@ -271,7 +304,7 @@ async fn append_run(
                 return Err(MigrateError::Append {
                     first: first.position,
                     last: last.position,
-                    stream,
+                    stream: stream.clone(),
                     version: first.version,
                     source,
                 });
