@@ -258,3 +258,27 @@ async fn a_backup_taken_under_appends_restores_to_the_same_log_and_documents() {
         "restored documents equal a rebuild at the backup's head"
     );
 }
+
+/// On JetStream the log is not on the daemon's machine: the call says so and
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_a_jetstream_daemon_is_refused_with_the_reason() {
+    let nats = kiln_tests::nats::NatsServer::start();
+    let d = Daemon::start_with(Options::default().jetstream(&nats.url()));
+    let api = Api::new(&d);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("b");
+    let (s, b) = api.post_json("/admin/backup", &json!({ "dir": dir })).await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (400, json!("backup_unsupported")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nats stream backup")),
+        "{b}"
+    );
+    assert!(!dir.exists());
+}

@@ -269,6 +269,53 @@ async fn an_interrupted_migration_resumes_without_duplicates() {
     assert_eq!(ids.len(), n, "no event was copied twice");
 }
 
+/// A run killed at a random moment (SIGKILL: an append may be stored and
+/// never acknowledged) is finished by running the same command again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_migration_is_finished_by_running_it_again() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    // Tagged: atomic batches, slow enough to be killed in the middle.
+    let source = fill_embedded(&data, 40, 30).await;
+    let n = source.len();
+    let dir = data.to_str().expect("utf-8 path");
+    let mut child = Command::new(kiln_bin())
+        .args(["migrate", "--to-jetstream", &nats.url(), "--data-dir", dir])
+        .env("KILN_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kiln migrate");
+    let js = target(&nats.url(), "KILN").await;
+    let deadline = Instant::now() + WAIT;
+    while js.head().await.expect("head") < 100 {
+        assert!(Instant::now() < deadline, "the copy did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let partial = whole_log(&js).await;
+    assert!(
+        !partial.is_empty() && partial.len() < n,
+        "killed in the middle: {} of {n}",
+        partial.len()
+    );
+    assert_same_events(&source[..partial.len()], &partial);
+
+    let (code, out, err) = migrate(&["--to-jetstream", &nats.url(), "--data-dir", dir]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(&format!(
+            "{} of them already there (verified)",
+            partial.len()
+        )),
+        "{err}"
+    );
+    let copy = whole_log(&js).await;
+    assert_same_events(&source, &copy);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_holding_other_events_is_refused_naming_the_first_mismatch() {
     let nats = NatsServer::start();
