@@ -14,8 +14,9 @@
 //! ```
 //!
 //! **Consistency.** Admin operations (deploy, promote, rollback, retire,
-//! resume, the standby sweep) wait while a backup runs, so no view is created
-//! or dropped half way. The registry is copied first, then the views, then the
+//! resume, the standby sweep) wait while the copies are taken (not while the
+//! manifest's hashes are computed), so no view is created or dropped half
+//! way; appends and projections go on. The registry is copied first, then the views, then the
 //! log: each view's documents are copied with the checkpoint they were
 //! committed with (one RocksDB checkpoint of one database is consistent), and
 //! the log, copied last, holds every event any copied view has applied. A
@@ -203,22 +204,32 @@ pub async fn create(lifecycle: &Lifecycle, dir: &Path) -> Result<Manifest, Backu
 }
 
 async fn take(lifecycle: &Lifecycle, dir: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
-    // No deploy, retire or sweep creates or drops a view meanwhile.
-    let _ops = lifecycle.pause_operations().await;
-    let views: Vec<String> = lifecycle
-        .status()
-        .iter()
-        .map(|s| s.id.to_string())
-        .collect();
-    let view_store = lifecycle.views().clone();
-    let store = lifecycle.store().clone();
     let (dir, data_dir) = (dir.to_path_buf(), data_dir.to_path_buf());
+    let (views, log_head) = {
+        // No deploy, retire or sweep creates or drops a view meanwhile.
+        let _ops = lifecycle.pause_operations().await;
+        let views: Vec<String> = lifecycle
+            .status()
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect();
+        let view_store = lifecycle.views().clone();
+        let store = lifecycle.store().clone();
+        let (dir, data_dir) = (dir.clone(), data_dir.clone());
+        let log_head = tokio::task::spawn_blocking(move || {
+            let registry = data_dir.join(REGISTRY);
+            std::fs::copy(&registry, dir.join(REGISTRY)).map_err(io("copying", &registry))?;
+            view_store.checkpoint_to(&dir.join("views"))?;
+            let log_head = store.checkpoint_to(&dir.join("log"))?;
+            copy_tree(&data_dir.join("modules"), &dir.join("modules"))?;
+            Ok::<_, BackupError>(log_head)
+        })
+        .await
+        .map_err(|e| BackupError::Task(e.to_string()))??;
+        (views, log_head)
+    };
+    // Hashing reads every file: done with admin operations going on again.
     tokio::task::spawn_blocking(move || {
-        let registry = data_dir.join(REGISTRY);
-        std::fs::copy(&registry, dir.join(REGISTRY)).map_err(io("copying", &registry))?;
-        view_store.checkpoint_to(&dir.join("views"))?;
-        let log_head = store.checkpoint_to(&dir.join("log"))?;
-        copy_tree(&data_dir.join("modules"), &dir.join("modules"))?;
         let manifest = Manifest {
             format: FORMAT,
             kiln_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -745,7 +745,10 @@ async fn backup(a: BackupArgs) -> Outcome {
     let client = Client::new(&a.conn)?;
     // The path is the daemon's: made absolute here only when the daemon is
     // this machine's; a relative one is refused there with the reason.
-    let dir = if a.dir.is_relative() && client.base.contains("127.0.0.1") {
+    let local = ["://127.0.0.1", "://localhost", "://[::1]"]
+        .iter()
+        .any(|h| client.base.contains(h));
+    let dir = if a.dir.is_relative() && local {
         std::env::current_dir().map_or(a.dir.clone(), |cwd| cwd.join(&a.dir))
     } else {
         a.dir.clone()
