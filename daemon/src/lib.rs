@@ -6,11 +6,13 @@
 //! - [`views`]: view documents and checkpoints, one RocksDB column family per view.
 //! - [`lifecycle`]: versioned views: warm-up, cutover, standby, hot deploy.
 //! - [`api`]: the HTTP API: queries, read-your-writes, appends, admin, probes, metrics.
+//! - [`backup`]: consistent copies of an embedded data directory, and their restore.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
 //! - [`config`]: `kiln serve`'s configuration (TOML file, `KILN_*` variables, flags).
 //! - [`cli`]: the `kiln` command line.
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod config;

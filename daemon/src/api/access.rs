@@ -115,6 +115,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/admin/views/{id}/parked/retry", Admin, Data, None, post(admin::retry_parked)),
         route!(POST "/admin/views/{id}/snapshot", Admin, Data, None, post(admin::snapshot)),
         route!(GET "/admin/snapshots", Admin, Data, None, get(admin::snapshots)),
+        route!(POST "/admin/backup", Admin, Data, Json, post(admin::backup)),
     ]
 }
 

@@ -95,6 +95,54 @@ pub async fn deploy(
     Ok((status, Json(body)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupIn {
+    /// Absolute path on the daemon's machine, absent or empty.
+    dir: std::path::PathBuf,
+}
+
+/// `POST /admin/backup` `{"dir": "/abs/path"}`: a consistent copy of the
+/// data directory while the daemon runs (see [`crate::backup`]).
+pub async fn backup(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    use crate::backup::BackupError;
+    let bytes = state
+        .read_body(body, BodyKind::Json, "the backup request")
+        .await?;
+    let req: BackupIn = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::malformed_body(format!(
+            "the backup request is not {{\"dir\": \"/absolute/path\"}}: {e}"
+        ))
+    })?;
+    let started = std::time::Instant::now();
+    let manifest = crate::backup::create(&state.lifecycle, &req.dir)
+        .await
+        .map_err(|e| match e {
+            BackupError::BadTarget { .. } => {
+                ApiError::bad_request("bad_backup_target", e.to_string())
+            }
+            BackupError::Unsupported => ApiError::bad_request("backup_unsupported", e.to_string()),
+            other => ApiError::internal(other.to_string()),
+        })?;
+    tracing::info!(
+        dir = %req.dir.display(),
+        log_head = manifest.log_head,
+        files = manifest.files.len(),
+        "backup written"
+    );
+    Ok(Json(json!({
+        "dir": req.dir,
+        "format": manifest.format,
+        "kiln_version": manifest.kiln_version,
+        "created_at_ms": manifest.created_at_ms,
+        "log_head": manifest.log_head,
+        "views": manifest.views,
+        "files": manifest.files.len(),
+        "bytes": manifest.bytes(),
+        "took_ms": started.elapsed().as_millis() as u64,
+    })))
+}
+
 /// `POST /admin/views/{id}/promote`.
 pub async fn promote(
     State(state): State<AppState>,

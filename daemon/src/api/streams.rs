@@ -153,6 +153,7 @@ pub async fn append(
                 .into(),
             metadata: e.metadata,
             tags: e.tags,
+            timestamp: None,
         })
         .collect();
     let mut req = AppendRequest::new(stream.clone(), expected, events);

@@ -85,6 +85,18 @@ pub enum ClientCommand {
     Ls(LsArgs),
     /// Print the event log as it grows (or up to its head with --no-follow).
     Tail(TailArgs),
+    /// Have the daemon write a consistent backup of its embedded data
+    /// directory into <dir> while it runs (restore with `kiln restore`).
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Where the daemon writes the backup: an absolute path on the daemon's
+    /// machine, absent or empty, outside its data directory.
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -287,6 +299,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Get(a) => a.conn.json,
         ClientCommand::Ls(a) => a.conn.json,
         ClientCommand::Tail(a) => a.conn.json,
+        ClientCommand::Backup(a) => a.conn.json,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -313,6 +326,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Get(a) => get(a).await,
             ClientCommand::Ls(a) => ls(a).await,
             ClientCommand::Tail(a) => tail(a).await,
+            ClientCommand::Backup(a) => backup(a).await,
         }
     });
     match result {
@@ -740,6 +754,43 @@ async fn wait_ready(client: &Client, id: &str, timeout_secs: u64, json: bool) ->
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+async fn backup(a: BackupArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    // The path is the daemon's: made absolute here only when the daemon is
+    // this machine's; a relative one is refused there with the reason.
+    let local = ["://127.0.0.1", "://localhost", "://[::1]"]
+        .iter()
+        .any(|h| client.base.contains(h));
+    let dir = if a.dir.is_relative() && local {
+        std::env::current_dir().map_or(a.dir.clone(), |cwd| cwd.join(&a.dir))
+    } else {
+        a.dir.clone()
+    };
+    let body = client
+        .send(
+            client
+                .request(reqwest::Method::POST, "/admin/backup")
+                .json(&json!({ "dir": dir })),
+        )
+        .await?;
+    if a.conn.json {
+        print_json(&body);
+    } else {
+        println!(
+            "backup written to {} (on the daemon's machine): log head {}, {} views, {} files, \
+             {} bytes, in {} ms; restore with `kiln restore {} --data-dir <empty dir>`",
+            body["dir"].as_str().unwrap_or("?"),
+            body["log_head"],
+            body["views"].as_array().map_or(0, Vec::len),
+            body["files"],
+            body["bytes"],
+            body["took_ms"],
+            body["dir"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
 }
 
 async fn promote(a: IdArgs) -> Outcome {

@@ -3,7 +3,9 @@
 //! Each subcommand's implementation lives in its own module; this file only
 //! declares the surface (`kiln --help`) and maps errors to exit codes.
 
+pub mod backup;
 pub mod client;
+pub mod migrate;
 pub mod new;
 pub mod run;
 pub mod serve;
@@ -30,6 +32,10 @@ pub enum Command {
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Copy an embedded log (offline) into a JetStream stream, resumably.
+    Migrate(migrate::MigrateArgs),
+    /// Restore a `kiln backup` into an empty data directory (offline).
+    Restore(backup::RestoreArgs),
     /// Create a projection project (Rust or AssemblyScript) that builds as it is.
     New(new::NewArgs),
     /// Run a projection module offline over a JSONL file of events and print
@@ -48,6 +54,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::New(args) => new::run(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Client(cmd) => return client::main(cmd),

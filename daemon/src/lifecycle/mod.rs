@@ -927,6 +927,13 @@ impl Lifecycle {
     }
 
     /// The event store the lifecycle tails.
+    /// Holds off admin operations (deploy, promote, rollback, retire,
+    /// resume, the standby sweep) while the guard lives, so no view is created
+    /// or dropped meanwhile: a backup copies the registry and the views whole.
+    pub async fn pause_operations(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.ops.lock().await
+    }
+
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.inner.store
     }

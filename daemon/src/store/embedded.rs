@@ -174,6 +174,20 @@ impl EmbeddedStore {
         &self.inner.limits
     }
 
+    /// A RocksDB checkpoint of the log in `dir` (which must not exist): a
+    /// consistent copy taken while appends go on (SST files hard-linked when
+    /// `dir` is on the same file system), and the head it holds.
+    pub fn checkpoint_to(&self, dir: &Path) -> Result<Position, StoreError> {
+        let op = || format!("copying the event log into {}", dir.display());
+        rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
+            .and_then(|c| c.create_checkpoint(dir))
+            .map_err(|e| StoreError::backend(op(), e))?;
+        // The head of the copy, not of the live log (which moved on).
+        let copy = DB::open_cf_for_read_only(&Options::default(), dir, COLUMN_FAMILIES, false)
+            .map_err(|e| StoreError::backend(op(), e))?;
+        last_position(&copy)
+    }
+
     /// The writer's group-commit counters.
     pub fn writer_stats(&self) -> &WriterStats {
         &self.inner.stats
@@ -594,7 +608,7 @@ impl Writer {
                 event_type: ev.event_type.clone(),
                 version,
                 position: ov.head,
-                timestamp: now,
+                timestamp: ev.timestamp.unwrap_or(now),
                 metadata: ev.metadata.clone(),
                 tags: ev.tags.clone(),
                 data: ev.data.clone(),
@@ -759,6 +773,14 @@ impl EventStore for EmbeddedStore {
 
     fn write_fault(&self) -> Option<String> {
         self.inner.stats.fault()
+    }
+
+    fn keeps_local_log(&self) -> bool {
+        true
+    }
+
+    fn checkpoint_to(&self, dir: &Path) -> Result<Position, StoreError> {
+        EmbeddedStore::checkpoint_to(self, dir)
     }
 
     fn unwritable_millis(&self) -> u64 {

@@ -19,6 +19,7 @@
 pub mod codec;
 pub mod embedded;
 pub mod jetstream;
+pub mod migrate;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -190,6 +191,11 @@ pub struct NewEvent {
     pub metadata: BTreeMap<String, String>,
     /// Tags for tag-conditioned appends (see [`AppendCondition`]).
     pub tags: Vec<String>,
+    /// The commit time to record instead of the append's own (milliseconds
+    /// since the Unix epoch). Only a copy of a log sets it (`kiln migrate`),
+    /// so projections see the time the event was first committed; `None`
+    /// everywhere else.
+    pub timestamp: Option<u64>,
 }
 
 impl NewEvent {
@@ -202,6 +208,7 @@ impl NewEvent {
             data: data.into(),
             metadata: BTreeMap::new(),
             tags: Vec::new(),
+            timestamp: None,
         }
     }
 
@@ -221,6 +228,12 @@ impl NewEvent {
         S: Into<String>,
     {
         self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Records `millis` as the event's commit time (see [`NewEvent::timestamp`]).
+    pub fn with_timestamp(mut self, millis: u64) -> Self {
+        self.timestamp = Some(millis);
         self
     }
 
@@ -556,6 +569,23 @@ pub trait EventStore: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+
+    /// Is the log on this machine, so [`EventStore::checkpoint_to`] can copy it?
+    fn keeps_local_log(&self) -> bool {
+        false
+    }
+
+    /// Writes a consistent copy of the log into `dir` (which must not exist
+    /// yet) while appends go on, and returns the head it holds (`kiln
+    /// backup`). Only a store with its log on this machine can; the default
+    /// says so.
+    fn checkpoint_to(&self, dir: &std::path::Path) -> Result<Position, StoreError> {
+        Err(StoreError::backend(
+            format!("copying the log into {}", dir.display()),
+            "this store keeps no log on this machine (back up a JetStream stream with \
+             NATS's own tools, e.g. `nats stream backup`)",
+        ))
+    }
 }
 
 /// Checks an append against the id alphabet, JSON and size limits, and counts
@@ -623,6 +653,13 @@ pub fn validate_append(req: &AppendRequest, limits: &Limits) -> Result<(), Store
             return Err(invalid(format!(
                 "event type {:?} contains {c:?} (use printable ASCII without spaces, '*' or '>')",
                 ev.event_type
+            )));
+        }
+        if let Some(t) = ev.timestamp
+            && t > MAX_VERSION
+        {
+            return Err(invalid(format!(
+                "timestamp {t} is beyond {MAX_VERSION} (milliseconds since the Unix epoch)"
             )));
         }
         if ev.data.len() > limits.max_event_bytes {

@@ -352,6 +352,15 @@ impl ViewStore {
         &self.path
     }
 
+    /// A RocksDB checkpoint of every view in `dir` (which must not exist):
+    /// each view's documents with the checkpoint they were committed with,
+    /// taken while views go on applying batches.
+    pub fn checkpoint_to(&self, dir: &Path) -> Result<(), ViewError> {
+        rocksdb::checkpoint::Checkpoint::new(&*self.db)
+            .and_then(|c| c.create_checkpoint(dir))
+            .map_err(storage(format!("copying the views into {}", dir.display())))
+    }
+
     /// How many handles (clones, sources) share this database.
     pub fn handles(&self) -> usize {
         Arc::strong_count(&self.db)

@@ -1303,7 +1303,14 @@ impl Inner {
     ) -> Result<Outcome, StoreError> {
         let ev = &req.events[0];
         let version = next_version(&req.stream, head.version, 1)?;
-        let mut h = wire::event_headers(&ev.id, &ev.event_type, version, &ev.tags, &ev.metadata);
+        let mut h = wire::event_headers(
+            &ev.id,
+            &ev.event_type,
+            version,
+            &ev.tags,
+            &ev.metadata,
+            ev.timestamp,
+        );
         h.insert(
             wire::EXPECTED_LAST_SUBJECT_SEQ,
             head.position.to_string().as_str(),
@@ -1345,6 +1352,7 @@ impl Inner {
                 head.version + 1 + i as u64,
                 &ev.tags,
                 &ev.metadata,
+                ev.timestamp,
             );
             if i == 0 {
                 h.insert(

@@ -4,8 +4,12 @@
 //!
 //! - Event: subject `<prefix>.<category>.<stream-id>`, payload = the event's JSON
 //!   data, headers `Nats-Msg-Id` (event id), `Kiln-Type`, `Kiln-Version`, and
-//!   optionally `Kiln-Tags` (comma-separated) and `Kiln-Metadata` (JSON object).
-//!   Position = the JetStream stream sequence, timestamp = the server's store time.
+//!   optionally `Kiln-Tags` (comma-separated), `Kiln-Metadata` (JSON object) and
+//!   `Kiln-Timestamp` (milliseconds since the Unix epoch).
+//!   Position = the JetStream stream sequence; timestamp = `Kiln-Timestamp` when
+//!   the message carries one (an event copied from another log by `kiln
+//!   migrate` keeps the commit time projections saw there), else the server's
+//!   store time.
 //! - Tag marker: subject `<prefix>._kiln.tag.<tag>`, empty payload, one per tag an
 //!   append carries or is conditioned on, written in the same atomic batch as the
 //!   events. `Kiln-Tag-Offset: k` says the tag's last event is `k` sequences
@@ -26,7 +30,8 @@
 //! server-checked `Nats-Expected-Last-Subject-Sequence` guard, 0 only with
 //! version 1, or is message `k > 1` of an atomic batch with version `>= k`),
 //! `Kiln-Tags` (if any) are valid tags, `Kiln-Metadata` (if any) is a JSON
-//! object of strings, and the payload is JSON. Anything else is foreign: tails
+//! object of strings, `Kiln-Timestamp` (if any) is an integer from 0 to
+//! [`MAX_VERSION`], and the payload is JSON. Anything else is foreign: tails
 //! and reads skip it (logged with its sequence, counted), `latest` reports the
 //! last kiln event before it, and an append to a stream whose last message is
 //! foreign is refused naming its sequence. A tag marker whose headers are
@@ -53,6 +58,7 @@ pub const TYPE: &str = "Kiln-Type";
 pub const VERSION: &str = "Kiln-Version";
 pub const TAGS: &str = "Kiln-Tags";
 pub const METADATA: &str = "Kiln-Metadata";
+pub const TIMESTAMP: &str = "Kiln-Timestamp";
 pub const TAG_OFFSET: &str = "Kiln-Tag-Offset";
 pub const TAG_POSITION: &str = "Kiln-Tag-Position";
 
@@ -133,13 +139,15 @@ impl Subjects {
     }
 }
 
-/// Headers of one event message (everything but the OCC guard and batch headers).
+/// Headers of one event message (everything but the OCC guard and batch
+/// headers). `timestamp` is the commit time of a copied event (`Kiln-Timestamp`).
 pub fn event_headers(
     id: &Uuid,
     event_type: &str,
     version: u64,
     tags: &[String],
     metadata: &BTreeMap<String, String>,
+    timestamp: Option<u64>,
 ) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(MSG_ID, id.to_string().as_str());
@@ -152,6 +160,9 @@ pub fn event_headers(
         // serde_json writes one line; validate_append refused line breaks anyway.
         let json = serde_json::to_string(metadata).unwrap_or_default();
         h.insert(METADATA, json.as_str());
+    }
+    if let Some(t) = timestamp {
+        h.insert(TIMESTAMP, t.to_string().as_str());
     }
     h
 }
@@ -172,6 +183,8 @@ impl std::fmt::Display for NotKiln {
 
 /// Turns a stored message on an event subject into a recorded event, or says
 /// why it is not a kiln event (see the module docs: the one definition).
+/// `timestamp` is the server's store time, used unless the message carries
+/// `Kiln-Timestamp`.
 pub fn decode_event(
     subjects: &Subjects,
     subject: &str,
@@ -216,6 +229,17 @@ pub fn decode_event(
             ))
         })?,
         _ => BTreeMap::new(),
+    };
+    let timestamp = match header(h, TIMESTAMP) {
+        None => timestamp,
+        Some(t) => match t.trim().parse::<u64>() {
+            Ok(t) if t <= MAX_VERSION => t,
+            _ => {
+                return Err(NotKiln(format!(
+                    "header {TIMESTAMP} {t:?} is not an integer from 0 to {MAX_VERSION}"
+                )));
+            }
+        },
     };
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&data) {
         return Err(NotKiln(format!("the payload is not JSON: {e}")));
@@ -425,7 +449,7 @@ mod tests {
         let mut meta = BTreeMap::new();
         meta.insert("correlation-id".to_string(), "abc 123 ü".to_string());
         let tags = vec!["a".to_string(), "b:c".to_string()];
-        let mut h = event_headers(&id, "user.Registered", 7, &tags, &meta);
+        let mut h = event_headers(&id, "user.Registered", 7, &tags, &meta, None);
         h.insert(EXPECTED_LAST_SUBJECT_SEQ, "8");
         let ev = decode_event(&Subjects::new("k"), "k.u.u-1", 9, 5, &h, Bytes::from("{}")).unwrap();
         assert_eq!(
@@ -436,10 +460,27 @@ mod tests {
         assert_eq!(ev.event_type, "user.Registered");
     }
 
+    /// A copied event keeps its original commit time; the server's store
+    /// time is only the fallback.
+    #[test]
+    fn a_carried_timestamp_wins_over_the_server_time() {
+        let s = Subjects::new("k");
+        let decode = |h: &HeaderMap| decode_event(&s, "k.u.u-1", 9, 5, h, Bytes::from("{}"));
+        let mut h = event_headers(&Uuid::new_v4(), "T", 1, &[], &BTreeMap::new(), Some(42));
+        h.insert(EXPECTED_LAST_SUBJECT_SEQ, "0");
+        assert_eq!(h.get_last(TIMESTAMP).map(|v| v.as_str()), Some("42"));
+        assert_eq!(decode(&h).map(|e| e.timestamp), Ok(42));
+        for bad in ["x", "-1", "9007199254740992", ""] {
+            h.insert(TIMESTAMP, bad);
+            let e = decode(&h).expect_err(bad);
+            assert!(e.0.contains(TIMESTAMP), "{bad:?}: {e}");
+        }
+    }
+
     #[test]
     fn what_is_not_a_kiln_event() {
         let s = Subjects::new("k");
-        let mut good = event_headers(&Uuid::new_v4(), "T", 3, &[], &BTreeMap::new());
+        let mut good = event_headers(&Uuid::new_v4(), "T", 3, &[], &BTreeMap::new(), None);
         good.insert(EXPECTED_LAST_SUBJECT_SEQ, "5");
         let decode = |subject: &str, h: &HeaderMap, data: &'static str| {
             decode_event(&s, subject, 9, 0, h, Bytes::from(data))
@@ -485,7 +526,7 @@ mod tests {
     fn a_version_must_provably_follow() {
         let s = Subjects::new("k");
         let decode = |version: u64, guard: &[(&str, &str)]| {
-            let mut h = event_headers(&Uuid::new_v4(), "T", version, &[], &BTreeMap::new());
+            let mut h = event_headers(&Uuid::new_v4(), "T", version, &[], &BTreeMap::new(), None);
             for (k, v) in guard {
                 h.insert(*k, *v);
             }
