@@ -45,6 +45,11 @@ const DEFAULT_MODULE: &str = concat!(
     "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
 );
 
+const ORDERS_MODULE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_orders.wasm"
+);
+
 #[derive(Args, Debug, Clone)]
 pub struct BootstrapBenchArgs {
     /// Events in the log.
@@ -68,9 +73,12 @@ pub struct BootstrapBenchArgs {
     /// a directory.
     #[arg(long)]
     pub nats_url: Option<String>,
-    /// The users module.
-    #[arg(long, default_value = DEFAULT_MODULE)]
-    pub module: PathBuf,
+    /// The projection: users (10,000 documents) or orders (one per 3 events).
+    #[arg(long, value_enum, default_value = "users")]
+    pub projection: super::projection::Which,
+    /// The module (by default the example `cargo test --release` builds).
+    #[arg(long)]
+    pub module: Option<PathBuf>,
     /// Directory for the log, views and snapshots (a temp dir, removed
     /// afterwards, by default).
     #[arg(long)]
@@ -124,6 +132,10 @@ async fn lifecycle(
     let snapshots = Arc::new(Snapshots::new(snapshots, sc));
     let mut lc = LifecycleConfig::new(dir.join(name));
     lc.snapshots = Some(snapshots.clone());
+    lc.default_policy = ViewPolicy {
+        cutover: CutoverPolicy::Manual,
+        ..ViewPolicy::default()
+    };
     lc.policies.insert(
         "users".into(),
         ViewPolicy {
@@ -138,10 +150,16 @@ async fn lifecycle(
 }
 
 async fn bench(args: &BootstrapBenchArgs, dir: &Path) -> anyhow::Result<()> {
-    let wasm = std::fs::read(&args.module).with_context(|| {
+    let module = args.module.clone().unwrap_or_else(|| {
+        PathBuf::from(match args.projection {
+            super::projection::Which::Users => DEFAULT_MODULE,
+            super::projection::Which::Orders => ORDERS_MODULE,
+        })
+    });
+    let wasm = std::fs::read(&module).with_context(|| {
         format!(
-            "reading the users module {} (run `cargo test --release` once to build it, or pass --module)",
-            args.module.display()
+            "reading the module {} (run `cargo test --release` once to build it, or pass --module)",
+            module.display()
         )
     })?;
     let mut config = EmbeddedConfig::new(dir.join("log"));
@@ -161,13 +179,7 @@ async fn bench(args: &BootstrapBenchArgs, dir: &Path) -> anyhow::Result<()> {
         }
     );
     let started = Instant::now();
-    super::projection::fill_layout(
-        &embedded,
-        args.events,
-        args.layout,
-        super::projection::Which::Users,
-    )
-    .await?;
+    super::projection::fill_layout(&embedded, args.events, args.layout, args.projection).await?;
     println!(
         "fill: {} events in {:.1} s",
         args.events,

@@ -1606,7 +1606,7 @@ impl Inner {
     /// Publishes a snapshot of physical view `id`, logging the outcome.
     async fn publish_snapshot(
         &self,
-        snapshots: &Snapshots,
+        snapshots: &Arc<Snapshots>,
         id: &ViewId,
         fingerprint: &str,
     ) -> Option<SnapshotManifest> {
@@ -1858,10 +1858,7 @@ impl Inner {
             if n.is_multiple_of(8)
                 && let Some(snapshots) = self.config.snapshots.clone()
                 && snapshots.config().every.is_some()
-                && !snapshot_running
-                    .0
-                    .as_ref()
-                    .is_some_and(|t| !t.is_finished())
+                && snapshot_running.0.as_ref().is_none_or(|t| t.is_finished())
             {
                 let this = self.clone();
                 snapshot_running.0 = Some(tokio::spawn(async move {

@@ -31,8 +31,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -622,8 +622,12 @@ impl Snapshots {
     /// Exports `view` (built by `fingerprint` from log `log`) as it stands,
     /// uploads it and prunes older snapshots of its key. `Ok(None)` when the
     /// store already has a snapshot at that position.
+    ///
+    /// The export, hashing and upload run on a thread of their own at the
+    /// lowest CPU priority (nice 19), with a runtime of its own: a snapshot
+    /// takes the CPU live views leave, so it does not delay them.
     pub async fn publish(
-        &self,
+        self: &Arc<Self>,
         views: &ViewStore,
         view: &ViewId,
         fingerprint: &str,
@@ -634,7 +638,18 @@ impl Snapshots {
         if let Some(holder) = self.take_lease(view, &key).await? {
             return Err(SnapshotError::LeaseHeld(holder));
         }
-        let result = self.publish_leased(views, view, fingerprint, log).await;
+        let (this, views2, view2, fingerprint2, log2) = (
+            self.clone(),
+            views.clone(),
+            view.clone(),
+            fingerprint.to_string(),
+            log.to_string(),
+        );
+        let result = in_background(move || async move {
+            this.publish_leased(&views2, &view2, &fingerprint2, &log2)
+                .await
+        })
+        .await;
         self.release(view).await;
         if result.is_err() {
             self.metrics.failures.fetch_add(1, Ordering::Relaxed);
@@ -782,6 +797,46 @@ impl Snapshots {
             .lock()
             .ok()
             .and_then(|p| p.get(view).map(|e| e.0))
+    }
+}
+
+/// Runs `work` to completion on a new thread at the lowest CPU priority,
+/// with a current-thread runtime of its own (threads it starts, such as the
+/// runtime's blocking pool, inherit the priority).
+async fn in_background<F, Fut, T>(work: F) -> Result<T, SnapshotError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, SnapshotError>>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kiln-snapshot".into())
+        .spawn(move || {
+            lowest_priority();
+            let result = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(work()),
+                Err(e) => Err(SnapshotError::Internal(format!(
+                    "starting the snapshot runtime: {e}"
+                ))),
+            };
+            let _ = tx.send(result);
+        })
+        .map_err(io("starting the snapshot thread"))?;
+    rx.await
+        .map_err(|_| SnapshotError::Internal("the snapshot thread panicked".into()))?
+}
+
+/// Lowers the calling thread's CPU priority to nice 19 (Linux: per thread).
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; `0` names the
+    // calling thread on Linux.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
 }
 
