@@ -46,6 +46,8 @@ use kiln::lifecycle::{
     ViewState, ViewStatus,
 };
 use kiln::runtime::{Module, Runtime, RuntimeConfig};
+use kiln::snapshots::dir::DirStore;
+use kiln::snapshots::{Every, SnapshotConfig, Snapshots};
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use kiln::views::ViewId;
@@ -130,6 +132,8 @@ struct Shared {
     /// Steps after which some version had warmed by stream partitions (so
     /// the run is known to exercise them).
     partitioned: std::sync::atomic::AtomicU64,
+    /// Steps after which some version had been bootstrapped from a snapshot.
+    bootstrapped: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     modules: BTreeMap<(usize, Logic), (Vec<u8>, Module)>,
     _cache: tempfile::TempDir,
@@ -153,6 +157,7 @@ impl Shared {
         }
         Shared {
             partitioned: std::sync::atomic::AtomicU64::new(0),
+            bootstrapped: std::sync::atomic::AtomicU64::new(0),
             runtime,
             modules,
             _cache: cache,
@@ -239,6 +244,15 @@ impl<'a> Run<'a> {
         c.warmup_partition_min_events = 0;
         if self.seed % 2 == 1 {
             c.default_policy.cutover = CutoverPolicy::AutoIfIdentical;
+        }
+        // A third of the sequences keep view snapshots (often): a version
+        // built again (retired, then deployed) bootstraps from one, and I4
+        // checks what it serves like any other view.
+        if self.seed % 3 == 0 {
+            let mut sc = SnapshotConfig::new(self.dir.path().join("snapshots-work"));
+            sc.every = Some(Every::Events(8));
+            let store = DirStore::open(self.dir.path().join("snapshots")).expect("snapshot dir");
+            c.snapshots = Some(Arc::new(Snapshots::new(Box::new(store), sc)));
         }
         c
     }
@@ -750,6 +764,16 @@ impl<'a> Run<'a> {
                 .partitioned
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        if status.iter().any(|s| {
+            matches!(
+                s.snapshot,
+                Some(kiln::snapshots::SnapshotActivity::Bootstrapped { .. })
+            )
+        }) {
+            self.shared
+                .bootstrapped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let actives = status
             .iter()
             .filter(|s| s.state == ViewState::Active)
@@ -911,12 +935,19 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     let partitioned = shared
         .partitioned
         .load(std::sync::atomic::Ordering::Relaxed);
+    let bootstrapped = shared
+        .bootstrapped
+        .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot",
         started.elapsed().as_secs_f64()
     );
     assert!(
         n < 20 || partitioned > 0,
         "no sequence warmed a version by stream partitions"
+    );
+    assert!(
+        n < 20 || bootstrapped > 0,
+        "no sequence bootstrapped a version from a snapshot"
     );
 }

@@ -809,7 +809,7 @@ where
     Fut: std::future::Future<Output = Result<T, SnapshotError>>,
     T: Send + 'static,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (mut tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("kiln-snapshot".into())
         .spawn(move || {
@@ -818,12 +818,21 @@ where
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(work()),
-                Err(e) => Err(SnapshotError::Internal(format!(
+                // The caller gone (its task aborted at shutdown or a crash):
+                // the work is dropped with it, letting go of the views.
+                Ok(rt) => rt.block_on(async {
+                    tokio::select! {
+                        r = work() => Some(r),
+                        _ = tx.closed() => None,
+                    }
+                }),
+                Err(e) => Some(Err(SnapshotError::Internal(format!(
                     "starting the snapshot runtime: {e}"
-                ))),
+                )))),
             };
-            let _ = tx.send(result);
+            if let Some(result) = result {
+                let _ = tx.send(result);
+            }
         })
         .map_err(io("starting the snapshot thread"))?;
     rx.await
