@@ -432,3 +432,36 @@ async fn periodic_snapshots_follow_the_log_and_keep_the_newest() {
     let v = status_of(&api, "users-1_0_0").await;
     assert_eq!(v["last_snapshot"], newest, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_builder_that_stops_building_lets_go_of_its_lease_at_once() {
+    let nats = NatsServer::start();
+    // The default lease TTL (30 s): only a release explains a quick take-over.
+    let options = || {
+        kiln_tests::daemon::slow_warming_options()
+            .jetstream(&nats.url())
+            .arg("--snapshot-bucket")
+            .arg("KILN_VIEWS")
+    };
+    let a = Daemon::start_with(options());
+    let b = Daemon::start_with(options());
+    let (api_a, api_b) = (Api::new(&a), Api::new(&b));
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api_a, 20).await;
+    wait_snapshot_state(&api_a, &id, "building").await;
+    let wasm = std::fs::read(kiln_tests::wasm::CHAOS).expect("chaos module");
+    let (s, body) = api_b.deploy(wasm).await;
+    assert_eq!(s, 202, "{body}");
+    wait_snapshot_state(&api_b, &id, "waiting").await;
+    // A's operator retires the warming version: A builds it no more.
+    let retired = Instant::now();
+    let (s, body) = api_a
+        .post_json(&format!("/admin/views/{id}/retire"), &json!({}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    wait_snapshot_state(&api_b, &id, "building").await;
+    let took = retired.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "B took over after {took:?}: the lease was not let go"
+    );
+}

@@ -1668,6 +1668,12 @@ impl Inner {
     /// A worker stopped on an error: its versions are `failed`; a name whose
     /// active version it was falls back (see [`Registry::failed`]).
     fn on_failed(&self, id: &ViewId, position: Option<Position>, reason: String) {
+        if let Some(s) = self.config.snapshots.clone() {
+            // A failed warm-up publishes nothing: instances waiting for its
+            // snapshot build (and fail, or not, on their own).
+            let id = id.clone();
+            self.push_background(tokio::spawn(async move { s.release(&id).await }));
+        }
         let mut st = self.lock();
         st.workers.remove(id);
         let fallbacks = st.registry.failed(id, position, &reason, now_millis());
@@ -1724,6 +1730,10 @@ impl Inner {
         if let Some((physical, worker)) = release {
             if let Some(w) = worker {
                 w.stop().await;
+            }
+            // Building it no more: instances waiting for its snapshot build.
+            if let Some(s) = &self.config.snapshots {
+                s.release(&physical).await;
             }
             let st = self.lock();
             if !st.registry.needs_physical(&physical)

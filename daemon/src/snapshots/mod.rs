@@ -392,7 +392,8 @@ impl Snapshots {
         self.leases.lock().await.contains_key(view)
     }
 
-    async fn release(&self, view: &ViewId) {
+    /// Lets go of the building lease of `view`, if held.
+    pub async fn release(&self, view: &ViewId) {
         let held = self.leases.lock().await.remove(view);
         if let Some(lease) = held {
             lease.release().await;
@@ -907,6 +908,7 @@ fn decode_parked(mut bytes: &[u8]) -> Option<Vec<(Position, Vec<u8>)>> {
 
 #[cfg(test)]
 mod tests {
+    use super::dir::DirStore;
     use super::*;
 
     #[test]
@@ -926,6 +928,125 @@ mod tests {
         let bytes = encode_parked(&parked);
         assert_eq!(decode_parked(&bytes), Some(parked));
         assert_eq!(decode_parked(&bytes[..bytes.len() - 1]), None);
+    }
+
+    fn docs(n: u32) -> crate::views::Writes {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("k{i:04}").into_bytes(),
+                    Some(format!("{{\"n\":{i}}}").into_bytes()),
+                )
+            })
+            .collect()
+    }
+
+    /// Bootstraps `view` into a fresh view store under `root`; what it
+    /// decided, what status says, and the view's checkpoint and documents.
+    async fn bootstrap_fresh(
+        snaps: &Snapshots,
+        root: &Path,
+        view: &ViewId,
+        log: &str,
+    ) -> (Option<Position>, Option<SnapshotActivity>, Position, u64) {
+        let views = ViewStore::open(root.join(uuid::Uuid::new_v4().to_string())).expect("views");
+        let activity = Mutex::new(None);
+        let (_tx, mut rx) = tokio::sync::watch::channel(false);
+        let got = snaps
+            .bootstrap(&views, view, "v2:fp", log, &activity, &mut rx)
+            .await
+            .expect("bootstrap");
+        // Let go of a lease a replay took, as a caught-up publish would.
+        snaps.release(view).await;
+        let done = match got {
+            Bootstrap::Done(p) => Some(p),
+            _ => None,
+        };
+        views.ensure(view).expect("view");
+        let d = views.digest(view).expect("digest");
+        let a = activity.lock().expect("activity").clone();
+        (done, a, d.position, d.documents)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_or_mismatched_snapshots_are_refused_and_leave_the_view_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let views = ViewStore::open(dir.path().join("views")).expect("views");
+        let v = ViewId::from_parts("users", "1.0.0").expect("id");
+        views.create(&v).expect("create");
+        views.commit(&v, &docs(300), 50).expect("commit");
+        let store = DirStore::open(dir.path().join("snaps")).expect("store");
+        let snaps = Arc::new(Snapshots::new(
+            Box::new(store),
+            SnapshotConfig::new(dir.path().join("work")),
+        ));
+        let m = snaps
+            .publish(&views, &v, "v2:fp", "log-1")
+            .await
+            .expect("publish")
+            .expect("a new snapshot");
+        assert_eq!((m.position, m.documents), (50, 300));
+        let at = dir.path().join("snaps").join(m.path());
+
+        // Good: the view is the snapshot's.
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!((done, position, n), (Some(50), 50, 300), "{a:?}");
+        assert!(matches!(
+            a,
+            Some(SnapshotActivity::Bootstrapped { position: 50, .. })
+        ));
+
+        // Another log: not found, it replays (and builds).
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-2").await;
+        assert_eq!((done, position, n), (None, 0, 0));
+        assert_eq!(a, Some(SnapshotActivity::Building));
+
+        // Truncated file: refused by size.
+        let sst = at.join("docs-0000.sst");
+        let original = std::fs::read(&sst).expect("sst");
+        std::fs::write(&sst, &original[..original.len() / 2]).expect("truncate");
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!((done, position, n), (None, 0, 0));
+        let reason = match a {
+            Some(SnapshotActivity::Refused { reason }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            reason.contains("truncated") && reason.contains("docs-0000.sst"),
+            "{reason}"
+        );
+        std::fs::write(&sst, &original).expect("restore");
+
+        // A manifest whose digest is not its documents': refused after
+        // ingesting, before the checkpoint; the view is left empty.
+        let manifest_path = at.join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest_path).expect("manifest");
+        let mut bad: SnapshotManifest = serde_json::from_str(&text).expect("parse");
+        bad.digest = "0".repeat(64);
+        std::fs::write(&manifest_path, serde_json::to_vec(&bad).expect("json")).expect("write");
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!((done, position, n), (None, 0, 0));
+        let reason = match a {
+            Some(SnapshotActivity::Refused { reason }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(reason.contains("do not match its manifest"), "{reason}");
+
+        // A manifest of another fingerprint under this key: not used.
+        let mut other = bad.clone();
+        other.digest = m.digest.clone();
+        other.fingerprint = "v2:other".into();
+        std::fs::write(&manifest_path, serde_json::to_vec(&other).expect("json")).expect("write");
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!(done, None);
+        assert_eq!(a, Some(SnapshotActivity::Building));
+
+        // A manifest of another snapshot format: not used either.
+        let mut newer = m.clone();
+        newer.format = FORMAT + 1;
+        std::fs::write(&manifest_path, serde_json::to_vec(&newer).expect("json")).expect("write");
+        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!(done, None);
     }
 
     #[test]
