@@ -248,7 +248,7 @@ impl<'a> Run<'a> {
         // A third of the sequences keep view snapshots (often): a version
         // built again (retired, then deployed) bootstraps from one, and I4
         // checks what it serves like any other view.
-        if self.seed % 3 == 0 {
+        if self.seed.is_multiple_of(3) {
             let mut sc = SnapshotConfig::new(self.dir.path().join("snapshots-work"));
             sc.every = Some(Every::Events(8));
             let store = DirStore::open(self.dir.path().join("snapshots")).expect("snapshot dir");
