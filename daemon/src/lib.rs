@@ -7,6 +7,8 @@
 //! - [`lifecycle`]: versioned views: warm-up, cutover, standby, hot deploy.
 //! - [`api`]: the HTTP API: queries, read-your-writes, appends, admin, probes, metrics.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
+//! - [`fleet`]: instances sharing a JetStream as one fleet: membership, fleet-wide
+//!   cutover and rollback through KV compare-and-set, view digests compared.
 //! - [`config`]: `kiln serve`'s configuration (TOML file, `KILN_*` variables, flags).
 //! - [`cli`]: the `kiln` command line.
 
@@ -14,6 +16,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod lifecycle;
 pub mod runtime;
 pub mod store;

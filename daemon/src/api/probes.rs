@@ -65,6 +65,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .into_response();
         }
     }
+    if let Some(why) = state.lifecycle.fleet_unready() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet_stale", why).into_response();
+    }
     let waiting = names_without_active(&state.lifecycle.status());
     if waiting.is_empty() {
         Json(json!({ "status": "ready" })).into_response()

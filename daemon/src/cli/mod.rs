@@ -4,6 +4,7 @@
 //! declares the surface (`kiln --help`) and maps errors to exit codes.
 
 pub mod client;
+pub mod fleet;
 pub mod new;
 pub mod run;
 pub mod serve;
@@ -25,6 +26,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `Serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a benchmark and print its figures.
