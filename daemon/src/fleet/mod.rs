@@ -52,8 +52,9 @@ pub use record::{Decision, DigestAt, FleetStatus, Member, MemberView, Revised};
 
 /// Digests kept per view in a member's record.
 const DIGESTS_KEPT: usize = 6;
-/// Longest a digest waits for its view to reach the position.
-const DIGEST_WAIT: Duration = Duration::from_secs(5);
+/// Longest one digest waits for its view to reach the position (then its
+/// task checks the view still tails live, and holds again).
+const DIGEST_WAIT: Duration = Duration::from_secs(2);
 
 /// `[fleet]`: the fleet this instance belongs to (JetStream only).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,8 +213,6 @@ struct Inner {
     started_at: u64,
     /// Digests taken here, per physical view, oldest first.
     digests: Mutex<HashMap<String, VecDeque<DigestAt>>>,
-    /// The last multiple of `digest_every` tried per physical view.
-    digest_tried: Mutex<HashMap<String, u64>>,
     /// Until when this instance's record is surely in the bucket.
     lease_until: Mutex<Option<Instant>>,
     poke: tokio::sync::Notify,
@@ -285,7 +284,6 @@ impl Fleet {
             decisions,
             started_at: now_millis(),
             digests: Mutex::new(HashMap::new()),
-            digest_tried: Mutex::new(HashMap::new()),
             lease_until: Mutex::new(None),
             poke: tokio::sync::Notify::new(),
         });
@@ -322,16 +320,7 @@ impl Fleet {
         let i = &self.inner;
         let members = i.scan_members().await?;
         let mut decisions = BTreeMap::new();
-        let mut keys = i
-            .decisions
-            .keys()
-            .await
-            .map_err(|e| i.err("listing decisions", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| i.err("listing decisions", e))?);
-        }
-        for name in names {
+        for name in i.keys(&i.decisions, "listing decisions").await? {
             if let Some(r) = i.decision(&name).await? {
                 decisions.insert(name, r);
             }
@@ -365,6 +354,26 @@ impl Inner {
             what: what.to_string(),
             source: Box::new(e),
         }
+    }
+
+    /// The keys of `store`, from the stream's subjects (one request; no
+    /// consumer, unlike `kv::Store::keys`, so polling it every heartbeat
+    /// leaves nothing behind on the server). Deleted keys are listed too:
+    /// their `get` is `None`.
+    async fn keys(&self, store: &kv::Store, what: &str) -> Result<Vec<String>, FleetError> {
+        let mut subjects = store
+            .stream
+            .info_with_subjects(format!("{}>", store.prefix))
+            .await
+            .map_err(|e| self.err(what, e))?;
+        let mut keys = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(|e| self.err(what, e))?;
+            if let Some(k) = subject.strip_prefix(store.prefix.as_str()) {
+                keys.push(k.to_string());
+            }
+        }
+        Ok(keys)
     }
 
     /// The decision of `name` and its revision, if the fleet has one.
@@ -410,15 +419,7 @@ impl Inner {
 
     /// Every live member's record.
     async fn scan_members(&self) -> Result<Vec<Member>, FleetError> {
-        let mut keys = self
-            .members
-            .keys()
-            .await
-            .map_err(|e| self.err("listing members", e))?;
-        let mut ids = Vec::new();
-        while let Some(k) = keys.next().await {
-            ids.push(k.map_err(|e| self.err("listing members", e))?);
-        }
+        let ids = self.keys(&self.members, "listing members").await?;
         let mut out = Vec::new();
         for id in ids {
             let Some(bytes) = self
@@ -631,61 +632,72 @@ impl Inner {
         }
     }
 
-    /// Digests each live physical view at the multiples of `digest_every`
-    /// its log reaches.
+    /// Keeps one digest task per live physical view (see [`Self::digests_of`]).
     async fn digests_loop(self: Arc<Self>) {
-        let period = Duration::from_millis(self.config.heartbeat_ms.min(250));
+        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
-            tokio::time::sleep(period).await;
-            let status = self.lifecycle.status();
-            for s in status.iter().filter(|s| digestible(s)) {
-                self.digest_one(s).await;
+            tasks.retain(|_, t| !t.is_finished());
+            for s in self.lifecycle.status().iter().filter(|s| digestible(s)) {
+                if !tasks.contains_key(&s.id) {
+                    let this = self.clone();
+                    let id = s.id.clone();
+                    tasks.insert(s.id.clone(), tokio::spawn(this.digests_of(id)));
+                }
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
-    async fn digest_one(&self, s: &ViewStatus) {
+    /// Digests physical view `id` at every multiple of `digest_every`: its
+    /// tail is held at the next multiple ahead of its checkpoint, so it stops
+    /// exactly there whatever its batches; the digest is taken as soon as it
+    /// stands there, and the hold moves on. Ends when the view no longer
+    /// tails live.
+    async fn digests_of(self: Arc<Self>, id: String) {
         let k = self.config.digest_every;
-        let tried = self
-            .digest_tried
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&s.id)
-            .copied()
-            .unwrap_or(0);
-        // The next multiple of K not tried, at or above the checkpoint.
-        let at = (tried / k + 1).max(s.checkpoint.div_ceil(k)) * k;
-        if s.head < at {
-            return;
-        }
-        self.digest_tried
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(s.id.clone(), at);
-        let Ok(view) = s.id.parse::<ViewId>() else {
+        let Ok(view) = id.parse::<ViewId>() else {
             return;
         };
-        match self.lifecycle.digest_at(&view, at, DIGEST_WAIT).await {
-            Ok((d, took)) => {
-                tracing::debug!(view = %view, position = at, digest = %d.digest, took_ms = took.as_millis() as u64, "digest taken");
-                let mut all = self.digests.lock().unwrap_or_else(|p| p.into_inner());
-                let q = all.entry(s.id.clone()).or_default();
-                q.push_back(DigestAt {
-                    view: s.id.clone(),
-                    fingerprint: s.fingerprint.clone(),
-                    position: d.position,
-                    documents: d.documents,
-                    bytes: d.bytes,
-                    digest: d.digest,
-                    took_ms: took.as_millis() as u64,
-                });
-                while q.len() > DIGESTS_KEPT {
-                    q.pop_front();
+        let mut done = 0;
+        loop {
+            let Some(s) = self.lifecycle.status_of(&view).filter(digestible) else {
+                return;
+            };
+            // The multiple of K at or ahead of the checkpoint, past the last done.
+            let at = s.checkpoint.div_ceil(k).max(done / k + 1) * k;
+            match self.lifecycle.digest_at(&view, at, DIGEST_WAIT).await {
+                Ok((d, took)) => {
+                    done = at;
+                    tracing::debug!(view = %view, position = at, digest = %d.digest, took_ms = took.as_millis() as u64, "digest taken");
+                    let mut all = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+                    let q = all.entry(id.clone()).or_default();
+                    q.push_back(DigestAt {
+                        view: id.clone(),
+                        fingerprint: s.fingerprint.clone(),
+                        position: d.position,
+                        documents: d.documents,
+                        bytes: d.bytes,
+                        digest: d.digest,
+                        took_ms: took.as_millis() as u64,
+                    });
+                    while q.len() > DIGESTS_KEPT {
+                        q.pop_front();
+                    }
+                    drop(all);
+                    self.poke.notify_one();
                 }
-                drop(all);
-                self.poke.notify_one();
+                // Not there yet (the log is quiet): hold again. Past it (a
+                // batch handed over before the hold): the next multiple.
+                Err(LifecycleError::DigestMissed { checkpoint, .. }) => {
+                    if checkpoint > at {
+                        done = at;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(view = %view, position = at, "digests stop: {e}");
+                    return;
+                }
             }
-            Err(e) => tracing::debug!(view = %view, position = at, "no digest: {e}"),
         }
     }
 }
