@@ -252,7 +252,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KILN_FLEET_MEMBER_TTL_MS")]
     pub fleet_member_ttl_ms: Option<u64>,
     /// Digest views at every multiple of this log position; 0 = never
-    /// [default: 10000].
+    /// [default: 100000].
     #[arg(long, env = "KILN_FLEET_DIGEST_EVERY")]
     pub fleet_digest_every: Option<u64>,
 }

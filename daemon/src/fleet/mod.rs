@@ -87,7 +87,7 @@ impl Default for FleetConfig {
             heartbeat_ms: 1_000,
             member_ttl_ms: 5_000,
             quorum: 0,
-            digest_every: 10_000,
+            digest_every: 100_000,
             replicas: 1,
         }
     }
