@@ -240,6 +240,26 @@ async fn cutover_and_rollback(nats_url: &str) {
             );
         }
     }
+    // The rollback survives a restart of a member (the decision is the
+    // fleet's, in its KV bucket).
+    let mut members = members;
+    tokio::task::block_in_place(|| members[0].restart());
+    let a = Api::new(&members[0]);
+    until(
+        "a answers users-1_0_0 after its restart",
+        Duration::from_secs(20),
+        || {
+            let a = a.clone();
+            async move {
+                match answers(&a).await.as_deref() {
+                    Some("users-1_0_0") => Some(()),
+                    Some(v) => panic!("a answered {v} after a restart under a rollback"),
+                    None => None,
+                }
+            }
+        },
+    )
+    .await;
     let (code, out, err) =
         tokio::task::block_in_place(|| kiln_cli(&members[0], &["fleet", "status"]));
     assert_eq!(code, 0, "{out}{err}");
@@ -288,7 +308,8 @@ async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
             .await;
         assert_eq!(st, 200, "{b}");
     }
-    deploy_everywhere(&apis, "1.1.0", Some("Variant1")).await;
+    // The rollout reaches a and b; c dies before it gets the new module.
+    deploy_everywhere(&apis[..2], "1.1.0", Some("Variant1")).await;
     tokio::task::block_in_place(|| members[2].kill9());
     let killed_at = Instant::now();
     // c drops out within its TTL; a and b switch without it.
@@ -301,9 +322,24 @@ async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
     eprintln!("c dropped out {:?} after the kill", killed_at.elapsed());
     all_answer(&apis[..2], "users-1_1_0", Duration::from_secs(60)).await;
 
+    // c comes back with only 1.0.0: it refuses the name rather than answer
+    // what the fleet left, and is not ready.
     tokio::task::block_in_place(|| members[2].restart());
     let c = Api::new(&members[2]);
-    // From its first answer on, c never serves what the fleet left.
+    let behind_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < behind_until {
+        let (s, b) = c.get("/views/users/user-1").await;
+        assert_eq!(s, 503, "c answered {b} while the fleet serves users-1_1_0");
+        assert_eq!(b["error"]["code"], "fleet_catching_up", "{b}");
+        let (s, b) = c.get("/readyz").await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (503, Some("fleet_stale")),
+            "{b}"
+        );
+    }
+    // Its module arrives: it warms what the fleet serves and follows.
+    deploy_everywhere(&apis[2..], "1.1.0", Some("Variant1")).await;
     let refusals = std::sync::atomic::AtomicUsize::new(0);
     until(
         "c follows the fleet to users-1_1_0",
@@ -324,7 +360,7 @@ async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
     )
     .await;
     eprintln!(
-        "c refused {} read(s) while catching up",
+        "c refused {} read(s) while warming what the fleet serves",
         refusals.load(Ordering::Relaxed)
     );
     until("c is a member again", Duration::from_secs(5), || async {

@@ -119,10 +119,7 @@ pub fn drive(
     me: &str,
     now: u64,
 ) -> Option<Step> {
-    let with_name: Vec<&Member> = members
-        .iter()
-        .filter(|m| m.views.iter().any(|v| of_name(&v.id, name)))
-        .collect();
+    let with_name: Vec<&Member> = members.iter().filter(|m| follows(m, name)).collect();
     if let Some(Revised {
         revision,
         decision: d,
@@ -195,14 +192,11 @@ pub fn drive(
 
 /// The members on which `target` is caught up (ready, active or standby),
 /// and those on which it is not (with its state there), among the members
-/// with versions of its name.
+/// taking part in its name's cutover.
 pub fn readiness(target: &ViewId, members: &[Member]) -> (Vec<String>, Vec<String>) {
     let (mut ok, mut not) = (Vec::new(), Vec::new());
     let name = target.name();
-    for m in members {
-        if !m.views.iter().any(|v| of_name(&v.id, name)) {
-            continue;
-        }
+    for m in members.iter().filter(|m| follows(m, name)) {
         let state = m
             .views
             .iter()
@@ -219,8 +213,12 @@ pub fn readiness(target: &ViewId, members: &[Member]) -> (Vec<String>, Vec<Strin
     (ok, not)
 }
 
-fn of_name(id: &str, name: &str) -> bool {
-    id.parse::<ViewId>().is_ok_and(|i| i.name() == name)
+/// Does member `m` take part in `name`'s cutover? It has versions of it
+/// under `cutover = "fleet"` (its record says what the name serves there).
+/// A member running the name under another policy neither blocks nor
+/// counts towards the fleet's cutover.
+fn follows(m: &Member, name: &str) -> bool {
+    m.serving.contains_key(name)
 }
 
 /// Members' digests of one view (same fingerprint) at one position that
@@ -323,6 +321,11 @@ mod tests {
     use super::*;
 
     fn member(instance: &str, views: &[(&str, ViewState)]) -> Member {
+        let serving = if views.is_empty() {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([("users".to_string(), FleetServing::default())])
+        };
         Member {
             instance: instance.into(),
             api: String::new(),
@@ -340,7 +343,7 @@ mod tests {
                     alias_of: None,
                 })
                 .collect(),
-            serving: BTreeMap::new(),
+            serving,
             digests: Vec::new(),
         }
     }
@@ -419,6 +422,15 @@ mod tests {
             member("b", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
         ];
         assert_eq!(drive("users", Some(&rolled_back), &ms, 0, "a", 1), None);
+        // A member running users under another policy neither blocks nor counts.
+        let mut other = member("x", &[("users-2_0_0", Ready)]);
+        other.serving.clear();
+        let mut with_other = ms.clone();
+        with_other.push(other);
+        assert_eq!(
+            drive("users", Some(&rolled_back), &with_other, 0, "a", 1),
+            None
+        );
         // A first decision adopts what the members serve.
         let Some(Step::Create(d)) = drive("users", None, &ms, 0, "a", 1) else {
             panic!("created");
