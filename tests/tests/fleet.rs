@@ -456,6 +456,44 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
     drop(nats);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_fleet_members_answer_their_last_version_marked_stale() {
+    let mut nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (members, apis) = fleet_at_1_0_0(&nats.url()).await;
+    tokio::task::block_in_place(|| nats.kill());
+    let lost_at = Instant::now();
+    let mut stale_after = Vec::new();
+    for api in &apis {
+        let b = until("a stale answer", Duration::from_secs(10), || async {
+            let (s, b) = api.get("/views/users/user-1").await;
+            (s == 200 && b["stale"] == true).then_some(b)
+        })
+        .await;
+        stale_after.push(lost_at.elapsed());
+        assert_eq!(b["view"], "users-1_0_0", "{b}");
+    }
+    eprintln!("members answered stale {stale_after:?} after NATS went away");
+    for api in &apis {
+        assert_eq!(api.get("/readyz").await.0, 503);
+    }
+    tokio::task::block_in_place(|| nats.start_again());
+    for api in &apis {
+        until(
+            "a fresh answer and ready",
+            Duration::from_secs(30),
+            || async {
+                let (s, b) = api.get("/views/users/user-1").await;
+                let fresh = s == 200 && b["stale"].is_null() && b["view"] == "users-1_0_0";
+                (fresh && api.get("/readyz").await.0 == 200).then_some(())
+            },
+        )
+        .await;
+    }
+    drop(members);
+}
+
 #[test]
 fn cutover_fleet_is_refused_on_the_embedded_store() {
     let out = std::process::Command::new(kiln_tests::daemon::kiln_bin())

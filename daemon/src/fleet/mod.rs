@@ -508,19 +508,30 @@ impl Inner {
     /// `heartbeat_ms`, and at once when a decision was applied here.
     async fn run(self: Arc<Self>) {
         let period = Duration::from_millis(self.config.heartbeat_ms);
+        // A call to the server that takes longer counts as failed: the lease
+        // is judged at least this often, whatever the client's own timeouts.
+        let patience = Duration::from_millis(self.config.member_ttl_ms / 3);
         let mut changes = self.lifecycle.fleet_changes();
         loop {
-            match self.heartbeat().await {
-                Ok(()) => self.lifecycle.set_fleet_contact(true),
-                Err(e) => {
-                    tracing::warn!("fleet heartbeat: {e}");
+            match tokio::time::timeout(patience, self.heartbeat()).await {
+                Ok(Ok(())) => self.lifecycle.set_fleet_contact(true),
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => tracing::warn!("fleet heartbeat: {e}"),
+                        _ => tracing::warn!("fleet heartbeat: no answer within {patience:?}"),
+                    }
                     if !self.lease_holds() {
                         self.lifecycle.set_fleet_contact(false);
                     }
                 }
             }
-            if let Err(e) = self.drive().await {
-                tracing::debug!("fleet: {e}");
+            match tokio::time::timeout(patience, self.drive()).await {
+                Ok(Err(e)) => tracing::debug!("fleet: {e}"),
+                Err(_) => tracing::debug!("fleet: driving the cutover took over {patience:?}"),
+                Ok(Ok(())) => {}
+            }
+            if !self.lease_holds() {
+                self.lifecycle.set_fleet_contact(false);
             }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
