@@ -11,7 +11,9 @@
 //! - once `active` is X: X when X is this instance's active version (the
 //!   flip is [`Registry::follow_fleet`], one registry write, the same
 //!   effects as a promote); 503 `fleet_catching_up` while X is not caught up
-//!   here (never an older version instead);
+//!   here (never an older version instead); X's documents marked stale when
+//!   X failed here (the instance's own fallback to an older standby is not
+//!   answered: the fleet never goes back without a fleet rollback);
 //! - without contact to the fleet (no decision read yet, or the membership
 //!   lease lapsed): the version it served, marked stale (`Kiln-Stale`), and
 //!   `/readyz` answers 503 so a load balancer stops sending to it.
@@ -296,10 +298,26 @@ impl Lifecycle {
                     stale: r.stale || !in_contact,
                     ..r
                 })),
-                _ => Err(LifecycleError::FleetCatchingUp {
-                    name: name.to_string(),
-                    version: active,
-                }),
+                _ => match reg.entries.get(&active) {
+                    // The fleet's version failed here (this instance may have
+                    // fallen back to an older standby on its own): its
+                    // documents as they stood, marked stale, never the older
+                    // version.
+                    Some(e)
+                        if e.state == ViewState::Failed
+                            && reg.physical_state(e.physical()) == Physical::Failed =>
+                    {
+                        Ok(Some(Resolved {
+                            version: active.clone(),
+                            physical: e.physical().clone(),
+                            stale: true,
+                        }))
+                    }
+                    _ => Err(LifecycleError::FleetCatchingUp {
+                        name: name.to_string(),
+                        version: active,
+                    }),
+                },
             },
             // No decision yet: what the registry says (stale out of contact).
             _ => Ok(local.map(|r| Resolved {
