@@ -263,6 +263,18 @@ async fn cutover_and_rollback(nats_url: &str) {
     let (code, out, err) =
         tokio::task::block_in_place(|| kiln_cli(&members[0], &["fleet", "status"]));
     assert_eq!(code, 0, "{out}{err}");
+    let metrics = reqwest::get(members[1].at("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for line in [
+        "kiln_fleet_in_contact 1",
+        "kiln_fleet_view_fenced{name=\"users\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
     for needle in ["a ", "b ", "c ", "users-1_0_0", "decisions"] {
         assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
     }

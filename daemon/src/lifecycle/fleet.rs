@@ -153,6 +153,12 @@ impl Lifecycle {
         }
     }
 
+    /// Does this instance hold its fleet membership lease (and has it read
+    /// the fleet's decisions)?
+    pub fn fleet_in_contact(&self) -> bool {
+        self.inner.fleet.in_contact.load(Ordering::Acquire)
+    }
+
     /// Why this instance should not take traffic for fleet names, if so:
     /// out of contact, or a name whose fleet version is not caught up here.
     pub fn fleet_unready(&self) -> Option<String> {
