@@ -308,7 +308,7 @@ async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
         .expect("nats-server");
     let (mut members, apis) = fleet_at_1_0_0(&nats.url()).await;
     // Enough log that 1.1.0 warms for a while.
-    for s in 0..20 {
+    for s in 0..40 {
         let events: Vec<Value> = (0..100)
             .map(|i| json!({ "type": "UserRenamed", "data": { "name": format!("n{i}") } }))
             .collect();
@@ -374,6 +374,14 @@ async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
     eprintln!(
         "c refused {} read(s) while warming what the fleet serves",
         refusals.load(Ordering::Relaxed)
+    );
+    // It warmed what the fleet serves at the live views' priority (the
+    // log is long enough that it was still warming when it looked).
+    assert!(
+        members[2]
+            .log()
+            .contains("the fleet serves it: warming it first"),
+        "c did not warm the fleet's version first"
     );
     until("c is a member again", Duration::from_secs(5), || async {
         (instances(&fleet(&apis[1]).await) == IDS).then_some(())

@@ -237,6 +237,18 @@ impl Lifecycle {
             }
             Follow::Already => {}
             Follow::NotLive(state) => {
+                // Warm what the fleet serves first.
+                let physical = st
+                    .registry
+                    .entries
+                    .get(target)
+                    .map(|e| e.physical().clone());
+                if let Some(p) = physical.and_then(|p| st.progress.get(&p))
+                    && state == ViewState::Warming
+                    && !p.fleet_first.swap(true, Ordering::AcqRel)
+                {
+                    tracing::info!(view = %target, "the fleet serves it: warming it first");
+                }
                 tracing::debug!(view = %target, %state, "the fleet serves a version not caught up here: fenced");
             }
             Follow::Unknown => {
