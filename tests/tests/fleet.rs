@@ -278,6 +278,17 @@ async fn cutover_and_rollback(nats_url: &str) {
     for needle in ["a ", "b ", "c ", "users-1_0_0", "decisions"] {
         assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
     }
+    // A graceful stop leaves the fleet at once (not after the TTL) and is
+    // not held up by the fleet.
+    let stopping = Instant::now();
+    let status = tokio::task::block_in_place(|| members[2].stop()).expect("c was running");
+    assert!(status.success(), "c exited with {status}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "c took {:?} to stop",
+        stopping.elapsed()
+    );
+    assert_eq!(instances(&fleet(&apis[0]).await), ["a", "b"]);
     drop(members);
 }
 

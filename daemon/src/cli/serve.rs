@@ -89,7 +89,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await;
     tracing::info!("shutting down");
-    if let Some(f) = &fleet {
+    if let Some(f) = fleet {
+        // Its tasks hold the lifecycle: gone before the lifecycle stops.
         f.leave().await;
     }
     lifecycle.shutdown().await;

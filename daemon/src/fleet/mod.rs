@@ -216,6 +216,8 @@ struct Inner {
     /// Until when this instance's record is surely in the bucket.
     lease_until: Mutex<Option<Instant>>,
     poke: tokio::sync::Notify,
+    /// The background tasks, aborted when the fleet is left.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 fn now_millis() -> u64 {
@@ -286,6 +288,7 @@ impl Fleet {
             digests: Mutex::new(HashMap::new()),
             lease_until: Mutex::new(None),
             poke: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
         });
         let fleet = Fleet { inner };
         lifecycle.attach_fleet(Arc::new(fleet.clone()));
@@ -306,11 +309,14 @@ impl Fleet {
             names = ?names,
             "joined the fleet"
         );
-        tokio::spawn(fleet.inner.clone().run());
-        tokio::spawn(fleet.inner.clone().watch());
+        let mut tasks = vec![
+            tokio::spawn(fleet.inner.clone().run()).abort_handle(),
+            tokio::spawn(fleet.inner.clone().watch()).abort_handle(),
+        ];
         if fleet.inner.config.digest_every > 0 {
-            tokio::spawn(fleet.inner.clone().digests_loop());
+            tasks.push(tokio::spawn(fleet.inner.clone().digests_loop()).abort_handle());
         }
+        *fleet.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(fleet)
     }
 
@@ -340,9 +346,27 @@ impl Fleet {
 
     /// Leaves the fleet at once (a graceful stop): its record is deleted
     /// rather than left to expire.
+    /// Its tasks stop and the lifecycle is detached from it.
     pub async fn leave(&self) {
-        if let Err(e) = self.inner.members.delete(&self.inner.instance).await {
-            tracing::warn!("fleet: deleting this member's record: {e}");
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.inner.lifecycle.detach_fleet();
+        match tokio::time::timeout(
+            Duration::from_millis(self.inner.config.member_ttl_ms / 3),
+            self.inner.members.delete(&self.inner.instance),
+        )
+        .await
+        {
+            Ok(Ok(())) => tracing::info!(instance = %self.inner.instance, "left the fleet"),
+            Ok(Err(e)) => tracing::warn!("fleet: deleting this member's record: {e}"),
+            Err(_) => tracing::warn!("fleet: deleting this member's record: no answer"),
         }
     }
 }
@@ -645,7 +669,17 @@ impl Inner {
 
     /// Keeps one digest task per live physical view (see [`Self::digests_of`]).
     async fn digests_loop(self: Arc<Self>) {
-        let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        /// Aborts the digest tasks when this loop is aborted.
+        struct Tasks(HashMap<String, tokio::task::JoinHandle<()>>);
+        impl Drop for Tasks {
+            fn drop(&mut self) {
+                for t in self.0.values() {
+                    t.abort();
+                }
+            }
+        }
+        let mut tasks = Tasks(HashMap::new());
+        let tasks = &mut tasks.0;
         loop {
             tasks.retain(|_, t| !t.is_finished());
             for s in self.lifecycle.status().iter().filter(|s| digestible(s)) {

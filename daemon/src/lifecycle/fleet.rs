@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -85,7 +85,7 @@ pub trait FleetCoordinator: Send + Sync {
 /// The fleet's side of the lifecycle's state.
 #[derive(Default)]
 pub(super) struct FleetLink {
-    coordinator: OnceLock<Arc<dyn FleetCoordinator>>,
+    coordinator: Mutex<Option<Arc<dyn FleetCoordinator>>>,
     decisions: Mutex<HashMap<String, FleetDecision>>,
     /// The decisions were read and the membership lease holds.
     in_contact: AtomicBool,
@@ -98,6 +98,10 @@ impl FleetLink {
         self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn coordinator(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn FleetCoordinator>>> {
+        self.coordinator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
@@ -108,14 +112,20 @@ impl Lifecycle {
     /// `cutover = "fleet"` go to `coordinator`, and their bare names answer
     /// only what the fleet decided.
     pub fn attach_fleet(&self, coordinator: Arc<dyn FleetCoordinator>) {
-        let _ = self.inner.fleet.coordinator.set(coordinator);
+        *self.inner.fleet.coordinator() = Some(coordinator);
+    }
+
+    /// Leaves the fleet (a graceful stop): the coordinator, which holds this
+    /// lifecycle, is dropped, so the lifecycle can be released.
+    pub fn detach_fleet(&self) {
+        *self.inner.fleet.coordinator() = None;
     }
 
     fn fleet_coordinator(&self, name: &str) -> Option<Arc<dyn FleetCoordinator>> {
         if self.inner.config.policy(name).cutover != CutoverPolicy::Fleet {
             return None;
         }
-        self.inner.fleet.coordinator.get().cloned()
+        self.inner.fleet.coordinator().clone()
     }
 
     /// Names under `cutover = "fleet"` with a version here.
@@ -162,7 +172,7 @@ impl Lifecycle {
     /// Why this instance should not take traffic for fleet names, if so:
     /// out of contact, or a name whose fleet version is not caught up here.
     pub fn fleet_unready(&self) -> Option<String> {
-        self.inner.fleet.coordinator.get()?;
+        self.inner.fleet.coordinator().as_ref()?;
         let names = self.fleet_names();
         if names.is_empty() {
             return None;
