@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiConfig;
+use crate::fleet::FleetConfig;
 use crate::lifecycle::{CutoverPolicy, LifecycleConfig, PoisonPolicy, ViewPolicy};
 use crate::runtime::RuntimeConfig;
 use crate::store::embedded::Durability;
@@ -165,6 +166,8 @@ pub struct ServeConfig {
     pub views: BTreeMap<String, ViewPolicy>,
     pub runtime: RuntimeLimits,
     pub snapshots: SnapshotOptions,
+    /// The fleet this instance belongs to (`[fleet]`, JetStream only).
+    pub fleet: FleetConfig,
     /// `--recover-registry` (a one-time flag, never in the file): start even
     /// though `registry.json` is missing or corrupt while the data directory
     /// holds views, rebuilding it from the deployed modules.
@@ -190,6 +193,7 @@ impl Default for ServeConfig {
             views: BTreeMap::new(),
             runtime: RuntimeLimits::default(),
             snapshots: SnapshotOptions::default(),
+            fleet: FleetConfig::default(),
             recover_registry: false,
         }
     }
@@ -285,6 +289,27 @@ pub struct ServeArgs {
     /// Snapshot live views every "<n> events" or "<n>s|m|h".
     #[arg(long, env = "KILN_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<String>,
+    /// Join this fleet (JetStream only): membership, fleet-wide cutover of
+    /// views with `cutover = "fleet"`, digests compared [default: none].
+    #[arg(long, env = "KILN_FLEET")]
+    pub fleet: Option<String>,
+    /// This instance's id in the fleet [default: the host name].
+    #[arg(long, env = "KILN_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Members that must have a version ready before the fleet switches to
+    /// it [default: 0 = every live member].
+    #[arg(long, env = "KILN_FLEET_QUORUM")]
+    pub fleet_quorum: Option<usize>,
+    /// Milliseconds between two membership records [default: 1000].
+    #[arg(long, env = "KILN_FLEET_HEARTBEAT_MS")]
+    pub fleet_heartbeat_ms: Option<u64>,
+    /// A member silent for this many milliseconds has left [default: 5000].
+    #[arg(long, env = "KILN_FLEET_MEMBER_TTL_MS")]
+    pub fleet_member_ttl_ms: Option<u64>,
+    /// Digest views at every multiple of this log position; 0 = never
+    /// [default: 100000].
+    #[arg(long, env = "KILN_FLEET_DIGEST_EVERY")]
+    pub fleet_digest_every: Option<u64>,
 }
 
 fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
@@ -292,8 +317,9 @@ fn parse_cutover(s: &str) -> Result<CutoverPolicy, String> {
         "auto" => Ok(CutoverPolicy::Auto),
         "manual" => Ok(CutoverPolicy::Manual),
         "auto-if-identical" => Ok(CutoverPolicy::AutoIfIdentical),
+        "fleet" => Ok(CutoverPolicy::Fleet),
         _ => Err(format!(
-            "{s:?} is not a cutover policy (auto, manual or auto-if-identical)"
+            "{s:?} is not a cutover policy (auto, manual, auto-if-identical or fleet)"
         )),
     }
 }
@@ -423,6 +449,55 @@ impl ServeConfig {
         if let Some(e) = &a.snapshot_every {
             self.snapshots.every = Some(e.clone());
         }
+        self.apply_fleet(a);
+        Ok(())
+    }
+
+    fn apply_fleet(&mut self, a: &ServeArgs) {
+        let f = &mut self.fleet;
+        if let Some(n) = &a.fleet {
+            f.name = n.clone();
+        }
+        if let Some(i) = &a.instance_id {
+            f.instance_id = i.clone();
+        }
+        if let Some(q) = a.fleet_quorum {
+            f.quorum = q;
+        }
+        if let Some(h) = a.fleet_heartbeat_ms {
+            f.heartbeat_ms = h;
+        }
+        if let Some(t) = a.fleet_member_ttl_ms {
+            f.member_ttl_ms = t;
+        }
+        if let Some(k) = a.fleet_digest_every {
+            f.digest_every = k;
+        }
+    }
+
+    /// A fleet needs JetStream, and `cutover = "fleet"` needs a fleet.
+    fn validate_fleet(&self) -> anyhow::Result<()> {
+        if self.fleet.enabled() {
+            self.fleet.validate().context("the [fleet] configuration")?;
+            anyhow::ensure!(
+                self.store == StoreBackend::Jetstream,
+                "fleet {:?}: a fleet coordinates through JetStream's KV; the embedded store has \
+                 no fleet (run with --store jetstream, or drop [fleet] name / --fleet)",
+                self.fleet.name
+            );
+        }
+        let fleet_names: Vec<String> = std::iter::once(("default_policy", &self.default_policy))
+            .chain(self.views.iter().map(|(n, p)| (n.as_str(), p)))
+            .filter(|(_, p)| p.cutover == CutoverPolicy::Fleet)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if !fleet_names.is_empty() && !self.fleet.enabled() {
+            anyhow::bail!(
+                "cutover = \"fleet\" ({}) needs a fleet: set [fleet] name (or --fleet) and run on \
+                 JetStream; the embedded store serves one instance and has no fleet to decide",
+                fleet_names.join(", ")
+            );
+        }
         Ok(())
     }
 
@@ -522,6 +597,7 @@ impl ServeConfig {
             s.lease_ttl_secs >= 3,
             "snapshots.lease_ttl_secs must be at least 3"
         );
+        self.validate_fleet()?;
         Ok(())
     }
 
@@ -667,6 +743,43 @@ poison = "park"
                 .unwrap_err()
                 .contains("sometimes")
         );
+    }
+
+    #[test]
+    fn fleet_cutover_needs_a_fleet_on_jetstream() {
+        let args = ServeArgs {
+            view_policies: vec!["users:cutover=fleet".into()],
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::load(&args).unwrap_err();
+        assert!(format!("{e:#}").contains("needs a fleet"), "{e:#}");
+        let args = ServeArgs {
+            view_policies: vec!["users:cutover=fleet".into()],
+            fleet: Some("prod".into()),
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::load(&args).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("embedded store has no fleet"),
+            "{e:#}"
+        );
+        let args = ServeArgs {
+            view_policies: vec!["users:cutover=fleet".into()],
+            fleet: Some("prod".into()),
+            instance_id: Some("a".into()),
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            ..ServeArgs::default()
+        };
+        let c = ServeConfig::load(&args).unwrap();
+        assert_eq!(c.views["users"].cutover, CutoverPolicy::Fleet);
+        assert_eq!(c.fleet.instance(), "a");
+        let args = ServeArgs {
+            fleet: Some("no spaces".into()),
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            ..ServeArgs::default()
+        };
+        let e = ServeConfig::load(&args).unwrap_err();
+        assert!(format!("{e:#}").contains("fleet.name"), "{e:#}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`api`]: the HTTP API: queries, read-your-writes, appends, admin, probes, metrics.
 //! - [`backup`]: consistent copies of an embedded data directory, and their restore.
 //! - [`bench`]: benchmarks behind `kiln bench`, printing comparable figures.
+//! - [`fleet`]: instances sharing a JetStream as one fleet: membership, fleet-wide
+//!   cutover and rollback through KV compare-and-set, view digests compared.
 //! - [`config`]: `kiln serve`'s configuration (TOML file, `KILN_*` variables, flags).
 //! - [`cli`]: the `kiln` command line.
 
@@ -16,6 +18,7 @@ pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod lifecycle;
 pub mod runtime;
 pub mod snapshots;

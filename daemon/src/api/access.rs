@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use futures::StreamExt;
 
-use super::{ApiError, AppState, admin, probes, streams, views};
+use super::{ApiError, AppState, admin, fleet, probes, streams, views};
 
 /// Which token a route needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/readyz/{view}", Probe, Ops, None, get(probes::readyz_view)),
         route!(GET "/metrics", Probe, Ops, None, get(probes::metrics)),
         route!(GET "/store/health", Read, Data, None, get(probes::store_health)),
+        route!(GET "/fleet", Read, Data, None, get(fleet::status)),
         route!(GET "/views", Read, Data, None, get(views::list_views)),
         route!(GET "/views/{view}", Read, Data, None, get(views::list_docs)),
         route!(GET "/views/{view}/{*key}", Read, Data, None, get(views::get_doc)),

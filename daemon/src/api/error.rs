@@ -222,6 +222,32 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            LifecycleError::FleetSwitching { ref name, ref to } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet_switching", message)
+                    .with("name", name.clone())
+                    .with("to", to.to_string())
+            }
+            LifecycleError::FleetCatchingUp {
+                ref name,
+                ref version,
+            } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet_catching_up",
+                message,
+            )
+            .with("name", name.clone())
+            .with("version", version.to_string()),
+            LifecycleError::FleetPending { .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "fleet_pending", message)
+            }
+            LifecycleError::FleetRefused { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "fleet_refused", message)
+            }
+            LifecycleError::FleetUnavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet_unavailable",
+                message,
+            ),
             // Projection, I/O, registry and internal failures: the daemon's fault.
             _ => ApiError::internal(message),
         }

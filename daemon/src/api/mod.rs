@@ -11,6 +11,7 @@
 pub mod access;
 pub mod admin;
 pub mod error;
+pub mod fleet;
 pub mod probes;
 pub mod server;
 pub mod streams;
@@ -137,6 +138,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// One permit per `GET /events` follower.
     pub followers: Arc<tokio::sync::Semaphore>,
+    /// The fleet this instance belongs to, if any (`GET /fleet`).
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 impl AppState {
@@ -210,6 +213,16 @@ pub async fn serve(
     config: &ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_fleet(lifecycle, None, config, shutdown).await
+}
+
+/// [`serve`], with `GET /fleet` answered by `fleet`.
+pub async fn serve_with_fleet(
+    lifecycle: Lifecycle,
+    fleet: Option<crate::fleet::Fleet>,
+    config: &ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -220,7 +233,7 @@ pub async fn serve(
         Some(addr) => Some(bind(addr, "operations listener").await?),
         None => None,
     };
-    serve_on(listener, ops, lifecycle, config, shutdown).await
+    serve_on_inner(listener, ops, lifecycle, fleet, config, shutdown).await
 }
 
 /// [`serve`] on listeners that are already bound (tests bind port 0).
@@ -228,6 +241,17 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     ops: Option<tokio::net::TcpListener>,
     lifecycle: Lifecycle,
+    config: &ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_on_inner(listener, ops, lifecycle, None, config, shutdown).await
+}
+
+async fn serve_on_inner(
+    listener: tokio::net::TcpListener,
+    ops: Option<tokio::net::TcpListener>,
+    lifecycle: Lifecycle,
+    fleet: Option<crate::fleet::Fleet>,
     config: &ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -248,7 +272,8 @@ pub async fn serve_on(
         }
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let state = app_state(lifecycle, config.clone(), stop_rx.clone());
+    let mut state = app_state(lifecycle, config.clone(), stop_rx.clone());
+    state.fleet = fleet;
     let limits = server::ServerLimits {
         max_connections: config.max_connections.max(1),
         header_timeout: config.header_timeout,
@@ -284,6 +309,7 @@ fn app_state(
         config: Arc::new(config),
         counters,
         shutdown,
+        fleet: None,
     }
 }
 

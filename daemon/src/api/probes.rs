@@ -65,6 +65,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .into_response();
         }
     }
+    if let Some(why) = state.lifecycle.fleet_unready() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet_stale", why).into_response();
+    }
     let waiting = names_without_active(&state.lifecycle.status());
     if waiting.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
@@ -319,6 +322,21 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         u8::from(store.write_fault().is_some()),
         store.unwritable_millis() as f64 / 1000.0
     );
+    if state.fleet.is_some() {
+        let serving = state.lifecycle.fleet_serving();
+        let _ = writeln!(
+            out,
+            "# HELP kiln_fleet_in_contact 1 while this instance holds its fleet membership lease.\n# TYPE kiln_fleet_in_contact gauge\nkiln_fleet_in_contact {}\n# HELP kiln_fleet_view_fenced 1 while a fleet view's bare name answers 503 (the fleet switches, or its version is not caught up here).\n# TYPE kiln_fleet_view_fenced gauge",
+            u8::from(state.lifecycle.fleet_in_contact())
+        );
+        for (name, s) in &serving {
+            let _ = writeln!(
+                out,
+                "kiln_fleet_view_fenced{{name=\"{name}\"}} {}",
+                u8::from(s.fenced)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP kiln_watch_module_reads_total Module files the projections-directory watcher read.\n# TYPE kiln_watch_module_reads_total counter\nkiln_watch_module_reads_total {}",

@@ -16,7 +16,7 @@
 //! | 6 | timed out: a read-your-writes wait, or `deploy --wait` / `status --wait` |
 //! | 7 | a view version failed (`deploy --wait`) |
 //! | 8 | unauthorized: the admin token is missing or wrong |
-//! | 9 | `kiln diff`: the two versions' documents differ (0: identical) |
+//! | 9 | `kiln diff`: the two versions' documents differ (0: identical); `kiln fleet status`: members' digests disagree |
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -88,6 +88,9 @@ pub enum ClientCommand {
     /// Have the daemon write a consistent backup of its embedded data
     /// directory into <dir> while it runs (restore with `kiln restore`).
     Backup(BackupArgs),
+    /// The fleet this daemon belongs to (`kiln fleet status`).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +100,20 @@ pub struct BackupArgs {
     /// Where the daemon writes the backup: an absolute path on the daemon's
     /// machine, absent or empty, outside its data directory.
     pub dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Every live member, its versions, their lag, each fleet view's
+    /// decision, and the members whose view digests disagree (exit 9 when
+    /// some do).
+    Status(FleetStatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FleetStatusArgs {
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 #[derive(Args, Debug)]
@@ -300,6 +317,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Ls(a) => a.conn.json,
         ClientCommand::Tail(a) => a.conn.json,
         ClientCommand::Backup(a) => a.conn.json,
+        ClientCommand::Fleet(FleetCommand::Status(a)) => a.conn.json,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -327,6 +345,7 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
             ClientCommand::Ls(a) => ls(a).await,
             ClientCommand::Tail(a) => tail(a).await,
             ClientCommand::Backup(a) => backup(a).await,
+            ClientCommand::Fleet(FleetCommand::Status(a)) => fleet_status(a).await,
         }
     });
     match result {
@@ -447,6 +466,26 @@ fn enc(s: &str) -> String {
 
 fn print_json(v: &Value) {
     println!("{v}");
+}
+
+// ---- fleet status ---------------------------------------------------------
+
+async fn fleet_status(a: FleetStatusArgs) -> Outcome {
+    let client = Client::new(&a.conn)?;
+    let body = client.get("/fleet").await?;
+    if a.conn.json {
+        print_json(&body);
+    } else {
+        print!("{}", super::fleet::render(&body));
+    }
+    let mismatches = body["mismatches"].as_array().map_or(0, Vec::len);
+    if mismatches > 0 {
+        return Err(Failure::new(
+            exit::DIFFERENT,
+            format!("{mismatches} view digest(s) disagree across the fleet"),
+        ));
+    }
+    Ok(())
 }
 
 // ---- status ---------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod client;
+pub mod fleet;
 pub mod migrate;
 pub mod new;
 pub mod run;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{ServeArgs, ServeConfig, StoreBackend};
+use crate::fleet::Fleet;
 use crate::lifecycle::Lifecycle;
 use crate::runtime::Runtime;
 use crate::snapshots::dir::DirStore;
@@ -33,6 +34,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
     let mut bucket = None;
+    let mut fleet_js = None;
     let store: Arc<dyn EventStore> = match config.store {
         StoreBackend::Embedded => {
             let path = config.data_dir.join("log");
@@ -68,6 +70,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                     .with_context(|| format!("opening the snapshot bucket {name}"))?,
                 );
             }
+            fleet_js = Some(js.context().clone());
             Arc::new(js)
         }
     };
@@ -77,14 +80,39 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let lifecycle = Lifecycle::start(lifecycle_config, store, runtime)
         .await
         .context("starting the view lifecycle")?;
+    // The fleet's decisions are read before the API answers a read.
+    let fleet = match (config.fleet.enabled(), fleet_js) {
+        (true, Some(js)) => Some(
+            Fleet::start(
+                config.fleet.clone(),
+                &js,
+                config.jetstream.memory_storage,
+                lifecycle.clone(),
+                config.api.listen.to_string(),
+            )
+            .await
+            .context("joining the fleet")?,
+        ),
+        _ => None,
+    };
     tracing::info!(
         data_dir = %config.data_dir.display(),
         store = ?config.store,
         projections = ?config.projections_dir,
         "kiln serving"
     );
-    let served = crate::api::serve(lifecycle.clone(), &config.api, shutdown_signal()).await;
+    let served = crate::api::serve_with_fleet(
+        lifecycle.clone(),
+        fleet.clone(),
+        &config.api,
+        shutdown_signal(),
+    )
+    .await;
     tracing::info!("shutting down");
+    if let Some(f) = fleet {
+        // Its tasks hold the lifecycle: gone before the lifecycle stops.
+        f.leave().await;
+    }
     lifecycle.shutdown().await;
     served
 }

@@ -149,13 +149,13 @@ impl Holds {
 
 /// Lifts the holds it put when dropped (a comparison that ends, fails or is
 /// abandoned by its client never leaves a view held).
-struct HoldGuard<'a> {
-    holds: &'a Holds,
-    views: Vec<ViewId>,
+pub(super) struct HoldGuard<'a> {
+    pub(super) holds: &'a Holds,
+    pub(super) views: Vec<ViewId>,
 }
 
 impl HoldGuard<'_> {
-    fn hold(&self, at: Position) {
+    pub(super) fn hold(&self, at: Position) {
         for v in &self.views {
             self.holds.set(v, Some(at));
         }

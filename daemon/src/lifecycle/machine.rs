@@ -90,6 +90,20 @@ pub(super) enum Cutover {
     },
 }
 
+/// What [`Registry::follow_fleet`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Follow {
+    /// The fleet's version is this instance's active one already.
+    Already,
+    /// Flipped: the fleet's version is active, the previous one standby.
+    Flipped(Option<ViewId>),
+    /// The fleet's version is here but cannot serve yet (warming, failed,
+    /// retired): the name is fenced meanwhile.
+    NotLive(ViewState),
+    /// The fleet's version is not deployed here.
+    Unknown,
+}
+
 /// A name that fell back after its active version failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Fallback {
@@ -422,6 +436,10 @@ impl Registry {
     ///
     /// The candidate gets a pending check when a comparison is asked for.
     pub fn cutover_plan(&mut self, name: &str, policy: CutoverPolicy, now: u64) -> Option<Cutover> {
+        if policy == CutoverPolicy::Fleet {
+            // The fleet decides ([`Self::follow_fleet`]), never one instance.
+            return None;
+        }
         let candidate = self.cutover_candidate(name)?;
         let live_active = self
             .active(name)
@@ -438,7 +456,7 @@ impl Registry {
             (CutoverPolicy::AutoIfIdentical, Some((_, p))) if same_view(self, &p) => {
                 Cutover::Promote(candidate)
             }
-            (CutoverPolicy::Manual, None) => return None,
+            (CutoverPolicy::Manual | CutoverPolicy::Fleet, None) => return None,
             (CutoverPolicy::Manual, Some((_, p))) if same_view(self, &p) => return None,
             (policy, Some((against, _))) => {
                 // Already compared with this active version (or being compared).
@@ -504,6 +522,26 @@ impl Registry {
         let how =
             format!("auto-if-identical cutover: identical to {against} at position {position}");
         self.promote(candidate, now, &how).ok()
+    }
+
+    /// The fleet decided that `target` is its name's active version: the
+    /// same flip as a promote when `target` is caught up here (ready, or a
+    /// standby, on a live view); else nothing changes and the caller keeps
+    /// the name fenced until `target` catches up here
+    /// ([`Follow::NotLive`]) or is deployed here ([`Follow::Unknown`]).
+    /// Following is idempotent: the active version again is [`Follow::Already`].
+    pub fn follow_fleet(&mut self, target: &ViewId, now: u64, how: &str) -> Follow {
+        let Some(e) = self.entries.get(target) else {
+            return Follow::Unknown;
+        };
+        if e.state == ViewState::Active {
+            return Follow::Already;
+        }
+        let state = e.state;
+        match self.promote(target, now, how) {
+            Ok(previous) => Follow::Flipped(previous),
+            Err(_) => Follow::NotLive(state),
+        }
     }
 
     /// The standby a rollback of `name` promotes: the most recent one whose
@@ -615,6 +653,9 @@ mod tests {
         Sweep,
         /// A pending cutover check ends: 0 identical, 1 different, 2 error.
         Compared(usize, u8),
+        /// The fleet's decision for name × version arrives (names under
+        /// `cutover = "fleet"` only).
+        FleetDecides(usize, usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -628,6 +669,7 @@ mod tests {
             1 => (0..8usize).prop_map(Op::Resume),
             2 => Just(Op::Sweep),
             3 => (0..4usize, 0..3u8).prop_map(|(i, r)| Op::Compared(i, r)),
+            3 => (0..2usize, 0..4usize).prop_map(|(n, v)| Op::FleetDecides(n, v)),
         ]
     }
 
@@ -817,6 +859,36 @@ mod tests {
                         assert_eq!(self.reg.active(&name).map(|a| a.id.clone()), was_active);
                     }
                 }
+                Op::FleetDecides(n, v) => {
+                    if self.policy(NAMES[n]) != CutoverPolicy::Fleet {
+                        return;
+                    }
+                    let target = id(n, v);
+                    let before = self.reg.serving(NAMES[n]).map(|e| e.id.clone());
+                    let servable = self.reg.entries.get(&target).is_some_and(|e| {
+                        matches!(
+                            e.state,
+                            ViewState::Ready | ViewState::Standby | ViewState::Active
+                        ) && self.reg.physical_state(e.physical()) == Physical::Live
+                    });
+                    let got = self.reg.follow_fleet(&target, now, "fleet");
+                    let after = self.reg.serving(NAMES[n]).map(|e| e.id.clone());
+                    match got {
+                        // The fleet's version serves exactly when it is
+                        // caught up here; else nothing moved.
+                        Follow::Already | Follow::Flipped(_) => {
+                            assert!(servable, "followed onto a version that cannot serve");
+                            assert_eq!(after, Some(target));
+                        }
+                        Follow::NotLive(_) | Follow::Unknown => {
+                            assert!(!servable, "{target} could serve but was not followed");
+                            assert_eq!(after, before, "a refused follow changed the name");
+                        }
+                    }
+                    if let Follow::Flipped(Some(prev)) = got {
+                        assert_eq!(self.reg.entries[&prev].state, ViewState::Standby);
+                    }
+                }
                 Op::Sweep => {
                     for sid in self.reg.expired_standbys(now, |_| 2500) {
                         let e = &self.reg.entries[&sid];
@@ -844,7 +916,12 @@ mod tests {
                 .active(name)
                 .filter(|a| self.reg.physical_state(a.physical()) == Physical::Live)
                 .map(|a| (a.id.clone(), a.physical().clone()));
-            match self.reg.cutover_plan(name, policy, self.now) {
+            let plan = self.reg.cutover_plan(name, policy, self.now);
+            if policy == CutoverPolicy::Fleet {
+                // Only the fleet's decision flips a fleet name.
+                assert_eq!(plan, None, "a fleet name planned a local cutover");
+            }
+            match plan {
                 Some(Cutover::Promote(c)) => {
                     // Never over a live active version on another view,
                     // unless the policy is plain auto.
@@ -985,6 +1062,7 @@ mod tests {
                 Just(CutoverPolicy::Auto),
                 Just(CutoverPolicy::Manual),
                 Just(CutoverPolicy::AutoIfIdentical),
+                Just(CutoverPolicy::Fleet),
             ],
         ) {
             let mut w = World {
@@ -1079,5 +1157,76 @@ mod tests {
         assert!(s.serving_stale && s.id == id(0, 0));
         // No healthy active: the sweep keeps everything.
         assert!(w.reg.expired_standbys(u64::MAX, |_| 0).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod fleet_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn id(s: &str) -> ViewId {
+        s.parse().expect("id")
+    }
+
+    fn deploy(reg: &mut Registry, v: &str, logic: &str) {
+        let nv = NewVersion {
+            id: id(v),
+            fingerprint: logic.into(),
+            content_hash: format!("{logic}-{v}"),
+            source: "file".into(),
+            now: 1,
+        };
+        reg.deploy(nv, Origin::Explicit, |_| true).expect("deploy");
+    }
+
+    /// Under `cutover = "fleet"` a ready version waits for the fleet; the
+    /// fleet's decision flips it like a promote, a rollback decision flips
+    /// back to the standby, and a decision for a version still warming here
+    /// changes nothing (the name stays fenced by the caller).
+    #[test]
+    fn a_fleet_name_flips_only_on_the_fleets_decision() {
+        let mut reg = Registry::empty(Path::new("unused.json"));
+        deploy(&mut reg, "users-1_0_0", "a");
+        reg.caught_up(&id("users-1_0_0"), 2);
+        assert_eq!(reg.cutover_plan("users", CutoverPolicy::Fleet, 3), None);
+        assert!(reg.serving("users").is_none(), "no local cutover");
+        assert_eq!(
+            reg.follow_fleet(&id("users-1_0_0"), 4, "fleet"),
+            Follow::Flipped(None)
+        );
+        deploy(&mut reg, "users-1_1_0", "b");
+        assert_eq!(
+            reg.follow_fleet(&id("users-1_1_0"), 5, "fleet"),
+            Follow::NotLive(ViewState::Warming)
+        );
+        assert_eq!(
+            reg.serving("users").map(|e| e.id.clone()),
+            Some(id("users-1_0_0"))
+        );
+        reg.caught_up(&id("users-1_1_0"), 6);
+        assert_eq!(reg.cutover_plan("users", CutoverPolicy::Fleet, 7), None);
+        assert_eq!(
+            reg.follow_fleet(&id("users-1_1_0"), 8, "fleet"),
+            Follow::Flipped(Some(id("users-1_0_0")))
+        );
+        assert_eq!(
+            reg.follow_fleet(&id("users-1_1_0"), 9, "fleet"),
+            Follow::Already
+        );
+        // Rolled back by the fleet: the standby is active again.
+        assert_eq!(
+            reg.follow_fleet(&id("users-1_0_0"), 10, "fleet rollback"),
+            Follow::Flipped(Some(id("users-1_1_0")))
+        );
+        assert_eq!(
+            reg.follow_fleet(&id("users-2_0_0"), 11, "fleet"),
+            Follow::Unknown
+        );
+        assert_eq!(
+            reg.serving("users").map(|e| e.id.clone()),
+            Some(id("users-1_0_0"))
+        );
     }
 }

@@ -63,6 +63,7 @@
 //! `parked/<view-id>.json` (dead letters).
 
 mod compare;
+mod fleet;
 mod machine;
 mod parked;
 mod registry;
@@ -83,6 +84,7 @@ use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
 pub use compare::{CheckResult, CutoverCheck, Diff, Unmet};
+pub use fleet::{FleetCoordinator, FleetDecision, FleetServing};
 use machine::{Cutover, DeployPlan, Fallback, NewVersion, Origin, Physical};
 pub use parked::ParkedEvent;
 use registry::{Entry, Loaded, Registry};
@@ -145,6 +147,12 @@ pub enum CutoverPolicy {
     /// With no healthy active version (a first deploy) it is `auto`.
     #[serde(rename = "auto-if-identical", alias = "auto_if_identical")]
     AutoIfIdentical,
+    /// The fleet decides (`[fleet]`, JetStream only): the name's active
+    /// version is one key in the fleet's KV bucket, changed by
+    /// compare-and-set; this instance follows it (see [`crate::fleet`]).
+    /// [`Lifecycle::promote`] and [`Lifecycle::rollback`] change the
+    /// fleet's decision, never this instance alone.
+    Fleet,
 }
 
 /// What a version does when its projection fails on an event.
@@ -488,6 +496,28 @@ pub enum LifecycleError {
     CorruptRegistry { path: PathBuf, reason: String },
     #[error("the lifecycle is shutting down")]
     ShuttingDown,
+    #[error(
+        "the fleet is switching view {name} to {to}: every member stops answering the old version first; retry shortly"
+    )]
+    FleetSwitching { name: String, to: ViewId },
+    #[error(
+        "the fleet serves {version} for view {name}, which is not caught up on this instance yet; retry shortly or ask another member"
+    )]
+    FleetCatchingUp { name: String, version: ViewId },
+    #[error(
+        "the fleet has not made {id} active within {millis} ms (proposed; see `kiln fleet status`)"
+    )]
+    FleetPending { id: ViewId, millis: u64 },
+    #[error("the fleet refused to make {id} active: {reason}")]
+    FleetRefused { id: ViewId, reason: String },
+    #[error("the fleet cannot be reached: {0}")]
+    FleetUnavailable(String),
+    #[error("no digest of {view} at position {at}: the view is at {checkpoint}")]
+    DigestMissed {
+        view: ViewId,
+        at: Position,
+        checkpoint: Position,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -537,6 +567,8 @@ struct Inner {
     holds: compare::Holds,
     /// Comparisons run one at a time.
     compare_lock: tokio::sync::Mutex<()>,
+    /// The fleet's decisions and contact (`cutover = "fleet"`, see [`fleet`]).
+    fleet: fleet::FleetLink,
     shutting_down: AtomicBool,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -605,6 +637,7 @@ impl Lifecycle {
             warmup_workers: AtomicUsize::new(warmup_workers),
             holds: compare::Holds::default(),
             compare_lock: tokio::sync::Mutex::new(()),
+            fleet: fleet::FleetLink::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             background: Mutex::new(Vec::new()),
@@ -654,6 +687,9 @@ impl Lifecycle {
     /// registry write; the previous active becomes standby.
     pub async fn promote(&self, id: &ViewId) -> Result<(), LifecycleError> {
         self.inner.check_running()?;
+        if let Some(done) = self.promote_via_fleet(id, "promote").await {
+            return done;
+        }
         let _ops = self.inner.ops.lock().await;
         let mut st = self.inner.lock();
         self.inner.promote_locked(&mut st, id, "promote")
@@ -663,6 +699,9 @@ impl Lifecycle {
     /// live) back to active.
     pub async fn rollback(&self, name: &str) -> Result<ViewId, LifecycleError> {
         self.inner.check_running()?;
+        if let Some(done) = self.rollback_via_fleet(name).await {
+            return done;
+        }
         let _ops = self.inner.ops.lock().await;
         let mut st = self.inner.lock();
         let Some(id) = st.registry.rollback_target(name) else {
@@ -785,6 +824,9 @@ impl Lifecycle {
     /// version, so a client sees the version it asked for (or the active one).
     pub fn resolve_version(&self, spec: &str) -> Result<Resolved, LifecycleError> {
         let st = self.inner.lock();
+        if let Some(fleet) = self.resolve_fleet(&st.registry, spec) {
+            return fleet;
+        }
         let e = resolve_entry(&st.registry, spec)?;
         Ok(Resolved {
             version: e.id.clone(),

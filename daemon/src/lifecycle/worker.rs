@@ -99,6 +99,9 @@ pub(super) struct Progress {
     pub partitions: AtomicUsize,
     /// What it is doing with snapshots (see [`crate::snapshots`]).
     pub snapshot: std::sync::Mutex<Option<crate::snapshots::SnapshotActivity>>,
+    /// The fleet serves this view and it is still warming here: it warms at
+    /// the live views' priority (other warm-ups yield to it).
+    pub fleet_first: AtomicBool,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -117,6 +120,7 @@ impl Progress {
             faults: AtomicU64::new(0),
             partitions: AtomicUsize::new(0),
             snapshot: std::sync::Mutex::new(None),
+            fleet_first: AtomicBool::new(false),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -557,7 +561,16 @@ impl Worker {
             let _busy = priority.enter();
             return self.apply(&batch, 0..batch.len()).await;
         }
-        self.apply_warming(&batch, stop_rx).await?;
+        if self.progress.fleet_first.load(Ordering::Acquire) {
+            // What the fleet serves, warming here: at the live views'
+            // priority, so the other warm-ups wait for it.
+            let priority = self.inner.priority.clone();
+            let busy = priority.enter();
+            self.apply(&batch, 0..batch.len()).await?;
+            drop(busy);
+        } else {
+            self.apply_warming(&batch, stop_rx).await?;
+        }
         self.check_caught_up()
             .await
             .map_err(|e| tracing::warn!("reading the log head: {e}"))

@@ -1,0 +1,812 @@
+//! A fleet: kiln instances beside the replicas of one service, sharing one
+//! JetStream, that behave as one daemon. Coordination goes through two KV
+//! buckets and their watches, never through a consensus of kiln's own:
+//!
+//! - `kiln-fleet-<fleet>-members`: one key per instance (its id), rewritten
+//!   every `heartbeat_ms` with its [`Member`] record (versions, states,
+//!   checkpoints, lag, what its fleet names serve, its digests). The
+//!   bucket's `max_age` is `member_ttl_ms`: an instance that stops
+//!   heartbeating drops out within that time, by the server's clock.
+//! - `kiln-fleet-<fleet>-decisions`: one key per view name under
+//!   `cutover = "fleet"`, its [`Decision`]: the version the fleet serves
+//!   and, while switching, the next one. Changed only by compare-and-set on
+//!   the key's revision (create when absent, update at the revision read),
+//!   so two members racing to change it leave exactly one change.
+//!
+//! **A cutover is two writes.** (1) `next = X` (proposed by `kiln promote`
+//! or `rollback` on any member, or by any member's driver once X is ready on
+//! every live member or `quorum` of them). Every member seeing it *fences*
+//! the name (its bare name answers 503 `fleet_switching`) and says so in its
+//! record. (2) Once every live member's record shows the fence at that
+//! revision, any member's driver writes `active = X`; each member flips (one
+//! local registry write through the lifecycle's state machine) as soon as X
+//! is caught up there. No member answers X before every live member stopped
+//! answering the previous version, so a reader going from member to member
+//! never sees a version older than one it has seen. A member that cannot
+//! renew its record within its lease (`member_ttl_ms` less one heartbeat,
+//! by its own clock, shorter than the server's expiry) answers its last
+//! version marked stale and fails `/readyz`.
+//!
+//! **Digests.** Every `digest_every` log positions each member holds each
+//! live view at the multiple of `digest_every` (the comparison hold of
+//! `lifecycle/compare.rs`), takes its digest (`views/digest.rs`, one
+//! snapshot) and publishes it in its record; [`FleetStatus`] flags a member
+//! whose digest differs at the same position for the same fingerprint.
+
+pub mod record;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::{
+    FleetCoordinator, FleetDecision, Lifecycle, LifecycleError, ViewState, ViewStatus,
+};
+use crate::views::ViewId;
+pub use record::{Decision, DigestAt, FleetStatus, Member, MemberView, Revised};
+
+/// Digests kept per view in a member's record.
+const DIGESTS_KEPT: usize = 6;
+/// Longest one digest waits for its view to reach the position (then its
+/// task checks the view still tails live, and holds again).
+const DIGEST_WAIT: Duration = Duration::from_secs(2);
+
+/// `[fleet]`: the fleet this instance belongs to (JetStream only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The fleet's name (letters, digits, `-`, `_`); instances with the same
+    /// name on the same JetStream form one fleet. Empty: no fleet.
+    pub name: String,
+    /// This instance's id in the fleet; empty: the host name.
+    pub instance_id: String,
+    /// How often this instance rewrites its membership record.
+    pub heartbeat_ms: u64,
+    /// A member whose record is older than this has left the fleet.
+    pub member_ttl_ms: u64,
+    /// Members that must have a version ready before the fleet switches to
+    /// it automatically, or for a promote; 0: every live member.
+    pub quorum: usize,
+    /// Members digest their views at every multiple of this log position;
+    /// 0: no digests.
+    pub digest_every: u64,
+    /// Replicas of the fleet's KV buckets (1, 3 or 5).
+    pub replicas: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            name: String::new(),
+            instance_id: String::new(),
+            heartbeat_ms: 1_000,
+            member_ttl_ms: 5_000,
+            quorum: 0,
+            digest_every: 100_000,
+            replicas: 1,
+        }
+    }
+}
+
+impl FleetConfig {
+    pub fn enabled(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    /// Refuses settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), FleetError> {
+        let bad = |key: &str, why: String| FleetError::Config {
+            key: key.to_string(),
+            why,
+        };
+        if !self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(bad(
+                "fleet.name",
+                format!("{:?}: letters, digits, - and _ only", self.name),
+            ));
+        }
+        if !self.instance_id.is_empty() && !valid_key(&self.instance_id) {
+            return Err(bad(
+                "fleet.instance_id",
+                format!(
+                    "{:?}: letters, digits, -, _, = and inner dots only",
+                    self.instance_id
+                ),
+            ));
+        }
+        if self.heartbeat_ms == 0 || self.member_ttl_ms < 3 * self.heartbeat_ms {
+            return Err(bad(
+                "fleet.member_ttl_ms",
+                format!(
+                    "{} ms must be at least 3 heartbeats ({} ms each, above 0)",
+                    self.member_ttl_ms, self.heartbeat_ms
+                ),
+            ));
+        }
+        if !matches!(self.replicas, 1 | 3 | 5) {
+            return Err(bad(
+                "fleet.replicas",
+                format!("{}: 1, 3 or 5", self.replicas),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The instance id: the configured one, else the host name.
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let cleaned: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if cleaned.is_empty() {
+            "kiln".into()
+        } else {
+            cleaned
+        }
+    }
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with('.')
+        && !k.ends_with('.')
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'.'))
+}
+
+/// What can go wrong with the fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{key}: {why}")]
+    Config { key: String, why: String },
+    #[error("fleet {fleet}: {what}: {source}")]
+    Kv {
+        fleet: String,
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("fleet {fleet}: the record of member {instance} is not one kiln wrote: {reason}")]
+    Record {
+        fleet: String,
+        instance: String,
+        reason: String,
+    },
+}
+
+/// A running fleet membership. Cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: FleetConfig,
+    instance: String,
+    api: String,
+    lifecycle: Lifecycle,
+    members: kv::Store,
+    decisions: kv::Store,
+    started_at: u64,
+    /// Digests taken here, per physical view, oldest first.
+    digests: Mutex<HashMap<String, VecDeque<DigestAt>>>,
+    /// Until when this instance's record is surely in the bucket.
+    lease_until: Mutex<Option<Instant>>,
+    poke: tokio::sync::Notify,
+    /// The background tasks, aborted when the fleet is left.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Fleet {
+    /// Opens (creating when missing) the fleet's buckets on `js`, reads every
+    /// decision and applies it, writes this instance's first record, and
+    /// starts the heartbeat, the decisions watch and the digests. The
+    /// lifecycle's fleet names then follow the fleet.
+    pub async fn start(
+        config: FleetConfig,
+        js: &async_nats::jetstream::Context,
+        memory_storage: bool,
+        lifecycle: Lifecycle,
+        api: String,
+    ) -> Result<Fleet, FleetError> {
+        config.validate()?;
+        let kv_err = |what: &str, e: async_nats::Error| FleetError::Kv {
+            fleet: config.name.clone(),
+            what: what.to_string(),
+            source: e,
+        };
+        let storage = if memory_storage {
+            async_nats::jetstream::stream::StorageType::Memory
+        } else {
+            async_nats::jetstream::stream::StorageType::File
+        };
+        let members = js
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("kiln-fleet-{}-members", config.name),
+                description: format!("kiln fleet {}: one record per live member", config.name),
+                history: 1,
+                max_age: Duration::from_millis(config.member_ttl_ms),
+                storage,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| kv_err("opening the members bucket", Box::new(e)))?;
+        let decisions = js
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("kiln-fleet-{}-decisions", config.name),
+                description: format!(
+                    "kiln fleet {}: the active version of each fleet view name",
+                    config.name
+                ),
+                history: 16,
+                storage,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| kv_err("opening the decisions bucket", Box::new(e)))?;
+        let instance = config.instance();
+        let inner = Arc::new(Inner {
+            config,
+            instance,
+            api,
+            lifecycle: lifecycle.clone(),
+            members,
+            decisions,
+            started_at: now_millis(),
+            digests: Mutex::new(HashMap::new()),
+            lease_until: Mutex::new(None),
+            poke: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let fleet = Fleet { inner };
+        lifecycle.attach_fleet(Arc::new(fleet.clone()));
+        // Before anything is served: the fleet's decisions, then our record.
+        let names = lifecycle.fleet_names();
+        for name in &names {
+            if let Some(r) = fleet.inner.decision(name).await? {
+                fleet.inner.follow(name, &r).await;
+            }
+        }
+        match fleet.inner.heartbeat().await {
+            Ok(()) => lifecycle.set_fleet_contact(true),
+            Err(e) => tracing::warn!("fleet: first heartbeat failed, serving stale: {e}"),
+        }
+        tracing::info!(
+            fleet = %fleet.inner.config.name,
+            instance = %fleet.inner.instance,
+            names = ?names,
+            "joined the fleet"
+        );
+        let mut tasks = vec![
+            tokio::spawn(fleet.inner.clone().run()).abort_handle(),
+            tokio::spawn(fleet.inner.clone().watch()).abort_handle(),
+        ];
+        if fleet.inner.config.digest_every > 0 {
+            tasks.push(tokio::spawn(fleet.inner.clone().digests_loop()).abort_handle());
+        }
+        *fleet.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(fleet)
+    }
+
+    /// The fleet now: every live member's record, every decision, and the
+    /// digests that disagree.
+    pub async fn status(&self) -> Result<FleetStatus, FleetError> {
+        let i = &self.inner;
+        let members = i.scan_members().await?;
+        let mut decisions = BTreeMap::new();
+        for name in i.keys(&i.decisions, "listing decisions").await? {
+            if let Some(r) = i.decision(&name).await? {
+                decisions.insert(name, r);
+            }
+        }
+        Ok(FleetStatus::new(
+            &i.config.name,
+            &i.instance,
+            (
+                i.config.member_ttl_ms,
+                i.config.quorum,
+                i.config.digest_every,
+            ),
+            members,
+            decisions,
+        ))
+    }
+
+    /// Leaves the fleet at once (a graceful stop): its record is deleted
+    /// rather than left to expire.
+    /// Its tasks stop and the lifecycle is detached from it.
+    pub async fn leave(&self) {
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.inner.lifecycle.detach_fleet();
+        match tokio::time::timeout(
+            Duration::from_millis(self.inner.config.member_ttl_ms / 3),
+            self.inner.members.delete(&self.inner.instance),
+        )
+        .await
+        {
+            Ok(Ok(())) => tracing::info!(instance = %self.inner.instance, "left the fleet"),
+            Ok(Err(e)) => tracing::warn!("fleet: deleting this member's record: {e}"),
+            Err(_) => tracing::warn!("fleet: deleting this member's record: no answer"),
+        }
+    }
+}
+
+impl Inner {
+    fn err(&self, what: &str, e: impl std::error::Error + Send + Sync + 'static) -> FleetError {
+        FleetError::Kv {
+            fleet: self.config.name.clone(),
+            what: what.to_string(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The keys of `store`, from the stream's subjects (one request; no
+    /// consumer, unlike `kv::Store::keys`, so polling it every heartbeat
+    /// leaves nothing behind on the server). Deleted keys are listed too:
+    /// their `get` is `None`.
+    async fn keys(&self, store: &kv::Store, what: &str) -> Result<Vec<String>, FleetError> {
+        let mut subjects = store
+            .stream
+            .info_with_subjects(format!("{}>", store.prefix))
+            .await
+            .map_err(|e| self.err(what, e))?;
+        let mut keys = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(|e| self.err(what, e))?;
+            if let Some(k) = subject.strip_prefix(store.prefix.as_str()) {
+                keys.push(k.to_string());
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The decision of `name` and its revision, if the fleet has one.
+    async fn decision(&self, name: &str) -> Result<Option<Revised>, FleetError> {
+        let entry = self
+            .decisions
+            .entry(name)
+            .await
+            .map_err(|e| self.err(&format!("reading the decision of {name}"), e))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<Decision>(&entry.value) {
+            Ok(decision) => Ok(Some(Revised {
+                revision: entry.revision,
+                decision,
+            })),
+            Err(e) => {
+                tracing::error!(
+                    name,
+                    revision = entry.revision,
+                    "fleet: a decision kiln cannot read: {e}"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Hands a decision to the lifecycle.
+    async fn follow(&self, name: &str, r: &Revised) {
+        let parse = |s: &Option<String>| s.as_deref().and_then(|s| s.parse::<ViewId>().ok());
+        self.lifecycle
+            .follow_fleet(
+                name,
+                FleetDecision {
+                    revision: r.revision,
+                    active: parse(&r.decision.active),
+                    next: parse(&r.decision.next),
+                },
+            )
+            .await;
+    }
+
+    /// Every live member's record.
+    async fn scan_members(&self) -> Result<Vec<Member>, FleetError> {
+        let ids = self.keys(&self.members, "listing members").await?;
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(bytes) = self
+                .members
+                .get(&id)
+                .await
+                .map_err(|e| self.err(&format!("reading member {id}"), e))?
+            else {
+                continue;
+            };
+            match serde_json::from_slice::<Member>(&bytes) {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    let e = FleetError::Record {
+                        fleet: self.config.name.clone(),
+                        instance: id,
+                        reason: e.to_string(),
+                    };
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// This instance's record now.
+    fn record(&self) -> Member {
+        let status = self.lifecycle.status();
+        let head = status.iter().map(|s| s.head).max().unwrap_or(0);
+        let digests = {
+            let d = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all: Vec<DigestAt> = d.values().flatten().cloned().collect();
+            all.sort_by(|a, b| (&a.view, a.position).cmp(&(&b.view, b.position)));
+            all
+        };
+        Member {
+            instance: self.instance.clone(),
+            api: self.api.clone(),
+            started_at: self.started_at,
+            heartbeat_at: now_millis(),
+            head,
+            views: status
+                .iter()
+                .filter(|s| s.state != ViewState::Retired)
+                .map(|s| MemberView {
+                    id: s.id.clone(),
+                    state: s.state,
+                    checkpoint: s.checkpoint,
+                    lag: s.lag,
+                    fingerprint: s.fingerprint.clone(),
+                    alias_of: s.alias_of.clone(),
+                })
+                .collect(),
+            serving: self.lifecycle.fleet_serving(),
+            digests,
+        }
+    }
+
+    /// Writes this instance's record; on success the lease runs from the
+    /// moment it was sent.
+    async fn heartbeat(&self) -> Result<(), FleetError> {
+        let sent = Instant::now();
+        let record = self.record();
+        let bytes = serde_json::to_vec(&record).map_err(|e| self.err("encoding our record", e))?;
+        self.members
+            .put(&self.instance, bytes.into())
+            .await
+            .map_err(|e| self.err("writing our record", e))?;
+        let lease = Duration::from_millis(
+            self.config
+                .member_ttl_ms
+                .saturating_sub(self.config.heartbeat_ms),
+        );
+        *self.lease_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent + lease);
+        Ok(())
+    }
+
+    fn lease_holds(&self) -> bool {
+        self.lease_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Heartbeat, decisions re-read and followed, the cutover driven: every
+    /// `heartbeat_ms`, and at once when a decision was applied here.
+    async fn run(self: Arc<Self>) {
+        let period = Duration::from_millis(self.config.heartbeat_ms);
+        // A call to the server that takes longer counts as failed: the lease
+        // is judged at least this often, whatever the client's own timeouts.
+        let patience = Duration::from_millis(self.config.member_ttl_ms / 3);
+        let mut changes = self.lifecycle.fleet_changes();
+        loop {
+            match tokio::time::timeout(patience, self.heartbeat()).await {
+                Ok(Ok(())) => self.lifecycle.set_fleet_contact(true),
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => tracing::warn!("fleet heartbeat: {e}"),
+                        _ => tracing::warn!("fleet heartbeat: no answer within {patience:?}"),
+                    }
+                    if !self.lease_holds() {
+                        self.lifecycle.set_fleet_contact(false);
+                    }
+                }
+            }
+            match tokio::time::timeout(patience, self.drive()).await {
+                Ok(Err(e)) => tracing::debug!("fleet: {e}"),
+                Err(_) => tracing::debug!("fleet: driving the cutover took over {patience:?}"),
+                Ok(Ok(())) => {}
+            }
+            if !self.lease_holds() {
+                self.lifecycle.set_fleet_contact(false);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.poke.notified() => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Re-reads the decision of each fleet name (the watch may have missed
+    /// one), follows it, and writes the next step of its cutover if any.
+    async fn drive(&self) -> Result<(), FleetError> {
+        let names = self.lifecycle.fleet_names();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let members = self.scan_members().await?;
+        for name in names {
+            let current = self.decision(&name).await?;
+            if let Some(r) = &current {
+                self.follow(&name, r).await;
+                self.lifecycle.apply_fleet(&name).await;
+            }
+            let step = record::drive(
+                &name,
+                current.as_ref(),
+                &members,
+                self.config.quorum,
+                &self.instance,
+                now_millis(),
+            );
+            if let Some(step) = step {
+                self.write(&name, step).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a step by compare-and-set; losing the race is fine (another
+    /// member wrote it, or something newer).
+    async fn write(&self, name: &str, step: record::Step) -> bool {
+        let (revision, decision) = match &step {
+            record::Step::Create(d) => (None, d),
+            record::Step::Update(r, d) => (Some(*r), d),
+        };
+        let Ok(bytes) = serde_json::to_vec(decision) else {
+            return false;
+        };
+        let written = match revision {
+            None => self
+                .decisions
+                .create(name, bytes.into())
+                .await
+                .map_err(|e| e.to_string()),
+            Some(r) => self
+                .decisions
+                .update(name, bytes.into(), r)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(rev) => {
+                tracing::info!(
+                    name,
+                    revision = rev,
+                    active = ?decision.active,
+                    next = ?decision.next,
+                    reason = %decision.reason,
+                    "fleet decision written"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::debug!(
+                    name,
+                    "fleet decision not written (another member's won?): {e}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Follows every change of the decisions bucket as it happens; the
+    /// heartbeat loop re-reads them too, so a broken watch only delays.
+    async fn watch(self: Arc<Self>) {
+        loop {
+            match self.decisions.watch_all().await {
+                Ok(mut w) => {
+                    while let Some(entry) = w.next().await {
+                        let Ok(entry) = entry else { break };
+                        if entry.operation != kv::Operation::Put {
+                            continue;
+                        }
+                        let Ok(decision) = serde_json::from_slice::<Decision>(&entry.value) else {
+                            continue;
+                        };
+                        let r = Revised {
+                            revision: entry.revision,
+                            decision,
+                        };
+                        if self.lifecycle.fleet_names().contains(&entry.key) {
+                            self.follow(&entry.key, &r).await;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("fleet: watching decisions: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(self.config.heartbeat_ms)).await;
+        }
+    }
+
+    /// Keeps one digest task per live physical view (see [`Self::digests_of`]).
+    async fn digests_loop(self: Arc<Self>) {
+        /// Aborts the digest tasks when this loop is aborted.
+        struct Tasks(HashMap<String, tokio::task::JoinHandle<()>>);
+        impl Drop for Tasks {
+            fn drop(&mut self) {
+                for t in self.0.values() {
+                    t.abort();
+                }
+            }
+        }
+        let mut tasks = Tasks(HashMap::new());
+        let tasks = &mut tasks.0;
+        loop {
+            tasks.retain(|_, t| !t.is_finished());
+            for s in self.lifecycle.status().iter().filter(|s| digestible(s)) {
+                if !tasks.contains_key(&s.id) {
+                    let this = self.clone();
+                    let id = s.id.clone();
+                    tasks.insert(s.id.clone(), tokio::spawn(this.digests_of(id)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Digests physical view `id` at every multiple of `digest_every`: its
+    /// tail is held at the next multiple ahead of its checkpoint, so it stops
+    /// exactly there whatever its batches; the digest is taken as soon as it
+    /// stands there, and the hold moves on. Ends when the view no longer
+    /// tails live.
+    async fn digests_of(self: Arc<Self>, id: String) {
+        let k = self.config.digest_every;
+        let Ok(view) = id.parse::<ViewId>() else {
+            return;
+        };
+        let mut done = 0;
+        loop {
+            let Some(s) = self.lifecycle.status_of(&view).filter(digestible) else {
+                return;
+            };
+            // The multiple of K at or ahead of the checkpoint, past the last done.
+            let at = s.checkpoint.div_ceil(k).max(done / k + 1) * k;
+            match self.lifecycle.digest_at(&view, at, DIGEST_WAIT).await {
+                Ok((d, took)) => {
+                    done = at;
+                    tracing::debug!(view = %view, position = at, digest = %d.digest, took_ms = took.as_millis() as u64, "digest taken");
+                    let mut all = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+                    let q = all.entry(id.clone()).or_default();
+                    q.push_back(DigestAt {
+                        view: id.clone(),
+                        fingerprint: s.fingerprint.clone(),
+                        position: d.position,
+                        documents: d.documents,
+                        bytes: d.bytes,
+                        digest: d.digest,
+                        took_ms: took.as_millis() as u64,
+                    });
+                    while q.len() > DIGESTS_KEPT {
+                        q.pop_front();
+                    }
+                    drop(all);
+                    self.poke.notify_one();
+                }
+                // Not there yet (the log is quiet): hold again. Past it (a
+                // batch handed over before the hold): the next multiple.
+                Err(LifecycleError::DigestMissed { checkpoint, .. }) => {
+                    if checkpoint > at {
+                        done = at;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(view = %view, position = at, "digests stop: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A physical view tailing live.
+fn digestible(s: &ViewStatus) -> bool {
+    s.alias_of.is_none()
+        && matches!(
+            s.state,
+            ViewState::Ready | ViewState::Active | ViewState::Standby
+        )
+}
+
+impl FleetCoordinator for Fleet {
+    fn propose(
+        &self,
+        target: ViewId,
+        how: String,
+    ) -> BoxFuture<'static, Result<(), LifecycleError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let name = target.name().to_string();
+            let unavailable = |e: FleetError| LifecycleError::FleetUnavailable(e.to_string());
+            for _ in 0..5 {
+                let members = inner.scan_members().await.map_err(unavailable)?;
+                let (ready, not) = record::readiness(&target, &members);
+                let with_name = ready.len() + not.len();
+                let need = record::needed(inner.config.quorum, with_name);
+                if ready.len() < need {
+                    return Err(LifecycleError::FleetRefused {
+                        id: target.clone(),
+                        reason: format!(
+                            "it is caught up on {} of the {need} member(s) needed; not on {}",
+                            ready.len(),
+                            not.join(", ")
+                        ),
+                    });
+                }
+                let current = inner.decision(&name).await.map_err(unavailable)?;
+                let target_s = target.to_string();
+                if current.as_ref().is_some_and(|c| {
+                    c.decision.next.is_none() && c.decision.active.as_deref() == Some(&target_s)
+                }) {
+                    return Ok(());
+                }
+                let decision = Decision {
+                    active: current.as_ref().and_then(|c| c.decision.active.clone()),
+                    next: Some(target_s),
+                    by: inner.instance.clone(),
+                    reason: format!("{how} on {}", inner.instance),
+                    at: now_millis(),
+                };
+                let step = match &current {
+                    None => record::Step::Create(decision),
+                    Some(c) => record::Step::Update(c.revision, decision),
+                };
+                if inner.write(&name, step).await {
+                    inner.poke.notify_one();
+                    return Ok(());
+                }
+            }
+            Err(LifecycleError::FleetUnavailable(format!(
+                "the decision of {name} kept changing under five compare-and-set attempts"
+            )))
+        })
+    }
+}

@@ -1,0 +1,463 @@
+//! What the fleet's KV buckets hold, and the pure decisions taken from them:
+//! a member's record (its versions, what its fleet names serve, its digests),
+//! a view name's decision, the next step of a name's cutover ([`drive`]), and
+//! the fleet's status with the digests that disagree ([`FleetStatus::new`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::{FleetServing, ViewState};
+use crate::views::ViewId;
+
+/// One member's record: the value of its key (its instance id) in the
+/// members bucket, rewritten every heartbeat; the bucket's `max_age` drops
+/// it when the heartbeats stop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    /// Its HTTP API address, as it listens.
+    #[serde(default)]
+    pub api: String,
+    /// When it started and last wrote this record (ms since the epoch, its clock).
+    pub started_at: u64,
+    pub heartbeat_at: u64,
+    /// The log head it has seen.
+    pub head: u64,
+    pub views: Vec<MemberView>,
+    /// What its fleet names (`cutover = "fleet"`) answer.
+    #[serde(default)]
+    pub serving: BTreeMap<String, FleetServing>,
+    /// Its latest digests, per physical view, at multiples of `digest_every`.
+    #[serde(default)]
+    pub digests: Vec<DigestAt>,
+}
+
+/// One version on a member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: String,
+    pub state: ViewState,
+    pub checkpoint: u64,
+    pub lag: u64,
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias_of: Option<String>,
+}
+
+/// A view's digest at a common position, as a member published it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestAt {
+    /// The physical view.
+    pub view: String,
+    /// Its module fingerprint: only equal fingerprints must agree.
+    pub fingerprint: String,
+    pub position: u64,
+    pub documents: u64,
+    pub bytes: u64,
+    pub digest: String,
+    /// How long the view was held while the digest read it, in ms.
+    pub took_ms: u64,
+}
+
+/// A view name's decision: the value of its key (the name) in the
+/// decisions bucket, changed only by compare-and-set on its revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The version the fleet serves.
+    pub active: Option<String>,
+    /// The version the fleet is switching to: every member fences the name
+    /// (answers 503) until all live members did, then `active` becomes it.
+    #[serde(default)]
+    pub next: Option<String>,
+    /// Which member wrote it, why, when (ms since the epoch).
+    pub by: String,
+    pub reason: String,
+    pub at: u64,
+}
+
+/// A decision with its KV revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revised {
+    pub revision: u64,
+    #[serde(flatten)]
+    pub decision: Decision,
+}
+
+/// The next write to a name's decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Create the key (it must not exist yet).
+    Create(Decision),
+    /// Replace the decision at this revision.
+    Update(u64, Decision),
+}
+
+/// How many live members with versions of a name must agree: `quorum`, or
+/// all of them when `quorum` is 0 (never more than there are).
+pub fn needed(quorum: usize, members: usize) -> usize {
+    match quorum {
+        0 => members,
+        q => q.min(members),
+    }
+}
+
+/// The next step of `name`'s cutover, from its decision and the live
+/// members' records (`me` writes it):
+/// - switching to `next`, and every live member has fenced the name at this
+///   revision (or moved past it): `next` becomes `active`;
+/// - not switching: the newest version **ready** on the needed number of
+///   members (`quorum`), newer than `active`, is proposed as `next` (when
+///   there is no decision yet, an active version counts as ready: a fleet
+///   adopting what its members already serve). A standby is never
+///   proposed on its own, so a rollback sticks.
+pub fn drive(
+    name: &str,
+    current: Option<&Revised>,
+    members: &[Member],
+    quorum: usize,
+    me: &str,
+    now: u64,
+) -> Option<Step> {
+    let with_name: Vec<&Member> = members.iter().filter(|m| follows(m, name)).collect();
+    if let Some(Revised {
+        revision,
+        decision: d,
+    }) = current
+        && let Some(next) = &d.next
+    {
+        let fenced = with_name.iter().all(|m| {
+            m.serving
+                .get(name)
+                .is_some_and(|s| s.revision >= *revision && (s.fenced || s.version.is_none()))
+        });
+        if !fenced {
+            return None;
+        }
+        return Some(Step::Update(
+            *revision,
+            Decision {
+                active: Some(next.clone()),
+                next: None,
+                by: me.to_string(),
+                reason: format!(
+                    "switched to {next}: {} live member(s) stopped answering the previous version",
+                    with_name.len()
+                ),
+                at: now,
+            },
+        ));
+    }
+    if with_name.is_empty() {
+        return None;
+    }
+    let need = needed(quorum, with_name.len());
+    let counts_as_ready =
+        |s: ViewState| s == ViewState::Ready || (current.is_none() && s == ViewState::Active);
+    let mut ready: BTreeMap<ViewId, usize> = BTreeMap::new();
+    for m in &with_name {
+        let mine: BTreeSet<ViewId> = m
+            .views
+            .iter()
+            .filter(|v| counts_as_ready(v.state))
+            .filter_map(|v| v.id.parse::<ViewId>().ok())
+            .filter(|id| id.name() == name)
+            .collect();
+        for id in mine {
+            *ready.entry(id).or_default() += 1;
+        }
+    }
+    let active: Option<ViewId> = current
+        .and_then(|c| c.decision.active.as_deref())
+        .and_then(|a| a.parse().ok());
+    let (candidate, n) = ready
+        .into_iter()
+        .filter(|(id, n)| *n >= need && active.as_ref().is_none_or(|a| id > a))
+        .max_by(|a, b| a.0.cmp(&b.0))?;
+    let decision = Decision {
+        active: active.map(|a| a.to_string()),
+        next: Some(candidate.to_string()),
+        by: me.to_string(),
+        reason: format!(
+            "auto: {candidate} ready on {n} of {} live member(s)",
+            with_name.len()
+        ),
+        at: now,
+    };
+    Some(match current {
+        None => Step::Create(decision),
+        Some(c) => Step::Update(c.revision, decision),
+    })
+}
+
+/// The members on which `target` is caught up (ready, active or standby),
+/// and those on which it is not (with its state there), among the members
+/// taking part in its name's cutover.
+pub fn readiness(target: &ViewId, members: &[Member]) -> (Vec<String>, Vec<String>) {
+    let (mut ok, mut not) = (Vec::new(), Vec::new());
+    let name = target.name();
+    for m in members.iter().filter(|m| follows(m, name)) {
+        let state = m
+            .views
+            .iter()
+            .find(|v| v.id == target.to_string())
+            .map(|v| v.state);
+        match state {
+            Some(ViewState::Ready | ViewState::Active | ViewState::Standby) => {
+                ok.push(m.instance.clone())
+            }
+            Some(s) => not.push(format!("{} ({s})", m.instance)),
+            None => not.push(format!("{} (not deployed)", m.instance)),
+        }
+    }
+    (ok, not)
+}
+
+/// Does member `m` take part in `name`'s cutover? It has versions of it
+/// under `cutover = "fleet"` (its record says what the name serves there).
+/// A member running the name under another policy neither blocks nor
+/// counts towards the fleet's cutover.
+fn follows(m: &Member, name: &str) -> bool {
+    m.serving.contains_key(name)
+}
+
+/// Members' digests of one view (same fingerprint) at one position that
+/// are not all equal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DigestMismatch {
+    pub view: String,
+    pub fingerprint: String,
+    pub position: u64,
+    /// instance → digest.
+    pub digests: BTreeMap<String, String>,
+    /// Members whose digest differs from the most common one (all of them
+    /// when no digest is more common than the others).
+    pub suspects: Vec<String>,
+}
+
+/// The fleet as `GET /fleet` and `kiln fleet status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetStatus {
+    pub fleet: String,
+    /// The instance that answered.
+    pub instance: String,
+    pub member_ttl_ms: u64,
+    pub quorum: usize,
+    pub digest_every: u64,
+    pub members: Vec<Member>,
+    pub decisions: BTreeMap<String, Revised>,
+    /// Digests that disagree, by view, fingerprint and position.
+    pub mismatches: Vec<DigestMismatch>,
+    /// Positions at which two or more members' digests were compared and agreed.
+    pub digests_agreeing: usize,
+}
+
+impl FleetStatus {
+    pub fn new(
+        fleet: &str,
+        instance: &str,
+        (member_ttl_ms, quorum, digest_every): (u64, usize, u64),
+        mut members: Vec<Member>,
+        decisions: BTreeMap<String, Revised>,
+    ) -> FleetStatus {
+        members.sort_by(|a, b| a.instance.cmp(&b.instance));
+        let mut at: BTreeMap<(String, String, u64), BTreeMap<String, String>> = BTreeMap::new();
+        for m in &members {
+            for d in &m.digests {
+                at.entry((d.view.clone(), d.fingerprint.clone(), d.position))
+                    .or_default()
+                    .insert(m.instance.clone(), d.digest.clone());
+            }
+        }
+        let mut mismatches = Vec::new();
+        let mut digests_agreeing = 0;
+        for ((view, fingerprint, position), digests) in at {
+            if digests.len() < 2 {
+                continue;
+            }
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for d in digests.values() {
+                *counts.entry(d.as_str()).or_default() += 1;
+            }
+            if counts.len() == 1 {
+                digests_agreeing += 1;
+                continue;
+            }
+            let top = counts.values().copied().max().unwrap_or(0);
+            let majority: Vec<&str> = counts
+                .iter()
+                .filter(|(_, n)| **n == top)
+                .map(|(d, _)| *d)
+                .collect();
+            let suspects = digests
+                .iter()
+                .filter(|(_, d)| majority.len() > 1 || d.as_str() != majority[0])
+                .map(|(i, _)| i.clone())
+                .collect();
+            mismatches.push(DigestMismatch {
+                view,
+                fingerprint,
+                position,
+                digests,
+                suspects,
+            });
+        }
+        FleetStatus {
+            fleet: fleet.to_string(),
+            instance: instance.to_string(),
+            member_ttl_ms,
+            quorum,
+            digest_every,
+            members,
+            decisions,
+            mismatches,
+            digests_agreeing,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(instance: &str, views: &[(&str, ViewState)]) -> Member {
+        let serving = if views.is_empty() {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([("users".to_string(), FleetServing::default())])
+        };
+        Member {
+            instance: instance.into(),
+            api: String::new(),
+            started_at: 0,
+            heartbeat_at: 0,
+            head: 0,
+            views: views
+                .iter()
+                .map(|(id, state)| MemberView {
+                    id: id.to_string(),
+                    state: *state,
+                    checkpoint: 0,
+                    lag: 0,
+                    fingerprint: "f".into(),
+                    alias_of: None,
+                })
+                .collect(),
+            serving,
+            digests: Vec::new(),
+        }
+    }
+
+    fn fenced(m: &mut Member, name: &str, revision: u64) {
+        m.serving.insert(
+            name.into(),
+            FleetServing {
+                version: None,
+                revision,
+                fenced: true,
+                stale: false,
+            },
+        );
+    }
+
+    use ViewState::*;
+
+    #[test]
+    fn a_version_is_proposed_once_ready_everywhere_then_switched_once_all_fenced() {
+        let active = Revised {
+            revision: 4,
+            decision: Decision {
+                active: Some("users-1_0_0".into()),
+                next: None,
+                by: "a".into(),
+                reason: String::new(),
+                at: 0,
+            },
+        };
+        let mut ms = vec![
+            member("a", &[("users-1_0_0", Active), ("users-1_1_0", Ready)]),
+            member("b", &[("users-1_0_0", Active), ("users-1_1_0", Warming)]),
+        ];
+        assert_eq!(drive("users", Some(&active), &ms, 0, "a", 1), None);
+        // With a quorum of one, a's readiness is enough.
+        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, 1, "a", 1) else {
+            panic!("a quorum of one proposes");
+        };
+        assert_eq!(d.next.as_deref(), Some("users-1_1_0"));
+        ms[1].views[1].state = Ready;
+        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, 0, "b", 1) else {
+            panic!("ready everywhere: proposed");
+        };
+        let switching = Revised {
+            revision: 5,
+            decision: d,
+        };
+        fenced(&mut ms[0], "users", 5);
+        assert_eq!(
+            drive("users", Some(&switching), &ms, 0, "a", 2),
+            None,
+            "b serves 1.0.0 still"
+        );
+        fenced(&mut ms[1], "users", 5);
+        let Some(Step::Update(5, d)) = drive("users", Some(&switching), &ms, 0, "a", 2) else {
+            panic!("all fenced: switched");
+        };
+        assert_eq!((d.active.as_deref(), d.next), (Some("users-1_1_0"), None));
+    }
+
+    #[test]
+    fn a_rolled_back_version_is_not_proposed_again() {
+        let rolled_back = Revised {
+            revision: 9,
+            decision: Decision {
+                active: Some("users-1_0_0".into()),
+                next: None,
+                by: "a".into(),
+                reason: "rollback".into(),
+                at: 0,
+            },
+        };
+        let ms = vec![
+            member("a", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
+            member("b", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
+        ];
+        assert_eq!(drive("users", Some(&rolled_back), &ms, 0, "a", 1), None);
+        // A member running users under another policy neither blocks nor counts.
+        let mut other = member("x", &[("users-2_0_0", Ready)]);
+        other.serving.clear();
+        let mut with_other = ms.clone();
+        with_other.push(other);
+        assert_eq!(
+            drive("users", Some(&rolled_back), &with_other, 0, "a", 1),
+            None
+        );
+        // A first decision adopts what the members serve.
+        let Some(Step::Create(d)) = drive("users", None, &ms, 0, "a", 1) else {
+            panic!("created");
+        };
+        assert_eq!(d.next.as_deref(), Some("users-1_0_0"));
+    }
+
+    #[test]
+    fn the_odd_digest_out_is_the_suspect() {
+        let mut ms = vec![member("a", &[]), member("b", &[]), member("c", &[])];
+        for (m, d) in ms.iter_mut().zip(["x", "x", "y"]) {
+            for position in [10, 20] {
+                m.digests.push(DigestAt {
+                    view: "users-1_0_0".into(),
+                    fingerprint: "f".into(),
+                    position,
+                    documents: 1,
+                    bytes: 1,
+                    digest: if position == 10 { "x".into() } else { d.into() },
+                    took_ms: 0,
+                });
+            }
+        }
+        let s = FleetStatus::new("f", "a", (1, 0, 10), ms, BTreeMap::new());
+        assert_eq!(s.digests_agreeing, 1);
+        assert_eq!(s.mismatches.len(), 1);
+        assert_eq!(s.mismatches[0].position, 20);
+        assert_eq!(s.mismatches[0].suspects, vec!["c".to_string()]);
+    }
+}

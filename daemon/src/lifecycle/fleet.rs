@@ -1,0 +1,556 @@
+//! The lifecycle's side of a fleet: names under `cutover = "fleet"` follow
+//! the fleet's decision ([`crate::fleet`] reads it from JetStream KV and
+//! hands it here), and their bare name answers only what the fleet decided.
+//!
+//! **What a fleet name answers.** The decision of a name is `active` (the
+//! version the fleet serves) and, while the fleet switches, `next`. Reading
+//! the bare name on this instance:
+//! - while `next` is set: 503 `fleet_switching` (the name is *fenced*: every
+//!   member stops answering the old version before any answers the new one,
+//!   so a reader moving between members never goes back);
+//! - once `active` is X: X when X is this instance's active version (the
+//!   flip is [`Registry::follow_fleet`], one registry write, the same
+//!   effects as a promote); 503 `fleet_catching_up` while X is not caught up
+//!   here (never an older version instead); X's documents marked stale when
+//!   X failed here (the instance's own fallback to an older standby is not
+//!   answered: the fleet never goes back without a fleet rollback);
+//! - without contact to the fleet (no decision read yet, or the membership
+//!   lease lapsed): the version it served, marked stale (`Kiln-Stale`), and
+//!   `/readyz` answers 503 so a load balancer stops sending to it.
+//!
+//! Promote and rollback of a fleet name propose a new decision to the fleet
+//! ([`FleetCoordinator`]) and wait, bounded, until this instance follows it.
+//! Digests at common positions ([`Lifecycle::digest_at`]) hold the view's
+//! tail at the position (the hold of [`super::compare`]), so every member
+//! digests its documents at exactly the same log position.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::compare::HoldGuard;
+use super::machine::{Follow, Physical};
+use super::registry::Registry;
+use super::{CutoverPolicy, Lifecycle, LifecycleError, Resolved, ViewState, now_millis};
+use crate::store::Position;
+use crate::views::ViewId;
+use crate::views::digest::ViewDigest;
+
+/// Longest a promote or rollback of a fleet name waits for this instance to
+/// follow the fleet's new decision.
+const FOLLOW_WAIT: Duration = Duration::from_secs(20);
+
+/// The fleet's decision for one view name, as its KV entry holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetDecision {
+    /// The KV revision of the decision (compare-and-set on it).
+    pub revision: u64,
+    /// The version the fleet serves.
+    pub active: Option<ViewId>,
+    /// The version the fleet is switching to (members are fenced).
+    pub next: Option<ViewId>,
+}
+
+/// What a fleet name answers on this instance (published in the membership
+/// record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetServing {
+    /// The version the bare name answers from, if it answers.
+    pub version: Option<String>,
+    /// The revision of the fleet decision this instance applied (0: none).
+    pub revision: u64,
+    /// The bare name answers 503: the fleet switches, or its version is not
+    /// caught up here.
+    pub fenced: bool,
+    /// Answering its last version without contact to the fleet.
+    pub stale: bool,
+}
+
+/// Proposes decisions to the fleet (implemented by [`crate::fleet`]).
+pub trait FleetCoordinator: Send + Sync {
+    /// Asks the fleet to make `target` the active version of its name
+    /// (compare-and-set on the name's decision); refused when `target` is
+    /// not caught up on enough members.
+    fn propose(
+        &self,
+        target: ViewId,
+        how: String,
+    ) -> BoxFuture<'static, Result<(), LifecycleError>>;
+}
+
+/// The fleet's side of the lifecycle's state.
+#[derive(Default)]
+pub(super) struct FleetLink {
+    coordinator: Mutex<Option<Arc<dyn FleetCoordinator>>>,
+    decisions: Mutex<HashMap<String, FleetDecision>>,
+    /// The decisions were read and the membership lease holds.
+    in_contact: AtomicBool,
+    /// Bumped on every decision applied (waiters and the heartbeat watch it).
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl FleetLink {
+    fn decisions(&self) -> std::sync::MutexGuard<'_, HashMap<String, FleetDecision>> {
+        self.decisions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn coordinator(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn FleetCoordinator>>> {
+        self.coordinator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+impl Lifecycle {
+    /// Joins this lifecycle to a fleet: promote and rollback of names under
+    /// `cutover = "fleet"` go to `coordinator`, and their bare names answer
+    /// only what the fleet decided.
+    pub fn attach_fleet(&self, coordinator: Arc<dyn FleetCoordinator>) {
+        *self.inner.fleet.coordinator() = Some(coordinator);
+    }
+
+    /// Leaves the fleet (a graceful stop): the coordinator, which holds this
+    /// lifecycle, is dropped, so the lifecycle can be released.
+    pub fn detach_fleet(&self) {
+        *self.inner.fleet.coordinator() = None;
+    }
+
+    fn fleet_coordinator(&self, name: &str) -> Option<Arc<dyn FleetCoordinator>> {
+        if self.inner.config.policy(name).cutover != CutoverPolicy::Fleet {
+            return None;
+        }
+        self.inner.fleet.coordinator().clone()
+    }
+
+    /// Names under `cutover = "fleet"` with a version here.
+    pub fn fleet_names(&self) -> Vec<String> {
+        let st = self.inner.lock();
+        let mut names: Vec<String> = st
+            .registry
+            .entries
+            .keys()
+            .map(|id| id.name().to_string())
+            .filter(|n| self.inner.config.policy(n).cutover == CutoverPolicy::Fleet)
+            .collect();
+        names.dedup();
+        names
+    }
+
+    /// Contact with the fleet: `true` once the decisions were read and while
+    /// the membership lease holds; `false` makes fleet names answer stale
+    /// (and `/readyz` 503).
+    pub fn set_fleet_contact(&self, in_contact: bool) {
+        let was = self
+            .inner
+            .fleet
+            .in_contact
+            .swap(in_contact, Ordering::AcqRel);
+        if was != in_contact {
+            if in_contact {
+                tracing::info!("in contact with the fleet");
+            } else {
+                tracing::warn!(
+                    "lost contact with the fleet: fleet names answer their last version, marked stale"
+                );
+            }
+            self.inner.fleet.bump();
+        }
+    }
+
+    /// Does this instance hold its fleet membership lease (and has it read
+    /// the fleet's decisions)?
+    pub fn fleet_in_contact(&self) -> bool {
+        self.inner.fleet.in_contact.load(Ordering::Acquire)
+    }
+
+    /// Why this instance should not take traffic for fleet names, if so:
+    /// out of contact, or a name whose fleet version is not caught up here.
+    pub fn fleet_unready(&self) -> Option<String> {
+        self.inner.fleet.coordinator().as_ref()?;
+        let names = self.fleet_names();
+        if names.is_empty() {
+            return None;
+        }
+        if !self.inner.fleet.in_contact.load(Ordering::Acquire) {
+            return Some(
+                "out of contact with the fleet: fleet views answer their last version, stale"
+                    .into(),
+            );
+        }
+        let serving = self.fleet_serving();
+        let behind: Vec<String> = serving
+            .iter()
+            .filter(|(_, s)| s.fenced && s.version.is_none())
+            .filter(|(n, _)| {
+                let d = self.inner.fleet.decisions();
+                d.get(*n).is_some_and(|d| d.next.is_none())
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        (!behind.is_empty()).then(|| {
+            format!(
+                "the fleet's version of {} is not caught up here yet",
+                behind.join(", ")
+            )
+        })
+    }
+
+    /// Applies the fleet's decision for `name` (a newer revision than the
+    /// one applied, else nothing): fences the name while the fleet switches;
+    /// flips to the fleet's active version when it is caught up here.
+    pub async fn follow_fleet(&self, name: &str, decision: FleetDecision) {
+        {
+            let mut d = self.inner.fleet.decisions();
+            if d.get(name).is_some_and(|k| k.revision > decision.revision) {
+                return;
+            }
+            d.insert(name.to_string(), decision.clone());
+        }
+        self.inner.fleet.bump();
+        self.apply_fleet(name).await;
+    }
+
+    /// Flips `name` to the fleet's active version if it is not yet and can be
+    /// (the fleet module calls it again as versions catch up).
+    pub async fn apply_fleet(&self, name: &str) {
+        let Some(decision) = self.inner.fleet.decisions().get(name).cloned() else {
+            return;
+        };
+        let (None, Some(target)) = (&decision.next, &decision.active) else {
+            return;
+        };
+        if self.inner.check_running().is_err() {
+            return;
+        }
+        let _ops = self.inner.ops.lock().await;
+        let mut st = self.inner.lock();
+        if st.registry.active(name).is_some_and(|a| &a.id == target) {
+            return;
+        }
+        let before = st.registry.clone();
+        let how = format!("fleet decision (revision {})", decision.revision);
+        match st.registry.follow_fleet(target, now_millis(), &how) {
+            Follow::Flipped(previous) => {
+                if let Err(e) = self.inner.commit(&mut st, before) {
+                    tracing::error!(view = %target, "following the fleet: {e}");
+                    return;
+                }
+                super::log_cutover(target, previous.as_ref(), &how);
+                drop(st);
+                self.inner.fleet.bump();
+            }
+            Follow::Already => {}
+            Follow::NotLive(state) => {
+                // Warm what the fleet serves first.
+                let physical = st
+                    .registry
+                    .entries
+                    .get(target)
+                    .map(|e| e.physical().clone());
+                if let Some(p) = physical.and_then(|p| st.progress.get(&p))
+                    && state == ViewState::Warming
+                    && !p.fleet_first.swap(true, Ordering::AcqRel)
+                {
+                    tracing::info!(view = %target, "the fleet serves it: warming it first");
+                }
+                tracing::debug!(view = %target, %state, "the fleet serves a version not caught up here: fenced");
+            }
+            Follow::Unknown => {
+                tracing::warn!(view = %target, "the fleet serves a version not deployed here: fenced");
+            }
+        }
+    }
+
+    /// What each fleet name answers here now.
+    pub fn fleet_serving(&self) -> BTreeMap<String, FleetServing> {
+        let names = self.fleet_names();
+        let st = self.inner.lock();
+        names
+            .into_iter()
+            .map(|n| {
+                let s = match self.fleet_gate(&st.registry, &n) {
+                    Ok(Some(r)) => FleetServing {
+                        version: Some(r.version.to_string()),
+                        revision: 0,
+                        fenced: false,
+                        stale: r.stale,
+                    },
+                    Ok(None) | Err(_) => FleetServing {
+                        fenced: true,
+                        ..FleetServing::default()
+                    },
+                };
+                let revision = self
+                    .inner
+                    .fleet
+                    .decisions()
+                    .get(&n)
+                    .map_or(0, |d| d.revision);
+                (n, FleetServing { revision, ..s })
+            })
+            .collect()
+    }
+
+    /// The version the bare fleet name `name` answers from here, or why not
+    /// (see the module docs). `Ok(None)`: no version at all.
+    pub(super) fn fleet_gate(
+        &self,
+        reg: &Registry,
+        name: &str,
+    ) -> Result<Option<Resolved>, LifecycleError> {
+        let local = reg.serving(name).map(|e| Resolved {
+            version: e.id.clone(),
+            physical: e.physical().clone(),
+            stale: e.serving_stale,
+        });
+        let in_contact = self.inner.fleet.in_contact.load(Ordering::Acquire);
+        let decision = self.inner.fleet.decisions().get(name).cloned();
+        match decision {
+            Some(FleetDecision {
+                next: Some(next), ..
+            }) => Err(LifecycleError::FleetSwitching {
+                name: name.to_string(),
+                to: next,
+            }),
+            Some(FleetDecision {
+                active: Some(active),
+                ..
+            }) => match local {
+                Some(r) if r.version == active => Ok(Some(Resolved {
+                    stale: r.stale || !in_contact,
+                    ..r
+                })),
+                _ => match reg.entries.get(&active) {
+                    // The fleet's version failed here (this instance may have
+                    // fallen back to an older standby on its own): its
+                    // documents as they stood, marked stale, never the older
+                    // version.
+                    Some(e)
+                        if e.state == ViewState::Failed
+                            && reg.physical_state(e.physical()) == Physical::Failed =>
+                    {
+                        Ok(Some(Resolved {
+                            version: active.clone(),
+                            physical: e.physical().clone(),
+                            stale: true,
+                        }))
+                    }
+                    _ => Err(LifecycleError::FleetCatchingUp {
+                        name: name.to_string(),
+                        version: active,
+                    }),
+                },
+            },
+            // No decision yet: what the registry says (stale out of contact).
+            _ => Ok(local.map(|r| Resolved {
+                stale: r.stale || !in_contact,
+                ..r
+            })),
+        }
+    }
+
+    /// A bare name under `cutover = "fleet"` with a fleet attached: what
+    /// [`Self::fleet_gate`] says. `None`: not a fleet name.
+    pub(super) fn resolve_fleet(
+        &self,
+        reg: &Registry,
+        spec: &str,
+    ) -> Option<Result<Resolved, LifecycleError>> {
+        if spec.contains('@') || spec.parse::<ViewId>().is_ok() {
+            return None;
+        }
+        self.fleet_coordinator(spec)?;
+        Some(match self.fleet_gate(reg, spec) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(if reg.of_name(spec).next().is_some() {
+                LifecycleError::NoActiveVersion {
+                    name: spec.to_string(),
+                }
+            } else {
+                LifecycleError::UnknownView {
+                    spec: spec.to_string(),
+                }
+            }),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Promote of a fleet name: proposed to the fleet, then waits until this
+    /// instance follows. `None`: not a fleet name.
+    pub(super) async fn promote_via_fleet(
+        &self,
+        id: &ViewId,
+        how: &str,
+    ) -> Option<Result<(), LifecycleError>> {
+        let coordinator = self.fleet_coordinator(id.name())?;
+        Some(self.propose_and_follow(coordinator, id, how).await)
+    }
+
+    /// Rollback of a fleet name: this instance's rollback target proposed to
+    /// the fleet. `None`: not a fleet name.
+    pub(super) async fn rollback_via_fleet(
+        &self,
+        name: &str,
+    ) -> Option<Result<ViewId, LifecycleError>> {
+        let coordinator = self.fleet_coordinator(name)?;
+        let target = {
+            let st = self.inner.lock();
+            match st.registry.rollback_target(name) {
+                Some(t) => t,
+                None if st.registry.of_name(name).next().is_none() => {
+                    return Some(Err(LifecycleError::UnknownView {
+                        spec: name.to_string(),
+                    }));
+                }
+                None => {
+                    return Some(Err(LifecycleError::NoStandby {
+                        name: name.to_string(),
+                    }));
+                }
+            }
+        };
+        Some(
+            self.propose_and_follow(coordinator, &target, "rollback")
+                .await
+                .map(|()| target),
+        )
+    }
+
+    async fn propose_and_follow(
+        &self,
+        coordinator: Arc<dyn FleetCoordinator>,
+        id: &ViewId,
+        how: &str,
+    ) -> Result<(), LifecycleError> {
+        {
+            let st = self.inner.lock();
+            let Some(e) = st.registry.entries.get(id) else {
+                return Err(LifecycleError::UnknownView {
+                    spec: id.to_string(),
+                });
+            };
+            let live = st.registry.physical_state(e.physical()) == Physical::Live;
+            if !(live
+                && matches!(
+                    e.state,
+                    ViewState::Ready | ViewState::Standby | ViewState::Active
+                ))
+            {
+                return Err(LifecycleError::NotReady {
+                    id: id.clone(),
+                    state: e.state,
+                });
+            }
+        }
+        let mut changed = self.inner.fleet.changed.subscribe();
+        coordinator.propose(id.clone(), how.to_string()).await?;
+        let deadline = Instant::now() + FOLLOW_WAIT;
+        loop {
+            {
+                let st = self.inner.lock();
+                let decided = self
+                    .inner
+                    .fleet
+                    .decisions()
+                    .get(id.name())
+                    .is_some_and(|d| d.next.is_none() && d.active.as_ref() == Some(id));
+                if decided && st.registry.active(id.name()).is_some_and(|a| &a.id == id) {
+                    return Ok(());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LifecycleError::FleetPending {
+                    id: id.clone(),
+                    millis: FOLLOW_WAIT.as_millis() as u64,
+                });
+            }
+            let _ = tokio::time::timeout(left, changed.changed()).await;
+        }
+    }
+
+    /// Resolves when a fleet decision was applied or contact changed.
+    pub fn fleet_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.fleet.changed.subscribe()
+    }
+
+    /// The digest of physical view `view` at exactly `at`: its tail is held
+    /// at `at` until it stands there, the digest is taken from one snapshot,
+    /// then the hold is lifted (the view waits while the digest reads: the
+    /// cost returned with it, `took_ms` in `kiln fleet status`). Refused when the view
+    /// is past `at` already or does not reach it within `wait`.
+    pub async fn digest_at(
+        &self,
+        view: &ViewId,
+        at: Position,
+        wait: Duration,
+    ) -> Result<(ViewDigest, Duration), LifecycleError> {
+        let missed = |checkpoint: Position| LifecycleError::DigestMissed {
+            view: view.clone(),
+            at,
+            checkpoint,
+        };
+        let progress = {
+            let st = self.inner.lock();
+            if st.registry.physical_state(view) != Physical::Live || !st.workers.contains_key(view)
+            {
+                return Err(LifecycleError::NotComparable {
+                    id: view.clone(),
+                    state: st
+                        .registry
+                        .entries
+                        .get(view)
+                        .map_or(ViewState::Retired, |e| e.state),
+                });
+            }
+            st.progress.get(view).cloned()
+        };
+        let Some(progress) = progress else {
+            return Err(missed(0));
+        };
+        // Not under the comparisons' lock (a digest waits on a quiet log): a
+        // comparison of the same view moving the hold makes this digest miss
+        // its position at worst, and the comparison re-targets past it.
+        let mut rx = progress.checkpoint_tx.subscribe();
+        if *rx.borrow_and_update() > at {
+            return Err(missed(progress.checkpoint()));
+        }
+        let guard = HoldGuard {
+            holds: &self.inner.holds,
+            views: vec![view.clone()],
+        };
+        guard.hold(at);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now_at = *rx.borrow_and_update();
+            if now_at == at {
+                break;
+            }
+            if now_at > at {
+                return Err(missed(now_at));
+            }
+            tokio::select! {
+                r = rx.changed() => r.map_err(|_| LifecycleError::ShuttingDown)?,
+                _ = tokio::time::sleep_until(deadline) => return Err(missed(now_at)),
+            }
+        }
+        let views = self.inner.views.clone();
+        let v = view.clone();
+        let started = Instant::now();
+        let digest = tokio::task::spawn_blocking(move || views.digest(&v))
+            .await
+            .map_err(|e| LifecycleError::Internal(format!("a digest panicked: {e}")))??;
+        drop(guard);
+        let took = started.elapsed();
+        if digest.position != at {
+            return Err(missed(digest.position));
+        }
+        Ok((digest, took))
+    }
+}

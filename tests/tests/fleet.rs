@@ -1,0 +1,551 @@
+//! A fleet of three real `kiln serve` processes on one nats-server (and on a
+//! 3-node cluster): membership, fleet-wide cutover and rollback, a member
+//! killed mid-cutover that rejoins and follows, and a corrupted document on
+//! one member found by its view digest.
+//!
+//! Every member runs `users` under `cutover = "fleet"` with a 200 ms
+//! heartbeat, a 1.5 s membership TTL and a digest every 10 log positions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln::views::{ViewId, ViewStore, Writes};
+use kiln_tests::daemon::{Api, Daemon, Options, kiln_cli, module_version};
+use kiln_tests::nats::{NatsCluster, NatsServer, cluster_config, connect_when_ready};
+use kiln_tests::wasm::USERS;
+use serde_json::{Value, json};
+
+const IDS: [&str; 3] = ["a", "b", "c"];
+
+fn member(nats_url: &str, id: &str) -> Options {
+    let mut o = Options::default().jetstream(nats_url);
+    for a in [
+        "--fleet",
+        "t",
+        "--instance-id",
+        id,
+        "--view",
+        "users:cutover=fleet",
+        "--fleet-heartbeat-ms",
+        "200",
+        "--fleet-member-ttl-ms",
+        "1500",
+        "--fleet-digest-every",
+        "10",
+        "--standby-grace-secs",
+        "3600",
+    ] {
+        o = o.arg(a);
+    }
+    o
+}
+
+async fn start_members(nats_url: &str) -> (Vec<Daemon>, Vec<Api>) {
+    let mut members = Vec::new();
+    for id in IDS {
+        let o = member(nats_url, id);
+        members.push(
+            tokio::task::spawn_blocking(move || Daemon::start_with(o))
+                .await
+                .expect("starting a member"),
+        );
+    }
+    let apis = members.iter().map(Api::new).collect();
+    (members, apis)
+}
+
+/// Polls `check` every 20 ms until it gives a value, for at most `timeout`.
+async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The version a member's bare `users` answers `user-1` from (None: not 200).
+async fn answers(api: &Api) -> Option<String> {
+    let (s, b) = api.get("/views/users/user-1").await;
+    (s == 200).then(|| b["view"].as_str().unwrap_or("").to_string())
+}
+
+async fn all_answer(apis: &[Api], view: &str, timeout: Duration) {
+    until(&format!("every member answers {view}"), timeout, || async {
+        for api in apis {
+            if answers(api).await.as_deref() != Some(view) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+async fn deploy_everywhere(apis: &[Api], version: &str, variant: Option<&str>) {
+    for api in apis {
+        let (s, b) = api.deploy(module_version(USERS, version, variant)).await;
+        assert_eq!(s, 202, "{b}");
+    }
+}
+
+async fn register(api: &Api, users: std::ops::Range<usize>) -> u64 {
+    let mut last = 0;
+    for u in users {
+        last = api.register_user(&format!("user-{u}")).await["position"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    last
+}
+
+async fn fleet(api: &Api) -> Value {
+    let (s, b) = api.get("/fleet").await;
+    assert_eq!(s, 200, "{b}");
+    b
+}
+
+fn instances(status: &Value) -> Vec<String> {
+    status["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| m["instance"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Three members with `users` 1.0.0 active fleet-wide over five users.
+async fn fleet_at_1_0_0(nats_url: &str) -> (Vec<Daemon>, Vec<Api>) {
+    let (members, apis) = start_members(nats_url).await;
+    register(&apis[0], 1..6).await;
+    deploy_everywhere(&apis, "1.0.0", None).await;
+    all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
+    let status = fleet(&apis[1]).await;
+    assert_eq!(instances(&status), IDS, "{status}");
+    assert_eq!(
+        status["decisions"]["users"]["active"], "users-1_0_0",
+        "{status}"
+    );
+    (members, apis)
+}
+
+/// Reads `user-1` through the bare name from each member in turn until
+/// stopped; every answer: (member, version or None for a refusal).
+fn round_robin_reader(
+    apis: Vec<Api>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(usize, Option<String>)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let m = i % apis.len();
+            seen.push((m, answers(&apis[m]).await));
+            i += 1;
+        }
+        seen
+    })
+}
+
+/// No answer is from a version older than one answered before it.
+fn assert_monotonic(seen: &[(usize, Option<String>)]) {
+    let mut newest: Option<(ViewId, usize)> = None;
+    for (n, (m, v)) in seen.iter().enumerate() {
+        let Some(v) = v else { continue };
+        let id: ViewId = v.parse().expect("a view id");
+        if let Some((top, at)) = &newest {
+            assert!(
+                id >= *top,
+                "read {n} (member {}) answered {id} after read {at} answered {top}",
+                IDS[*m]
+            );
+        }
+        if newest.as_ref().is_none_or(|(top, _)| id > *top) {
+            newest = Some((id, n));
+        }
+    }
+}
+
+async fn cutover_and_rollback(nats_url: &str) {
+    let (members, apis) = fleet_at_1_0_0(nats_url).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = round_robin_reader(apis.clone(), stop.clone());
+    // Live appends all along.
+    let appender = {
+        let (api, stop) = (apis[0].clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut u = 100;
+            while !stop.load(Ordering::Relaxed) {
+                api.register_user(&format!("user-{u}")).await;
+                u += 1;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    deploy_everywhere(&apis, "1.1.0", Some("Variant1")).await;
+    all_answer(&apis, "users-1_1_0", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.await.expect("reader");
+    appender.await.expect("appender");
+    assert_monotonic(&seen);
+    let versions: std::collections::BTreeSet<&str> =
+        seen.iter().filter_map(|(_, v)| v.as_deref()).collect();
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        ["users-1_0_0", "users-1_1_0"],
+        "the reader saw both versions"
+    );
+    let refused = seen.iter().filter(|(_, v)| v.is_none()).count();
+    eprintln!(
+        "{} reads across the cutover, {refused} refused while the fleet switched",
+        seen.len()
+    );
+    let status = fleet(&apis[0]).await;
+    let d = &status["decisions"]["users"];
+    assert_eq!(
+        (d["active"].as_str(), &d["next"]),
+        (Some("users-1_1_0"), &Value::Null),
+        "{status}"
+    );
+
+    // A rollback asked of c flips all three, and sticks.
+    let (code, out, err) =
+        tokio::task::block_in_place(|| kiln_cli(&members[2], &["rollback", "users"]));
+    assert_eq!(code, 0, "{out}{err}");
+    all_answer(&apis, "users-1_0_0", Duration::from_secs(10)).await;
+    let status = fleet(&apis[1]).await;
+    let d = &status["decisions"]["users"];
+    assert_eq!(
+        (d["active"].as_str(), &d["next"]),
+        (Some("users-1_0_0"), &Value::Null),
+        "{status}"
+    );
+    let held_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < held_until {
+        for api in &apis {
+            let v = answers(api).await;
+            assert!(
+                v.as_deref() != Some("users-1_1_0"),
+                "the rolled-back version came back"
+            );
+        }
+    }
+    // The rollback survives a restart of a member (the decision is the
+    // fleet's, in its KV bucket).
+    let mut members = members;
+    tokio::task::block_in_place(|| members[0].restart());
+    let a = Api::new(&members[0]);
+    until(
+        "a answers users-1_0_0 after its restart",
+        Duration::from_secs(20),
+        || {
+            let a = a.clone();
+            async move {
+                match answers(&a).await.as_deref() {
+                    Some("users-1_0_0") => Some(()),
+                    Some(v) => panic!("a answered {v} after a restart under a rollback"),
+                    None => None,
+                }
+            }
+        },
+    )
+    .await;
+    let (code, out, err) =
+        tokio::task::block_in_place(|| kiln_cli(&members[0], &["fleet", "status"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let metrics = reqwest::get(members[1].at("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for line in [
+        "kiln_fleet_in_contact 1",
+        "kiln_fleet_view_fenced{name=\"users\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
+    for needle in ["a ", "b ", "c ", "users-1_0_0", "decisions"] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    // A graceful stop leaves the fleet at once (not after the TTL) and is
+    // not held up by the fleet.
+    let stopping = Instant::now();
+    let status = tokio::task::block_in_place(|| members[2].stop()).expect("c was running");
+    assert!(status.success(), "c exited with {status}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "c took {:?} to stop",
+        stopping.elapsed()
+    );
+    assert_eq!(instances(&fleet(&apis[0]).await), ["a", "b"]);
+    drop(members);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_across_three_members_never_goes_back_and_a_rollback_from_one_flips_all() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    cutover_and_rollback(&nats.url()).await;
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_fleet_cutover_on_a_three_node_cluster() {
+    let cluster = tokio::task::spawn_blocking(NatsCluster::start)
+        .await
+        .expect("nats cluster");
+    // The cluster's meta leader elected and the event stream made.
+    drop(connect_when_ready(&cluster_config(&cluster)).await);
+    cutover_and_rollback(&cluster.urls().join(",")).await;
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_killed_during_the_cutover_drops_out_rejoins_and_follows() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (mut members, apis) = fleet_at_1_0_0(&nats.url()).await;
+    // Enough log that 1.1.0 warms for a while.
+    for s in 0..40 {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({ "type": "UserRenamed", "data": { "name": format!("n{i}") } }))
+            .collect();
+        let (st, b) = apis[0]
+            .post_json(
+                &format!("/streams/user-{s}/events"),
+                &json!({ "events": events }),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+    }
+    // The rollout reaches a and b; c dies before it gets the new module.
+    deploy_everywhere(&apis[..2], "1.1.0", Some("Variant1")).await;
+    tokio::task::block_in_place(|| members[2].kill9());
+    let killed_at = Instant::now();
+    // c drops out within its TTL; a and b switch without it.
+    until(
+        "c drops out of the fleet",
+        Duration::from_secs(5),
+        || async { (instances(&fleet(&apis[0]).await) == ["a", "b"]).then_some(()) },
+    )
+    .await;
+    eprintln!("c dropped out {:?} after the kill", killed_at.elapsed());
+    all_answer(&apis[..2], "users-1_1_0", Duration::from_secs(60)).await;
+
+    // c comes back with only 1.0.0: it refuses the name rather than answer
+    // what the fleet left, and is not ready.
+    tokio::task::block_in_place(|| members[2].restart());
+    let c = Api::new(&members[2]);
+    let behind_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < behind_until {
+        let (s, b) = c.get("/views/users/user-1").await;
+        assert_eq!(s, 503, "c answered {b} while the fleet serves users-1_1_0");
+        assert_eq!(b["error"]["code"], "fleet_catching_up", "{b}");
+        let (s, b) = c.get("/readyz").await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (503, Some("fleet_stale")),
+            "{b}"
+        );
+    }
+    // Its module arrives: it warms what the fleet serves and follows.
+    deploy_everywhere(&apis[2..], "1.1.0", Some("Variant1")).await;
+    let refusals = std::sync::atomic::AtomicUsize::new(0);
+    until(
+        "c follows the fleet to users-1_1_0",
+        Duration::from_secs(60),
+        || {
+            let (c, refusals) = (c.clone(), &refusals);
+            async move {
+                match answers(&c).await {
+                    Some(v) if v == "users-1_1_0" => Some(()),
+                    Some(v) => panic!("c answered {v} after rejoining a fleet serving users-1_1_0"),
+                    None => {
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "c refused {} read(s) while warming what the fleet serves",
+        refusals.load(Ordering::Relaxed)
+    );
+    // It warmed what the fleet serves at the live views' priority (the
+    // log is long enough that it was still warming when it looked).
+    assert!(
+        members[2]
+            .log()
+            .contains("the fleet serves it: warming it first"),
+        "c did not warm the fleet's version first"
+    );
+    until("c is a member again", Duration::from_secs(5), || async {
+        (instances(&fleet(&apis[1]).await) == IDS).then_some(())
+    })
+    .await;
+    until("c is ready", Duration::from_secs(10), || async {
+        (c.get("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    drop(members);
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (mut members, apis) = start_members(&nats.url()).await;
+    // Positions 1..12, then users 1.0.0 everywhere, then 13..22 live.
+    register(&apis[0], 1..13).await;
+    deploy_everywhere(&apis, "1.0.0", None).await;
+    all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
+    register(&apis[0], 13..23).await;
+    let status = until(
+        "the three digests at position 20 agree",
+        Duration::from_secs(20),
+        || async {
+            let s = fleet(&apis[0]).await;
+            (s["digests_agreeing"].as_u64() >= Some(1)).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(status["mismatches"], json!([]), "{status}");
+    let took: Vec<u64> = status["members"][0]["digests"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["took_ms"].as_u64()).collect())
+        .unwrap_or_default();
+    eprintln!("digest took {took:?} ms");
+
+    // One byte of one document of c changes behind kiln's back.
+    tokio::task::block_in_place(|| members[2].kill9());
+    {
+        let store = ViewStore::open(members[2].data_dir().join("views")).expect("c's views");
+        let view: ViewId = "users-1_0_0".parse().expect("id");
+        let at = store.checkpoint(&view).expect("checkpoint");
+        let doc = store
+            .get(&view, b"user-3")
+            .expect("read")
+            .expect("user-3 exists");
+        let mut doc: Value = serde_json::from_slice(&doc).expect("json");
+        doc["name"] = json!("corrupted");
+        let mut writes = Writes::new();
+        writes.insert(
+            b"user-3".to_vec(),
+            Some(serde_json::to_vec(&doc).expect("json")),
+        );
+        store.commit(&view, &writes, at).expect("write");
+    }
+    tokio::task::block_in_place(|| members[2].restart());
+    let c = Api::new(&members[2]);
+    until("c is back", Duration::from_secs(20), || async {
+        (answers(&c).await.as_deref() == Some("users-1_0_0")).then_some(())
+    })
+    .await;
+    register(&apis[0], 23..33).await;
+    let status = until(
+        "a digest mismatch at position 30",
+        Duration::from_secs(20),
+        || async {
+            let s = fleet(&apis[1]).await;
+            s["mismatches"]
+                .as_array()
+                // All three have digested position 30 (with two, a tie
+                // names both).
+                .is_some_and(|m| {
+                    m.iter().any(|m| {
+                        m["position"] == 30
+                            && m["digests"].as_object().is_some_and(|d| d.len() == 3)
+                    })
+                })
+                .then_some(s)
+        },
+    )
+    .await;
+    let m = status["mismatches"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["position"] == 30))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(m["view"], "users-1_0_0", "{status}");
+    assert_eq!(m["suspects"], json!(["c"]), "{status}");
+    assert_eq!(m["digests"]["a"], m["digests"]["b"], "{status}");
+    let (code, out, err) =
+        tokio::task::block_in_place(|| kiln_cli(&members[0], &["fleet", "status"]));
+    assert_eq!(code, 9, "{out}{err}");
+    assert!(out.contains("DIGEST MISMATCH"), "{out}");
+    drop(members);
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_fleet_members_answer_their_last_version_marked_stale() {
+    let mut nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (members, apis) = fleet_at_1_0_0(&nats.url()).await;
+    tokio::task::block_in_place(|| nats.kill());
+    let lost_at = Instant::now();
+    let mut stale_after = Vec::new();
+    for api in &apis {
+        let b = until("a stale answer", Duration::from_secs(10), || async {
+            let (s, b) = api.get("/views/users/user-1").await;
+            (s == 200 && b["stale"] == true).then_some(b)
+        })
+        .await;
+        stale_after.push(lost_at.elapsed());
+        assert_eq!(b["view"], "users-1_0_0", "{b}");
+    }
+    eprintln!("members answered stale {stale_after:?} after NATS went away");
+    for api in &apis {
+        assert_eq!(api.get("/readyz").await.0, 503);
+    }
+    tokio::task::block_in_place(|| nats.start_again());
+    for api in &apis {
+        until(
+            "a fresh answer and ready",
+            Duration::from_secs(30),
+            || async {
+                let (s, b) = api.get("/views/users/user-1").await;
+                let fresh = s == 200 && b["stale"].is_null() && b["view"] == "users-1_0_0";
+                (fresh && api.get("/readyz").await.0 == 200).then_some(())
+            },
+        )
+        .await;
+    }
+    drop(members);
+}
+
+#[test]
+fn cutover_fleet_is_refused_on_the_embedded_store() {
+    let out = std::process::Command::new(kiln_tests::daemon::kiln_bin())
+        .args([
+            "serve",
+            "--no-watch",
+            "--view",
+            "users:cutover=fleet",
+            "--fleet",
+            "t",
+        ])
+        .output()
+        .expect("kiln serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("embedded store has no fleet"), "{err}");
+}
