@@ -142,6 +142,9 @@ fn snapshots(
     c.max_file_bytes = s.max_file_mib << 20;
     if let Some(i) = &s.instance {
         c.instance = i.clone();
+    } else if config.fleet.enabled() {
+        // One name per instance: the fleet's.
+        c.instance = config.fleet.instance_id.clone();
     }
     tracing::info!(store = %store.describe(), every = ?c.every, keep = c.keep, bootstrap = c.bootstrap, "view snapshots on");
     Ok(Some(Arc::new(Snapshots::new(store, c))))
