@@ -63,6 +63,8 @@ pub struct SnapshotOptions {
     pub bootstrap: bool,
     /// Largest SST file of a snapshot, in MiB.
     pub max_file_mib: u64,
+    /// Most MiB of documents a snapshot reads a second (0: no limit).
+    pub max_mib_per_sec: u64,
     /// Seconds a publisher's lease lives unless refreshed (JetStream).
     pub lease_ttl_secs: u64,
     /// This instance's name in leases and manifests [default: host:pid].
@@ -78,6 +80,7 @@ impl Default for SnapshotOptions {
             keep: 3,
             bootstrap: true,
             max_file_mib: 64,
+            max_mib_per_sec: 64,
             lease_ttl_secs: 30,
             instance: None,
         }

@@ -69,6 +69,10 @@ pub struct BootstrapBenchArgs {
     pub rounds: u32,
     #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
     pub durability: DurabilityArg,
+    /// Most MiB of documents a snapshot reads a second (`[snapshots]
+    /// max_mib_per_sec`; 0: no limit).
+    #[arg(long, default_value_t = 64)]
+    pub snapshot_mib_per_sec: u64,
     /// Keep snapshots in a JetStream object store on this server instead of
     /// a directory.
     #[arg(long)]
@@ -122,6 +126,7 @@ async fn snapshot_store(
 async fn lifecycle(
     dir: &Path,
     name: &str,
+    mib_per_sec: u64,
     store: Arc<dyn EventStore>,
     snapshots: Box<dyn SnapshotStore>,
 ) -> anyhow::Result<(Lifecycle, Arc<Snapshots>)> {
@@ -129,6 +134,7 @@ async fn lifecycle(
     std::fs::create_dir_all(&work)?;
     let mut sc = SnapshotConfig::new(work);
     sc.instance = format!("bench-{name}");
+    sc.max_bytes_per_sec = mib_per_sec << 20;
     let snapshots = Arc::new(Snapshots::new(snapshots, sc));
     let mut lc = LifecycleConfig::new(dir.join(name));
     lc.snapshots = Some(snapshots.clone());
@@ -192,6 +198,7 @@ async fn bench(args: &BootstrapBenchArgs, dir: &Path) -> anyhow::Result<()> {
     let (a, snaps_a) = lifecycle(
         dir,
         "a",
+        args.snapshot_mib_per_sec,
         store.clone(),
         snapshot_store(args, dir, &bucket).await?,
     )
@@ -225,6 +232,7 @@ async fn bench(args: &BootstrapBenchArgs, dir: &Path) -> anyhow::Result<()> {
     let (b, snaps_b) = lifecycle(
         dir,
         "b",
+        args.snapshot_mib_per_sec,
         store.clone(),
         snapshot_store(args, dir, &bucket).await?,
     )

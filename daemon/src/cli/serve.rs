@@ -140,6 +140,7 @@ fn snapshots(
     c.keep = s.keep;
     c.bootstrap = s.bootstrap;
     c.max_file_bytes = s.max_file_mib << 20;
+    c.max_bytes_per_sec = s.max_mib_per_sec << 20;
     if let Some(i) = &s.instance {
         c.instance = i.clone();
     } else if config.fleet.enabled() {

@@ -238,6 +238,8 @@ pub struct SnapshotConfig {
     pub bootstrap: bool,
     /// Largest SST file of a snapshot.
     pub max_file_bytes: u64,
+    /// Most bytes of documents an export reads a second (0: no limit).
+    pub max_bytes_per_sec: u64,
     /// Who this instance is (the lease's holder, the manifest's `instance`).
     pub instance: String,
     /// Where downloads and exports are staged (on the views' file system,
@@ -252,6 +254,7 @@ impl SnapshotConfig {
             keep: 3,
             bootstrap: true,
             max_file_bytes: 64 << 20,
+            max_bytes_per_sec: 64 << 20,
             instance: default_instance(),
             work_dir: work_dir.into(),
         }
@@ -675,10 +678,11 @@ impl Snapshots {
             .map_err(io(format!("creating {}", dir.display())))?;
         let result = async {
             let (views2, view2, dir2) = (views.clone(), view.clone(), dir.clone());
-            let max = self.config.max_file_bytes;
-            let exported = tokio::task::spawn_blocking(move || views2.export(&view2, &dir2, max))
-                .await
-                .map_err(|e| SnapshotError::Internal(format!("exporting panicked: {e}")))??;
+            let (max, rate) = (self.config.max_file_bytes, self.config.max_bytes_per_sec);
+            let exported =
+                tokio::task::spawn_blocking(move || views2.export(&view2, &dir2, max, rate))
+                    .await
+                    .map_err(|e| SnapshotError::Internal(format!("exporting panicked: {e}")))??;
             let existing = self
                 .store
                 .manifests(&snapshot_key(log, fingerprint))

@@ -37,6 +37,39 @@ pub struct Exported {
     pub parked: Vec<(Position, Vec<u8>)>,
 }
 
+/// Keeps an export at or under a rate (documents' bytes per second, 0: as
+/// fast as it goes), checked every MiB: a snapshot in the background does
+/// not crowd the disk the live views commit to.
+struct Pace {
+    bytes_per_sec: u64,
+    started: std::time::Instant,
+    bytes: u64,
+    next_check: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_sec: u64) -> Self {
+        Pace {
+            bytes_per_sec,
+            started: std::time::Instant::now(),
+            bytes: 0,
+            next_check: 1 << 20,
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.bytes += n as u64;
+        if self.bytes_per_sec == 0 || self.bytes < self.next_check {
+            return;
+        }
+        self.next_check = self.bytes + (1 << 20);
+        let due = std::time::Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+}
+
 pub(super) fn marker_key(view: &ViewId) -> Vec<u8> {
     per_view_key(BOOTSTRAP_PREFIX, view, b"")
 }
@@ -48,12 +81,14 @@ fn io(op: String) -> impl FnOnce(rocksdb::Error) -> ViewError {
 impl ViewStore {
     /// Writes `view` as one RocksDB snapshot holds it into `dir` (which must
     /// exist): SST files named `docs-<n>.sst`, each at most about
-    /// `max_file_bytes`.
+    /// `max_file_bytes`, reading at most `max_bytes_per_sec` of documents a
+    /// second (0: no limit).
     pub fn export(
         &self,
         view: &ViewId,
         dir: &Path,
         max_file_bytes: u64,
+        max_bytes_per_sec: u64,
     ) -> Result<Exported, ViewError> {
         let cf = self.cf(view)?;
         let snapshot = self.db.snapshot();
@@ -63,6 +98,7 @@ impl ViewStore {
         let mut writer: Option<SstFileWriter<'_>> = None;
         let mut files = Vec::new();
         let mut digest = Digester::new();
+        let mut pace = Pace::new(max_bytes_per_sec);
         let mut it = snapshot.raw_iterator_cf_opt(&cf, super::diff::whole_view_scan());
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -80,6 +116,7 @@ impl ViewStore {
             };
             w.put(k, v)
                 .map_err(io(format!("writing a snapshot of {view}")))?;
+            pace.wrote(k.len() + v.len());
             if w.file_size() >= max_file_bytes
                 && let Some(mut w) = writer.take()
             {
@@ -231,7 +268,7 @@ mod tests {
         let out = dir.path().join("out");
         std::fs::create_dir_all(&out).expect("mkdir");
         // Small files: the export splits.
-        let exported = store.export(&v, &out, 16 * 1024).expect("export");
+        let exported = store.export(&v, &out, 16 * 1024, 0).expect("export");
         assert!(exported.files.len() > 1, "{:?}", exported.files);
         assert_eq!(exported.digest.position, 41);
         assert_eq!(exported.digest.documents, 5000);
@@ -265,7 +302,7 @@ mod tests {
         assert_eq!(other.parked(&v).expect("parked"), exported.parked);
         assert!(!other.abandoned_ingest(&v).expect("marker"));
         // A second ingest into a view that is not empty is refused.
-        let again = store.export(&v, &out, 1 << 30).expect("export");
+        let again = store.export(&v, &out, 1 << 30, 0).expect("export");
         assert!(matches!(
             other.ingest(&v, &again.files, &again.digest, &[]),
             Err(ViewError::NotEmpty(_))
@@ -297,7 +334,7 @@ mod tests {
         let v = id("e");
         store.create(&v).expect("create");
         store.commit(&v, &Writes::new(), 3).expect("commit");
-        let exported = store.export(&v, dir.path(), 1 << 20).expect("export");
+        let exported = store.export(&v, dir.path(), 1 << 20, 0).expect("export");
         assert!(exported.files.is_empty());
         let other = ViewStore::open(dir.path().join("b")).expect("open");
         other
