@@ -191,6 +191,42 @@ async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuil
         n
     };
     assert_eq!(published, 1.0, "one instance published");
+
+    // What a publisher killed mid-upload leaves (files, no manifest) is
+    // removed by the next publisher of that key.
+    let (_, b) = apis[0].get("/admin/snapshots").await;
+    let m = &b["snapshots"][0];
+    let key = kiln::snapshots::snapshot_key(
+        m["log"].as_str().expect("log"),
+        m["fingerprint"].as_str().expect("fingerprint"),
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let bucket = js.get_object_store("KILN_VIEWS").await.expect("bucket");
+    let stray = format!("{key}/{:020}/docs-0000.sst", 1);
+    bucket
+        .put(stray.as_str(), &mut &b"not a finished snapshot"[..])
+        .await
+        .expect("stray object");
+    let (s, body) = apis[2]
+        .post_json("/admin/views/users-1_0_0/snapshot", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["snapshot"]["position"], head, "{body}");
+    let mut names = Vec::new();
+    let mut list = bucket.list().await.expect("list");
+    while let Some(info) = futures::StreamExt::next(&mut list).await {
+        let info = info.expect("object");
+        if !info.deleted {
+            names.push(info.name);
+        }
+    }
+    assert!(!names.contains(&stray), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with(&format!("{head:020}/manifest.json"))),
+        "{names:?}"
+    );
 }
 
 /// The newest snapshot directory under `root` (`<key>/<position>`).

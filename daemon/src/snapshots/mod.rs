@@ -181,6 +181,14 @@ pub trait SnapshotStore: Send + Sync + 'static {
     async fn remove(&self, manifest: &SnapshotManifest) -> Result<(), SnapshotError>;
     /// Takes the lease on `key` for `holder`, if free.
     async fn lease(&self, key: &str, holder: &str) -> Result<Lease, SnapshotError>;
+    /// Removes what an interrupted upload left under `key`: files of a
+    /// snapshot without a manifest. Called by the lease's holder after it
+    /// published, so no other upload under `key` can be under way. Returns
+    /// how many files went. A store whose lease does not exclude other
+    /// publishers (a directory) leaves them.
+    async fn sweep(&self, _key: &str) -> Result<usize, SnapshotError> {
+        Ok(0)
+    }
 }
 
 /// When a live view is snapshotted again (`[snapshots] every`).
@@ -757,6 +765,13 @@ impl Snapshots {
             p.insert(view.clone(), (manifest.position, Instant::now()));
         }
         tracing::info!(view = %view, position = manifest.position, documents = manifest.documents, bytes = manifest.file_bytes(), millis, store = %self.store.describe(), "published a snapshot");
+        match self.store.sweep(&snapshot_key(log, fingerprint)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(view = %view, files = n, "removed the files of an interrupted snapshot upload")
+            }
+            Err(e) => tracing::warn!(view = %view, "sweeping interrupted snapshot uploads: {e}"),
+        }
         // Newest `keep` stay.
         let mut older: Vec<SnapshotManifest> = existing;
         older.sort_by_key(|m| std::cmp::Reverse(m.position));

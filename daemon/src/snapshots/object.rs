@@ -217,6 +217,33 @@ impl SnapshotStore for ObjectStore {
         Ok(())
     }
 
+    async fn sweep(&self, key: &str) -> Result<usize, SnapshotError> {
+        let prefix = format!("{key}/");
+        let names: Vec<String> = self
+            .names()
+            .await?
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        let base = |n: &str| n.rsplit_once('/').map(|(b, _)| b.to_string());
+        let complete: std::collections::HashSet<String> = names
+            .iter()
+            .filter(|n| n.ends_with(&format!("/{MANIFEST}")))
+            .filter_map(|n| base(n))
+            .collect();
+        let mut removed = 0;
+        for n in &names {
+            if base(n).is_some_and(|b| !complete.contains(&b)) {
+                self.objects
+                    .delete(n)
+                    .await
+                    .map_err(|e| self.err(format!("removing {n}"), e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     async fn lease(&self, key: &str, holder: &str) -> Result<Lease, SnapshotError> {
         match self
             .leases
