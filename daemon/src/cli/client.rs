@@ -893,15 +893,19 @@ async fn snapshot(a: IdArgs) -> Outcome {
             m["view"].as_str().unwrap_or("?"),
             m["position"],
             m["documents"],
-            m["files"].as_array().map_or(0, |f| f
-                .iter()
-                .filter_map(|f| f["size"].as_u64())
-                .sum::<u64>()),
+            snapshot_bytes(m),
             body["store"].as_str().unwrap_or("?"),
             m["digest"].as_str().map_or("?", |d| &d[..d.len().min(16)]),
         );
     }
     Ok(())
+}
+
+/// Bytes of a snapshot manifest's files.
+fn snapshot_bytes(m: &Value) -> u64 {
+    m["files"]
+        .as_array()
+        .map_or(0, |f| f.iter().filter_map(|f| f["size"].as_u64()).sum())
 }
 
 async fn snapshots(a: ConnArgs) -> Outcome {
@@ -922,10 +926,7 @@ async fn snapshots(a: ConnArgs) -> Outcome {
             m["view"].as_str().unwrap_or("?"),
             m["position"],
             m["documents"],
-            m["files"].as_array().map_or(0, |f| f
-                .iter()
-                .filter_map(|f| f["size"].as_u64())
-                .sum::<u64>()),
+            snapshot_bytes(&m),
             m["instance"].as_str().unwrap_or("?"),
             m["fingerprint"].as_str().unwrap_or("?"),
         );
