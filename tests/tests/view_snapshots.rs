@@ -330,6 +330,29 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_log_gives_no_snapshot() {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(
+        Options::default()
+            .arg("--snapshot-dir")
+            .arg(snapshots.path().to_str().expect("utf-8")),
+    );
+    let api = Api::new(&d);
+    let (s, b) = api.deploy(module_version(USERS, "1.0.0", None)).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/snapshot", &json!({}))
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(b["error"]["code"], "nothing_to_snapshot", "{b}");
+    // Nor did the warm-up publish one when it was caught up.
+    let (s, b) = api.get("/admin/snapshots").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["snapshots"], json!([]), "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_off_and_not_ready_versions_are_refused_by_name() {
     let d = Daemon::start();
     let api = Api::new(&d);

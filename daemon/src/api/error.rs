@@ -212,6 +212,9 @@ impl From<LifecycleError> for ApiError {
                     .with("view", id.to_string())
                     .with("state", state.to_string())
             }
+            LifecycleError::NothingToSnapshot { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "nothing_to_snapshot", message)
+            }
             LifecycleError::SnapshotBusy { ref holder, .. } => {
                 let holder = holder.clone();
                 ApiError::new(StatusCode::CONFLICT, "snapshot_busy", message).with("holder", holder)

@@ -450,6 +450,8 @@ pub enum LifecycleError {
         "view {id} is {state}: only a caught-up version (ready, active or standby) is snapshotted"
     )]
     NotSnapshottable { id: ViewId, state: ViewState },
+    #[error("view {id} has applied no event yet: there is nothing to snapshot")]
+    NothingToSnapshot { id: ViewId },
     #[error("another instance ({holder}) is publishing a snapshot of {id}'s logic now")]
     SnapshotBusy { id: ViewId, holder: String },
     #[error("snapshot of {id}: {reason}")]
@@ -1055,7 +1057,7 @@ impl Lifecycle {
                 .latest(log, &fingerprint)
                 .await
                 .map_err(failed)?
-                .ok_or_else(|| LifecycleError::Internal("a snapshot vanished".into())),
+                .ok_or(LifecycleError::NothingToSnapshot { id: physical }),
         }
     }
 
