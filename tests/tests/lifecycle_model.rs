@@ -251,7 +251,8 @@ impl<'a> Run<'a> {
         if self.seed.is_multiple_of(3) {
             let mut sc = SnapshotConfig::new(self.dir.path().join("snapshots-work"));
             sc.every = Some(Every::Events(8));
-            let store = DirStore::open(self.dir.path().join("snapshots")).expect("snapshot dir");
+            let store = DirStore::open(self.dir.path().join("snapshots"), Duration::from_secs(30))
+                .expect("snapshot dir");
             c.snapshots = Some(Arc::new(Snapshots::new(Box::new(store), sc)));
         }
         c

@@ -9,6 +9,8 @@
 //!   bootstraps from its snapshot; a tampered snapshot is refused with the
 //!   reason and the version replays to the same documents; another log never
 //!   uses this log's snapshots.
+//! - Three instances on one JetStream log sharing a snapshot directory: its
+//!   file lease lets one build, and the next publisher sweeps a stray upload.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -117,34 +119,20 @@ async fn metrics(api: &Api) -> String {
     res.text().await.expect("metrics text")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuild() {
-    let nats = NatsServer::start();
-    let with_snapshots = || {
-        Options::default()
-            .jetstream(&nats.url())
-            .arg("--snapshot-bucket")
-            .arg("KILN_VIEWS")
-    };
-    let daemons: Vec<Daemon> = (0..3)
-        .map(|_| Daemon::start_with(with_snapshots()))
-        .collect();
-    let apis: Vec<Api> = daemons.iter().map(Api::new).collect();
-    let head = append_users(&apis[0], 0, 400).await;
-    assert!(head >= 1000, "{head}");
-
-    // The same new version to all three at once.
-    let wasm = module_version(USERS, "1.0.0", None);
-    let deploys = futures::future::join_all(apis.iter().map(|a| a.deploy(wasm.clone()))).await;
+/// Deploys `wasm` (users 1.0.0) to every instance at once and checks that
+/// exactly one replayed the log (to `head`) and the others bootstrapped
+/// from its snapshot, applying nothing.
+async fn one_builder(apis: &[Api], wasm: &[u8], head: u64) {
+    let deploys = futures::future::join_all(apis.iter().map(|a| a.deploy(wasm.to_vec()))).await;
     for (s, b) in &deploys {
         assert!(*s == 200 || *s == 202, "{b}");
     }
-    for api in &apis {
+    for api in apis {
         api.wait_state("users-1_0_0", "active", WAIT).await;
     }
     let mut applied = Vec::new();
     let mut builders = 0;
-    for api in &apis {
+    for api in apis {
         let v = status_of(api, "users-1_0_0").await;
         let n = v["events_applied"].as_u64().expect("events_applied");
         applied.push(n);
@@ -163,6 +151,27 @@ async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuil
     println!("events applied per instance: {applied:?} (log head {head})");
     assert_eq!(builders, 1, "one instance replays the log: {applied:?}");
     assert_eq!(applied.iter().sum::<u64>(), head, "{applied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuild() {
+    let nats = NatsServer::start();
+    let with_snapshots = || {
+        Options::default()
+            .jetstream(&nats.url())
+            .arg("--snapshot-bucket")
+            .arg("KILN_VIEWS")
+    };
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::start_with(with_snapshots()))
+        .collect();
+    let apis: Vec<Api> = daemons.iter().map(Api::new).collect();
+    let head = append_users(&apis[0], 0, 400).await;
+    assert!(head >= 1000, "{head}");
+
+    // The same new version to all three at once.
+    let wasm = module_version(USERS, "1.0.0", None);
+    one_builder(&apis, &wasm, head).await;
 
     // A clean rebuild on the same log, without snapshots.
     let clean = Daemon::start_with(Options::default().jetstream(&nats.url()));
@@ -229,6 +238,48 @@ async fn three_instances_on_one_log_replay_it_once_and_agree_with_a_clean_rebuil
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_sharing_a_snapshot_directory_take_its_file_lease() {
+    // A volume the three mount: the directory store's lease (O_EXCL files)
+    // lets one build; a stray upload there is swept by the next publisher.
+    let nats = NatsServer::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|_| {
+            Daemon::start_with(
+                Options::default()
+                    .jetstream(&nats.url())
+                    .arg("--snapshot-dir")
+                    .arg(shared.path().to_str().expect("utf-8 path")),
+            )
+        })
+        .collect();
+    let apis: Vec<Api> = daemons.iter().map(Api::new).collect();
+    let head = append_users(&apis[0], 0, 300).await;
+    let wasm = module_version(USERS, "1.0.0", None);
+    one_builder(&apis, &wasm, head).await;
+    let built = documents(&apis[0], "users-1_0_0", head).await;
+    assert_eq!(built.len(), 300);
+    for api in &apis[1..] {
+        assert_eq!(documents(api, "users-1_0_0", head).await, built);
+    }
+    let key_dir = newest_snapshot(shared.path())
+        .parent()
+        .expect("key dir")
+        .to_path_buf();
+    let stray = key_dir.join(format!("{:020}", 1));
+    std::fs::create_dir_all(&stray).expect("stray dir");
+    std::fs::write(stray.join("docs-0000.sst"), b"not a finished snapshot").expect("stray");
+    let head = append_users(&apis[1], 300, 10).await;
+    let (s, body) = apis[2]
+        .post_json("/admin/views/users-1_0_0/snapshot", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["snapshot"]["position"], head, "{body}");
+    assert!(!stray.exists(), "the stray upload was swept");
+    assert!(key_dir.join(".lease").is_dir());
+}
+
 /// The newest snapshot directory under `root` (`<key>/<position>`).
 fn newest_snapshot(root: &Path) -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir(root)
@@ -236,6 +287,7 @@ fn newest_snapshot(root: &Path) -> PathBuf {
         .flatten()
         .flat_map(|k| std::fs::read_dir(k.path()).expect("key dir").flatten())
         .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != ".lease"))
         .collect();
     found.sort();
     found.pop().expect("a snapshot")
@@ -273,11 +325,15 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     assert_eq!(v["events_applied"], 0, "{v}");
     assert_eq!(documents(&api, "users-1_0_0", head).await, built);
 
-    // The log grows; `kiln snapshot` publishes at the new position.
+    // The log grows; `kiln snapshot` publishes at the new position. A bare
+    // name takes the version it serves.
     let head = append_users(&api, 300, 40).await;
-    let (code, out, err) = kiln_cli(&d, &["snapshot", "users-1_0_0"]);
+    let (code, out, err) = kiln_cli(&d, &["snapshot", "users"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("at position {head}")), "{out}");
+    assert!(
+        out.contains(&format!("users-1_0_0 at position {head}")),
+        "{out}"
+    );
     let built = documents(&api, "users-1_0_0", head).await;
     assert_eq!(built.len(), 340);
 

@@ -289,15 +289,16 @@ pub async fn diff(
     })))
 }
 
-/// `POST /admin/views/{id}/snapshot`: snapshot the version's view now and
-/// publish it (see [`crate::lifecycle::Lifecycle::snapshot`]).
+/// `POST /admin/views/{spec}/snapshot`: snapshot a version's view now and
+/// publish it (see [`crate::lifecycle::Lifecycle::snapshot`]). `spec` is an
+/// exact id, `name@<semver requirement>`, or a bare name (the version the
+/// name serves): taking a snapshot changes nothing a reader sees.
 pub async fn snapshot(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Path(id) = path.map_err(path_error)?;
-    let id = version_id(&state, &id)?;
-    let m = state.lifecycle.snapshot(&id.to_string()).await?;
+    let Path(spec) = path.map_err(path_error)?;
+    let m = state.lifecycle.snapshot(&spec).await?;
     Ok(Json(
         json!({ "snapshot": m, "store": snapshot_store(&state) }),
     ))

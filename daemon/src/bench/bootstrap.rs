@@ -112,7 +112,10 @@ async fn snapshot_store(
     bucket: &str,
 ) -> anyhow::Result<Box<dyn SnapshotStore>> {
     Ok(match &args.nats_url {
-        None => Box::new(DirStore::open(dir.join("snapshots"))?),
+        None => Box::new(DirStore::open(
+            dir.join("snapshots"),
+            Duration::from_secs(30),
+        )?),
         Some(url) => {
             let client = async_nats::connect(url.as_str())
                 .await

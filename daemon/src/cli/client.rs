@@ -73,7 +73,8 @@ pub enum ClientCommand {
     /// when they differ.
     Diff(DiffArgs),
     /// Snapshot a version's view now and publish it to the snapshot store
-    /// (other instances bootstrap from it instead of replaying).
+    /// (other instances bootstrap from it instead of replaying). Takes an
+    /// exact id, `name@<semver req>`, or a bare name (what the name serves).
     Snapshot(IdArgs),
     /// List the view snapshots in the snapshot store.
     Snapshots(ConnArgs),

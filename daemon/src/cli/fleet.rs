@@ -83,9 +83,26 @@ pub fn render(body: &Value) -> String {
         && !decisions.is_empty()
     {
         let _ = writeln!(out, "\ndecisions");
+        let switching = body["switching"].as_array().unwrap_or(&empty);
         for (name, d) in decisions {
             let next = match &d["next"] {
-                Value::String(n) => format!(" -> switching to {n}"),
+                Value::String(n) => {
+                    let waiting: Vec<String> = switching
+                        .iter()
+                        .filter(|w| w["name"].as_str() == Some(name))
+                        .flat_map(|w| w["waiting_on"].as_array().cloned().unwrap_or_default())
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect();
+                    if waiting.is_empty() {
+                        format!(" -> switching to {n}")
+                    } else {
+                        format!(
+                            " -> switching to {n}, waiting for {} to stop answering {}",
+                            waiting.join(", "),
+                            s(&d["active"])
+                        )
+                    }
+                }
                 _ => String::new(),
             };
             let _ = writeln!(

@@ -125,7 +125,7 @@ fn snapshots(
     let s = &config.snapshots;
     let store: Box<dyn SnapshotStore> = match (&s.dir, bucket) {
         (Some(dir), _) => Box::new(
-            DirStore::open(dir)
+            DirStore::open(dir, Duration::from_secs(s.lease_ttl_secs))
                 .with_context(|| format!("opening the snapshot directory {}", dir.display()))?,
         ),
         (None, Some(bucket)) => Box::new(bucket),

@@ -126,12 +126,7 @@ pub fn drive(
     }) = current
         && let Some(next) = &d.next
     {
-        let fenced = with_name.iter().all(|m| {
-            m.serving
-                .get(name)
-                .is_some_and(|s| s.revision >= *revision && (s.fenced || s.version.is_none()))
-        });
-        if !fenced {
+        if !with_name.iter().all(|m| has_fenced(m, name, *revision)) {
             return None;
         }
         return Some(Step::Update(
@@ -213,6 +208,26 @@ pub fn readiness(target: &ViewId, members: &[Member]) -> (Vec<String>, Vec<Strin
     (ok, not)
 }
 
+/// Has member `m` stopped answering `name`'s previous version for the
+/// switch decided at `revision` (fenced it, or moved past that decision)?
+fn has_fenced(m: &Member, name: &str, revision: u64) -> bool {
+    m.serving
+        .get(name)
+        .is_some_and(|s| s.revision >= revision && (s.fenced || s.version.is_none()))
+}
+
+/// A name the fleet is switching, and the live members it waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Switching {
+    pub name: String,
+    pub next: String,
+    /// When the switch was decided (ms since the epoch, the deciding member's clock).
+    pub since: u64,
+    /// Live members taking part that have not yet stopped answering the
+    /// previous version: the switch completes when this is empty.
+    pub waiting_on: Vec<String>,
+}
+
 /// Does member `m` take part in `name`'s cutover? It has versions of it
 /// under `cutover = "fleet"` (its record says what the name serves there).
 /// A member running the name under another policy neither blocks nor
@@ -250,6 +265,8 @@ pub struct FleetStatus {
     pub mismatches: Vec<DigestMismatch>,
     /// Positions at which two or more members' digests were compared and agreed.
     pub digests_agreeing: usize,
+    /// Names being switched, with the members each switch waits for.
+    pub switching: Vec<Switching>,
 }
 
 impl FleetStatus {
@@ -302,7 +319,25 @@ impl FleetStatus {
                 suspects,
             });
         }
+        let switching = decisions
+            .iter()
+            .filter_map(|(name, r)| {
+                let next = r.decision.next.clone()?;
+                let waiting_on = members
+                    .iter()
+                    .filter(|m| follows(m, name) && !has_fenced(m, name, r.revision))
+                    .map(|m| m.instance.clone())
+                    .collect();
+                Some(Switching {
+                    name: name.clone(),
+                    next,
+                    since: r.decision.at,
+                    waiting_on,
+                })
+            })
+            .collect();
         FleetStatus {
+            switching,
             fleet: fleet.to_string(),
             instance: instance.to_string(),
             member_ttl_ms,
@@ -397,6 +432,22 @@ mod tests {
             drive("users", Some(&switching), &ms, 0, "a", 2),
             None,
             "b serves 1.0.0 still"
+        );
+        let status = FleetStatus::new(
+            "f",
+            "a",
+            (1, 0, 10),
+            ms.clone(),
+            BTreeMap::from([("users".to_string(), switching.clone())]),
+        );
+        assert_eq!(
+            status.switching,
+            vec![Switching {
+                name: "users".into(),
+                next: "users-1_1_0".into(),
+                since: 1,
+                waiting_on: vec!["b".into()],
+            }]
         );
         fenced(&mut ms[1], "users", 5);
         let Some(Step::Update(5, d)) = drive("users", Some(&switching), &ms, 0, "a", 2) else {

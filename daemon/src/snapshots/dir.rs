@@ -1,29 +1,40 @@
 //! Snapshots in a directory (`--snapshot-dir`): `<dir>/<key>/<position>/`
 //! holds a snapshot's files and, written last by rename, its manifest.
 //!
-//! It needs no lease: one process owns a log on the embedded store, and
-//! snapshots of other logs live under other keys.
+//! The directory may be shared (a volume several instances on one
+//! JetStream log mount), so publishing a key takes a lease there too:
+//! `<dir>/<key>/.lease/<generation>`, see [`DirStore::lease`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
 use super::{MANIFEST, SnapshotError, SnapshotManifest, SnapshotStore, io};
 
+/// The directory of a key's lease files.
+const LEASE_DIR: &str = ".lease";
+/// What a released lease file holds.
+const RELEASED: &str = "\n(released)";
+
 pub struct DirStore {
     root: PathBuf,
+    /// A lease not refreshed for this long has lapsed.
+    ttl: Duration,
 }
 
 impl DirStore {
-    /// Snapshots under `root` (created if missing).
-    pub fn open(root: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
+    /// Snapshots under `root` (created if missing); leases lapse after
+    /// `ttl` without a refresh (`[snapshots] lease_ttl_secs`).
+    pub fn open(root: impl Into<PathBuf>, ttl: Duration) -> Result<Self, SnapshotError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(io(format!(
             "creating the snapshot directory {}",
             root.display()
         )))?;
-        Ok(DirStore { root })
+        Ok(DirStore { root, ttl })
     }
 
     fn at(&self, path: &str) -> Result<PathBuf, SnapshotError> {
@@ -125,14 +136,291 @@ impl SnapshotStore for DirStore {
             .map_err(io(format!("removing {}", dir.display())))
     }
 
-    async fn lease(&self, _key: &str, _holder: &str) -> Result<super::Lease, SnapshotError> {
-        Ok(super::Lease::Held(Box::new(NoLease)))
+    /// Takes `key`'s lease. Its files are numbered generations; the highest
+    /// is the lease, held by the holder it names until it is released (its
+    /// text ends in `(released)`) or not refreshed (its modification time)
+    /// for `ttl`. Taking it creates generation highest + 1 with
+    /// `create_new` (O_EXCL: of two takers, one gets it), then checks that
+    /// no higher generation exists (a taker that read the directory long
+    /// ago may create a number a newer holder already removed). The new
+    /// holder removes the lower generations. The holder refreshes its file
+    /// every third of `ttl` while it still is the highest.
+    async fn lease(&self, key: &str, holder: &str) -> Result<super::Lease, SnapshotError> {
+        let dir = self.at(key)?.join(LEASE_DIR);
+        let ttl = self.ttl;
+        let holder = holder.to_string();
+        tokio::task::spawn_blocking(move || take_lease(&dir, &holder, ttl))
+            .await
+            .map_err(|e| SnapshotError::Internal(format!("taking a lease panicked: {e}")))?
+    }
+
+    /// Removes what an interrupted upload left under `key`: position
+    /// directories without a manifest, and partial files. Only the lease's
+    /// holder calls it, after it published: no other upload is under way.
+    async fn sweep(&self, key: &str) -> Result<usize, SnapshotError> {
+        let key_dir = self.at(key)?;
+        let Ok(mut entries) = tokio::fs::read_dir(&key_dir).await else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let path = e.path();
+            if e.file_name() == LEASE_DIR || !path.is_dir() {
+                continue;
+            }
+            if tokio::fs::try_exists(path.join(MANIFEST))
+                .await
+                .unwrap_or(true)
+            {
+                continue;
+            }
+            let mut files = tokio::fs::read_dir(&path)
+                .await
+                .map_err(io(format!("listing {}", path.display())))?;
+            while let Ok(Some(_)) = files.next_entry().await {
+                removed += 1;
+            }
+            tokio::fs::remove_dir_all(&path)
+                .await
+                .map_err(io(format!("removing {}", path.display())))?;
+        }
+        Ok(removed)
     }
 }
 
-struct NoLease;
+/// Lease generation files in `dir`, by number.
+fn generations(dir: &Path) -> Result<Vec<u64>, SnapshotError> {
+    let entries = std::fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))?;
+    let mut out: Vec<u64> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Who holds lease file `path`, unless it is released or lapsed (or gone).
+fn live_holder(path: &Path, ttl: Duration) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    if text.ends_with(RELEASED) {
+        return None;
+    }
+    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
+    let age = SystemTime::now()
+        .duration_since(modified)
+        .unwrap_or(Duration::ZERO);
+    (age < ttl).then(|| text.lines().next().unwrap_or("?").to_string())
+}
+
+fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let gens = generations(dir)?;
+    let highest = gens.last().copied().unwrap_or(0);
+    // Held under this instance's own name: by an earlier run of it that
+    // stopped without releasing (this run asks only for leases it does
+    // not hold), so it is taken over at once rather than waited out.
+    if highest > 0
+        && let Some(by) = live_holder(&dir.join(highest.to_string()), ttl)
+        && by != holder
+    {
+        return Ok(super::Lease::HeldBy(by));
+    }
+    let mine = highest + 1;
+    let path = dir.join(mine.to_string());
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path);
+    let mut file = match created {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let by = live_holder(&path, ttl).unwrap_or_else(|| "(just taken)".into());
+            return Ok(super::Lease::HeldBy(by));
+        }
+        Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
+    };
+    use std::io::Write;
+    file.write_all(holder.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io(format!("writing {}", path.display())))?;
+    drop(file);
+    // A newer generation than ours: we read the directory too long ago.
+    if let Some(&newer) = generations(dir)?.iter().rfind(|g| **g > mine) {
+        let _ = std::fs::remove_file(&path);
+        let by =
+            live_holder(&dir.join(newer.to_string()), ttl).unwrap_or_else(|| "(just taken)".into());
+        return Ok(super::Lease::HeldBy(by));
+    }
+    for g in gens {
+        let _ = std::fs::remove_file(dir.join(g.to_string()));
+    }
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (path2, dir2, lost2) = (path.clone(), dir.to_path_buf(), lost.clone());
+    let refresher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            let (p, d) = (path2.clone(), dir2.clone());
+            let still = tokio::task::spawn_blocking(move || refresh(&d, &p, mine))
+                .await
+                .unwrap_or(false);
+            if !still {
+                tracing::warn!(lease = %path2.display(), "a snapshot lease was lost (not refreshed in time?)");
+                lost2.store(true, Ordering::Release);
+                return;
+            }
+        }
+    });
+    Ok(super::Lease::Held(Box::new(FileLease {
+        path,
+        holder: holder.to_string(),
+        lost,
+        refresher,
+    })))
+}
+
+/// Touches lease file `path` (generation `mine`) if it is still the highest.
+fn refresh(dir: &Path, path: &Path, mine: u64) -> bool {
+    if generations(dir).map_or(true, |g| g.last() != Some(&mine)) {
+        return false;
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .is_ok()
+}
+
+/// A lease file this instance holds.
+struct FileLease {
+    path: PathBuf,
+    holder: String,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileLease {
+    fn drop(&mut self) {
+        // Not released (a crash, in effect): it lapses after its TTL.
+        self.refresher.abort();
+    }
+}
 
 #[async_trait]
-impl super::HeldLease for NoLease {
-    async fn release(self: Box<Self>) {}
+impl super::HeldLease for FileLease {
+    /// Marks the file released (kept: a taker numbers after it).
+    async fn release(self: Box<Self>) {
+        self.refresher.abort();
+        if self.lost.load(Ordering::Acquire) {
+            return;
+        }
+        let (path, text) = (self.path.clone(), format!("{}{RELEASED}", self.holder));
+        let _ = tokio::task::spawn_blocking(move || {
+            // Never re-creates a file a newer holder removed.
+            use std::io::Write;
+            let mut f = std::fs::File::options().write(true).open(path)?;
+            f.set_len(0)?;
+            f.write_all(text.as_bytes())
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{HeldLease, Lease};
+    use super::*;
+
+    fn held(l: Lease) -> Box<dyn HeldLease> {
+        match l {
+            Lease::Held(h) => h,
+            Lease::HeldBy(by) => panic!("held by {by}"),
+        }
+    }
+
+    fn holder(l: Lease) -> String {
+        match l {
+            Lease::Held(_) => panic!("taken, but someone holds it"),
+            Lease::HeldBy(by) => by,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_lease_excludes_until_released_or_lapsed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_millis(600);
+        let a = DirStore::open(dir.path(), ttl).expect("a");
+        let b = DirStore::open(dir.path(), ttl).expect("b");
+        let lease = held(a.lease("k", "a").await.expect("a takes"));
+        // Refreshed past its TTL: still held.
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(holder(b.lease("k", "b").await.expect("b")), "a");
+        // Another key is another lease.
+        held(b.lease("k2", "b").await.expect("b takes k2"))
+            .release()
+            .await;
+        lease.release().await;
+        let lease = held(b.lease("k", "b").await.expect("b takes once released"));
+        assert_eq!(holder(a.lease("k", "a").await.expect("a")), "b");
+        // A holder that dies (never releases, stops refreshing) lapses; a
+        // later run under the same name takes it over at once.
+        drop(lease);
+        let again = held(b.lease("k", "b").await.expect("b's next run takes it"));
+        drop(again);
+        assert_eq!(holder(a.lease("k", "a").await.expect("a")), "b");
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        let lease = held(a.lease("k", "a").await.expect("a takes a lapsed lease"));
+        // Only the newest generation is left.
+        assert_eq!(
+            generations(&dir.path().join("k").join(LEASE_DIR)).expect("gens"),
+            vec![4]
+        );
+        lease.release().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_many_racers_for_a_lapsed_lease_exactly_one_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_millis(300);
+        for round in 0..5 {
+            let mut racers = Vec::new();
+            for i in 0..8 {
+                let store = DirStore::open(dir.path(), ttl).expect("store");
+                racers.push(tokio::spawn(async move {
+                    store.lease("k", &format!("r{i}")).await.expect("lease")
+                }));
+            }
+            let mut winners = Vec::new();
+            for r in racers {
+                if let Lease::Held(h) = r.await.expect("racer") {
+                    winners.push(h);
+                }
+            }
+            assert_eq!(winners.len(), 1, "round {round}");
+            // The winner dies: the next round races for a lapsed lease.
+            drop(winners);
+            tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_removes_uploads_without_a_manifest_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::open(dir.path(), Duration::from_secs(30)).expect("store");
+        let key = dir.path().join("k");
+        for (at, manifest) in [
+            ("00000000000000000010", true),
+            ("00000000000000000020", false),
+        ] {
+            std::fs::create_dir_all(key.join(at)).expect("dir");
+            std::fs::write(key.join(at).join("docs-0000.sst"), b"x").expect("file");
+            if manifest {
+                std::fs::write(key.join(at).join(MANIFEST), b"{}").expect("manifest");
+            }
+        }
+        let lease = held(store.lease("k", "a").await.expect("lease"));
+        assert_eq!(store.sweep("k").await.expect("sweep"), 1);
+        assert!(key.join("00000000000000000010").join(MANIFEST).exists());
+        assert!(!key.join("00000000000000000020").exists());
+        assert!(key.join(LEASE_DIR).exists());
+        lease.release().await;
+    }
 }

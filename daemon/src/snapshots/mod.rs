@@ -184,8 +184,7 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// Removes what an interrupted upload left under `key`: files of a
     /// snapshot without a manifest. Called by the lease's holder after it
     /// published, so no other upload under `key` can be under way. Returns
-    /// how many files went. A store whose lease does not exclude other
-    /// publishers (a directory) leaves them.
+    /// how many files went.
     async fn sweep(&self, _key: &str) -> Result<usize, SnapshotError> {
         Ok(0)
     }
@@ -996,7 +995,8 @@ mod tests {
         let v = ViewId::from_parts("users", "1.0.0").expect("id");
         views.create(&v).expect("create");
         views.commit(&v, &docs(300), 50).expect("commit");
-        let store = DirStore::open(dir.path().join("snaps")).expect("store");
+        let store =
+            DirStore::open(dir.path().join("snaps"), Duration::from_secs(30)).expect("store");
         let snaps = Arc::new(Snapshots::new(
             Box::new(store),
             SnapshotConfig::new(dir.path().join("work")),

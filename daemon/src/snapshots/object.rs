@@ -245,54 +245,67 @@ impl SnapshotStore for ObjectStore {
     }
 
     async fn lease(&self, key: &str, holder: &str) -> Result<Lease, SnapshotError> {
-        match self
+        let taken = match self
             .leases
             .create(key, bytes::Bytes::from(holder.to_string()))
             .await
         {
-            Ok(revision) => {
-                let revision = Arc::new(AtomicU64::new(revision));
-                let (leases, key2, holder2, rev2) = (
-                    self.leases.clone(),
-                    key.to_string(),
-                    holder.to_string(),
-                    revision.clone(),
-                );
-                let every = self.ttl / 3;
-                let refresher = tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        let at = rev2.load(Ordering::Acquire);
-                        match leases
-                            .update(&key2, bytes::Bytes::from(holder2.clone()), at)
-                            .await
-                        {
-                            Ok(r) => rev2.store(r, Ordering::Release),
-                            Err(e) => {
-                                tracing::warn!(key = %key2, "refreshing a snapshot lease failed, it lapses: {e}");
-                                return;
-                            }
-                        }
-                    }
-                });
-                Ok(Lease::Held(Box::new(KvLease {
-                    leases: self.leases.clone(),
-                    key: key.to_string(),
-                    revision,
-                    refresher,
-                })))
-            }
+            Ok(revision) => revision,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let holder = match self.leases.get(key).await {
-                    Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
+                let entry = match self.leases.entry(key).await {
+                    Ok(Some(v)) if v.operation == kv::Operation::Put => v,
                     // Gone meanwhile: free next time.
-                    Ok(None) => "(just released)".to_string(),
+                    Ok(_) => return Ok(Lease::HeldBy("(just released)".to_string())),
                     Err(e) => return Err(self.err("reading a lease", e)),
                 };
-                Ok(Lease::HeldBy(holder))
+                let by = String::from_utf8_lossy(&entry.value).into_owned();
+                if by != holder {
+                    return Ok(Lease::HeldBy(by));
+                }
+                // Held under this instance's own name: by an earlier run
+                // of it that stopped without releasing (this run asks only
+                // for leases it does not hold). Taken over at once.
+                match self
+                    .leases
+                    .update(key, bytes::Bytes::from(holder.to_string()), entry.revision)
+                    .await
+                {
+                    Ok(revision) => revision,
+                    Err(_) => return Ok(Lease::HeldBy(by)),
+                }
             }
-            Err(e) => Err(self.err("taking a lease", e)),
-        }
+            Err(e) => return Err(self.err("taking a lease", e)),
+        };
+        let revision = Arc::new(AtomicU64::new(taken));
+        let (leases, key2, holder2, rev2) = (
+            self.leases.clone(),
+            key.to_string(),
+            holder.to_string(),
+            revision.clone(),
+        );
+        let every = self.ttl / 3;
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let at = rev2.load(Ordering::Acquire);
+                match leases
+                    .update(&key2, bytes::Bytes::from(holder2.clone()), at)
+                    .await
+                {
+                    Ok(r) => rev2.store(r, Ordering::Release),
+                    Err(e) => {
+                        tracing::warn!(key = %key2, "refreshing a snapshot lease failed, it lapses: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Lease::Held(Box::new(KvLease {
+            leases: self.leases.clone(),
+            key: key.to_string(),
+            revision,
+            refresher,
+        })))
     }
 }
 
