@@ -493,6 +493,41 @@ async fn a_builder_killed_mid_warm_up_lets_a_waiting_instance_take_over_within_t
     assert_eq!(parked["parked"], parked_b["parked"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_replaced_under_its_name_takes_its_own_lease_at_once() {
+    // A StatefulSet pod rescheduled on a fresh disk keeps its name: the
+    // lease its killed predecessor held (default TTL, 30 s) is its own.
+    let nats = NatsServer::start();
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        config.path(),
+        "[snapshots]\nbucket = \"KILN_VIEWS\"\ninstance = \"kiln-0\"\n",
+    )
+    .expect("config");
+    let options = || {
+        kiln_tests::daemon::slow_warming_options()
+            .jetstream(&nats.url())
+            .arg("--config")
+            .arg(config.path().to_str().expect("utf-8"))
+    };
+    let mut first = Daemon::start_with(options());
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&Api::new(&first), 10).await;
+    wait_snapshot_state(&Api::new(&first), &id, "building").await;
+    first.kill9();
+    let replaced = Daemon::start_with(options());
+    let api = Api::new(&replaced);
+    let wasm = std::fs::read(kiln_tests::wasm::CHAOS).expect("chaos module");
+    let deployed = Instant::now();
+    let (s, body) = api.deploy(wasm).await;
+    assert_eq!(s, 202, "{body}");
+    let v = wait_snapshot_state(&api, &id, "building").await;
+    let took = deployed.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "waited {took:?} for its own lease: {v}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_snapshots_follow_the_log_and_keep_the_newest() {
     let snapshots = tempfile::tempdir().expect("tempdir");
