@@ -9,6 +9,7 @@
 //! - [`nats`]: a real `nats-server` per test, and the JetStream store's harness.
 //! - [`wasm`]: the example projections built for wasm32, and event-log helpers.
 
+pub mod browser;
 pub mod cargo_env;
 pub mod conformance;
 pub mod daemon;

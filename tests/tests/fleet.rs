@@ -416,13 +416,31 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
     register(&apis[0], 1..13).await;
     deploy_everywhere(&apis, "1.0.0", None).await;
     all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
-    register(&apis[0], 13..23).await;
+    // A member whose digest task started after a batch had already carried
+    // its view past the next multiple of 10 digests the one after: the log
+    // grows by 10 until two members' digests met and agreed.
+    let mut next_user = 13;
     let status = until(
-        "the three digests at position 20 agree",
-        Duration::from_secs(20),
-        || async {
-            let s = fleet(&apis[0]).await;
-            (s["digests_agreeing"].as_u64() >= Some(1)).then_some(s)
+        "two members' digests at one position agree",
+        Duration::from_secs(60),
+        || {
+            let from = next_user;
+            next_user += 10;
+            let apis = &apis;
+            async move {
+                register(&apis[0], from..from + 10).await;
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                loop {
+                    let s = fleet(&apis[0]).await;
+                    if s["digests_agreeing"].as_u64() >= Some(1) {
+                        return Some(s);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         },
     )
     .await;
@@ -458,29 +476,39 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
         (answers(&c).await.as_deref() == Some("users-1_0_0")).then_some(())
     })
     .await;
-    register(&apis[0], 23..33).await;
+    // All three digest a position past the corruption (with two, a tie
+    // names both); the log grows by 10 until they have.
+    let three = |m: &Value| m["digests"].as_object().is_some_and(|d| d.len() == 3);
     let status = until(
-        "a digest mismatch at position 30",
-        Duration::from_secs(20),
-        || async {
-            let s = fleet(&apis[1]).await;
-            s["mismatches"]
-                .as_array()
-                // All three have digested position 30 (with two, a tie
-                // names both).
-                .is_some_and(|m| {
-                    m.iter().any(|m| {
-                        m["position"] == 30
-                            && m["digests"].as_object().is_some_and(|d| d.len() == 3)
-                    })
-                })
-                .then_some(s)
+        "a digest mismatch that all three digested",
+        Duration::from_secs(60),
+        || {
+            let from = next_user;
+            next_user += 10;
+            let apis = &apis;
+            async move {
+                register(&apis[0], from..from + 10).await;
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                loop {
+                    let s = fleet(&apis[1]).await;
+                    if s["mismatches"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(three))
+                    {
+                        return Some(s);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         },
     )
     .await;
     let m = status["mismatches"]
         .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["position"] == 30))
+        .and_then(|ms| ms.iter().find(|m| three(m)))
         .cloned()
         .unwrap_or_default();
     assert_eq!(m["view"], "users-1_0_0", "{status}");
@@ -490,6 +518,45 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
         tokio::task::block_in_place(|| kiln_cli(&members[0], &["fleet", "status"]));
     assert_eq!(code, 9, "{out}{err}");
     assert!(out.contains("DIGEST MISMATCH"), "{out}");
+    // The status page of any member shows the fleet, and c as the suspect.
+    let dom = tokio::task::spawn_blocking({
+        let url = members[0].url() + "/";
+        move || kiln_tests::browser::rendered_dom(&url)
+    })
+    .await
+    .expect("chromium task");
+    let section = dom
+        .split_once(r#"id="fleet""#)
+        .map(|(_, rest)| rest.split("</section>").next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("no fleet section:\n{dom}"));
+    assert!(section.contains("fleet t"), "{section}");
+    for id in IDS {
+        assert!(
+            section.contains(&format!(r#"data-member="{id}""#)),
+            "{id}: {section}"
+        );
+    }
+    let row_of_c = section
+        .split(r#"data-member="c""#)
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or("");
+    assert!(row_of_c.contains("digest mismatch"), "{row_of_c}");
+    let row_of_a = section
+        .split(r#"data-member="a""#)
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or("");
+    assert!(!row_of_a.contains("digest mismatch"), "{row_of_a}");
+    assert!(
+        section.contains(r#"data-mismatch="users-1_0_0""#) && section.contains("suspects: c"),
+        "{section}"
+    );
+    assert!(
+        section.contains(r#"data-decision="users""#)
+            && section.contains("users: active users-1_0_0"),
+        "{section}"
+    );
     drop(members);
     drop(nats);
 }

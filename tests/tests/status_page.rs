@@ -2,55 +2,14 @@
 //! `chromium` package): after its script ran, the page lists every view version
 //! with its state.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use kiln_tests::browser::rendered_dom;
 use kiln_tests::daemon::{
     Api, Daemon, deploy_slow_warming_chaos, projections_dir, slow_warming_options,
 };
 use kiln_tests::wasm::{USERS, users_module};
 use serde_json::json;
-
-fn chromium() -> PathBuf {
-    for c in ["chromium", "chromium-browser", "google-chrome"] {
-        for dir in ["/usr/bin", "/usr/local/bin"] {
-            let p = PathBuf::from(dir).join(c);
-            if p.exists() {
-                return p;
-            }
-        }
-    }
-    panic!("headless Chromium is needed: apt-get install -y chromium (scripts/setup does)");
-}
-
-/// The DOM after the page's scripts ran (virtual time lets the poll complete).
-fn rendered_dom(url: &str) -> String {
-    let profile = tempfile::tempdir().expect("chromium profile dir");
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .output()
-        .expect("running chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The `<tr>` of version `id` in the rendered page.
 fn row<'a>(dom: &'a str, id: &str) -> &'a str {
@@ -120,6 +79,8 @@ async fn the_status_page_shows_states_aliases_and_a_progress_bar_while_warming_i
         dom.contains("2 view(s), 3 version(s), 1 warming"),
         "summary line: {dom}"
     );
+    // In no fleet: no fleet section (GET /fleet answers 404 no_fleet).
+    assert!(dom.contains(r#"<section id="fleet" hidden"#), "{dom}");
     // It refreshes itself (once a second; Chromium ran 5 s of page time).
     assert!(refreshes(&dom) >= 3, "refreshed {} times", refreshes(&dom));
     // The chaos version is still warming: the page did not see a later state.
