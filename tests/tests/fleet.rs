@@ -106,6 +106,32 @@ async fn register(api: &Api, users: std::ops::Range<usize>) -> u64 {
     last
 }
 
+/// Registers 10 more users (from `*next_user`) through `writer` at a time
+/// until `reader`'s `GET /fleet` satisfies `done` within 3 s of a round,
+/// for at most 60 s; that answer.
+async fn grow_until(
+    what: &str,
+    writer: &Api,
+    reader: &Api,
+    next_user: &mut usize,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        register(writer, *next_user..*next_user + 10).await;
+        *next_user += 10;
+        let round = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < round {
+            let s = fleet(reader).await;
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+    }
+}
+
 async fn fleet(api: &Api) -> Value {
     let (s, b) = api.get("/fleet").await;
     assert_eq!(s, 200, "{b}");
@@ -420,28 +446,12 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
     // its view past the next multiple of 10 digests the one after: the log
     // grows by 10 until two members' digests met and agreed.
     let mut next_user = 13;
-    let status = until(
+    let status = grow_until(
         "two members' digests at one position agree",
-        Duration::from_secs(60),
-        || {
-            let from = next_user;
-            next_user += 10;
-            let apis = &apis;
-            async move {
-                register(&apis[0], from..from + 10).await;
-                let deadline = std::time::Instant::now() + Duration::from_secs(3);
-                loop {
-                    let s = fleet(&apis[0]).await;
-                    if s["digests_agreeing"].as_u64() >= Some(1) {
-                        return Some(s);
-                    }
-                    if std::time::Instant::now() > deadline {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        },
+        &apis[0],
+        &apis[0],
+        &mut next_user,
+        |s| s["digests_agreeing"].as_u64() >= Some(1),
     )
     .await;
     assert_eq!(status["mismatches"], json!([]), "{status}");
@@ -479,30 +489,15 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
     // All three digest a position past the corruption (with two, a tie
     // names both); the log grows by 10 until they have.
     let three = |m: &Value| m["digests"].as_object().is_some_and(|d| d.len() == 3);
-    let status = until(
+    let status = grow_until(
         "a digest mismatch that all three digested",
-        Duration::from_secs(60),
-        || {
-            let from = next_user;
-            next_user += 10;
-            let apis = &apis;
-            async move {
-                register(&apis[0], from..from + 10).await;
-                let deadline = std::time::Instant::now() + Duration::from_secs(3);
-                loop {
-                    let s = fleet(&apis[1]).await;
-                    if s["mismatches"]
-                        .as_array()
-                        .is_some_and(|m| m.iter().any(three))
-                    {
-                        return Some(s);
-                    }
-                    if std::time::Instant::now() > deadline {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+        &apis[0],
+        &apis[1],
+        &mut next_user,
+        |s| {
+            s["mismatches"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(three))
         },
     )
     .await;
