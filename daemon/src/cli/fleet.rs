@@ -105,9 +105,22 @@ pub fn render(body: &Value) -> String {
                 }
                 _ => String::new(),
             };
+            let held: Vec<String> = d["held_back"]
+                .as_array()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let held = if held.is_empty() {
+                String::new()
+            } else {
+                format!("; held back (rolled back from): {}", held.join(", "))
+            };
             let _ = writeln!(
                 out,
-                "  {name:<16} active {}{next} (revision {}, {} by {})",
+                "  {name:<16} active {}{next} (revision {}, {} by {}){held}",
                 s(&d["active"]),
                 d["revision"],
                 s(&d["reason"]),

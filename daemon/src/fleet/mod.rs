@@ -45,7 +45,8 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{
-    FleetCoordinator, FleetDecision, Lifecycle, LifecycleError, ViewState, ViewStatus,
+    FLEET_ROLLBACK, FleetCoordinator, FleetDecision, Lifecycle, LifecycleError, ViewState,
+    ViewStatus,
 };
 use crate::views::ViewId;
 pub use record::{Decision, DigestAt, FleetStatus, Member, MemberView, Revised};
@@ -788,13 +789,14 @@ impl FleetCoordinator for Fleet {
                 }) {
                     return Ok(());
                 }
-                let decision = Decision {
-                    active: current.as_ref().and_then(|c| c.decision.active.clone()),
-                    next: Some(target_s),
-                    by: inner.instance.clone(),
-                    reason: format!("{how} on {}", inner.instance),
-                    at: now_millis(),
-                };
+                let decision = Decision::proposed(
+                    current.as_ref().map(|c| &c.decision),
+                    &target_s,
+                    how == FLEET_ROLLBACK,
+                    &inner.instance,
+                    format!("{how} on {}", inner.instance),
+                    now_millis(),
+                );
                 let step = match &current {
                     None => record::Step::Create(decision),
                     Some(c) => record::Step::Update(c.revision, decision),

@@ -74,6 +74,44 @@ pub struct Decision {
     pub by: String,
     pub reason: String,
     pub at: u64,
+    /// Versions an operator rolled the fleet back from: never proposed
+    /// again on their own (a member that joins later, or every member
+    /// replaced, may have them ready), only by an explicit promote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_back: Vec<String>,
+}
+
+impl Decision {
+    /// The decision an operator's promote (`rollback: false`) or rollback
+    /// of `target` proposes over `current`: a rollback holds back the
+    /// version it leaves; either releases `target`.
+    pub fn proposed(
+        current: Option<&Decision>,
+        target: &str,
+        rollback: bool,
+        by: &str,
+        reason: String,
+        at: u64,
+    ) -> Decision {
+        let active = current.and_then(|c| c.active.clone());
+        let mut held_back: Vec<String> = current.map(|c| c.held_back.clone()).unwrap_or_default();
+        if rollback
+            && let Some(left) = &active
+            && left != target
+            && !held_back.contains(left)
+        {
+            held_back.push(left.clone());
+        }
+        held_back.retain(|h| h != target);
+        Decision {
+            active,
+            next: Some(target.to_string()),
+            by: by.to_string(),
+            reason,
+            at,
+            held_back,
+        }
+    }
 }
 
 /// A decision with its KV revision.
@@ -140,6 +178,7 @@ pub fn drive(
                     with_name.len()
                 ),
                 at: now,
+                held_back: d.held_back.clone(),
             },
         ));
     }
@@ -165,9 +204,11 @@ pub fn drive(
     let active: Option<ViewId> = current
         .and_then(|c| c.decision.active.as_deref())
         .and_then(|a| a.parse().ok());
+    let held_back: &[String] = current.map_or(&[], |c| &c.decision.held_back);
     let (candidate, n) = ready
         .into_iter()
         .filter(|(id, n)| *n >= need && active.as_ref().is_none_or(|a| id > a))
+        .filter(|(id, _)| !held_back.contains(&id.to_string()))
         .max_by(|a, b| a.0.cmp(&b.0))?;
     let decision = Decision {
         active: active.map(|a| a.to_string()),
@@ -178,6 +219,7 @@ pub fn drive(
             with_name.len()
         ),
         at: now,
+        held_back: held_back.to_vec(),
     };
     Some(match current {
         None => Step::Create(decision),
@@ -407,6 +449,7 @@ mod tests {
                 by: "a".into(),
                 reason: String::new(),
                 at: 0,
+                held_back: Vec::new(),
             },
         };
         let mut ms = vec![
@@ -466,6 +509,7 @@ mod tests {
                 by: "a".into(),
                 reason: "rollback".into(),
                 at: 0,
+                held_back: vec!["users-1_1_0".into()],
             },
         };
         let ms = vec![
@@ -473,6 +517,61 @@ mod tests {
             member("b", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
         ];
         assert_eq!(drive("users", Some(&rolled_back), &ms, 0, "a", 1), None);
+        // Regression (found by reading): members that have the rolled-back
+        // version *ready* (a member that joined after the rollback, or every
+        // member replaced on fresh disks) do not propose it again.
+        let fresh = vec![
+            member("c", &[("users-1_0_0", Active), ("users-1_1_0", Ready)]),
+            member("d", &[("users-1_0_0", Active), ("users-1_1_0", Ready)]),
+        ];
+        for quorum in [0, 1] {
+            assert_eq!(
+                drive("users", Some(&rolled_back), &fresh, quorum, "c", 1),
+                None
+            );
+        }
+        // A newer version is proposed as usual, and still holds 1.1.0 back.
+        let mut newer = fresh.clone();
+        for m in &mut newer {
+            m.views.push(MemberView {
+                id: "users-1_2_0".into(),
+                state: Ready,
+                checkpoint: 0,
+                lag: 0,
+                fingerprint: "f".into(),
+                alias_of: None,
+            });
+        }
+        let Some(Step::Update(9, d)) = drive("users", Some(&rolled_back), &newer, 0, "c", 1) else {
+            panic!("a newer version is proposed");
+        };
+        assert_eq!(d.next.as_deref(), Some("users-1_2_0"));
+        assert_eq!(d.held_back, vec!["users-1_1_0".to_string()]);
+        // An explicit promote releases it; a rollback adds what it leaves.
+        let promoted = Decision::proposed(
+            Some(&rolled_back.decision),
+            "users-1_1_0",
+            false,
+            "c",
+            "promote".into(),
+            2,
+        );
+        assert_eq!(
+            (promoted.next.as_deref(), promoted.held_back.len()),
+            (Some("users-1_1_0"), 0)
+        );
+        let mut on_1_1 = promoted.clone();
+        on_1_1.active = Some("users-1_1_0".into());
+        on_1_1.next = None;
+        let back = Decision::proposed(
+            Some(&on_1_1),
+            "users-1_0_0",
+            true,
+            "c",
+            "rollback".into(),
+            3,
+        );
+        assert_eq!(back.held_back, vec!["users-1_1_0".to_string()]);
         // A member running users under another policy neither blocks nor counts.
         let mut other = member("x", &[("users-2_0_0", Ready)]);
         other.serving.clear();

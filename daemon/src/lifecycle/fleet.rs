@@ -40,6 +40,10 @@ use crate::store::Position;
 use crate::views::ViewId;
 use crate::views::digest::ViewDigest;
 
+/// What [`FleetCoordinator::propose`] is told for a rollback (the fleet
+/// holds back the version it leaves).
+pub const FLEET_ROLLBACK: &str = "rollback";
+
 /// Longest a promote or rollback of a fleet name waits for this instance to
 /// follow the fleet's new decision.
 const FOLLOW_WAIT: Duration = Duration::from_secs(20);
@@ -416,7 +420,7 @@ impl Lifecycle {
             }
         };
         Some(
-            self.propose_and_follow(coordinator, &target, "rollback")
+            self.propose_and_follow(coordinator, &target, FLEET_ROLLBACK)
                 .await
                 .map(|()| target),
         )

@@ -84,7 +84,7 @@ use crate::store::{EventStore, Position, StoreError};
 use crate::views::{ViewError, ViewId, ViewStore};
 
 pub use compare::{CheckResult, CutoverCheck, Diff, Unmet};
-pub use fleet::{FleetCoordinator, FleetDecision, FleetServing};
+pub use fleet::{FLEET_ROLLBACK, FleetCoordinator, FleetDecision, FleetServing};
 use machine::{Cutover, DeployPlan, Fallback, NewVersion, Origin, Physical};
 pub use parked::ParkedEvent;
 use registry::{Entry, Loaded, Registry};
