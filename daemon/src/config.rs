@@ -67,7 +67,8 @@ pub struct SnapshotOptions {
     pub max_mib_per_sec: u64,
     /// Seconds a publisher's lease lives unless refreshed (JetStream).
     pub lease_ttl_secs: u64,
-    /// This instance's name in leases and manifests [default: host:pid].
+    /// This instance's name in leases and manifests [default: its fleet
+    /// instance id in a fleet, else host:pid].
     pub instance: Option<String>,
 }
 
@@ -604,6 +605,18 @@ impl ServeConfig {
         Ok(())
     }
 
+    /// This instance's name in snapshot leases and manifests:
+    /// `snapshots.instance`, else its fleet instance id (the host name by
+    /// default) in a fleet, else `None` (host:pid). Never empty: an empty
+    /// name would make every instance's lease look like its own.
+    pub fn snapshot_instance(&self) -> Option<String> {
+        match &self.snapshots.instance {
+            Some(i) if !i.is_empty() => Some(i.clone()),
+            _ if self.fleet.enabled() => Some(self.fleet.instance()),
+            _ => None,
+        }
+    }
+
     /// `snapshots.every`, parsed.
     pub fn snapshot_every(&self) -> anyhow::Result<Option<crate::snapshots::Every>> {
         self.snapshots
@@ -776,6 +789,20 @@ poison = "park"
         let c = ServeConfig::load(&args).unwrap();
         assert_eq!(c.views["users"].cutover, CutoverPolicy::Fleet);
         assert_eq!(c.fleet.instance(), "a");
+        assert_eq!(c.snapshot_instance().as_deref(), Some("a"));
+        // Regression (found by reading): a fleet member without an instance
+        // id took the empty configured id as its snapshot lease name, the
+        // same on every member, so each took the others' leases as its own.
+        let args = ServeArgs {
+            view_policies: vec!["users:cutover=fleet".into()],
+            fleet: Some("prod".into()),
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            ..ServeArgs::default()
+        };
+        let c = ServeConfig::load(&args).unwrap();
+        let name = c.snapshot_instance().expect("a fleet member's name");
+        assert!(!name.is_empty());
+        assert_eq!(name, c.fleet.instance());
         let args = ServeArgs {
             fleet: Some("no spaces".into()),
             nats_url: vec!["nats://127.0.0.1:4222".into()],

@@ -141,11 +141,8 @@ fn snapshots(
     c.bootstrap = s.bootstrap;
     c.max_file_bytes = s.max_file_mib << 20;
     c.max_bytes_per_sec = s.max_mib_per_sec << 20;
-    if let Some(i) = &s.instance {
-        c.instance = i.clone();
-    } else if config.fleet.enabled() {
-        // One name per instance: the fleet's.
-        c.instance = config.fleet.instance_id.clone();
+    if let Some(i) = config.snapshot_instance() {
+        c.instance = i;
     }
     tracing::info!(store = %store.describe(), every = ?c.every, keep = c.keep, bootstrap = c.bootstrap, "view snapshots on");
     Ok(Some(Arc::new(Snapshots::new(store, c))))

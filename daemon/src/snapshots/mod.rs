@@ -424,6 +424,12 @@ impl Snapshots {
         if self.holds_lease(view).await {
             return Ok(None);
         }
+        if self.config.instance.is_empty() {
+            // Every instance's lease would look like its own.
+            return Err(SnapshotError::Internal(
+                "this instance has an empty name for snapshot leases".into(),
+            ));
+        }
         match self.store.lease(key, &self.config.instance).await? {
             Lease::Held(lease) => {
                 self.leases.lock().await.insert(view.clone(), lease);
