@@ -368,6 +368,21 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     let m = metrics(&api).await;
     assert_eq!(metric(&m, "kiln_snapshot_bootstraps_total"), 1.0);
     assert_eq!(metric(&m, "kiln_snapshot_refused_total"), 1.0);
+    // The refused snapshot was removed and the replay published a good one
+    // at the same position: the next build bootstraps again (regression:
+    // the bad one stayed newest, refusing every later build).
+    wait_snapshots(&api, head).await;
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert!(s == 200 || s == 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let v = status_of(&api, "users-1_0_0").await;
+    assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
+    assert_eq!(v["events_applied"], 0, "{v}");
+    assert_eq!(documents(&api, "users-1_0_0", head).await, built);
 
     // Another log (another data directory) never uses this log's snapshots.
     let other = Daemon::start_with(Options::default().arg("--snapshot-dir").arg(&dir));

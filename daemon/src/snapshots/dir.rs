@@ -59,9 +59,12 @@ impl DirStore {
             let Ok(bytes) = tokio::fs::read(&path).await else {
                 continue; // not finished (or being removed)
             };
-            match serde_json::from_slice::<SnapshotManifest>(&bytes) {
-                Ok(m) => out.push(m),
-                Err(e) => tracing::warn!("skipping the snapshot manifest {}: {e}", path.display()),
+            let location = path
+                .strip_prefix(&self.root)
+                .map(|p| p.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/"))
+                .unwrap_or_default();
+            if let Some(m) = super::parse_manifest(&bytes, &location) {
+                out.push(m);
             }
         }
     }
@@ -256,16 +259,22 @@ fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, S
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (path2, dir2, lost2) = (path.clone(), dir.to_path_buf(), lost.clone());
     let refresher = tokio::spawn(async move {
+        let mut refreshed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(ttl / 3).await;
             let (p, d) = (path2.clone(), dir2.clone());
-            let still = tokio::task::spawn_blocking(move || refresh(&d, &p, mine))
+            let outcome = tokio::task::spawn_blocking(move || refresh(&d, &p, mine))
                 .await
-                .unwrap_or(false);
-            if !still {
-                tracing::warn!(lease = %path2.display(), "a snapshot lease was lost (not refreshed in time?)");
-                lost2.store(true, Ordering::Release);
-                return;
+                .unwrap_or(Refresh::Failed);
+            match outcome {
+                Refresh::Done => refreshed = tokio::time::Instant::now(),
+                // An I/O error: tried again until the lease would have lapsed.
+                Refresh::Failed if refreshed.elapsed() + ttl / 3 < ttl => {}
+                Refresh::Failed | Refresh::Superseded => {
+                    tracing::warn!(lease = %path2.display(), "a snapshot lease was lost ({outcome:?})");
+                    lost2.store(true, Ordering::Release);
+                    return;
+                }
             }
         }
     });
@@ -277,16 +286,29 @@ fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, S
     })))
 }
 
+#[derive(Debug)]
+enum Refresh {
+    Done,
+    /// A newer generation exists: another instance holds the lease.
+    Superseded,
+    Failed,
+}
+
 /// Touches lease file `path` (generation `mine`) if it is still the highest.
-fn refresh(dir: &Path, path: &Path, mine: u64) -> bool {
-    if generations(dir).map_or(true, |g| g.last() != Some(&mine)) {
-        return false;
+fn refresh(dir: &Path, path: &Path, mine: u64) -> Refresh {
+    match generations(dir) {
+        Ok(g) if g.last() != Some(&mine) => Refresh::Superseded,
+        Ok(_) => match std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(SystemTime::now()))
+        {
+            Ok(()) => Refresh::Done,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Refresh::Superseded,
+            Err(_) => Refresh::Failed,
+        },
+        Err(_) => Refresh::Failed,
     }
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(SystemTime::now()))
-        .is_ok()
 }
 
 /// A lease file this instance holds.
@@ -306,6 +328,10 @@ impl Drop for FileLease {
 
 #[async_trait]
 impl super::HeldLease for FileLease {
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
     /// Marks the file released (kept: a taker numbers after it).
     async fn release(self: Box<Self>) {
         self.refresher.abort();
@@ -399,6 +425,24 @@ mod tests {
             drop(winners);
             tokio::time::sleep(ttl + Duration::from_millis(100)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_taken_over_behind_its_holders_back_is_known_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_millis(300);
+        let a = DirStore::open(dir.path(), ttl).expect("a");
+        let lease = held(a.lease("k", "a").await.expect("a takes"));
+        tokio::time::sleep(ttl).await;
+        assert!(!lease.is_lost(), "refreshed while it is the highest");
+        // Another instance's generation appears (a lapse seen elsewhere).
+        std::fs::write(dir.path().join("k").join(LEASE_DIR).join("2"), "b").expect("gen 2");
+        tokio::time::sleep(ttl).await;
+        assert!(lease.is_lost());
+        // Its release leaves the newer holder's file alone.
+        lease.release().await;
+        let b = std::fs::read_to_string(dir.path().join("k").join(LEASE_DIR).join("2"));
+        assert_eq!(b.expect("gen 2"), "b");
     }
 
     #[tokio::test]

@@ -78,6 +78,27 @@ pub enum SnapshotError {
     Internal(String),
 }
 
+/// A manifest's bytes, stored at `location` (`<key>/<position>/manifest.json`
+/// in the store): `None`, with a warning, when they do not parse or the
+/// manifest is not where its own content says (a copied or foreign one:
+/// pruning acts on `path()`, so it must never point elsewhere).
+pub(crate) fn parse_manifest(bytes: &[u8], location: &str) -> Option<SnapshotManifest> {
+    match serde_json::from_slice::<SnapshotManifest>(bytes) {
+        Ok(m) if format!("{}/{MANIFEST}", m.path()) == location => Some(m),
+        Ok(m) => {
+            tracing::warn!(
+                "skipping the snapshot manifest {location}: it describes {}",
+                m.path()
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("skipping the snapshot manifest {location}: {e}");
+            None
+        }
+    }
+}
+
 pub(crate) fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
     move |source| SnapshotError::Io {
         op: op.into(),
@@ -160,6 +181,9 @@ pub enum Lease {
 /// A lease this instance holds.
 #[async_trait]
 pub trait HeldLease: Send + Sync {
+    /// Whether it was lost: not refreshed before it lapsed, or taken by
+    /// another instance since. A lost lease no longer excludes anyone.
+    fn is_lost(&self) -> bool;
     async fn release(self: Box<Self>);
 }
 
@@ -397,9 +421,31 @@ impl Snapshots {
         Ok(all)
     }
 
-    /// Whether this instance holds the lease for building `view`.
+    /// Whether this instance holds the lease for building `view` (a lease
+    /// found lost is let go of here).
     pub async fn holds_lease(&self, view: &ViewId) -> bool {
-        self.leases.lock().await.contains_key(view)
+        let mut leases = self.leases.lock().await;
+        match leases.get(view) {
+            Some(l) if l.is_lost() => {
+                tracing::warn!(view = %view, "the snapshot lease of this view was lost: another instance may build and publish it");
+                leases.remove(view);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Fails when the lease `publish` took for `view` was lost meanwhile:
+    /// another instance may be uploading under the same key.
+    async fn still_leased(&self, view: &ViewId) -> Result<(), SnapshotError> {
+        if self.holds_lease(view).await {
+            Ok(())
+        } else {
+            Err(SnapshotError::LeaseHeld(
+                "another instance (this instance's lease lapsed)".into(),
+            ))
+        }
     }
 
     /// Lets go of the building lease of `view`, if held.
@@ -475,19 +521,60 @@ impl Snapshots {
             return Ok(Bootstrap::Replay);
         }
         let mut announced = false;
+        let mut failed_fetches = 0u32;
         loop {
             if let Some(m) = self.latest(log, fingerprint).await? {
                 self.release(view).await;
-                return match self.fetch_and_ingest(views, view, &m, activity).await {
-                    Ok(()) => Ok(Bootstrap::Done(m.position)),
-                    Err(e) => {
+                let e = match self.fetch_and_ingest(views, view, &m, activity).await {
+                    Ok(()) => return Ok(Bootstrap::Done(m.position)),
+                    Err(e) => e,
+                };
+                match e {
+                    // This host's storage failed mid-ingest: not the
+                    // snapshot's fault. The worker pauses and retries; the
+                    // retry empties what was ingested (its marker) first.
+                    SnapshotError::View(_) => return Err(e),
+                    // Checked and found bad: never used. This instance
+                    // replays; holding the key's lease, it removes the bad
+                    // snapshot and publishes a good one once caught up (else
+                    // every later instance would be refused by it again).
+                    SnapshotError::Refused { .. } => {
                         self.metrics.refused.fetch_add(1, Ordering::Relaxed);
                         let reason = e.to_string();
                         tracing::warn!(view = %view, "snapshot refused, replaying from the first event: {reason}");
+                        match self.take_lease(view, &key).await {
+                            Ok(None) => {
+                                if let Err(e) = self.store.remove(&m).await {
+                                    tracing::warn!(view = %view, "removing the refused snapshot at {}: {e}", m.position);
+                                }
+                            }
+                            Ok(Some(_)) => {}
+                            Err(e) => {
+                                tracing::warn!(view = %view, "taking the snapshot lease: {e}")
+                            }
+                        }
                         set(Some(SnapshotActivity::Refused { reason }));
-                        Ok(Bootstrap::Replay)
+                        return Ok(Bootstrap::Replay);
                     }
-                };
+                    // The store could not be read (a timeout, a snapshot
+                    // pruned while it downloaded): tried again, newest
+                    // first, three times before replaying.
+                    e if failed_fetches < 3 => {
+                        failed_fetches += 1;
+                        let wait = Duration::from_millis(500 << failed_fetches);
+                        tracing::warn!(view = %view, "fetching the snapshot at {} failed, trying again in {wait:?}: {e}", m.position);
+                        tokio::select! {
+                            _ = stop.changed() => return Ok(Bootstrap::Stopped),
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                    e => {
+                        let reason = format!("the snapshot store failed 4 times: {e}");
+                        tracing::warn!(view = %view, "{reason}; replaying from the first event");
+                        set(Some(SnapshotActivity::Refused { reason }));
+                        return Ok(Bootstrap::Replay);
+                    }
+                }
             }
             if self.holds_lease(view).await {
                 set(Some(SnapshotActivity::Building));
@@ -743,6 +830,8 @@ impl Snapshots {
                     .put(&format!("{}/{}", manifest.path(), f.name), p)
                     .await?;
             }
+            // The manifest makes it a snapshot: only under a lease still held.
+            self.still_leased(view).await?;
             let manifest_path = dir.join(MANIFEST);
             let text = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| SnapshotError::Internal(e.to_string()))?;
@@ -772,7 +861,11 @@ impl Snapshots {
             p.insert(view.clone(), (manifest.position, Instant::now()));
         }
         tracing::info!(view = %view, position = manifest.position, documents = manifest.documents, bytes = manifest.file_bytes(), millis, store = %self.store.describe(), "published a snapshot");
-        match self.store.sweep(&snapshot_key(log, fingerprint)).await {
+        let sweep = match self.still_leased(view).await {
+            Ok(()) => self.store.sweep(&snapshot_key(log, fingerprint)).await,
+            Err(_) => Ok(0),
+        };
+        match sweep {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(view = %view, files = n, "removed the files of an interrupted snapshot upload")
@@ -1042,7 +1135,14 @@ mod tests {
             reason.contains("truncated") && reason.contains("docs-0000.sst"),
             "{reason}"
         );
-        std::fs::write(&sst, &original).expect("restore");
+        // Refused: removed (this instance took the lease to rebuild it).
+        assert!(!at.exists(), "a refused snapshot is removed");
+        let m = snaps
+            .publish(&views, &v, "v2:fp", "log-1")
+            .await
+            .expect("publish")
+            .expect("published again");
+        assert!(sst.exists(), "published again at the same position");
 
         // A manifest whose digest is not its documents': refused after
         // ingesting, before the checkpoint; the view is left empty.
@@ -1058,8 +1158,15 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(reason.contains("do not match its manifest"), "{reason}");
+        assert!(!at.exists(), "a refused snapshot is removed");
+        snaps
+            .publish(&views, &v, "v2:fp", "log-1")
+            .await
+            .expect("publish")
+            .expect("published again");
 
-        // A manifest of another fingerprint under this key: not used.
+        // A manifest of another fingerprint under this key (not where its
+        // content says it belongs): not listed, not used.
         let mut other = bad.clone();
         other.digest = m.digest.clone();
         other.fingerprint = "v2:other".into();
@@ -1074,6 +1181,50 @@ mod tests {
         std::fs::write(&manifest_path, serde_json::to_vec(&newer).expect("json")).expect("write");
         let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
         assert_eq!(done, None);
+    }
+
+    /// Regressions (found by reading): a snapshot refused as bad stayed the
+    /// newest, so every later instance was refused by it and replayed; a
+    /// manifest copied elsewhere in the store was listed, and pruning it
+    /// would have removed the snapshot it describes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_snapshot_is_removed_and_a_misplaced_manifest_is_never_listed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let views = ViewStore::open(dir.path().join("views")).expect("views");
+        let v = ViewId::from_parts("users", "1.0.0").expect("id");
+        views.create(&v).expect("create");
+        views.commit(&v, &docs(100), 40).expect("commit");
+        let root = dir.path().join("snaps");
+        let snaps = Arc::new(Snapshots::new(
+            Box::new(DirStore::open(&root, Duration::from_secs(30)).expect("store")),
+            SnapshotConfig::new(dir.path().join("work")),
+        ));
+        let m = snaps
+            .publish(&views, &v, "v2:fp", "log-1")
+            .await
+            .expect("publish")
+            .expect("a snapshot");
+        let key = snapshot_key("log-1", "v2:fp");
+        let elsewhere = root.join(&key).join(format!("{:020}", 99));
+        std::fs::create_dir_all(&elsewhere).expect("dir");
+        std::fs::copy(root.join(m.path()).join(MANIFEST), elsewhere.join(MANIFEST)).expect("copy");
+        let listed = snaps.store.manifests(&key).await.expect("list");
+        assert_eq!(listed, vec![m.clone()]);
+
+        std::fs::write(root.join(m.path()).join("docs-0000.sst"), b"garbage").expect("tamper");
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!(done, None);
+        assert!(matches!(a, Some(SnapshotActivity::Refused { .. })), "{a:?}");
+        assert_eq!(snaps.store.manifests(&key).await.expect("list"), vec![]);
+        // The rebuilt view publishes again at the same position.
+        let again = snaps
+            .publish(&views, &v, "v2:fp", "log-1")
+            .await
+            .expect("publish")
+            .expect("published again");
+        assert_eq!(again.position, 40);
+        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        assert_eq!(done, Some(40));
     }
 
     #[test]

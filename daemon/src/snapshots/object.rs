@@ -12,7 +12,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, object_store};
@@ -105,26 +105,23 @@ impl ObjectStore {
         Ok(out)
     }
 
-    async fn read_manifest(&self, name: &str) -> Option<SnapshotManifest> {
+    /// The manifest stored as `name`: `Ok(None)` when it does not parse or
+    /// is not where it says it is (skipped with a warning: one bad object
+    /// stops nothing else); a store that cannot be read is an error, not
+    /// an absent snapshot.
+    async fn read_manifest(&self, name: &str) -> Result<Option<SnapshotManifest>, SnapshotError> {
         let mut object = match self.objects.get(name).await {
             Ok(o) => o,
-            Err(e) => {
-                tracing::warn!("reading the snapshot manifest {name}: {e}");
-                return None;
-            }
+            // Removed between the listing and now.
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(format!("reading {name}"), e)),
         };
         let mut bytes = Vec::new();
-        if let Err(e) = object.read_to_end(&mut bytes).await {
-            tracing::warn!("reading the snapshot manifest {name}: {e}");
-            return None;
-        }
-        match serde_json::from_slice(&bytes) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!("skipping the snapshot manifest {name}: {e}");
-                None
-            }
-        }
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(io(format!("reading {name}")))?;
+        Ok(super::parse_manifest(&bytes, name))
     }
 
     async fn manifests_where(
@@ -136,7 +133,7 @@ impl ObjectStore {
         for name in self.names().await? {
             if name.ends_with(&suffix)
                 && keep(&name)
-                && let Some(m) = self.read_manifest(&name).await
+                && let Some(m) = self.read_manifest(&name).await?
             {
                 out.push(m);
             }
@@ -277,24 +274,45 @@ impl SnapshotStore for ObjectStore {
             Err(e) => return Err(self.err("taking a lease", e)),
         };
         let revision = Arc::new(AtomicU64::new(taken));
-        let (leases, key2, holder2, rev2) = (
+        let lost = Arc::new(AtomicBool::new(false));
+        let (leases, key2, holder2, rev2, lost2) = (
             self.leases.clone(),
             key.to_string(),
             holder.to_string(),
             revision.clone(),
+            lost.clone(),
         );
-        let every = self.ttl / 3;
+        let (ttl, every) = (self.ttl, self.ttl / 3);
         let refresher = tokio::spawn(async move {
+            let mut refreshed = tokio::time::Instant::now();
+            let mut wait = every;
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(wait).await;
                 let at = rev2.load(Ordering::Acquire);
                 match leases
                     .update(&key2, bytes::Bytes::from(holder2.clone()), at)
                     .await
                 {
-                    Ok(r) => rev2.store(r, Ordering::Release),
+                    Ok(r) => {
+                        rev2.store(r, Ordering::Release);
+                        refreshed = tokio::time::Instant::now();
+                        wait = every;
+                    }
+                    // Another holder's now: it lapsed and was taken.
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        tracing::warn!(key = %key2, "a snapshot lease was lost: {e}");
+                        lost2.store(true, Ordering::Release);
+                        return;
+                    }
+                    // A timeout or a broken connection: tried again each
+                    // second until the lease would have lapsed.
+                    Err(e) if refreshed.elapsed() + Duration::from_secs(1) < ttl => {
+                        tracing::debug!(key = %key2, "refreshing a snapshot lease failed, trying again: {e}");
+                        wait = Duration::from_secs(1);
+                    }
                     Err(e) => {
-                        tracing::warn!(key = %key2, "refreshing a snapshot lease failed, it lapses: {e}");
+                        tracing::warn!(key = %key2, "refreshing a snapshot lease failed until it lapsed: {e}");
+                        lost2.store(true, Ordering::Release);
                         return;
                     }
                 }
@@ -304,6 +322,7 @@ impl SnapshotStore for ObjectStore {
             leases: self.leases.clone(),
             key: key.to_string(),
             revision,
+            lost,
             refresher,
         })))
     }
@@ -313,11 +332,23 @@ struct KvLease {
     leases: kv::Store,
     key: String,
     revision: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
     refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KvLease {
+    fn drop(&mut self) {
+        // Dropped without a release: it lapses after its TTL.
+        self.refresher.abort();
+    }
 }
 
 #[async_trait]
 impl HeldLease for KvLease {
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
     async fn release(self: Box<Self>) {
         self.refresher.abort();
         let at = self.revision.load(Ordering::Acquire);
