@@ -79,6 +79,16 @@ pub fn render(body: &Value) -> String {
             );
         }
     }
+    if let Some(bad) = body["unreadable"].as_array()
+        && !bad.is_empty()
+    {
+        let ids: Vec<String> = bad.iter().map(&s).collect();
+        let _ = writeln!(
+            out,
+            "  unreadable record(s): {} (a newer kiln?): no cutover proceeds while they are there",
+            ids.join(", ")
+        );
+    }
     if let Some(decisions) = body["decisions"].as_object()
         && !decisions.is_empty()
     {

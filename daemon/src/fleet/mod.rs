@@ -325,7 +325,7 @@ impl Fleet {
     /// digests that disagree.
     pub async fn status(&self) -> Result<FleetStatus, FleetError> {
         let i = &self.inner;
-        let members = i.scan_members().await?;
+        let (members, unreadable) = i.scan_members().await?;
         let mut decisions = BTreeMap::new();
         for name in i.keys(&i.decisions, "listing decisions").await? {
             if let Some(r) = i.decision(&name).await? {
@@ -341,6 +341,7 @@ impl Fleet {
                 i.config.digest_every,
             ),
             members,
+            unreadable,
             decisions,
         ))
     }
@@ -442,10 +443,13 @@ impl Inner {
             .await;
     }
 
-    /// Every live member's record.
-    async fn scan_members(&self) -> Result<Vec<Member>, FleetError> {
+    /// Every live member's record, and the ids of records that do not parse
+    /// (a newer kiln's, or foreign): the fleet cannot tell what those serve,
+    /// so no cutover is proposed or completed while one is there.
+    async fn scan_members(&self) -> Result<(Vec<Member>, Vec<String>), FleetError> {
         let ids = self.keys(&self.members, "listing members").await?;
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         for id in ids {
             let Some(bytes) = self
                 .members
@@ -460,14 +464,15 @@ impl Inner {
                 Err(e) => {
                     let e = FleetError::Record {
                         fleet: self.config.name.clone(),
-                        instance: id,
+                        instance: id.clone(),
                         reason: e.to_string(),
                     };
-                    tracing::warn!("{e}");
+                    tracing::warn!("{e}; no cutover proceeds while it is there");
+                    unreadable.push(id);
                 }
             }
         }
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// This instance's record now.
@@ -573,7 +578,7 @@ impl Inner {
         if names.is_empty() {
             return Ok(());
         }
-        let members = self.scan_members().await?;
+        let (members, unreadable) = self.scan_members().await?;
         for name in names {
             let current = self.decision(&name).await?;
             if let Some(r) = &current {
@@ -584,6 +589,7 @@ impl Inner {
                 &name,
                 current.as_ref(),
                 &members,
+                &unreadable,
                 self.config.quorum,
                 &self.instance,
                 now_millis(),
@@ -768,7 +774,16 @@ impl FleetCoordinator for Fleet {
             let name = target.name().to_string();
             let unavailable = |e: FleetError| LifecycleError::FleetUnavailable(e.to_string());
             for _ in 0..5 {
-                let members = inner.scan_members().await.map_err(unavailable)?;
+                let (members, unreadable) = inner.scan_members().await.map_err(unavailable)?;
+                if !unreadable.is_empty() {
+                    return Err(LifecycleError::FleetRefused {
+                        id: target.clone(),
+                        reason: format!(
+                            "the record of member(s) {} cannot be read (a newer kiln?): what they serve is unknown",
+                            unreadable.join(", ")
+                        ),
+                    });
+                }
                 let (ready, not) = record::readiness(&target, &members);
                 let with_name = ready.len() + not.len();
                 let need = record::needed(inner.config.quorum, with_name);

@@ -144,6 +144,7 @@ pub fn needed(quorum: usize, members: usize) -> usize {
 /// members' records (`me` writes it):
 /// - switching to `next`, and every live member has fenced the name at this
 ///   revision (or moved past it): `next` becomes `active`;
+/// - a member's record cannot be read (`unreadable`): nothing;
 /// - not switching: the newest version **ready** on the needed number of
 ///   members (`quorum`), newer than `active`, is proposed as `next` (when
 ///   there is no decision yet, an active version counts as ready: a fleet
@@ -153,10 +154,16 @@ pub fn drive(
     name: &str,
     current: Option<&Revised>,
     members: &[Member],
+    unreadable: &[String],
     quorum: usize,
     me: &str,
     now: u64,
 ) -> Option<Step> {
+    // A member whose record cannot be read may answer anything: neither
+    // begin a switch (it would fence the name everywhere) nor end one.
+    if !unreadable.is_empty() {
+        return None;
+    }
     let with_name: Vec<&Member> = members.iter().filter(|m| follows(m, name)).collect();
     if let Some(Revised {
         revision,
@@ -302,6 +309,8 @@ pub struct FleetStatus {
     pub quorum: usize,
     pub digest_every: u64,
     pub members: Vec<Member>,
+    /// Members whose records do not parse: no cutover proceeds meanwhile.
+    pub unreadable: Vec<String>,
     pub decisions: BTreeMap<String, Revised>,
     /// Digests that disagree, by view, fingerprint and position.
     pub mismatches: Vec<DigestMismatch>,
@@ -317,6 +326,7 @@ impl FleetStatus {
         instance: &str,
         (member_ttl_ms, quorum, digest_every): (u64, usize, u64),
         mut members: Vec<Member>,
+        unreadable: Vec<String>,
         decisions: BTreeMap<String, Revised>,
     ) -> FleetStatus {
         members.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -379,6 +389,7 @@ impl FleetStatus {
             })
             .collect();
         FleetStatus {
+            unreadable,
             switching,
             fleet: fleet.to_string(),
             instance: instance.to_string(),
@@ -456,14 +467,14 @@ mod tests {
             member("a", &[("users-1_0_0", Active), ("users-1_1_0", Ready)]),
             member("b", &[("users-1_0_0", Active), ("users-1_1_0", Warming)]),
         ];
-        assert_eq!(drive("users", Some(&active), &ms, 0, "a", 1), None);
+        assert_eq!(drive("users", Some(&active), &ms, &[], 0, "a", 1), None);
         // With a quorum of one, a's readiness is enough.
-        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, 1, "a", 1) else {
+        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, &[], 1, "a", 1) else {
             panic!("a quorum of one proposes");
         };
         assert_eq!(d.next.as_deref(), Some("users-1_1_0"));
         ms[1].views[1].state = Ready;
-        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, 0, "b", 1) else {
+        let Some(Step::Update(4, d)) = drive("users", Some(&active), &ms, &[], 0, "b", 1) else {
             panic!("ready everywhere: proposed");
         };
         let switching = Revised {
@@ -472,7 +483,7 @@ mod tests {
         };
         fenced(&mut ms[0], "users", 5);
         assert_eq!(
-            drive("users", Some(&switching), &ms, 0, "a", 2),
+            drive("users", Some(&switching), &ms, &[], 0, "a", 2),
             None,
             "b serves 1.0.0 still"
         );
@@ -481,6 +492,7 @@ mod tests {
             "a",
             (1, 0, 10),
             ms.clone(),
+            Vec::new(),
             BTreeMap::from([("users".to_string(), switching.clone())]),
         );
         assert_eq!(
@@ -493,7 +505,22 @@ mod tests {
             }]
         );
         fenced(&mut ms[1], "users", 5);
-        let Some(Step::Update(5, d)) = drive("users", Some(&switching), &ms, 0, "a", 2) else {
+        // Regression (found by reading): a member whose record does not
+        // parse was left out, so the switch ended while it may still have
+        // answered the old version.
+        assert_eq!(
+            drive(
+                "users",
+                Some(&switching),
+                &ms,
+                &["x".to_string()],
+                0,
+                "a",
+                2
+            ),
+            None
+        );
+        let Some(Step::Update(5, d)) = drive("users", Some(&switching), &ms, &[], 0, "a", 2) else {
             panic!("all fenced: switched");
         };
         assert_eq!((d.active.as_deref(), d.next), (Some("users-1_1_0"), None));
@@ -516,7 +543,10 @@ mod tests {
             member("a", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
             member("b", &[("users-1_0_0", Active), ("users-1_1_0", Standby)]),
         ];
-        assert_eq!(drive("users", Some(&rolled_back), &ms, 0, "a", 1), None);
+        assert_eq!(
+            drive("users", Some(&rolled_back), &ms, &[], 0, "a", 1),
+            None
+        );
         // Regression (found by reading): members that have the rolled-back
         // version *ready* (a member that joined after the rollback, or every
         // member replaced on fresh disks) do not propose it again.
@@ -526,7 +556,7 @@ mod tests {
         ];
         for quorum in [0, 1] {
             assert_eq!(
-                drive("users", Some(&rolled_back), &fresh, quorum, "c", 1),
+                drive("users", Some(&rolled_back), &fresh, &[], quorum, "c", 1),
                 None
             );
         }
@@ -542,7 +572,8 @@ mod tests {
                 alias_of: None,
             });
         }
-        let Some(Step::Update(9, d)) = drive("users", Some(&rolled_back), &newer, 0, "c", 1) else {
+        let Some(Step::Update(9, d)) = drive("users", Some(&rolled_back), &newer, &[], 0, "c", 1)
+        else {
             panic!("a newer version is proposed");
         };
         assert_eq!(d.next.as_deref(), Some("users-1_2_0"));
@@ -578,11 +609,11 @@ mod tests {
         let mut with_other = ms.clone();
         with_other.push(other);
         assert_eq!(
-            drive("users", Some(&rolled_back), &with_other, 0, "a", 1),
+            drive("users", Some(&rolled_back), &with_other, &[], 0, "a", 1),
             None
         );
         // A first decision adopts what the members serve.
-        let Some(Step::Create(d)) = drive("users", None, &ms, 0, "a", 1) else {
+        let Some(Step::Create(d)) = drive("users", None, &ms, &[], 0, "a", 1) else {
             panic!("created");
         };
         assert_eq!(d.next.as_deref(), Some("users-1_0_0"));
@@ -604,7 +635,7 @@ mod tests {
                 });
             }
         }
-        let s = FleetStatus::new("f", "a", (1, 0, 10), ms, BTreeMap::new());
+        let s = FleetStatus::new("f", "a", (1, 0, 10), ms, Vec::new(), BTreeMap::new());
         assert_eq!(s.digests_agreeing, 1);
         assert_eq!(s.mismatches.len(), 1);
         assert_eq!(s.mismatches[0].position, 20);
