@@ -784,6 +784,16 @@ impl FleetCoordinator for Fleet {
                         ),
                     });
                 }
+                let retired = record::retired_on(&target, &members);
+                if !retired.is_empty() {
+                    return Err(LifecycleError::FleetRefused {
+                        id: target.clone(),
+                        reason: format!(
+                            "it is retired on {}: deploy it there again first",
+                            retired.join(", ")
+                        ),
+                    });
+                }
                 let (ready, not) = record::readiness(&target, &members);
                 let with_name = ready.len() + not.len();
                 let need = record::needed(inner.config.quorum, with_name);

@@ -216,6 +216,7 @@ pub fn drive(
         .into_iter()
         .filter(|(id, n)| *n >= need && active.as_ref().is_none_or(|a| id > a))
         .filter(|(id, _)| !held_back.contains(&id.to_string()))
+        .filter(|(id, _)| retired_on(id, members).is_empty())
         .max_by(|a, b| a.0.cmp(&b.0))?;
     let decision = Decision {
         active: active.map(|a| a.to_string()),
@@ -275,6 +276,23 @@ pub struct Switching {
     /// Live members taking part that have not yet stopped answering the
     /// previous version: the switch completes when this is empty.
     pub waiting_on: Vec<String>,
+}
+
+/// The members taking part in `target`'s name on which `target` is
+/// retired: they could never follow a decision for it (it would stay
+/// fenced there), so it is not proposed while there are any.
+pub fn retired_on(target: &ViewId, members: &[Member]) -> Vec<String> {
+    let id = target.to_string();
+    members
+        .iter()
+        .filter(|m| follows(m, target.name()))
+        .filter(|m| {
+            m.views
+                .iter()
+                .any(|v| v.id == id && v.state == ViewState::Retired)
+        })
+        .map(|m| m.instance.clone())
+        .collect()
 }
 
 /// Does member `m` take part in `name`'s cutover? It has versions of it
@@ -560,6 +578,28 @@ mod tests {
                 None
             );
         }
+        // Regression (found by reading): with a quorum below the member
+        // count, a version retired on one member was proposed, and that
+        // member stayed fenced for good.
+        let mut one_retired = fresh.clone();
+        one_retired[0].views[0].state = Active;
+        for m in &mut one_retired {
+            m.views.push(MemberView {
+                id: "users-1_3_0".into(),
+                state: Ready,
+                checkpoint: 0,
+                lag: 0,
+                fingerprint: "f".into(),
+                alias_of: None,
+            });
+        }
+        one_retired[1].views[2].state = Retired;
+        let v13: ViewId = "users-1_3_0".parse().expect("id");
+        assert_eq!(retired_on(&v13, &one_retired), vec!["d".to_string()]);
+        assert_eq!(
+            drive("users", Some(&rolled_back), &one_retired, &[], 1, "c", 1),
+            None
+        );
         // A newer version is proposed as usual, and still holds 1.1.0 back.
         let mut newer = fresh.clone();
         for m in &mut newer {
