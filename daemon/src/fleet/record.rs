@@ -454,6 +454,20 @@ mod tests {
         }
     }
 
+    /// Adds version `id`, ready, to every member.
+    fn with_ready(ms: &mut [Member], id: &str) {
+        for m in ms {
+            m.views.push(MemberView {
+                id: id.into(),
+                state: ViewState::Ready,
+                checkpoint: 0,
+                lag: 0,
+                fingerprint: "f".into(),
+                alias_of: None,
+            });
+        }
+    }
+
     fn fenced(m: &mut Member, name: &str, revision: u64) {
         m.serving.insert(
             name.into(),
@@ -583,16 +597,7 @@ mod tests {
         // member stayed fenced for good.
         let mut one_retired = fresh.clone();
         one_retired[0].views[0].state = Active;
-        for m in &mut one_retired {
-            m.views.push(MemberView {
-                id: "users-1_3_0".into(),
-                state: Ready,
-                checkpoint: 0,
-                lag: 0,
-                fingerprint: "f".into(),
-                alias_of: None,
-            });
-        }
+        with_ready(&mut one_retired, "users-1_3_0");
         one_retired[1].views[2].state = Retired;
         let v13: ViewId = "users-1_3_0".parse().expect("id");
         assert_eq!(retired_on(&v13, &one_retired), vec!["d".to_string()]);
@@ -602,16 +607,7 @@ mod tests {
         );
         // A newer version is proposed as usual, and still holds 1.1.0 back.
         let mut newer = fresh.clone();
-        for m in &mut newer {
-            m.views.push(MemberView {
-                id: "users-1_2_0".into(),
-                state: Ready,
-                checkpoint: 0,
-                lag: 0,
-                fingerprint: "f".into(),
-                alias_of: None,
-            });
-        }
+        with_ready(&mut newer, "users-1_2_0");
         let Some(Step::Update(9, d)) = drive("users", Some(&rolled_back), &newer, &[], 0, "c", 1)
         else {
             panic!("a newer version is proposed");
