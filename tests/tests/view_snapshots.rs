@@ -441,6 +441,21 @@ async fn snapshots_off_and_not_ready_versions_are_refused_by_name() {
     );
 }
 
+/// A config file holding `text`.
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(config.path(), text).expect("config");
+    config
+}
+
+/// A slowly warming daemon on `nats` with the config file `config`.
+fn slow_warming_with(nats: &NatsServer, config: &tempfile::NamedTempFile) -> Options {
+    kiln_tests::daemon::slow_warming_options()
+        .jetstream(&nats.url())
+        .arg("--config")
+        .arg(config.path().to_str().expect("utf-8"))
+}
+
 async fn wait_snapshot_state(api: &Api, id: &str, state: &str) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -459,18 +474,8 @@ async fn wait_snapshot_state(api: &Api, id: &str, state: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_builder_killed_mid_warm_up_lets_a_waiting_instance_take_over_within_the_lease() {
     let nats = NatsServer::start();
-    let config = tempfile::NamedTempFile::new().expect("config file");
-    std::fs::write(
-        config.path(),
-        "[snapshots]\nbucket = \"KILN_VIEWS\"\nlease_ttl_secs = 3\n",
-    )
-    .expect("config");
-    let options = || {
-        kiln_tests::daemon::slow_warming_options()
-            .jetstream(&nats.url())
-            .arg("--config")
-            .arg(config.path().to_str().expect("utf-8"))
-    };
+    let config = config_file("[snapshots]\nbucket = \"KILN_VIEWS\"\nlease_ttl_secs = 3\n");
+    let options = || slow_warming_with(&nats, &config);
     let mut a = Daemon::start_with(options());
     let b = Daemon::start_with(options());
     let (api_a, api_b) = (Api::new(&a), Api::new(&b));
@@ -513,18 +518,8 @@ async fn a_pod_replaced_under_its_name_takes_its_own_lease_at_once() {
     // A StatefulSet pod rescheduled on a fresh disk keeps its name: the
     // lease its killed predecessor held (default TTL, 30 s) is its own.
     let nats = NatsServer::start();
-    let config = tempfile::NamedTempFile::new().expect("config file");
-    std::fs::write(
-        config.path(),
-        "[snapshots]\nbucket = \"KILN_VIEWS\"\ninstance = \"kiln-0\"\n",
-    )
-    .expect("config");
-    let options = || {
-        kiln_tests::daemon::slow_warming_options()
-            .jetstream(&nats.url())
-            .arg("--config")
-            .arg(config.path().to_str().expect("utf-8"))
-    };
+    let config = config_file("[snapshots]\nbucket = \"KILN_VIEWS\"\ninstance = \"kiln-0\"\n");
+    let options = || slow_warming_with(&nats, &config);
     let mut first = Daemon::start_with(options());
     let id = kiln_tests::daemon::deploy_slow_warming_chaos(&Api::new(&first), 10).await;
     wait_snapshot_state(&Api::new(&first), &id, "building").await;
