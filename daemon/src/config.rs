@@ -65,7 +65,7 @@ pub struct SnapshotOptions {
     pub max_file_mib: u64,
     /// Most MiB of documents a snapshot reads a second (0: no limit).
     pub max_mib_per_sec: u64,
-    /// Seconds a publisher's lease lives unless refreshed (JetStream).
+    /// Seconds a publisher's lease lives unless refreshed (bucket or directory).
     pub lease_ttl_secs: u64,
     /// This instance's name in leases and manifests [default: its fleet
     /// instance id in a fleet, else host:pid].
