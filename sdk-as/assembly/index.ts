@@ -13,5 +13,5 @@
 export { Event } from "./event";
 export { Bytes, JsonKind, JsonObject, JsonValue, JsonWriter, parseJson, parseObject } from "./json";
 export { Document, Entry, View } from "./view";
-export { PerStream, Projection, kiln_alloc, kiln_apply, register } from "./projection";
+export { Keyed, PerStream, Projection, kiln_alloc, kiln_apply, register } from "./projection";
 export { fail, failed, kilnAbort } from "./failure";

@@ -1,7 +1,8 @@
-// The two forms of a projection, as in the Rust SDK: `Projection` (events in,
-// any document reads and writes out) and `PerStream<S>` (one state document
-// per stream, `apply(state, event) -> state`), and the ABI exports that run
-// the registered one over a batch.
+// The forms of a projection, as in the Rust SDK: `Projection` (events in,
+// any document reads and writes out), `PerStream<S>` (one state document per
+// stream, keyed by the stream id, `apply(state, event) -> state`) and
+// `Keyed<S>` (the same under a key of your choosing), and the ABI exports that
+// run the registered one over a batch.
 
 import { BatchReader, Event } from "./event";
 import { Document, View } from "./view";
@@ -43,30 +44,27 @@ export abstract class Projection {
 }
 
 /**
- * The per-stream form: one state document per stream, keyed by `key(stream)`
- * (the stream id by default). Within a batch each stream's state is read and
+ * A state-per-key form's batch: within a batch each key's state is read and
  * decoded once and written once, at the end, in key order.
  */
-export abstract class PerStream<S extends Document> extends Projection {
-  /** The stream's state after `e`. */
+abstract class Folded<S extends Document> extends Projection {
+  /** The document's state after `e`. */
   abstract apply(state: S, e: Event): S;
 
-  /** The document key of a stream's state. */
-  key(stream: string): string {
-    return stream;
-  }
+  /** The key of the document `e` updates. */
+  abstract keyOf(e: Event): string;
 
-  /** One event on its own: read the stream's state, apply, write it back. */
+  /** One event on its own: read the state, apply, write it back. */
   handle(e: Event, view: View): void {
-    const key = this.key(e.stream);
+    const key = this.keyOf(e);
     view.put<S>(key, this.apply(view.getOrDefault<S>(key), e));
   }
 
   private memo: Map<string, S> = new Map<string, S>();
 
-  /** Within a batch: the stream's state from the batch's memo (or the view), applied, kept. */
+  /** Within a batch: the key's state from the batch's memo (or the view), applied, kept. */
   step(e: Event, view: View): void {
-    const key = this.key(e.stream);
+    const key = this.keyOf(e);
     const memo = this.memo;
     const state = memo.has(key) ? memo.get(key) : view.getOrDefault<S>(key);
     if (failed()) return;
@@ -80,6 +78,32 @@ export abstract class PerStream<S extends Document> extends Projection {
     keys.sort();
     for (let i = 0; i < keys.length; i++) view.put<S>(keys[i], memo.get(keys[i]));
     memo.clear();
+  }
+}
+
+/**
+ * The per-stream form: one state document per stream, keyed by the stream id
+ * and nothing else, so every document depends only on its own stream's events
+ * (what `"per_stream": true` in package.json promises; the host checks it
+ * while a warm-up is split). Documents that gather several streams use `Keyed`.
+ */
+export abstract class PerStream<S extends Document> extends Folded<S> {
+  keyOf(e: Event): string {
+    return e.stream;
+  }
+}
+
+/**
+ * The keyed form: one state document per `key(e)`, which may gather the
+ * events of several streams. Leave `per_stream` out of package.json: such a
+ * view warms with one worker, in log order.
+ */
+export abstract class Keyed<S extends Document> extends Folded<S> {
+  /** The key of the document `e` updates. */
+  abstract key(e: Event): string;
+
+  keyOf(e: Event): string {
+    return this.key(e);
   }
 }
 

@@ -4,8 +4,10 @@
 //! A projection is a type implementing [`Projection`]: typed events in, reads and
 //! writes of typed JSON documents by key through a [`View`]. One event may touch
 //! several documents. [`StreamProjection`] is the simpler per-stream form (one
-//! state document per stream, `apply(state, event) -> state`), adapted by
-//! [`PerStream`]. [`export!`] turns a projection into a module: it embeds the
+//! state document per stream, keyed by the stream id, `apply(state, event) ->
+//! state`), adapted by [`PerStream`]; [`KeyedProjection`] (adapted by
+//! [`Keyed`]) is the same with a key of your choosing, for documents that
+//! gather several streams. [`export!`] turns a projection into a module: it embeds the
 //! manifest and emits the ABI exports when building for `wasm32`, and nothing
 //! else on native targets, where [`Harness`] feeds events and shows documents.
 //!
@@ -173,11 +175,14 @@ pub trait Projection {
     const EVENTS: &'static [&'static str] = &[];
     /// Stream categories read; empty = all categories.
     const CATEGORIES: &'static [&'static str] = &[];
-    /// Every document this projection writes depends only on the events of
-    /// one stream, so the host may warm its view with several workers, each
-    /// replaying the streams of its hash partition (`per_stream` in the
-    /// manifest). [`PerStream`] says so unless [`StreamProjection::PARTITIONED`]
-    /// is `false`; a general projection may declare it when it holds.
+    /// Every document this projection reads or writes depends only on the
+    /// events of one stream, so the host may warm its view with several
+    /// workers, each replaying the streams of its hash partition (`per_stream`
+    /// in the manifest). [`PerStream`] says so, and holds it by construction;
+    /// a general projection may declare it when it holds. The host checks it
+    /// while a warm-up is split: a document touched from two partitions makes
+    /// the version warm again from the first event with one worker (README,
+    /// "Parallel warm-up").
     const PER_STREAM: bool = false;
     /// The typed events: an enum whose variants are the event types.
     type Event: DeserializeOwned;
@@ -192,8 +197,8 @@ pub trait Projection {
     }
 
     /// Applies one encoded batch: [`Projection::handle`] for each wanted
-    /// event, then [`Projection::finish_batch`]. [`PerStream`] replaces it to
-    /// keep decoded states for the batch in a local map (no `Any`: a `TypeId`
+    /// event, then [`Projection::finish_batch`]. [`PerStream`] and [`Keyed`]
+    /// replace it to keep decoded states for the batch in a local map (no `Any`: a `TypeId`
     /// hashes the crate's version, and the module's fingerprint must not).
     #[doc(hidden)]
     fn apply_batch(
@@ -212,26 +217,22 @@ pub trait Projection {
     }
 }
 
-/// The per-stream form: one state document per stream, keyed by stream id.
+/// The per-stream form: one state document per stream, keyed by its stream
+/// id and nothing else, so every document depends only on its own stream's
+/// events. That is what lets the host warm the view by stream partitions
+/// (`per_stream` in the manifest), and it holds by construction: the form has
+/// no way to write another document. A projection whose documents gather
+/// several streams uses [`KeyedProjection`] (never partitioned) or the
+/// general [`Projection`].
 pub trait StreamProjection {
     const NAME: &'static str;
     const EVENTS: &'static [&'static str] = &[];
     const CATEGORIES: &'static [&'static str] = &[];
-    /// Whether the view may be warmed by stream partition (see
-    /// [`Projection::PER_STREAM`]). Set it to `false` when [`Self::key`] maps
-    /// two streams to one document: their events would then race in two
-    /// workers.
-    const PARTITIONED: bool = true;
     type Event: DeserializeOwned;
     type State: Serialize + DeserializeOwned + Default + 'static;
 
     /// The stream's state after `event`.
     fn apply(state: Self::State, event: &Event<'_, Self::Event>) -> Self::State;
-
-    /// The document key of a stream's state (the stream id by default).
-    fn key(stream: &str) -> String {
-        stream.to_string()
-    }
 }
 
 /// Adapts a [`StreamProjection`] into a [`Projection`]: `kiln_sdk::export!(PerStream<MyProjection>)`.
@@ -241,47 +242,99 @@ impl<S: StreamProjection> Projection for PerStream<S> {
     const NAME: &'static str = S::NAME;
     const EVENTS: &'static [&'static str] = S::EVENTS;
     const CATEGORIES: &'static [&'static str] = S::CATEGORIES;
-    const PER_STREAM: bool = S::PARTITIONED;
+    const PER_STREAM: bool = true;
     type Event = S::Event;
 
     /// One event on its own: read the stream's state, apply, write it back.
     fn handle(event: &Event<'_, S::Event>, view: &mut View<'_>) -> Result<()> {
-        let key = S::key(event.stream);
-        let state = view.get_or_default::<S::State>(&key)?;
-        view.put(&key, &S::apply(state, event))
+        let state = view.get_or_default::<S::State>(event.stream)?;
+        view.put(event.stream, &S::apply(state, event))
     }
 
-    /// Keeps each stream's decoded state for the rest of the batch and writes
-    /// every state touched once, at the end: a stream with many events in one
-    /// batch is read, decoded, encoded and written once. The documents are the
-    /// same as writing after every event; the batch's writes commit together
-    /// either way.
     fn apply_batch(
         input: &[u8],
         view: &mut View<'_>,
         on_event: &mut dyn FnMut(u32),
     ) -> Result<(), BatchError> {
-        let mut memo: HashMap<String, S::State> = HashMap::new();
-        let events = for_each_event::<Self>(input, view, on_event, |event, view| {
-            let key = S::key(event.stream);
-            let state = match memo.remove(&key) {
-                Some(state) => state,
-                None => view.get_or_default::<S::State>(&key)?,
-            };
-            memo.insert(key, S::apply(state, event));
-            Ok(())
-        })?;
-        // Key order: the same writes in the same order on every run.
-        let mut states: Vec<_> = memo.into_iter().collect();
-        states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (key, state) in states {
-            view.put(&key, &state).map_err(|e| BatchError {
-                index: events.saturating_sub(1),
-                message: e.0,
-            })?;
-        }
-        Ok(())
+        fold_batch::<Self, S::State>(input, view, on_event, |e| e.stream.to_string(), S::apply)
     }
+}
+
+/// The keyed form: one state document per key, where [`Self::key`] may send
+/// the events of several streams to one document (a per-category total, a
+/// document per customer fed by order streams). Its view always warms with
+/// one worker, in log order: events of different streams that share a
+/// document must meet it in the order the log holds them.
+pub trait KeyedProjection {
+    const NAME: &'static str;
+    const EVENTS: &'static [&'static str] = &[];
+    const CATEGORIES: &'static [&'static str] = &[];
+    type Event: DeserializeOwned;
+    type State: Serialize + DeserializeOwned + Default + 'static;
+
+    /// The key of the document `event` updates.
+    fn key(event: &Event<'_, Self::Event>) -> String;
+
+    /// The document's state after `event`.
+    fn apply(state: Self::State, event: &Event<'_, Self::Event>) -> Self::State;
+}
+
+/// Adapts a [`KeyedProjection`] into a [`Projection`]: `kiln_sdk::export!(Keyed<MyProjection>)`.
+pub struct Keyed<K>(PhantomData<K>);
+
+impl<K: KeyedProjection> Projection for Keyed<K> {
+    const NAME: &'static str = K::NAME;
+    const EVENTS: &'static [&'static str] = K::EVENTS;
+    const CATEGORIES: &'static [&'static str] = K::CATEGORIES;
+    type Event = K::Event;
+
+    fn handle(event: &Event<'_, K::Event>, view: &mut View<'_>) -> Result<()> {
+        let key = K::key(event);
+        let state = view.get_or_default::<K::State>(&key)?;
+        view.put(&key, &K::apply(state, event))
+    }
+
+    fn apply_batch(
+        input: &[u8],
+        view: &mut View<'_>,
+        on_event: &mut dyn FnMut(u32),
+    ) -> Result<(), BatchError> {
+        fold_batch::<Self, K::State>(input, view, on_event, K::key, K::apply)
+    }
+}
+
+/// The batch of a state-per-key form: keeps each key's decoded state for the
+/// rest of the batch and writes every state touched once, at the end, in key
+/// order. A key with many events in one batch is read, decoded, encoded and
+/// written once; the documents are the same as writing after every event (the
+/// batch's writes commit together either way).
+fn fold_batch<P: Projection, S: Serialize + DeserializeOwned + Default>(
+    input: &[u8],
+    view: &mut View<'_>,
+    on_event: &mut dyn FnMut(u32),
+    key: impl Fn(&Event<'_, P::Event>) -> String,
+    apply: impl Fn(S, &Event<'_, P::Event>) -> S,
+) -> Result<(), BatchError> {
+    let mut memo: HashMap<String, S> = HashMap::new();
+    let events = for_each_event::<P>(input, view, on_event, |event, view| {
+        let key = key(event);
+        let state = match memo.remove(&key) {
+            Some(state) => state,
+            None => view.get_or_default::<S>(&key)?,
+        };
+        memo.insert(key, apply(state, event));
+        Ok(())
+    })?;
+    // Key order: the same writes in the same order on every run.
+    let mut states: Vec<_> = memo.into_iter().collect();
+    states.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (key, state) in states {
+        view.put(&key, &state).map_err(|e| BatchError {
+            index: events.saturating_sub(1),
+            message: e.0,
+        })?;
+    }
+    Ok(())
 }
 
 /// Why a batch stopped: the index of the event within the batch and the reason.
@@ -418,7 +471,24 @@ mod tests {
         }
     }
 
-    /// Streams interleaved in one batch, with a key shared by two streams.
+    /// All streams of a category into one document: the keyed form.
+    struct CategoryTotal;
+
+    impl KeyedProjection for CategoryTotal {
+        const NAME: &'static str = "category-total";
+        type Event = CounterEvent;
+        type State = Total;
+
+        fn key(e: &Event<'_, CounterEvent>) -> String {
+            e.category().to_string()
+        }
+
+        fn apply(t: Total, e: &Event<'_, CounterEvent>) -> Total {
+            Counter::apply(t, e)
+        }
+    }
+
+    /// Streams interleaved in one batch.
     const EVENTS: &[(&str, u64)] = &[
         ("c-a", 1),
         ("c-b", 2),
@@ -447,13 +517,13 @@ mod tests {
         b
     }
 
-    #[test]
-    fn per_stream_batches_build_the_documents_event_by_event_does() {
-        let mut one_batch = Harness::<PerStream<Counter>>::new();
+    /// [`EVENTS`] in one batch, checked equal to applying them one by one.
+    fn one_batch_as_one_by_one<P: Projection>() -> Harness<P> {
+        let mut one_batch = Harness::<P>::new();
         one_batch
             .apply_encoded(batch(EVENTS, 1).bytes(), 1)
             .unwrap();
-        let mut one_by_one = Harness::<PerStream<Counter>>::new();
+        let mut one_by_one = Harness::<P>::new();
         for (i, e) in EVENTS.iter().enumerate() {
             let p = i as u64 + 1;
             one_by_one
@@ -461,6 +531,12 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(one_batch.documents(), one_by_one.documents());
+        one_batch
+    }
+
+    #[test]
+    fn per_stream_batches_build_the_documents_event_by_event_does() {
+        let mut one_batch = one_batch_as_one_by_one::<PerStream<Counter>>();
         let a: Total = one_batch.doc("c-a").unwrap();
         assert_eq!((a.n, a.events, a.last_position), (17, 4, 7));
         // A second batch starts from what the first one wrote.
@@ -469,6 +545,20 @@ mod tests {
             .unwrap();
         let a: Total = one_batch.doc("c-a").unwrap();
         assert_eq!((a.n, a.events, a.last_position), (27, 5, 8));
+    }
+
+    #[test]
+    fn the_per_stream_form_is_partitionable_and_the_keyed_form_never_is() {
+        assert!(manifest::of::<PerStream<Counter>>("1.0.0").per_stream);
+        assert!(!manifest::of::<Keyed<CategoryTotal>>("1.0.0").per_stream);
+    }
+
+    #[test]
+    fn keyed_batches_gather_streams_into_one_document_in_log_order() {
+        let one_batch = one_batch_as_one_by_one::<Keyed<CategoryTotal>>();
+        let c: Total = one_batch.doc("c").unwrap();
+        assert_eq!((c.n, c.events, c.last_position), (28, 7, 7));
+        assert_eq!(one_batch.documents().len(), 1);
     }
 
     #[test]

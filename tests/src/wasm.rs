@@ -14,6 +14,9 @@ pub const ORDERS: &str = env!("KILN_WASM_ORDERS");
 pub const INVENTORY: &str = env!("KILN_WASM_INVENTORY");
 /// `projections/chaos` (deliberately faulty) as a module.
 pub const CHAOS: &str = env!("KILN_WASM_CHAOS");
+/// `projections/tally` (one document gathers every stream, yet it declares
+/// `per_stream`) as a module.
+pub const TALLY: &str = env!("KILN_WASM_TALLY");
 
 /// What loading `bytes` (named `label`) was refused for; panics if it loads.
 pub fn load_err(rt: &Runtime, label: &str, bytes: &[u8]) -> kiln::runtime::LoadError {

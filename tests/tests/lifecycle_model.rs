@@ -1,6 +1,8 @@
 //! The view lifecycle, model-tested: seeded random sequences of operations
 //! against a real [`Lifecycle`] (embedded store, RocksDB views, the real
-//! `users` module in two logic variants, a watched projections directory),
+//! `users` module in two logic variants and `tally` posing as `users` (its
+//! one document gathers every stream, yet it declares `per_stream`), a
+//! watched projections directory),
 //! each step checked against the invariants ARCHITECTURE.md lists and a small
 //! reference model of what the operator decided:
 //!
@@ -53,7 +55,7 @@ use kiln::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId
 use kiln::views::ViewId;
 use kiln_tests::lifecycle::{append_one, read_log, rebuild};
 use kiln_tests::rng::Rng;
-use kiln_tests::wasm::users_module;
+use kiln_tests::wasm::{self, manifest_of, users_module, with_manifest};
 use serde_json::json;
 
 const VERSIONS: [&str; 4] = ["1.0.0", "1.1.0", "1.2.0", "2.0.0"];
@@ -69,6 +71,10 @@ enum Logic {
     A,
     /// `users` without `LoginFailed`: another fingerprint, another view.
     B,
+    /// `tally` under the name `users`: one document gathers every stream,
+    /// yet its manifest says `per_stream`. A split warm-up must notice and
+    /// warm it again with one worker (I4 checks its `all`).
+    Shared,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +122,16 @@ fn gen_op(rng: &mut Rng) -> Op {
     }
 }
 
+/// `projections/tally` as `users` at `version`: the users log's events, one
+/// document (`all`) gathering every stream, and `per_stream` declared.
+fn shared_module(version: &str) -> Vec<u8> {
+    let users = users_module(version, false);
+    let mut m = manifest_of(&users);
+    m["per_stream"] = json!(true);
+    let tally = std::fs::read(wasm::TALLY).expect("the tally module");
+    with_manifest(&tally, &m.to_string())
+}
+
 fn vid(v: usize) -> ViewId {
     ViewId::from_parts("users", VERSIONS[v]).expect("view id")
 }
@@ -134,6 +150,9 @@ struct Shared {
     partitioned: std::sync::atomic::AtomicU64,
     /// Steps after which some version had been bootstrapped from a snapshot.
     bootstrapped: std::sync::atomic::AtomicU64,
+    /// Steps after which some version warmed with one worker because a split
+    /// warm-up met a shared document.
+    unsplit: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     modules: BTreeMap<(usize, Logic), (Vec<u8>, Module)>,
     _cache: tempfile::TempDir,
@@ -149,8 +168,11 @@ impl Shared {
         .expect("runtime");
         let mut modules = BTreeMap::new();
         for (v, version) in VERSIONS.iter().enumerate() {
-            for logic in [Logic::A, Logic::B] {
-                let bytes = users_module(version, logic == Logic::B);
+            for logic in [Logic::A, Logic::B, Logic::Shared] {
+                let bytes = match logic {
+                    Logic::Shared => shared_module(version),
+                    _ => users_module(version, logic == Logic::B),
+                };
                 let module = runtime.load("model", &bytes).expect("users loads");
                 modules.insert((v, logic), (bytes, module));
             }
@@ -158,6 +180,7 @@ impl Shared {
         Shared {
             partitioned: std::sync::atomic::AtomicU64::new(0),
             bootstrapped: std::sync::atomic::AtomicU64::new(0),
+            unsplit: std::sync::atomic::AtomicU64::new(0),
             runtime,
             modules,
             _cache: cache,
@@ -204,12 +227,10 @@ impl<'a> Run<'a> {
         let store: Arc<dyn EventStore> = Arc::new(
             EmbeddedStore::open(EmbeddedConfig::new(dir.path().join("log"))).expect("store"),
         );
-        let logic = [0; 4].map(|_: i32| {
-            if rng.below(2) == 0 {
-                Logic::A
-            } else {
-                Logic::B
-            }
+        let logic = [0; 4].map(|_: i32| match rng.below(5) {
+            0 | 1 => Logic::A,
+            2 | 3 => Logic::B,
+            _ => Logic::Shared,
         });
         let mut run = Run {
             seed,
@@ -386,7 +407,7 @@ impl<'a> Run<'a> {
             Op::DeployOtherLogic(v) => {
                 let other = match self.logic[v] {
                     Logic::A => Logic::B,
-                    Logic::B => Logic::A,
+                    Logic::B | Logic::Shared => Logic::A,
                 };
                 let registered = self.lc().status_of(&vid(v)).is_some();
                 let got = self
@@ -608,7 +629,7 @@ impl<'a> Run<'a> {
                     Some(ViewState::Retired) => {
                         self.retired.insert(v);
                     }
-                    Some(ViewState::Failed) if self.logic[v] == Logic::A && self.poisons > 0 => {
+                    Some(ViewState::Failed) if self.logic[v] != Logic::B && self.poisons > 0 => {
                         self.retired.remove(&v);
                         self.source.insert(v, Source::Api);
                     }
@@ -763,6 +784,11 @@ impl<'a> Run<'a> {
         if status.iter().any(|s| s.warmup_workers.is_some()) {
             self.shared
                 .partitioned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if status.iter().any(|s| s.warning.is_some()) {
+            self.shared
+                .unsplit
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if status.iter().any(|s| {
@@ -939,8 +965,9 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     let bootstrapped = shared
         .bootstrapped
         .load(std::sync::atomic::Ordering::Relaxed);
+    let unsplit = shared.unsplit.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document",
         started.elapsed().as_secs_f64()
     );
     assert!(
@@ -950,5 +977,9 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     assert!(
         n < 20 || bootstrapped > 0,
         "no sequence bootstrapped a version from a snapshot"
+    );
+    assert!(
+        n < 20 || unsplit > 0,
+        "no split warm-up met the shared document of a `Shared` version"
     );
 }

@@ -600,6 +600,9 @@ fn status_table(views: &[Value]) -> String {
         if let Some(p) = v["paused"].as_str() {
             line.push_str(&format!("  paused: {p}"));
         }
+        if let Some(w) = v["warning"].as_str() {
+            line.push_str(&format!("  warning: {w}"));
+        }
         if state == "ready"
             && let Some(c) = v.get("cutover_check").filter(|c| !c.is_null())
         {

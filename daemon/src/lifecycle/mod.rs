@@ -333,6 +333,12 @@ pub struct ViewStatus {
     /// the log unreadable): it retries with backoff and resumes by itself,
     /// serving its committed documents meanwhile. Not a failure.
     pub paused: Option<String>,
+    /// Why its view warms with one worker although its module declares
+    /// `per_stream`: a split warm-up found a document touched from two
+    /// partitions (`views::owners`), and the view warmed again from the
+    /// first event in log order. Its documents are right; the module breaks
+    /// its promise.
+    pub warning: Option<String>,
     /// Host faults met since the daemon started.
     pub host_faults: u64,
     /// A live version whose checkpoint has not moved for this many seconds
@@ -1834,6 +1840,7 @@ impl Inner {
                 .map(|p| p.partitions.load(Ordering::Relaxed))
                 .filter(|n| *n > 1),
             paused: progress.and_then(|p| p.paused()),
+            warning: progress.and_then(|p| p.warning()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
             stalled_secs: progress
                 .filter(|_| {

@@ -102,6 +102,9 @@ pub(super) struct Progress {
     /// The fleet serves this view and it is still warming here: it warms at
     /// the live views' priority (other warm-ups yield to it).
     pub fleet_first: AtomicBool,
+    /// Why the view warms with one worker despite `per_stream` (see
+    /// `views::owners`).
+    pub warning: std::sync::Mutex<Option<String>>,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -121,6 +124,7 @@ impl Progress {
             partitions: AtomicUsize::new(0),
             snapshot: std::sync::Mutex::new(None),
             fleet_first: AtomicBool::new(false),
+            warning: std::sync::Mutex::new(None),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -140,6 +144,17 @@ impl Progress {
         }
         self.checkpoint.store(to, Ordering::Release);
         self.checkpoint_tx.send_replace(to);
+    }
+
+    /// Why the view warms with one worker despite `per_stream`, if so.
+    pub fn warning(&self) -> Option<String> {
+        self.warning.lock().ok().and_then(|w| w.clone())
+    }
+
+    fn set_warning(&self, warning: Option<String>) {
+        if let Ok(mut w) = self.warning.lock() {
+            *w = warning;
+        }
     }
 
     /// Why the worker is paused, if it is.
@@ -311,6 +326,9 @@ enum Halt {
     Fault {
         reason: String,
     },
+    /// A split warm-up touched one document from two partitions: the view
+    /// warms again with one worker (see `views::owners`).
+    SplitDependent(Box<crate::views::owners::SplitViolation>),
 }
 
 impl Halt {
@@ -321,6 +339,7 @@ impl Halt {
             ProjectionError::View { .. } => Halt::Fault {
                 reason: e.to_string(),
             },
+            ProjectionError::SplitDependent { violation, .. } => Halt::SplitDependent(violation),
             e => Halt::Failed {
                 position,
                 reason: e.to_string(),
@@ -419,6 +438,11 @@ impl Worker {
                         Err(Halt::Stopped) => break,
                         Err(Halt::Failed { position, reason }) => {
                             self.fail(position, reason);
+                            return;
+                        }
+                        Err(Halt::SplitDependent(violation)) => {
+                            // Only a split warm-up's partitions claim documents.
+                            self.fail(None, violation.to_string());
                             return;
                         }
                         Err(Halt::Fault { reason }) => {
@@ -650,6 +674,10 @@ impl Worker {
         }
         match self.apply_blocking(batch, range.clone()).await {
             Ok(()) => return Ok(()),
+            Err(ProjectionError::SplitDependent { mut violation, .. }) => {
+                violation.streams = self.streams_touching(batch, range, &violation.key).await;
+                return Err(Halt::SplitDependent(violation));
+            }
             Err(e) if !is_poison(&e) => return Err(Halt::of(e, None)),
             Err(e) => tracing::warn!("batch refused, re-applying it event by event: {e}"),
         }
@@ -827,6 +855,8 @@ impl Worker {
 fn is_poison(e: &ProjectionError) -> bool {
     !matches!(
         e,
-        ProjectionError::View { .. } | ProjectionError::Instantiate { .. }
+        ProjectionError::View { .. }
+            | ProjectionError::Instantiate { .. }
+            | ProjectionError::SplitDependent { .. }
     )
 }

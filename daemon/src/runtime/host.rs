@@ -12,6 +12,7 @@ use kiln_sdk::abi::{ABSENT, HOST_MODULE};
 use wasmtime::{Caller, Engine, Linker, Memory, ResourceLimiter};
 
 use super::Limits;
+use crate::views::owners::Touched;
 use crate::views::{DocumentSource, ViewError, Writes};
 
 /// Names of the host functions of ABI version 1.
@@ -91,6 +92,9 @@ pub(crate) struct HostState {
     /// Elements of every table of the instance together.
     table_total: usize,
     read_buf: Vec<u8>,
+    /// What the batch read, kept when its view warms split (the host checks
+    /// the `per_stream` promise, see `views::owners`).
+    pub(super) touched: Option<Touched>,
 }
 
 impl HostState {
@@ -115,6 +119,7 @@ impl HostState {
             memory_total: 0,
             table_total: 0,
             read_buf: Vec::new(),
+            touched: None,
         }
     }
 
@@ -173,6 +178,11 @@ impl HostState {
 
     /// The overlay's document, else the committed one.
     fn lookup(&mut self, key: &[u8]) -> wasmtime::Result<Option<&[u8]>> {
+        if let Some(t) = &mut self.touched
+            && !t.reads.contains(key)
+        {
+            t.reads.insert(key.to_vec());
+        }
         if self.writes.contains_key(key) {
             return Ok(self.writes.get(key).and_then(|v| v.as_deref()));
         }
@@ -188,6 +198,9 @@ impl HostState {
     /// the whole encoding's length. Nothing is buffered in the host; the scan
     /// stops at [`Limits::scan_bytes`] or the batch's deadline.
     fn scan(&mut self, prefix: &[u8], out: &mut [u8]) -> wasmtime::Result<i64> {
+        if let Some(t) = &mut self.touched {
+            t.scans.insert(prefix.to_vec());
+        }
         let mut enc = ScanEncoder {
             out,
             len: 4,

@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::host::{Fault, HostState, LimitHit};
 use super::{EPOCH_TICK, Module, ProjectionError};
 use crate::store::{Position, RecordedEvent};
+use crate::views::owners::Touched;
 use crate::views::{DocumentSource, Slot, ViewId, ViewStore, Writes};
 
 struct Live {
@@ -34,6 +35,9 @@ pub struct Instance {
     idle_source: Option<Box<dyn DocumentSource>>,
     batch: BatchWriter,
     positions: Vec<Position>,
+    /// Keep what each batch reads ([`Instance::touched`]).
+    tracking: bool,
+    touched: Touched,
 }
 
 impl Instance {
@@ -44,6 +48,8 @@ impl Instance {
             idle_source: None,
             batch: BatchWriter::new(),
             positions: Vec::new(),
+            tracking: false,
+            touched: Touched::default(),
         };
         inst.live = Some(inst.instantiate(source)?);
         Ok(inst)
@@ -51,6 +57,16 @@ impl Instance {
 
     pub fn module(&self) -> &Module {
         &self.module
+    }
+
+    /// From now on, keep what each batch reads and scans.
+    pub fn track_reads(&mut self) {
+        self.tracking = true;
+    }
+
+    /// What the last batch read and scanned (empty unless tracking).
+    pub fn touched(&self) -> &Touched {
+        &self.touched
     }
 
     fn error_ctx(&self) -> (String, String) {
@@ -131,6 +147,7 @@ impl Instance {
     pub fn apply(&mut self, events: &[RecordedEvent]) -> Result<Writes, ProjectionError> {
         self.batch.clear();
         self.positions.clear();
+        self.touched = Touched::default();
         for e in events {
             if self.module.wants(e.stream.as_str(), &e.event_type) {
                 self.positions.push(e.position);
@@ -143,8 +160,10 @@ impl Instance {
         let first = events.first().map_or(0, |e| e.position);
         let last = events.last().map_or(0, |e| e.position);
         let mut live = self.take_live()?;
+        live.store.data_mut().touched = self.tracking.then(Touched::default);
         let result = self.call_guest(&mut live);
         let st = live.store.data_mut();
+        self.touched = st.touched.take().unwrap_or_default();
         let outcome = match result {
             Ok(APPLY_OK) => Ok(std::mem::take(&mut st.writes)),
             Ok(APPLY_FAILED) => Err(match st.failure.take() {
@@ -335,8 +354,13 @@ impl Projector {
         views.ensure(&view).map_err(view_err)?;
         let checkpoint = views.checkpoint_at(&view, slot).map_err(view_err)?;
         let source = views.source(&view).map_err(view_err)?;
+        let mut instance = Instance::new(module, Box::new(source))?;
+        if matches!(slot, Slot::Partition { .. }) {
+            // A split warm-up claims what each batch touches.
+            instance.track_reads();
+        }
         Ok(Projector {
-            instance: Instance::new(module, Box::new(source))?,
+            instance,
             views: views.clone(),
             view,
             slot,
@@ -374,7 +398,7 @@ impl Projector {
             tracing::debug_span!("batch", view = %self.view, first = events[0].position, last)
                 .entered();
         let writes = self.instance.apply(events)?;
-        self.commit(&writes, events[0].position, last)
+        self.commit(&writes, true, events[0].position, last)
     }
 
     /// Moves the checkpoint to `through` with no documents: the events up to
@@ -384,22 +408,37 @@ impl Projector {
         if through <= self.checkpoint {
             return Ok(());
         }
-        self.commit(&Writes::new(), self.checkpoint + 1, through)
+        self.commit(&Writes::new(), false, self.checkpoint + 1, through)
     }
 
+    /// Commits `writes` and the checkpoint `last`; a split warm-up's
+    /// partition claims what the batch touched (with `claims`) and refuses
+    /// a batch that breaks `per_stream` (see `views::owners`).
     fn commit(
         &mut self,
         writes: &Writes,
+        claims: bool,
         first: Position,
         last: Position,
     ) -> Result<(), ProjectionError> {
+        let nothing = Touched::default();
+        let touched = if claims {
+            self.instance.touched()
+        } else {
+            &nothing
+        };
         self.views
-            .commit_at(&self.view, self.slot, writes, last)
+            .commit_claimed(&self.view, self.slot, writes, touched, last)
             .map_err(|source| ProjectionError::View {
                 view: self.view.clone(),
                 first,
                 last,
                 source,
+            })?
+            .map_err(|violation| ProjectionError::SplitDependent {
+                violation,
+                first,
+                last,
             })?;
         self.checkpoint = last;
         Ok(())

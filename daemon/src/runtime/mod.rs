@@ -262,6 +262,14 @@ pub enum ProjectionError {
         version: String,
         reason: String,
     },
+    /// A split warm-up's batch touched a document another partition
+    /// touched: the `per_stream` promise does not hold (`views::owners`).
+    #[error("{violation} (in the batch at positions {first}..={last})")]
+    SplitDependent {
+        violation: Box<crate::views::owners::SplitViolation>,
+        first: Position,
+        last: Position,
+    },
     #[error("view {view} at batch positions {first}..={last}: {source}")]
     View {
         view: ViewId,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub mod diff;
 pub mod digest;
+pub mod owners;
 pub mod snapshot;
 
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteBatch};
@@ -324,6 +325,9 @@ pub struct ViewStore {
     /// Each view's read cache ([`DocCache`]), kept current by every write
     /// of documents below.
     caches: Arc<std::sync::Mutex<std::collections::HashMap<ViewId, DocCache>>>,
+    /// Held while a split warm-up's partition checks and commits its claims
+    /// (see [`owners`]).
+    claims: Arc<std::sync::Mutex<()>>,
 }
 
 impl ViewStore {
@@ -345,6 +349,7 @@ impl ViewStore {
             db: Arc::new(db),
             path,
             caches: Arc::default(),
+            claims: Arc::default(),
         })
     }
 
@@ -409,6 +414,7 @@ impl ViewStore {
         batch.delete_range(from, to);
         let (from, to) = partition_range(view);
         batch.delete_range(from, to);
+        Self::forget_claims(&mut batch, view);
         batch.delete(snapshot::marker_key(view));
         self.db.write(batch).map_err(storage(format!(
             "deleting the checkpoint and dead letters of {view}"
@@ -566,8 +572,9 @@ impl ViewStore {
             });
         }
         let mut batch = WriteBatch::default();
-        let (from, to) = partition_range(view);
-        batch.delete_range(from, to);
+        for (from, to) in [partition_range(view), owners::owner_range(view)] {
+            batch.delete_range(from, to);
+        }
         batch.put(checkpoint_key(view), at.to_be_bytes());
         self.db
             .write(batch)

@@ -132,6 +132,23 @@ impl Worker {
                         return Err(Halt::Stopped);
                     }
                 }
+                Err(Halt::SplitDependent(violation)) => {
+                    let reason = violation.to_string();
+                    tracing::warn!(
+                        "{reason}: warming again from the first event with one worker, in log order"
+                    );
+                    self.progress.set_warning(Some(reason.clone()));
+                    if let Err(halt) = self.unsplit(&reason).await {
+                        match halt {
+                            Halt::Fault { reason } => {
+                                if !self.pause(&reason, &mut backoff, stop_rx).await {
+                                    return Err(Halt::Stopped);
+                                }
+                            }
+                            halt => return Err(halt),
+                        }
+                    }
+                }
                 Err(halt) => return Err(halt),
             }
         }
@@ -145,6 +162,15 @@ impl Worker {
         commands: &mut mpsc::Receiver<Command>,
     ) -> Result<bool, Halt> {
         let views = self.inner.views.clone();
+        if let Some((reason, pending)) = views.unsplit_reason(&self.view).map_err(halt_of)? {
+            // A split warm-up of this view met a shared document: never
+            // again, and a reset cut short by a crash is finished first.
+            self.progress.set_warning(Some(reason.clone()));
+            if pending {
+                self.unsplit(&reason).await?;
+            }
+            return Ok(false);
+        }
         let checkpoints = match views.partitions(&self.view).map_err(halt_of)? {
             Some(stored) => stored,
             None => {
@@ -373,6 +399,64 @@ impl Worker {
                 return;
             }
         }
+    }
+
+    /// Empties the view to warm it again with one worker from the first
+    /// event (see [`crate::views::ViewStore::unsplit`]), and opens it.
+    async fn unsplit(&mut self, reason: &str) -> Result<(), Halt> {
+        self.projector = None;
+        let views = self.inner.views.clone();
+        let view = self.view.clone();
+        let reason = reason.to_string();
+        tokio::task::spawn_blocking(move || views.unsplit(&view, &reason))
+            .await
+            .map_err(|e| Halt::Fault {
+                reason: format!("emptying the view panicked: {e}"),
+            })?
+            .map_err(halt_of)?;
+        self.progress.partitions.store(0, Ordering::Relaxed);
+        self.progress.parked.store(0, Ordering::Release);
+        self.open().await.map_err(|e| Halt::of(e, None))
+    }
+
+    /// The streams of `batch[range]` whose events, each applied alone to the
+    /// committed view (nothing is committed), touch document `key`: what a
+    /// split-dependence warning names. Best effort: an error names none.
+    pub(super) fn streams_touching(
+        &self,
+        batch: &Arc<Vec<RecordedEvent>>,
+        range: std::ops::Range<usize>,
+        key: &str,
+    ) -> impl std::future::Future<Output = Vec<String>> + Send + 'static {
+        let module = self.module.clone();
+        let views = self.inner.views.clone();
+        let view = self.view.clone();
+        let batch = batch.clone();
+        let key = key.as_bytes().to_vec();
+        let found = tokio::task::spawn_blocking(move || {
+            let source = views.source(&view).ok()?;
+            let mut instance = crate::runtime::Instance::new(&module, Box::new(source)).ok()?;
+            instance.track_reads();
+            let mut streams: Vec<String> = Vec::new();
+            for e in &batch[range] {
+                let Ok(writes) = instance.apply(std::slice::from_ref(e)) else {
+                    continue;
+                };
+                let touched = instance.touched();
+                let hit = writes.contains_key(&key)
+                    || touched.reads.contains(&key)
+                    || touched.scans.iter().any(|p| key.starts_with(p));
+                let stream = e.stream.as_str();
+                if hit && !streams.iter().any(|s| s == stream) {
+                    streams.push(stream.to_string());
+                    if streams.len() == 3 {
+                        break;
+                    }
+                }
+            }
+            Some(streams)
+        });
+        async move { found.await.ok().flatten().unwrap_or_default() }
     }
 
     /// Moves the projector's checkpoint to `through` (nothing of its share
