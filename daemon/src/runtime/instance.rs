@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::host::{Fault, HostState, LimitHit};
 use super::{EPOCH_TICK, Module, ProjectionError};
 use crate::store::{Position, RecordedEvent};
-use crate::views::owners::Touched;
+use crate::views::owners::{HeldClaims, Touched};
 use crate::views::{DocumentSource, Slot, ViewId, ViewStore, Writes};
 
 struct Live {
@@ -330,6 +330,8 @@ pub struct Projector {
     /// partition's.
     slot: Slot,
     checkpoint: Position,
+    /// What this projector claimed in a split warm-up (see `views::owners`).
+    held: HeldClaims,
 }
 
 impl Projector {
@@ -365,6 +367,7 @@ impl Projector {
             view,
             slot,
             checkpoint,
+            held: HeldClaims::default(),
         })
     }
 
@@ -428,7 +431,7 @@ impl Projector {
             &nothing
         };
         self.views
-            .commit_claimed(&self.view, self.slot, writes, touched, last)
+            .commit_claimed(&self.view, self.slot, writes, touched, &mut self.held, last)
             .map_err(|source| ProjectionError::View {
                 view: self.view.clone(),
                 first,

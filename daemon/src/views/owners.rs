@@ -48,6 +48,33 @@ const SPLIT_RESET_DONE: u8 = b'D';
 const WRITTEN: u8 = 1;
 const SHARED: u8 = 2;
 
+/// What one partition has claimed already (key → whether it claimed a
+/// write), so touching a key again needs no look at the stored claims: any
+/// other partition touching it meets this partition's claim there. Bounded:
+/// past [`HELD_CLAIMS_MAX`] keys it starts afresh (more look-ups, same
+/// answers).
+#[derive(Debug, Default)]
+pub struct HeldClaims(std::collections::HashMap<Vec<u8>, bool>);
+
+/// Keys a [`HeldClaims`] keeps at most.
+const HELD_CLAIMS_MAX: usize = 1 << 20;
+
+impl HeldClaims {
+    /// Whether a touch of `key` (a write or not) is covered by a claim
+    /// this partition committed.
+    fn covers(&self, key: &[u8], write: bool) -> bool {
+        self.0.get(key).is_some_and(|w| *w || !write)
+    }
+
+    fn hold(&mut self, key: &[u8], write: bool) {
+        if self.0.len() >= HELD_CLAIMS_MAX && !self.0.contains_key(key) {
+            self.0.clear();
+        }
+        let w = self.0.entry(key.to_vec()).or_insert(write);
+        *w |= write;
+    }
+}
+
 /// The documents one batch read (keys looked up, present or not) and the
 /// prefixes it scanned; its writes are the batch's [`Writes`].
 #[derive(Debug, Default, Clone)]
@@ -175,12 +202,14 @@ impl ViewStore {
     /// Commits a split warm-up partition's batch as [`ViewStore::commit_at`]
     /// does, with the claims of what it touched, after checking them against
     /// every other partition's. `Ok(Err(_))`: a violation, nothing committed.
+    /// `held`: what this partition claimed before (kept up to date here).
     pub fn commit_claimed(
         &self,
         view: &ViewId,
         slot: Slot,
         writes: &Writes,
         touched: &Touched,
+        held: &mut HeldClaims,
         checkpoint: Position,
     ) -> Result<Result<(), Box<SplitViolation>>, ViewError> {
         let Slot::Partition { index, of } = slot else {
@@ -201,7 +230,7 @@ impl ViewStore {
         if let Some(prefix) = touched.scans.iter().next() {
             return Ok(Err(violation(ViolationKind::Scan, None, prefix)));
         }
-        // Every key once: written ones as writes.
+        // Every key once, written ones as writes; none this partition holds.
         let keys: Vec<(&[u8], bool)> = writes
             .keys()
             .map(|k| (k.as_slice(), true))
@@ -212,6 +241,7 @@ impl ViewStore {
                     .filter(|k| !writes.contains_key(*k))
                     .map(|k| (k.as_slice(), false)),
             )
+            .filter(|(k, write)| !held.covers(k, *write))
             .collect();
         let _claiming = self
             .claims
@@ -241,6 +271,9 @@ impl ViewStore {
             slot.describe()
         )))?;
         self.cached_commit(view, writes);
+        for (key, write) in keys {
+            held.hold(key, write);
+        }
         Ok(Ok(()))
     }
 
@@ -341,6 +374,7 @@ mod tests {
     #[test]
     fn own_documents_in_every_partition_commit() {
         let (_d, store) = split_store();
+        let mut held: [HeldClaims; 3] = Default::default();
         for round in 1..=3u64 {
             for p in 0..3 {
                 let key = format!("s-{p}");
@@ -350,6 +384,7 @@ mod tests {
                         part(p),
                         &writes(&[&key]),
                         &reads(&[&key, "absent-everywhere"]),
+                        &mut held[p as usize],
                         round,
                     )
                     .expect("commit");
@@ -363,7 +398,14 @@ mod tests {
     #[test]
     fn a_document_written_from_two_partitions_is_refused_and_nothing_commits() {
         let (_d, store) = split_store();
-        let ok = store.commit_claimed(&id(), part(0), &writes(&["all"]), &reads(&["all"]), 1);
+        let ok = store.commit_claimed(
+            &id(),
+            part(0),
+            &writes(&["all"]),
+            &reads(&["all"]),
+            &mut HeldClaims::default(),
+            1,
+        );
         assert_eq!(ok.unwrap(), Ok(()));
         let refused = store
             .commit_claimed(
@@ -371,6 +413,7 @@ mod tests {
                 part(2),
                 &writes(&["all", "s-2"]),
                 &reads(&["all"]),
+                &mut HeldClaims::default(),
                 2,
             )
             .unwrap()
@@ -387,23 +430,36 @@ mod tests {
     #[test]
     fn reading_what_another_partition_wrote_or_writing_what_two_read_is_refused() {
         let (_d, store) = split_store();
-        let c = |p, w: &[&str], r: &[&str], at| {
+        // The violation's kind, if any; each partition keeps what it holds,
+        // as a partition's projector does.
+        let held: [std::cell::RefCell<HeldClaims>; 3] = Default::default();
+        let c = |p: u32, w: &[&str], r: &[&str], at| {
             store
-                .commit_claimed(&id(), part(p), &writes(w), &reads(r), at)
+                .commit_claimed(
+                    &id(),
+                    part(p),
+                    &writes(w),
+                    &reads(r),
+                    &mut held[p as usize].borrow_mut(),
+                    at,
+                )
                 .unwrap()
+                .err()
+                .map(|v| v.kind)
         };
-        assert_eq!(c(0, &["a"], &[], 1), Ok(()));
-        assert_eq!(
-            c(1, &[], &["a"], 1).unwrap_err().kind,
-            ViolationKind::Shared
-        );
+        assert_eq!(c(0, &["a"], &[], 1), None);
+        assert_eq!(c(0, &["a"], &["a"], 2), None, "its own, held");
+        assert_eq!(c(1, &[], &["a"], 1), Some(ViolationKind::Shared));
         // Two partitions may read a document nobody writes...
-        assert_eq!(c(1, &[], &["config"], 2), Ok(()));
-        assert_eq!(c(2, &[], &["config"], 2), Ok(()));
-        assert_eq!(c(1, &[], &["config"], 3), Ok(()));
-        // ...but not once someone writes it, even one of them.
-        let e = c(1, &["config"], &[], 4).unwrap_err();
-        assert_eq!(e.kind, ViolationKind::WrittenAfterSharedRead);
+        assert_eq!(c(1, &[], &["config"], 2), None);
+        assert_eq!(c(2, &[], &["config"], 2), None);
+        assert_eq!(c(1, &[], &["config"], 3), None);
+        // ...but not once someone writes it, even one of them (what it
+        // holds is a read: the write looks at the stored claim).
+        assert_eq!(
+            c(1, &["config"], &[], 4),
+            Some(ViolationKind::WrittenAfterSharedRead)
+        );
     }
 
     #[test]
@@ -412,7 +468,14 @@ mod tests {
         let mut t = reads(&[]);
         t.scans.insert(b"s-".to_vec());
         let e = store
-            .commit_claimed(&id(), part(1), &writes(&[]), &t, 1)
+            .commit_claimed(
+                &id(),
+                part(1),
+                &writes(&[]),
+                &t,
+                &mut HeldClaims::default(),
+                1,
+            )
             .unwrap()
             .unwrap_err();
         assert_eq!(e.kind, ViolationKind::Scan);
@@ -422,7 +485,14 @@ mod tests {
     fn unsplit_empties_the_view_and_is_remembered_until_the_view_is_dropped() {
         let (_d, store) = split_store();
         store
-            .commit_claimed(&id(), part(0), &writes(&["all"]), &reads(&[]), 5)
+            .commit_claimed(
+                &id(),
+                part(0),
+                &writes(&["all"]),
+                &reads(&[]),
+                &mut HeldClaims::default(),
+                5,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(store.unsplit_reason(&id()).unwrap(), None);
