@@ -866,6 +866,10 @@ impl Relocs {
     }
 }
 
+/// The object holding a data symbol's range: its index, the symbol's offset
+/// in it and the object's size.
+type ObjectOf<'a> = dyn Fn(&Object) -> Option<(usize, usize, usize)> + 'a;
+
 /// What relocation `e` says its field holds (per the tool conventions'
 /// Linking.md) and what it refers to. `object_of(o)`: the object holding a
 /// data symbol's range, the symbol's offset in it and the object's size.
@@ -873,7 +877,7 @@ fn resolve(
     e: &wasmparser::RelocationEntry,
     symbols: &[Sym],
     slots: &HashMap<u32, u32>,
-    object_of: &dyn Fn(&Object) -> Option<(usize, usize, usize)>,
+    object_of: &ObjectOf<'_>,
 ) -> Result<(Option<u64>, Target), String> {
     use RelocationType as R;
     let sym = symbols.get(e.index as usize);
