@@ -56,12 +56,16 @@ impl Manifest {
     }
 
     /// The manifest's bytes with the version left out, the part of a module's
-    /// fingerprint that comes from its manifest. `per_stream` is left out too:
-    /// it says how the host may schedule a warm-up, not what the documents are.
+    /// fingerprint that comes from its manifest. Every other field counts,
+    /// this one and any added later: each decides which events reach the
+    /// guest or how the host schedules them (`per_stream` lets a warm-up run
+    /// in partitions, which builds a wrong view if the promise is false), so
+    /// a module that changes one is never taken for the same logic.
     pub fn without_version(&self) -> Vec<u8> {
-        let mut m = self.clone();
-        m.version.clear();
-        m.per_stream = false;
+        let mut m = serde_json::to_value(self).unwrap_or_default();
+        if let Some(fields) = m.as_object_mut() {
+            fields.remove("version");
+        }
         serde_json::to_vec(&m).unwrap_or_default()
     }
 }
@@ -240,14 +244,43 @@ mod tests {
     }
 
     #[test]
-    fn a_per_stream_manifest_says_so_and_fingerprints_alike() {
+    fn a_per_stream_manifest_says_so_and_fingerprints_apart() {
         let m = Manifest::parse(&PS_BYTES).unwrap();
         assert!(m.per_stream);
         assert_eq!(m.categories, ["user"]);
         assert_eq!(serde_json::to_vec(&m).unwrap(), PS_BYTES);
         let mut general = m.clone();
         general.per_stream = false;
-        assert_eq!(m.without_version(), general.without_version());
+        assert_ne!(m.without_version(), general.without_version());
+    }
+
+    #[test]
+    fn without_version_keeps_every_field_but_the_version() {
+        // Every field the manifest serializes (a field added later too),
+        // changed alone, changes the fingerprint's manifest part; only the
+        // version does not.
+        let m = Manifest::parse(&PS_BYTES).unwrap();
+        let fields = serde_json::to_value(&m).unwrap();
+        let fields = fields.as_object().unwrap();
+        assert!(fields.len() >= 6, "{fields:?}");
+        for (name, value) in fields {
+            let changed = match value {
+                serde_json::Value::Number(n) => serde_json::json!(n.as_u64().unwrap() + 1),
+                serde_json::Value::String(s) => serde_json::json!(format!("{s}x")),
+                serde_json::Value::Array(a) if a.is_empty() => serde_json::json!(["x"]),
+                serde_json::Value::Array(_) => serde_json::json!([]),
+                serde_json::Value::Bool(b) => serde_json::json!(!b),
+                other => panic!("a manifest field of an unexpected kind: {name} = {other}"),
+            };
+            let mut other = fields.clone();
+            other.insert(name.clone(), changed);
+            let other: Manifest = serde_json::from_value(other.into()).unwrap();
+            assert_eq!(
+                m.without_version() == other.without_version(),
+                name == "version",
+                "changing {name}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod browser;
 pub mod cargo_env;
 pub mod conformance;
 pub mod daemon;
+pub mod differential;
 pub mod embedded;
 pub mod lifecycle;
 pub mod nats;

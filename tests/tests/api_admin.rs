@@ -104,7 +104,7 @@ async fn deploy_warm_promote_rollback_retire_with_probes_that_flip_on_time() {
     assert_eq!(b["of"], "users-1_0_0");
     // The answer says why: the fingerprint both versions share.
     let fingerprint = b["fingerprint"].as_str().unwrap_or_default().to_string();
-    assert!(fingerprint.starts_with("v2:"), "{b}");
+    assert!(fingerprint.starts_with("v3:"), "{b}");
     let why = b["why"].as_str().unwrap_or_default();
     assert!(
         why.contains("alias of users-1_0_0") && why.contains(&fingerprint),

@@ -324,7 +324,7 @@ async fn deploy_wait_promote_rollback_from_the_command_line() {
     assert!(out.contains("users-1_0_0"), "{out}");
     // It says why it warms: the first version of its name.
     assert!(
-        out.contains("why: new view: fingerprint v2:") && out.contains("no other version"),
+        out.contains("why: new view: fingerprint v3:") && out.contains("no other version"),
         "{out}"
     );
     let (code, out, err) = kiln_cli(

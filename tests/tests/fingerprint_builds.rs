@@ -25,7 +25,7 @@ use kiln::runtime::{FingerprintReport, Runtime};
 use kiln::store::EventStore;
 use kiln::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kiln::views::ViewId;
-use kiln_tests::{cargo_env, wasm};
+use kiln_tests::{cargo_env, differential, wasm};
 
 const TARGET: &str = "wasm32-unknown-unknown";
 
@@ -521,4 +521,97 @@ fn a_standalone_crate_without_relocations_is_compared_as_laid_out_and_says_so() 
     );
     c.keep_relocations = true;
     c.manifest("1.0.0", "");
+}
+
+/// Issue 26, behind `KILN_FINGERPRINT_SOURCE=1` (a cargo build each): source
+/// mutations of `users` built for real at another version. A pair that
+/// shares the base's fingerprint must build byte-identical documents and
+/// dead letters on the `users` corpus; every pair is run, so the misses
+/// (other fingerprint, the same runs) are counted too.
+#[test]
+fn source_mutations_that_share_a_fingerprint_build_the_same_documents() {
+    if std::env::var("KILN_FINGERPRINT_SOURCE").as_deref() != Ok("1") {
+        eprintln!("skipped: KILN_FINGERPRINT_SOURCE=1 builds source mutations with cargo");
+        return;
+    }
+    let _only = standalone_lock();
+    let started = Instant::now();
+    let c = Crate::standalone();
+    let rt = wasm::runtime();
+    c.manifest("1.0.0", "");
+    let base = rt.load("base", &c.build("1.0.0")).expect("base");
+    let logs = differential::corpus("users");
+    let outcomes: Vec<_> = logs.iter().map(|l| differential::run(&base, l)).collect();
+    let source = c.standalone_source();
+    let mutations: [(&str, &str, &str); 7] = [
+        ("the version only", "", ""),
+        (
+            "a comment",
+            "    fn apply(mut p: Profile",
+            "    // Folds one event into a profile.\n    fn apply(mut p: Profile",
+        ),
+        (
+            "a local's name",
+            "UserEvent::EmailChanged { email } => p.email.clone_from(email),",
+            "UserEvent::EmailChanged { email: m } => p.email.clone_from(m),",
+        ),
+        ("a constant", "p.logins += 1;", "p.logins += 2;"),
+        (
+            "a match arm",
+            "UserEvent::EmailChanged { email } => p.email.clone_from(email),",
+            "UserEvent::EmailChanged { email } => p.name.clone_from(email),",
+        ),
+        (
+            "a string literal",
+            "p.id = e.stream_key().to_string();",
+            "p.id = format!(\"{}!\", e.stream_key());",
+        ),
+        (
+            "a serialized field name",
+            "    pub email: String,\n    pub registered_at",
+            "    #[serde(rename = \"mail\")]\n    pub email: String,\n    pub registered_at",
+        ),
+    ];
+    let (mut aliased, mut misses) = (0, 0);
+    c.manifest("1.0.1", "");
+    for (what, from, to) in mutations {
+        let text = if from.is_empty() {
+            source.clone()
+        } else {
+            replace_once(&source, from, to)
+        };
+        c.source(&text);
+        let module = rt.load(what, &c.build("1.0.1")).expect("mutant");
+        let same = logs
+            .iter()
+            .zip(&outcomes)
+            .all(|(log, outcome)| differential::run(&module, log) == *outcome);
+        if module.fingerprint() == base.fingerprint() {
+            aliased += 1;
+            assert!(
+                same,
+                "{what}: the same fingerprint as the base, other documents or dead letters"
+            );
+        } else if same {
+            misses += 1;
+        }
+        eprintln!(
+            "source mutation {what}: {}, {}",
+            if module.fingerprint() == base.fingerprint() {
+                "aliases"
+            } else {
+                "a new view"
+            },
+            if same { "the same runs" } else { "other runs" }
+        );
+    }
+    c.source(&source);
+    c.manifest("1.0.0", "");
+    eprintln!(
+        "source mutations: {} built with cargo in {:?}: {aliased} aliased (and ran alike), \
+         {misses} misses",
+        mutations.len() + 1,
+        started.elapsed()
+    );
+    assert!(aliased >= 2, "the version and a comment alone alias");
 }

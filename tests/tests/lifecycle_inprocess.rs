@@ -177,6 +177,49 @@ async fn identical_logic_is_an_alias_with_nothing_replayed() {
     lc.shutdown().await;
 }
 
+/// Issue 26: a projection whose `per_stream` promise was false builds a wrong
+/// view when warmed in partitions; its fix is the same module without the
+/// promise at a bumped version. That must warm a view of its own, never read
+/// (and so serve, and snapshot) the wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_per_stream_at_a_bumped_version_never_aliases_the_old_view() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    let promised = users_module("1.0.0", false);
+    assert_eq!(wasm::manifest_of(&promised)["per_stream"], json!(true));
+    lc.deploy(&promised, "test").await.unwrap();
+    let head = append_users(&env.store, 200, 0).await;
+    lc.wait_for_position(&id("users-1_0_0"), head, WAIT)
+        .await
+        .unwrap();
+
+    let mut manifest = wasm::manifest_of(&users_module("1.0.2", false));
+    manifest
+        .as_object_mut()
+        .expect("the manifest is an object")
+        .remove("per_stream");
+    let fixed = wasm::with_manifest(&promised, &manifest.to_string());
+    let d = lc.deploy(&fixed, "test").await.unwrap();
+    assert_eq!(d, DeployOutcome::Warming(id("users-1_0_2")));
+    let note = lc
+        .status_of(&id("users-1_0_2"))
+        .unwrap()
+        .deploy_note
+        .unwrap_or_default();
+    assert!(note.contains("differs from users-1_0_0"), "{note}");
+    assert!(note.contains("manifest"), "{note}");
+    assert!(!note.contains("code"), "only the manifest differs: {note}");
+    lc.wait_for_position(&id("users-1_0_2"), head, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        lc.status_of(&id("users-1_0_2")).unwrap().events_applied,
+        head,
+        "it replayed the log itself"
+    );
+    lc.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_are_immutable() {
     let env = Env::new();

@@ -39,11 +39,15 @@ pub mod exit {
     pub const DIFFERENT: u8 = 9;
 }
 
+/// The daemon's URL when neither `--url` nor `KILN_URL` says: where
+/// `kiln serve` listens by default.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
 /// Where the daemon is and how to talk to it; every client subcommand takes these.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// The daemon's base URL.
-    #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:7070")]
+    #[arg(long, env = "KILN_URL", default_value = DEFAULT_URL)]
     pub url: String,
     /// Bearer token for admin commands (deploy, promote, rollback, retire).
     #[arg(long, env = "KILN_ADMIN_TOKEN", hide_env_values = true)]

@@ -197,11 +197,12 @@ fn readme(args: &NewArgs, test: &str, build: &str, deploy: &str) -> String {
     };
     format!(
         "# {name}\n\nA kiln projection in {lang}, made by `kiln new`. Its code is {edit}.\n{setup}\n\
-         ```sh\n{test}    # test: the unit tests\n{build}    # build: the module, {module}\n{deploy}    # deploy: to the daemon at $KILN_URL (default http://127.0.0.1:8080)\n```\n\n\
+         ```sh\n{test}    # test: the unit tests\n{build}    # build: the module, {module}\n{deploy}    # deploy: to the daemon at $KILN_URL (default {default_url})\n```\n\n\
          After a deploy the view warms from the first event; `kiln status` shows its progress and\n\
          `kiln get {name} <key>` reads a document. Bump the version to deploy a new one beside it\n\
          (blue-green). See kiln's README, \"Write a projection\".\n",
         name = args.name,
+        default_url = super::client::DEFAULT_URL,
     )
 }
 
@@ -647,6 +648,26 @@ mod tests {
             e.contains("/nonexistent/kiln/sdk-as") && e.contains("--kiln"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_readme_names_the_url_the_daemon_listens_on() {
+        let listen = crate::config::ServeConfig::load(&Default::default())
+            .unwrap()
+            .api
+            .listen;
+        assert_eq!(
+            super::super::client::DEFAULT_URL,
+            format!("http://{listen}")
+        );
+        for lang in [Lang::Rust, Lang::AssemblyScript] {
+            let files = scaffold(&args("things", lang, false)).unwrap();
+            let readme = &files.iter().find(|(p, _)| *p == "README.md").unwrap().1;
+            assert!(
+                readme.contains(&format!("(default http://{listen})")),
+                "{readme}"
+            );
+        }
     }
 
     #[test]

@@ -304,7 +304,7 @@ pub struct ViewStatus {
     pub state: ViewState,
     /// For an alias: the physical view it reads (`users-1_1_0`).
     pub alias_of: Option<String>,
-    /// The module's fingerprint (its logic, version left out): `v2:<hex>`.
+    /// The module's fingerprint (its logic, version left out): `v3:<hex>`.
     pub fingerprint: String,
     /// Why the deploy aliased this version or gave it a view of its own: the
     /// fingerprints compared and the parts that differed.

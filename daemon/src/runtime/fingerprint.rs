@@ -19,14 +19,34 @@
 //!   and `reloc.*` custom sections; kiln's projections set it in their
 //!   `build.rs`). Each address in code or data is then replaced by (object,
 //!   offset within it), each table slot by the function it holds; an
-//!   unrelocated constant that happens to point into data counts both as its
-//!   value and as the object it would point to. Without relocations, or when
-//!   they do not account for the data (data outside every symbol, a section
-//!   without relocations), data and table slots are hashed as laid out: a
-//!   rebuild may then look changed (a replay), never the other way round.
+//!   unrelocated constant, or four unrelocated bytes of data, that happen to
+//!   point into data count both as their value and as the object they would
+//!   point to.
+//! - **Relocations are checked, never trusted** ([`Relocs::new`]): each one
+//!   must cover exactly one immediate of an instruction it can relocate (or
+//!   a field inside one data object), and that field must decode to what
+//!   the tool conventions' Linking.md says for its type: the symbol's
+//!   address plus the addend, the function's table slot, the function,
+//!   global, table or type index. Every table slot must be the target of a
+//!   checked relocation, no `call_indirect` may go through an unrelocated
+//!   constant, and elements must be plain function lists at constant
+//!   offsets. Any mismatch (a tool that rewrote the code after linking and
+//!   kept the relocation sections, a hand-made module) and the whole module
+//!   is hashed as laid out, as it is without relocations or when they do
+//!   not account for the data (data outside every symbol, a section without
+//!   relocations): a rebuild may then look changed (a replay), never the
+//!   other way round.
 //! - Everything else (types, imports, memory, globals, constants) is hashed
 //!   as it is; custom sections (names, producers, debug info) are ignored,
-//!   and the manifest counts without its version.
+//!   and the manifest counts with every field but its version.
+//!
+//! What stays trusted: that the linker relocated every address and every
+//! function pointer it wrote (it writes one relocation for each), and that
+//! the code does not depend on where the linker put an object or a function
+//! (the order of data objects and table slots); both hold for what rustc and
+//! wasm-ld produce. Scheme `v3` (issue 26) differs from `v2` in the manifest
+//! (`per_stream` counts) and the checks; fingerprints of another scheme are
+//! never compared.
 //!
 //! Each part (`manifest`, `interface`, `code`, `data`, `table`) has its own
 //! digest, so a deploy can say what differed from another version.
@@ -44,7 +64,7 @@
 //! leaves out. Cargo's default profile (no LTO, 16 codegen units) shows the
 //! same.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::ops::Range;
 
@@ -56,9 +76,9 @@ use wasmparser::{
 
 /// The fingerprint scheme; stored fingerprints carry it as a prefix, so a
 /// fingerprint computed by another scheme never equals one of this scheme.
-pub const SCHEME: &str = "v2";
+pub const SCHEME: &str = "v3";
 
-/// A module's identity for "unchanged logic". Displayed as `v2:<hex>`.
+/// A module's identity for "unchanged logic". Displayed as `v3:<hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
 
@@ -110,7 +130,9 @@ impl FingerprintReport {
 /// What the parts mean, for messages.
 pub fn describe_part(part: &str) -> &'static str {
     match part {
-        "manifest" => "manifest (name, event types, categories)",
+        "manifest" => {
+            "manifest (every field but the version: name, event types, categories, per_stream, ABI)"
+        }
         "interface" => "interface (types, imports, exports, memory, globals)",
         "code" => "code",
         "data" => "data",
@@ -181,10 +203,25 @@ struct ModuleParts<'a> {
 struct Element<'a> {
     /// Raw framing: kind and offset expression.
     head: Vec<u8>,
+    /// Where it puts its functions in the table.
+    place: Place,
     /// Function indices (a segment of functions).
     funcs: Vec<u32>,
     /// Or expressions (a segment of expressions).
     exprs: Vec<ConstExpr<'a>>,
+}
+
+/// Where an element segment puts its functions.
+#[derive(Clone, Copy)]
+enum Place {
+    /// From this slot of the first table on (an active segment of functions
+    /// at an `i32.const` offset).
+    At(u32),
+    /// Nowhere (a declaration for `ref.func`).
+    Declared,
+    /// Elsewhere, or later (another table, a computed offset, a passive
+    /// segment, expressions).
+    Other,
 }
 
 struct Segment {
@@ -273,9 +310,13 @@ impl<'a> ModuleParts<'a> {
                     for e in r.clone() {
                         let e = e?;
                         let mut head = Vec::new();
+                        let mut place = Place::Other;
                         match &e.kind {
                             ElementKind::Passive => head.push(0),
-                            ElementKind::Declared => head.push(1),
+                            ElementKind::Declared => {
+                                head.push(1);
+                                place = Place::Declared;
+                            }
                             ElementKind::Active {
                                 table_index,
                                 offset_expr,
@@ -283,6 +324,12 @@ impl<'a> ModuleParts<'a> {
                                 head.push(2);
                                 head.extend(table_index.unwrap_or(0).to_le_bytes());
                                 head.extend(raw(bytes, offset_expr.get_binary_reader()));
+                                let mut ops = offset_expr.get_operators_reader();
+                                if let (0, Ok(Operator::I32Const { value }), Ok(Operator::End)) =
+                                    (table_index.unwrap_or(0), ops.read(), ops.read())
+                                {
+                                    place = Place::At(value as u32);
+                                }
                             }
                         }
                         let mut funcs = Vec::new();
@@ -295,13 +342,21 @@ impl<'a> ModuleParts<'a> {
                             }
                             ElementItems::Expressions(ty, r) => {
                                 head.extend(format!("x{ty:?}").as_bytes());
+                                if !matches!(place, Place::Declared) {
+                                    place = Place::Other;
+                                }
                                 exprs = Vec::new();
                                 for expr in r {
                                     exprs.push(expr?);
                                 }
                             }
                         }
-                        m.elements.push(Element { head, funcs, exprs });
+                        m.elements.push(Element {
+                            head,
+                            place,
+                            funcs,
+                            exprs,
+                        });
                     }
                 }
                 Payload::CodeSectionStart { range, .. } => {
@@ -428,7 +483,7 @@ impl<'a> ModuleParts<'a> {
         };
         let parts = [man, interface, code, data, table];
         let mut all = blake3::Hasher::new();
-        all.update(b"kiln-fingerprint-v2");
+        all.update(b"kiln-fingerprint-v3");
         all.update(match form {
             Form::Relocated => b"relocated",
             Form::LaidOut { .. } => b"laid-out!",
@@ -513,7 +568,8 @@ enum Target {
     Raw,
 }
 
-/// The linker's relocations, resolved to objects and functions.
+/// The linker's relocations, resolved to objects and functions, each one
+/// checked against the bytes it covers.
 struct Relocs {
     objects: Vec<Object>,
     /// (address, end, object) of the objects in active segments, by address.
@@ -524,9 +580,34 @@ struct Relocs {
     data: BTreeMap<(usize, usize), (usize, Target)>,
 }
 
+/// A symbol of the linking section, as the relocations use it.
+enum Sym {
+    Func(u32),
+    /// A data symbol: its address (defined in an active segment at a
+    /// constant address) and its bytes as an object (when it has any).
+    Data {
+        address: Option<u64>,
+        object: Option<Object>,
+    },
+    Global(u32),
+    Table(u32),
+    Other,
+}
+
+/// One relocation as read: its field (absolute file offsets), its type, the
+/// value the field must hold (`None`: an undefined symbol, so nothing to
+/// check; its target is then [`Target::Raw`], the field hashed as it is),
+/// and what it refers to.
+struct Reloc {
+    field: Range<usize>,
+    ty: RelocationType,
+    expect: Option<u64>,
+    target: Target,
+}
+
 impl Relocs {
-    /// Reads the relocations, or says why the module's layout cannot be
-    /// accounted for by them.
+    /// Reads the relocations and checks each against the bytes it covers, or
+    /// says why the module's layout cannot be accounted for by them.
     fn new(m: &ModuleParts<'_>) -> Result<Relocs, String> {
         let linking = m
             .linking
@@ -539,14 +620,6 @@ impl Relocs {
             linking.start,
         ))
         .map_err(bad)?;
-        // Symbols: functions by their index, data by their object.
-        enum Sym {
-            Func(u32),
-            /// A defined data symbol's range, or `None` (undefined, absolute
-            /// or empty: its relocations keep their value).
-            Data(Option<Object>),
-            Other,
-        }
         let mut symbols = Vec::new();
         for sub in reader.subsections() {
             if let Linking::SymbolTable(table) = sub.map_err(bad)? {
@@ -555,12 +628,27 @@ impl Relocs {
                         SymbolInfo::Func { index, .. } => Sym::Func(index),
                         SymbolInfo::Data {
                             symbol: Some(d), ..
-                        } if d.size > 0 => Sym::Data(Some(Object {
-                            segment: d.index as usize,
-                            offset: d.offset as usize,
-                            size: d.size as usize,
-                        })),
-                        SymbolInfo::Data { .. } => Sym::Data(None),
+                        } => {
+                            let address = m
+                                .data
+                                .get(d.index as usize)
+                                .and_then(|s| s.address)
+                                .map(|a| u64::from(a) + u64::from(d.offset));
+                            Sym::Data {
+                                address,
+                                object: (d.size > 0).then_some(Object {
+                                    segment: d.index as usize,
+                                    offset: d.offset as usize,
+                                    size: d.size as usize,
+                                }),
+                            }
+                        }
+                        SymbolInfo::Data { symbol: None, .. } => Sym::Data {
+                            address: None,
+                            object: None,
+                        },
+                        SymbolInfo::Global { index, .. } => Sym::Global(index),
+                        SymbolInfo::Table { index, .. } => Sym::Table(index),
                         _ => Sym::Other,
                     });
                 }
@@ -571,7 +659,9 @@ impl Relocs {
         let mut ranges: Vec<Object> = symbols
             .iter()
             .filter_map(|s| match s {
-                Sym::Data(Some(o)) => Some(*o),
+                Sym::Data {
+                    object: Some(o), ..
+                } => Some(*o),
                 _ => None,
             })
             .collect();
@@ -591,9 +681,13 @@ impl Relocs {
                 _ => objects.push(o),
             }
         }
-        let object_of = |o: &Object| -> (usize, i64) {
-            let i = objects.partition_point(|x| (x.segment, x.offset) <= (o.segment, o.offset)) - 1;
-            (i, (o.offset - objects[i].offset) as i64)
+        // The object holding `o` and `o`'s offset in it.
+        let object_of = |segment: usize, offset: usize| -> Option<(usize, usize)> {
+            let i = objects
+                .partition_point(|x| (x.segment, x.offset) <= (segment, offset))
+                .checked_sub(1)?;
+            let o = &objects[i];
+            (o.segment == segment && offset < o.offset + o.size).then(|| (i, offset - o.offset))
         };
         // Every non-zero byte of data must belong to an object.
         for (i, s) in m.data.iter().enumerate() {
@@ -615,9 +709,12 @@ impl Relocs {
                 ));
             }
         }
+        let slots = m.table_slots()?;
 
-        let mut code = BTreeMap::new();
-        let mut data = BTreeMap::new();
+        // The relocations of the code and data sections (those of custom
+        // sections, debug info, do not matter: custom sections are not hashed).
+        let mut code_fields: BTreeMap<usize, Reloc> = BTreeMap::new();
+        let mut data_fields: BTreeMap<usize, Reloc> = BTreeMap::new();
         let (mut saw_code, mut saw_data) = (false, false);
         for range in &m.reloc_sections {
             let r = wasmparser::RelocSectionReader::new(BinaryReader::new(
@@ -626,89 +723,120 @@ impl Relocs {
             ))
             .map_err(bad)?;
             let section = r.section_index();
-            let in_code = Some(section) == m.code_index;
-            let in_data = Some(section) == m.data_index;
-            saw_code |= in_code;
-            saw_data |= in_data;
+            let (fields, payload) = if Some(section) == m.code_index {
+                saw_code = true;
+                (&mut code_fields, m.code_payload)
+            } else if Some(section) == m.data_index {
+                saw_data = true;
+                (&mut data_fields, m.data_payload)
+            } else {
+                continue;
+            };
             for entry in r.entries() {
                 let e = entry.map_err(bad)?;
                 let field = e.relocation_range().map_err(bad)?;
-                let target = match e.ty {
-                    RelocationType::MemoryAddrLeb
-                    | RelocationType::MemoryAddrSleb
-                    | RelocationType::MemoryAddrI32
-                    | RelocationType::MemoryAddrLeb64
-                    | RelocationType::MemoryAddrSleb64
-                    | RelocationType::MemoryAddrI64 => match symbols.get(e.index as usize) {
-                        Some(Sym::Data(Some(o))) => {
-                            let (object, delta) = object_of(o);
-                            let addend = delta + e.addend;
-                            // Past its object's end (one past is an end
-                            // pointer), an address depends on what the linker
-                            // put next: it keeps its value.
-                            if (0..=objects[object].size as i64).contains(&addend) {
-                                Target::Memory { object, addend }
-                            } else {
-                                Target::Raw
-                            }
-                        }
-                        Some(Sym::Data(None)) => Target::Raw,
-                        _ => {
-                            return Err(format!(
-                                "a memory relocation names symbol {} that is not data",
-                                e.index
-                            ));
-                        }
-                    },
-                    RelocationType::TableIndexSleb
-                    | RelocationType::TableIndexI32
-                    | RelocationType::TableIndexSleb64
-                    | RelocationType::TableIndexI64 => match symbols.get(e.index as usize) {
-                        Some(Sym::Func(func)) => Target::Slot { func: *func },
-                        _ => {
-                            return Err(format!(
-                                "a table relocation names symbol {} that is not a function",
-                                e.index
-                            ));
-                        }
-                    },
-                    RelocationType::FunctionIndexLeb
-                    | RelocationType::TypeIndexLeb
-                    | RelocationType::GlobalIndexLeb
-                    | RelocationType::GlobalIndexI32
-                    | RelocationType::TableNumberLeb
-                    | RelocationType::FunctionOffsetI32
-                    | RelocationType::FunctionOffsetI64
-                    | RelocationType::SectionOffsetI32
-                    | RelocationType::EventIndexLeb
-                    | RelocationType::FunctionIndexI32 => Target::Raw,
-                    other => return Err(format!("relocation type {other:?} is not supported")),
+                let field = payload + field.start..payload + field.end;
+                if field.end > m.bytes.len() {
+                    return Err(format!(
+                        "a relocation at offset {} runs past the module's end",
+                        field.start
+                    ));
+                }
+                let (expect, target) = resolve(&e, &symbols, &slots, &|o: &Object| {
+                    object_of(o.segment, o.offset).map(|(i, delta)| (i, delta, objects[i].size))
+                })?;
+                let at = field.start;
+                let reloc = Reloc {
+                    field,
+                    ty: e.ty,
+                    expect,
+                    target,
                 };
-                if in_code {
-                    let start = m.code_payload + field.start;
-                    code.insert(start, (m.code_payload + field.end, target));
-                } else if in_data {
-                    let start = m.data_payload + field.start;
-                    let end = m.data_payload + field.end;
-                    let (seg, off) = m
-                        .segment_at(start)
-                        .ok_or("a data relocation lies outside every segment")?;
-                    if end > m.data[seg].range.end {
-                        return Err("a data relocation runs past its segment".into());
-                    }
-                    data.insert((seg, off), (off + field.len(), target));
+                if fields.insert(at, reloc).is_some() {
+                    return Err(format!("two relocations at offset {at}"));
                 }
             }
         }
-        // The relocations are trusted to list every address in data (the
-        // linker writes one for each); a module without any for its data or
-        // code sections is not taken at its word.
+        // The relocations are trusted to list every address in data and
+        // every table slot in use (the linker writes one for each), once
+        // checked; a module without any for its data or code sections is
+        // not taken at its word.
         if !m.data.is_empty() && !saw_data {
             return Err("the module carries no relocations for its data section".into());
         }
         if !m.bodies.is_empty() && !saw_code {
             return Err("the module carries no relocations for its code section".into());
         }
+        for fields in [&code_fields, &data_fields] {
+            let mut end = 0;
+            for r in fields.values() {
+                if r.field.start < end {
+                    return Err(format!("relocations overlap at offset {}", r.field.start));
+                }
+                end = r.field.end;
+            }
+        }
+        m.check_code_relocations(&code_fields)?;
+
+        let mut data = BTreeMap::new();
+        for r in data_fields.values() {
+            let (seg, off) = m
+                .segment_at(r.field.start)
+                .ok_or("a data relocation lies outside every segment")?;
+            // Inside one object: a field elsewhere would not be hashed.
+            match object_of(seg, off) {
+                Some((o, delta)) if delta + r.field.len() <= objects[o].size => {}
+                _ => {
+                    return Err(format!(
+                        "a data relocation at offset {} lies outside every data symbol",
+                        r.field.start
+                    ));
+                }
+            }
+            let raw = &m.bytes[r.field.clone()];
+            let value = match r.ty {
+                RelocationType::MemoryAddrI32 | RelocationType::TableIndexI32 => raw
+                    .try_into()
+                    .ok()
+                    .map(|b| u64::from(u32::from_le_bytes(b))),
+                RelocationType::MemoryAddrI64 | RelocationType::TableIndexI64 => {
+                    raw.try_into().ok().map(u64::from_le_bytes)
+                }
+                other => {
+                    return Err(format!(
+                        "a relocation of type {other:?} in the data section is not supported"
+                    ));
+                }
+            };
+            check_value(r, value.map(i128::from))?;
+            data.insert((seg, off), (off + r.field.len(), r.target));
+        }
+
+        // Every slot of the table must be reached through a checked
+        // relocation: a slot only an unrelocated number names would be
+        // compared by what it holds, not where it is.
+        let referenced: HashSet<u32> = code_fields
+            .values()
+            .chain(data_fields.values())
+            .filter_map(|r| match r.target {
+                Target::Slot { func } => Some(func),
+                _ => None,
+            })
+            .collect();
+        if let Some((func, slot)) = slots
+            .iter()
+            .filter(|(f, _)| !referenced.contains(*f))
+            .min_by_key(|(_, slot)| **slot)
+        {
+            return Err(format!(
+                "table slot {slot} (function {func}) is referenced by no relocation"
+            ));
+        }
+
+        let code = code_fields
+            .into_iter()
+            .map(|(at, r)| (at, (r.field.end, r.target)))
+            .collect();
         let mut by_address: Vec<(u64, u64, usize)> = objects
             .iter()
             .enumerate()
@@ -736,6 +864,283 @@ impl Relocs {
         let (start, end, object) = *self.by_address.get(i.checked_sub(1)?)?;
         (value < end).then(|| (object, (value - start) as i64))
     }
+}
+
+/// The object holding a data symbol's range: its index, the symbol's offset
+/// in it and the object's size.
+type ObjectOf<'a> = dyn Fn(&Object) -> Option<(usize, usize, usize)> + 'a;
+
+/// What relocation `e` says its field holds (per the tool conventions'
+/// Linking.md) and what it refers to. `object_of(o)`: the object holding a
+/// data symbol's range, the symbol's offset in it and the object's size.
+fn resolve(
+    e: &wasmparser::RelocationEntry,
+    symbols: &[Sym],
+    slots: &HashMap<u32, u32>,
+    object_of: &ObjectOf<'_>,
+) -> Result<(Option<u64>, Target), String> {
+    use RelocationType as R;
+    let sym = symbols.get(e.index as usize);
+    let wrong = |what: &str| {
+        Err(format!(
+            "a {:?} relocation names symbol {} that is not {what}",
+            e.ty, e.index
+        ))
+    };
+    Ok(match e.ty {
+        R::MemoryAddrLeb
+        | R::MemoryAddrSleb
+        | R::MemoryAddrI32
+        | R::MemoryAddrLeb64
+        | R::MemoryAddrSleb64
+        | R::MemoryAddrI64 => {
+            let Some(Sym::Data { address, object }) = sym else {
+                return wrong("data");
+            };
+            // The symbol's address plus the addend.
+            let expect = address.map(|a| a.wrapping_add(e.addend as u64));
+            let target = match (object, expect) {
+                (Some(o), Some(_)) => {
+                    let (object, delta, size) =
+                        object_of(o).ok_or("a data symbol outside every object")?;
+                    let addend = delta as i64 + e.addend;
+                    // Past its object's end (one past is an end pointer),
+                    // an address depends on what the linker put next: it
+                    // keeps its value.
+                    if (0..=size as i64).contains(&addend) {
+                        Target::Memory { object, addend }
+                    } else {
+                        Target::Raw
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(format!(
+                        "data symbol {} lies in a segment without a constant address",
+                        e.index
+                    ));
+                }
+                (None, _) => Target::Raw,
+            };
+            (expect, target)
+        }
+        R::TableIndexSleb | R::TableIndexI32 | R::TableIndexSleb64 | R::TableIndexI64 => {
+            let Some(Sym::Func(func)) = sym else {
+                return wrong("a function");
+            };
+            let slot = slots
+                .get(func)
+                .ok_or_else(|| format!("function {func}'s table relocation has no table slot"))?;
+            (Some(u64::from(*slot)), Target::Slot { func: *func })
+        }
+        R::FunctionIndexLeb => match sym {
+            Some(Sym::Func(f)) => (Some(u64::from(*f)), Target::Raw),
+            _ => return wrong("a function"),
+        },
+        R::GlobalIndexLeb => match sym {
+            Some(Sym::Global(g)) => (Some(u64::from(*g)), Target::Raw),
+            _ => return wrong("a global"),
+        },
+        R::TableNumberLeb => match sym {
+            Some(Sym::Table(t)) => (Some(u64::from(*t)), Target::Raw),
+            _ => return wrong("a table"),
+        },
+        // The index is the type's own, not a symbol's.
+        R::TypeIndexLeb => (Some(u64::from(e.index)), Target::Raw),
+        other => return Err(format!("relocation type {other:?} is not supported")),
+    })
+}
+
+/// Does the value a field decodes to (`None`: it does not decode) equal what
+/// its relocation says?
+fn check_value(r: &Reloc, value: Option<i128>) -> Result<(), String> {
+    let Some(expect) = r.expect else {
+        return Ok(());
+    };
+    let wide = matches!(
+        r.ty,
+        RelocationType::MemoryAddrLeb64
+            | RelocationType::MemoryAddrSleb64
+            | RelocationType::MemoryAddrI64
+            | RelocationType::TableIndexSleb64
+            | RelocationType::TableIndexI64
+    );
+    // A signed field holds the value's two's complement.
+    let fits = |v: i128| {
+        if wide {
+            (v >= i128::from(i64::MIN) && v < 0 && (v as i64 as u64) == expect)
+                || v == i128::from(expect)
+        } else {
+            expect <= u64::from(u32::MAX)
+                && ((v >= i128::from(i32::MIN) && v < 0 && u64::from(v as i32 as u32) == expect)
+                    || v == i128::from(expect))
+        }
+    };
+    match value {
+        Some(v) if fits(v) => Ok(()),
+        _ => Err(format!(
+            "the field at offset {} does not hold what its {:?} relocation says ({expect})",
+            r.field.start, r.ty
+        )),
+    }
+}
+
+/// The value of a LEB128 field that spans exactly `field` (each byte but the
+/// last continued), or `None`.
+fn leb(field: &[u8], signed: bool) -> Option<i128> {
+    let (last, init) = field.split_last()?;
+    if last & 0x80 != 0 || init.iter().any(|b| b & 0x80 == 0) || field.len() > 10 {
+        return None;
+    }
+    let mut v: i128 = 0;
+    for (i, b) in field.iter().enumerate() {
+        v |= i128::from(b & 0x7f) << (7 * i);
+    }
+    let bits = 7 * field.len();
+    if signed && last & 0x40 != 0 {
+        v -= 1i128 << bits;
+    }
+    Some(v)
+}
+
+impl ModuleParts<'_> {
+    /// The slot of each function placed in the table by an element segment.
+    /// Only segments listing functions at a constant offset of the first
+    /// table are accounted for; any other placement is layout this module
+    /// cannot see through.
+    fn table_slots(&self) -> Result<HashMap<u32, u32>, String> {
+        let mut by_func = HashMap::new();
+        let mut taken = HashSet::new();
+        for e in &self.elements {
+            let base = match e.place {
+                Place::Declared => continue,
+                Place::Other => {
+                    return Err(
+                        "an element segment is not a list of functions at a constant offset".into(),
+                    );
+                }
+                Place::At(base) => base,
+            };
+            for (i, f) in e.funcs.iter().enumerate() {
+                let slot = u32::try_from(i)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .ok_or("an element segment runs past the table's index space")?;
+                if !taken.insert(slot) {
+                    return Err(format!("table slot {slot} is written twice"));
+                }
+                if by_func.insert(*f, slot).is_some() {
+                    return Err(format!("function {f} sits in two table slots"));
+                }
+            }
+        }
+        Ok(by_func)
+    }
+
+    /// Checks each relocation of the code section: it covers exactly one
+    /// immediate of an instruction it can relocate, which decodes to what the
+    /// relocation says. A relocation outside every instruction, or a
+    /// `call_indirect` through a constant no relocation covers, fails too.
+    fn check_code_relocations(&self, fields: &BTreeMap<usize, Reloc>) -> Result<(), String> {
+        let bytes = self.bytes;
+        let mut seen = 0;
+        for body in &self.bodies {
+            let reader =
+                wasmparser::FunctionBody::new(BinaryReader::new(&bytes[body.clone()], body.start));
+            let unreadable = |e: wasmparser::BinaryReaderError| format!("unreadable code: {e}");
+            let mut ops = reader.get_operators_reader().map_err(unreadable)?;
+            let mut constant_slot = false;
+            while !ops.eof() {
+                let (op, at) = ops.read_with_offset().map_err(unreadable)?;
+                let end = ops.original_position();
+                let mut relocated = false;
+                for r in fields.range(at..end).map(|(_, r)| r) {
+                    seen += 1;
+                    relocated = true;
+                    check_code_field(bytes, &op, at, end, r)?;
+                }
+                if matches!(
+                    op,
+                    Operator::CallIndirect { .. } | Operator::ReturnCallIndirect { .. }
+                ) && constant_slot
+                {
+                    return Err(format!(
+                        "the call_indirect at offset {at} goes through a constant slot no \
+                         relocation covers"
+                    ));
+                }
+                constant_slot = matches!(op, Operator::I32Const { .. }) && !relocated;
+            }
+        }
+        if seen != fields.len() {
+            return Err(format!(
+                "{} of the code section's relocations cover no instruction",
+                fields.len() - seen
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks one relocated field of the instruction `op` at `at..end`.
+fn check_code_field(
+    bytes: &[u8],
+    op: &Operator<'_>,
+    at: usize,
+    end: usize,
+    r: &Reloc,
+) -> Result<(), String> {
+    use Operator as O;
+    use RelocationType as R;
+    let f = &r.field;
+    // The instruction's only immediate after a one-byte opcode, or its last.
+    let whole = f.start == at + 1 && f.end == end;
+    let last = f.start > at && f.end == end;
+    let placed = match (r.ty, op) {
+        (R::MemoryAddrSleb | R::TableIndexSleb, O::I32Const { .. }) => whole,
+        (R::MemoryAddrSleb64 | R::TableIndexSleb64, O::I64Const { .. }) => whole,
+        (R::MemoryAddrLeb | R::MemoryAddrLeb64, op) => last && memarg_offset(op).is_some(),
+        (R::FunctionIndexLeb, O::Call { .. } | O::ReturnCall { .. } | O::RefFunc { .. }) => whole,
+        (R::GlobalIndexLeb, O::GlobalGet { .. } | O::GlobalSet { .. }) => whole,
+        (R::TypeIndexLeb, O::CallIndirect { .. } | O::ReturnCallIndirect { .. }) => {
+            f.start == at + 1 && f.end < end
+        }
+        (
+            R::TypeIndexLeb,
+            O::Block {
+                blockty: BlockType::FuncType(_),
+            }
+            | O::Loop {
+                blockty: BlockType::FuncType(_),
+            }
+            | O::If {
+                blockty: BlockType::FuncType(_),
+            },
+        ) => whole,
+        (
+            R::TableNumberLeb,
+            O::CallIndirect { .. }
+            | O::ReturnCallIndirect { .. }
+            | O::TableGet { .. }
+            | O::TableSet { .. }
+            | O::TableSize { .. }
+            | O::TableGrow { .. }
+            | O::TableFill { .. },
+        ) => last,
+        _ => false,
+    };
+    // The field starts a LEB128 of its own: the byte before it ends the
+    // opcode or the immediate before.
+    if !placed || bytes[f.start - 1] & 0x80 != 0 {
+        return Err(format!(
+            "the {:?} relocation at offset {} covers no immediate it can relocate",
+            r.ty, f.start
+        ));
+    }
+    let signed = matches!(
+        r.ty,
+        R::MemoryAddrSleb | R::TableIndexSleb | R::MemoryAddrSleb64 | R::TableIndexSleb64
+    );
+    check_value(r, leb(&bytes[f.clone()], signed))
 }
 
 fn memarg_offset(op: &Operator<'_>) -> Option<u64> {
@@ -1071,11 +1476,32 @@ impl<'m> Walk<'m> {
             .map(|((_, s), (e, t))| (*s, *e, *t))
             .collect();
         for (start, field_end, target) in fields {
-            out.chunk(&bytes[from..start.max(from)]);
+            self.unrelocated(r, bytes, from..start.max(from), out);
             self.target(target, &bytes[start..field_end.min(bytes.len())], out);
             from = field_end.max(from);
         }
-        out.chunk(&bytes[from.min(end)..end]);
+        self.unrelocated(r, bytes, from.min(end)..end, out);
+    }
+
+    /// Bytes of an object no relocation covers: as they are, and, like an
+    /// unrelocated constant in code, each four bytes that read as an address
+    /// in the data count as the object they would point to too.
+    fn unrelocated(&mut self, r: &Relocs, bytes: &[u8], range: Range<usize>, out: &mut Part) {
+        out.chunk(&bytes[range.clone()]);
+        for at in range.start..range.end.saturating_sub(3) {
+            let word = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            if let Some((object, offset)) = r.object_at(u64::from(word)) {
+                out.bytes(&((at - range.start) as u64).to_le_bytes());
+                self.target(
+                    Target::Memory {
+                        object,
+                        addend: offset,
+                    },
+                    &[],
+                    out,
+                );
+            }
+        }
     }
 
     /// The data part with relocations: the segments' framing (the same
@@ -1112,8 +1538,9 @@ impl<'m> Walk<'m> {
     }
 
     /// The table part: each element segment's framing and functions. With
-    /// relocations, slots are layout (every pointer to one is relocated), so
-    /// a segment's functions count as a set; without, in slot order.
+    /// relocations, slots are layout (every slot is the target of a checked
+    /// relocation, which counts as the function it holds), so a segment's
+    /// functions count as a set; without, in slot order.
     fn table(&mut self, relocated: bool) -> Part {
         let mut p = Part::new("table");
         for e in &self.m.elements {
@@ -1170,8 +1597,10 @@ impl Form {
             }
             Form::LaidOut { reason } => format!(
                 "data and function table compared as laid out, because {reason}; a rebuild \
-                 at another version may then look changed: build with --emit-relocs (see the \
-                 README)"
+                 at another version may then look changed. For Rust, build with --emit-relocs \
+                 (the build.rs `kiln new` writes, see the README); an AssemblyScript module \
+                 needs nothing: its version lives only in the manifest, so a version bump \
+                 alone aliases"
             ),
         }
     }
@@ -1350,7 +1779,7 @@ mod tests {
         let one = fingerprint(&bytes, br#"{"events":["A"]}"#).expect("fingerprint");
         let other = fingerprint(&bytes, br#"{"events":["B"]}"#).expect("fingerprint");
         assert_ne!(one.fingerprint, other.fingerprint);
-        assert!(other.fingerprint.to_string().starts_with("v2:"));
+        assert!(other.fingerprint.to_string().starts_with("v3:"));
         let note = explain_new_view(
             &other,
             Some(("x-1_0_0", &one.fingerprint.to_string(), &one.part_map())),
@@ -1358,6 +1787,216 @@ mod tests {
         assert!(note.contains("differs from x-1_0_0"), "{note}");
         assert!(note.contains("manifest"), "{note}");
         assert!(!note.contains("code"), "{note}");
+    }
+
+    fn leb(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn sleb(out: &mut Vec<u8>, mut v: i64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if (v == 0 && b & 0x40 == 0) || (v == -1 && b & 0x40 != 0) {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn name(out: &mut Vec<u8>, s: &str) {
+        leb(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// `bytes` with a custom section appended.
+    fn custom(bytes: &mut Vec<u8>, section: &str, content: &[u8]) {
+        let mut body = Vec::new();
+        name(&mut body, section);
+        body.extend_from_slice(content);
+        bytes.push(0);
+        leb(bytes, body.len() as u64);
+        bytes.extend_from_slice(&body);
+    }
+
+    /// Index (custom sections counted) and payload start of the code and
+    /// data sections.
+    fn sections(bytes: &[u8]) -> ((u32, usize), Option<(u32, usize)>) {
+        let (mut index, mut code, mut data) = (0, None, None);
+        for p in Parser::new(0).parse_all(bytes) {
+            let p = p.expect("parses");
+            match &p {
+                Payload::CodeSectionStart { range, .. } => code = Some((index, range.start)),
+                Payload::DataSection(r) => data = Some((index, r.range().start)),
+                _ => {}
+            }
+            if p.as_section().is_some() {
+                index += 1;
+            }
+        }
+        (code.expect("a code section"), data)
+    }
+
+    /// The module the issue describes: a `linking` section and an empty
+    /// `reloc.CODE`, one `call_indirect` whose slot comes from `slot`, and
+    /// the table's two slots holding `elems`.
+    fn claimed_relocations(elems: &str, slot: &str) -> Vec<u8> {
+        let mut bytes = wat::parse_str(format!(
+            r#"(module
+                (type $t (func (result i32)))
+                (table 2 funcref)
+                (elem (i32.const 0) func {elems})
+                (func $f (result i32) (i32.const 1))
+                (func $g (result i32) (i32.const 2))
+                (func (export "kiln_apply") (param i32) (result i32)
+                    (call_indirect (type $t) {slot})))"#
+        ))
+        .expect("test WAT");
+        let ((code, _), _) = sections(&bytes);
+        custom(&mut bytes, "linking", &[2]);
+        let mut reloc = Vec::new();
+        leb(&mut reloc, u64::from(code));
+        leb(&mut reloc, 0);
+        custom(&mut bytes, "reloc.CODE", &reloc);
+        bytes
+    }
+
+    #[test]
+    fn table_slots_in_another_order_under_empty_relocations_never_alias() {
+        for slot in ["(local.get 0)", "(i32.const 0)"] {
+            let one = fp_bytes(&claimed_relocations("$f $g", slot));
+            let other = fp_bytes(&claimed_relocations("$g $f", slot));
+            assert_ne!(one.fingerprint, other.fingerprint, "slot from {slot}");
+            for r in [&one, &other] {
+                assert!(matches!(r.form, Form::LaidOut { .. }), "{:?}", r.form);
+            }
+        }
+    }
+
+    fn fp_bytes(bytes: &[u8]) -> FingerprintReport {
+        fingerprint(bytes, b"{}").expect("fingerprint")
+    }
+
+    /// Two data objects at 0x1000_0000 (so that an `i32.const` of their
+    /// addresses takes the five bytes a relocation covers), `first` then
+    /// `second` or the other way round, the code reading `value` relocated
+    /// as `symbol` (0: "first", 1: "second") plus `addend`.
+    fn relocated(swapped: bool, value: i32, symbol: u64, addend: i64) -> Vec<u8> {
+        const BASE: u32 = 0x1000_0000;
+        let (a, b) = ("first", "second!");
+        let data = if swapped {
+            format!("{b}\0{a}")
+        } else {
+            format!("{a}\0{b}")
+        };
+        // Where each symbol is in the segment.
+        let (off_a, off_b) = if swapped {
+            (b.len() + 1, 0)
+        } else {
+            (0, a.len() + 1)
+        };
+        let mut bytes = wat::parse_str(format!(
+            r#"(module
+                (memory 4097)
+                (func (export "kiln_apply") (param i32) (result i32)
+                    (i32.load8_u (i32.const {value})))
+                (data (i32.const {BASE}) "{}"))"#,
+            data.replace('\0', "\\00")
+        ))
+        .expect("test WAT");
+        let ((code, code_at), data_section) = sections(&bytes);
+        let (data, _) = data_section.expect("a data section");
+        // Where the constant's five bytes are, from the code section's start.
+        let field = {
+            let mut found = None;
+            for p in Parser::new(0).parse_all(&bytes) {
+                if let Payload::CodeSectionEntry(body) = p.expect("parses") {
+                    let mut ops = body.get_operators_reader().expect("body");
+                    while !ops.eof() {
+                        let (op, at) = ops.read_with_offset().expect("op");
+                        if let Operator::I32Const { value: v } = op
+                            && v == value
+                        {
+                            found = Some(at + 1 - code_at);
+                        }
+                    }
+                }
+            }
+            found.expect("the constant")
+        };
+        let mut linking = vec![2, 8];
+        let mut table = Vec::new();
+        leb(&mut table, 2);
+        for (n, off, size) in [("first", off_a, a.len()), ("second", off_b, b.len())] {
+            table.extend([1, 0]);
+            name(&mut table, n);
+            leb(&mut table, 0);
+            leb(&mut table, off as u64);
+            leb(&mut table, size as u64);
+        }
+        leb(&mut linking, table.len() as u64);
+        linking.extend(table);
+        custom(&mut bytes, "linking", &linking);
+        let mut reloc = Vec::new();
+        leb(&mut reloc, u64::from(code));
+        leb(&mut reloc, 1);
+        reloc.push(4); // R_WASM_MEMORY_ADDR_SLEB
+        leb(&mut reloc, field as u64);
+        leb(&mut reloc, symbol);
+        sleb(&mut reloc, addend);
+        custom(&mut bytes, "reloc.CODE", &reloc);
+        let mut reloc = Vec::new();
+        leb(&mut reloc, u64::from(data));
+        leb(&mut reloc, 0);
+        custom(&mut bytes, "reloc.DATA", &reloc);
+        bytes
+    }
+
+    #[test]
+    fn a_checked_relocation_sees_through_the_data_layout() {
+        // "second!" + 2, wherever the linker put it.
+        let one = fp_bytes(&relocated(false, 0x1000_0000 + 6 + 2, 1, 2));
+        let other = fp_bytes(&relocated(true, 0x1000_0000 + 2, 1, 2));
+        assert_eq!(one.form, Form::Relocated);
+        assert_eq!(one.fingerprint, other.fingerprint);
+        // The other object at the same offset is other logic.
+        let first = fp_bytes(&relocated(false, 0x1000_0000 + 2, 0, 2));
+        assert_eq!(first.form, Form::Relocated);
+        assert_ne!(one.fingerprint, first.fingerprint);
+    }
+
+    #[test]
+    fn a_relocation_its_field_contradicts_makes_the_module_laid_out() {
+        // The field reads "first" + 2 where the relocation says "second!" + 2.
+        let lying = fp_bytes(&relocated(true, 0x1000_0000 + 8 + 2, 1, 2));
+        let Form::LaidOut { reason } = &lying.form else {
+            panic!("{:?}", lying.form)
+        };
+        assert!(reason.contains("does not hold"), "{reason}");
+        let honest = fp_bytes(&relocated(true, 0x1000_0000 + 2, 1, 2));
+        assert_ne!(lying.fingerprint, honest.fingerprint);
+        // The relocation's addend off by one.
+        let off = fp_bytes(&relocated(true, 0x1000_0000 + 2, 1, 3));
+        assert!(matches!(off.form, Form::LaidOut { .. }), "{:?}", off.form);
+    }
+
+    #[test]
+    fn a_laid_out_module_is_told_what_to_do_in_its_language() {
+        let note = fp(&module(["a", "b", "c"], 7, "x")).form.describe();
+        assert!(note.contains("--emit-relocs"), "{note}");
+        assert!(
+            note.contains("an AssemblyScript module needs nothing"),
+            "{note}"
+        );
     }
 
     #[test]
