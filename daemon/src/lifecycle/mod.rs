@@ -335,6 +335,9 @@ pub struct ViewStatus {
     pub paused: Option<String>,
     /// Host faults met since the daemon started.
     pub host_faults: u64,
+    /// Comparisons and digests waiting for this view to reach a position
+    /// (its worker pins it there and goes on; it waits for no one).
+    pub awaited: usize,
     /// A live version whose checkpoint has not moved for this many seconds
     /// (at least [`LifecycleConfig::stall_after`]) while the log moved on
     /// without it (lag above 0): a stuck tail, a paused or spinning worker.
@@ -565,10 +568,6 @@ struct Inner {
     priority: Arc<Priority>,
     /// `config.warmup_workers`, changeable while running (for benchmarks).
     warmup_workers: AtomicUsize,
-    /// Where comparisons hold view tails (see [`compare`]).
-    holds: compare::Holds,
-    /// Comparisons run one at a time.
-    compare_lock: tokio::sync::Mutex<()>,
     /// The fleet's decisions and contact (`cutover = "fleet"`, see [`fleet`]).
     fleet: fleet::FleetLink,
     shutting_down: AtomicBool,
@@ -637,8 +636,6 @@ impl Lifecycle {
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             warmup_workers: AtomicUsize::new(warmup_workers),
-            holds: compare::Holds::default(),
-            compare_lock: tokio::sync::Mutex::new(()),
             fleet: fleet::FleetLink::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
@@ -1835,6 +1832,7 @@ impl Inner {
                 .filter(|n| *n > 1),
             paused: progress.and_then(|p| p.paused()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
+            awaited: progress.filter(|_| own).map_or(0, |p| p.marks.awaited()),
             stalled_secs: progress
                 .filter(|_| {
                     lag > 0

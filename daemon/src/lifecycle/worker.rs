@@ -23,6 +23,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use super::compare::{CloseOnDrop, Marks};
 use super::{Inner, LifecycleError, PoisonPolicy, parked};
 use crate::runtime::{Instance, Module, ProjectionError, Projector};
 use crate::snapshots::{Bootstrap, SnapshotError};
@@ -102,6 +103,9 @@ pub(super) struct Progress {
     /// The fleet serves this view and it is still warming here: it warms at
     /// the live views' priority (other warm-ups yield to it).
     pub fleet_first: AtomicBool,
+    /// Where comparisons and digests want the view pinned (see
+    /// [`super::compare`]); closed when the worker stops.
+    pub marks: Arc<Marks>,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -121,6 +125,7 @@ impl Progress {
             partitions: AtomicUsize::new(0),
             snapshot: std::sync::Mutex::new(None),
             fleet_first: AtomicBool::new(false),
+            marks: Arc::default(),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -233,11 +238,15 @@ pub(super) struct WorkerHandle {
     stop: watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
     pub commands: mpsc::Sender<Command>,
+    marks: Arc<Marks>,
 }
 
 impl WorkerHandle {
-    /// Stops the worker after its current batch and waits for it.
+    /// Stops the worker after its current batch and waits for it. What
+    /// waits for the view to reach a position is answered at once, not
+    /// after the batch.
     pub async fn stop(self) {
+        self.marks.close();
         let _ = self.stop.send(true);
         let _ = self.join.await;
     }
@@ -245,6 +254,7 @@ impl WorkerHandle {
     /// Stops the worker at its next await point, as a crash would (a batch
     /// already handed to a blocking thread still finishes, or not).
     pub async fn abort(self) {
+        self.marks.close();
         self.join.abort();
         let _ = self.join.await;
     }
@@ -261,6 +271,10 @@ pub(super) fn spawn(
     let (commands, commands_rx) = mpsc::channel(8);
     let view = module.view_id().clone();
     let span = tracing::info_span!("view", view = %view);
+    // However the worker ends (stopped, failed, aborted), its marks are
+    // answered at once.
+    let marks = progress.marks.clone();
+    let closer = CloseOnDrop(marks.clone());
     let worker = Worker {
         inner: inner.clone(),
         view,
@@ -273,11 +287,18 @@ pub(super) fn spawn(
         open_error: None,
         slot: Slot::View,
     };
-    let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
+    let join = tokio::spawn(
+        async move {
+            let _closer = closer;
+            worker.run(stop_rx, commands_rx).await;
+        }
+        .instrument(span),
+    );
     WorkerHandle {
         stop,
         join,
         commands,
+        marks,
     }
 }
 
@@ -391,7 +412,9 @@ impl Worker {
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
-        let mut tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+        let mut tail = self
+            .inner
+            .tail(&self.progress.marks, self.progress.checkpoint() + 1);
         loop {
             tokio::select! {
                 biased;
@@ -412,7 +435,7 @@ impl Worker {
                         if self.inner.store.head().await.is_ok() {
                             self.progress.set_paused(None);
                         }
-                        tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+                        tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
                     }
                     Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
                         Ok(()) => backoff = FAULT_RETRY_FIRST,
@@ -441,7 +464,7 @@ impl Worker {
                                     },
                                 }
                             }
-                            tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+                            tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
                         }
                     },
                 },
@@ -723,6 +746,7 @@ impl Worker {
         let events = batch.clone();
         let before = projector.checkpoint();
         let started = Instant::now();
+        let handed = range.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let result = projector.apply(&events[range]);
             (projector, result)
@@ -756,6 +780,17 @@ impl Worker {
                 self.progress.set_paused(None);
             }
             self.progress.advance(after);
+            if self.slot == Slot::View {
+                // Standing at `after` until the next batch: pinned now where
+                // a comparison or a digest asked for it.
+                self.progress.marks.committed(
+                    &self.inner.views,
+                    &self.view,
+                    before,
+                    &batch[handed],
+                    after,
+                );
+            }
         }
         Ok(())
     }
