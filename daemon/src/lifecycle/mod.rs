@@ -2010,6 +2010,14 @@ fn deploy_note(
         .filter(|e| e.id < *id)
         .max_by(|a, b| a.id.cmp(&b.id))
         .or_else(|| others().min_by(|a, b| a.id.cmp(&b.id)));
+    if let Some(e) = nearest.filter(|e| e.fingerprint == report.fingerprint.to_string()) {
+        // The same logic, yet no alias: that version's view is not kept.
+        return format!(
+            "new view: fingerprint {}, the same logic as {}, which is {}: its view is not \
+             kept, so this version builds one of its own",
+            report.fingerprint, e.id, e.state
+        );
+    }
     let other_id = nearest.map(|e| e.id.to_string());
     fingerprint::explain_new_view(
         report,
