@@ -1636,8 +1636,21 @@ impl Inner {
             // The warm-up this instance ran (holding the lease): ship it.
             let (this, id) = (self.clone(), id.clone());
             let task = tokio::spawn(async move {
-                if snapshots.holds_lease(&id).await {
-                    this.publish_snapshot(&snapshots, &id, &fingerprint).await;
+                if !snapshots.holds_lease(&id).await {
+                    return;
+                }
+                let progress = this.lock().progress.get(&id).cloned();
+                let empty = progress.as_ref().is_some_and(|p| p.checkpoint() == 0);
+                let published = this.publish_snapshot(&snapshots, &id, &fingerprint).await;
+                // Caught up having applied no event (deployed on an empty
+                // log): nothing was published, and nothing is being built.
+                if published.is_none()
+                    && empty
+                    && let Some(p) = progress
+                    && let Ok(mut g) = p.snapshot.lock()
+                    && *g == Some(SnapshotActivity::Building)
+                {
+                    *g = None;
                 }
             });
             self.push_background(task);
