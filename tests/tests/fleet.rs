@@ -556,6 +556,74 @@ async fn a_corrupted_document_on_one_member_is_flagged_by_its_digest() {
     drop(nats);
 }
 
+/// Issue 25, item 1: on JetStream a tagged append's tag marker has a
+/// position no view ever stands at (a checkpoint is always an event's). With
+/// a digest every 10 positions, 8 plain appends, a tagged one (event 9,
+/// its marker 10) and 5 more, the view must reach the head and
+/// read-your-writes answer; the digest is taken at the first checkpoint at or
+/// past 10 (the event at 11), the same on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_digest_at_a_tag_marker_position_never_freezes_a_view() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let o = member(&nats.url(), "a");
+    let daemon = tokio::task::spawn_blocking(move || Daemon::start_with(o))
+        .await
+        .expect("starting a member");
+    let api = Api::new(&daemon);
+    assert_eq!(register(&api, 1..9).await, 8);
+    deploy_everywhere(std::slice::from_ref(&api), "1.0.0", None).await;
+    // The name answers only after the fleet's two decision writes (several
+    // heartbeats after the version was ready): the view's digest task, which
+    // starts within 250 ms of it being ready, aims at 10 by then.
+    all_answer(
+        std::slice::from_ref(&api),
+        "users-1_0_0",
+        Duration::from_secs(30),
+    )
+    .await;
+    let (s, b) = api
+        .post_json(
+            "/streams/user-9/events",
+            &json!({ "events": [{
+                "type": "UserRegistered",
+                "data": { "name": "a", "email": "b" },
+                "tags": ["account-9"],
+            }] }),
+        )
+        .await;
+    assert_eq!((s, b["position"].as_u64()), (200, Some(9)), "{b}");
+    let last = register(&api, 10..15).await;
+    assert_eq!(last, 15, "the tag marker took position 10");
+    let (s, b) = api
+        .get(&format!(
+            "/views/users/user-14?position={last}&wait_ms=10000"
+        ))
+        .await;
+    assert_eq!(s, 200, "read-your-writes at the head: {b}");
+    let status = until(
+        "a digest at the first checkpoint at or past 10",
+        Duration::from_secs(10),
+        || async {
+            let s = fleet(&api).await;
+            let at_11 = s["members"][0]["digests"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|d| d["view"] == "users-1_0_0" && d["position"] == 11)
+            });
+            at_11.then_some(s)
+        },
+    )
+    .await;
+    let positions: Vec<u64> = status["members"][0]["digests"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["position"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(positions, [11], "{status}");
+    drop(daemon);
+    drop(nats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_fleet_members_answer_their_last_version_marked_stale() {
     let mut nats = tokio::task::spawn_blocking(NatsServer::start)

@@ -712,3 +712,30 @@ async fn a_crash_after_a_rollback_keeps_the_version_rolled_back_to() {
     );
     lc.shutdown().await;
 }
+
+/// Issue 32: logic deployed again after its view was retired warms a view
+/// of its own, and its note says why (the version with that logic is
+/// retired), never that one module lacks the linker's relocations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logic_deployed_again_after_a_retire_says_why_it_is_not_an_alias() {
+    let env = Env::new();
+    let lc = env.start(env.config()).await;
+    append_users(&env.store, 10, 0).await;
+    deploy_active(&lc, "1.0.0", false).await;
+    lc.retire(&id("users-1_0_0")).await.unwrap();
+    let d = lc
+        .deploy(&users_module("1.1.0", false), "api")
+        .await
+        .unwrap();
+    assert_eq!(d, DeployOutcome::Warming(id("users-1_1_0")));
+    let note = lc
+        .status_of(&id("users-1_1_0"))
+        .and_then(|s| s.deploy_note)
+        .unwrap_or_default();
+    assert!(!note.contains("relocations"), "{note}");
+    assert!(
+        note.contains("the same logic as users-1_0_0, which is retired"),
+        "{note}"
+    );
+    lc.shutdown().await;
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kiln_tests::daemon::{
     Api, Daemon, Options, deploy_slow_warming_chaos, kiln_cli, module_version, slow_warming_options,
 };
-use kiln_tests::wasm::{USERS, manifest_of, users_module, with_manifest};
+use kiln_tests::wasm::{CHAOS, USERS, manifest_of, users_module, with_manifest};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -370,4 +370,266 @@ async fn auto_if_identical_promotes_identical_logic_and_waits_on_a_change() {
     let (code, out, err) = kiln_cli(&d, &["promote", "users-1_2_0"]);
     assert_eq!(code, 0, "{out}{err}");
     api.wait_state("users-1_2_0", "active", WAIT).await;
+}
+
+/// `chaos` at `version`, handed only the event types `events` (each set a
+/// logic, and a view, of its own).
+fn chaos_with(version: &str, events: &[&str]) -> Vec<u8> {
+    let bytes = std::fs::read(CHAOS).expect("chaos module");
+    let mut m = manifest_of(&bytes);
+    m["version"] = Value::from(version);
+    m["events"] = json!(events);
+    with_manifest(&bytes, &m.to_string())
+}
+
+/// A daemon whose projections get a 1 s batch deadline, `poison` policy.
+fn slow_options(poison: &str) -> Options {
+    Options::default()
+        .arg("--cutover")
+        .arg("manual")
+        .arg("--batch-deadline-ms")
+        .arg("1000")
+        .arg("--poison")
+        .arg(poison)
+}
+
+async fn post_ok(api: &Api, path: &str) {
+    let (s, b) = api.post_bytes(path, vec![]).await;
+    assert_eq!(s, 200, "{path}: {b}");
+}
+
+/// Two versions of `chaos` at the head of a log of notes: a quick one,
+/// handed notes only, and a slow one, handed spins and failures too (under
+/// a 1 s batch deadline each `Spin` costs it three deadlines, its batch then
+/// the event alone twice, before it is parked or fails it). `slow_first`:
+/// the slow one is 1.0.0, promoted, then the quick 1.1.0 promoted over it
+/// (the slow one is standby); else the quick 1.0.0 is active and the slow
+/// 1.1.0 ready. Returns (quick, slow).
+async fn quick_and_slow(api: &Api, slow_first: bool) -> (&'static str, &'static str) {
+    const QUICK: &[&str] = &["Note"];
+    const SLOW: &[&str] = &["Note", "Spin", "Fail"];
+    append(api, "chaos-0", "Note", json!({ "text": "first" })).await;
+    let (first, second) = if slow_first {
+        (SLOW, QUICK)
+    } else {
+        (QUICK, SLOW)
+    };
+    deploy(api, chaos_with("1.0.0", first), "chaos-1_0_0", "ready").await;
+    post_ok(api, "/admin/views/chaos-1_0_0/promote").await;
+    deploy(api, chaos_with("1.1.0", second), "chaos-1_1_0", "ready").await;
+    if slow_first {
+        post_ok(api, "/admin/views/chaos-1_1_0/promote").await;
+        ("chaos-1_1_0", "chaos-1_0_0")
+    } else {
+        ("chaos-1_0_0", "chaos-1_1_0")
+    }
+}
+
+/// Appends `n` spins, each on a stream of its own, and waits until the
+/// quick version (what the bare name serves) has applied them: the slow one
+/// is behind it from then on, for about 1 + 2n seconds.
+async fn spins(api: &Api, n: usize) {
+    let mut last = 0;
+    for i in 0..n {
+        last = append(api, &format!("chaos-spin{i}"), "Spin", json!({})).await;
+    }
+    let (s, b) = api
+        .get(&format!("/views/chaos?position={last}&wait_ms=10000"))
+        .await;
+    assert_eq!(s, 200, "the quick version at {last}: {b}");
+}
+
+/// `GET /admin/views/{a}/diff/{b}?wait_ms=` in the background: its status,
+/// answer and how long it took.
+fn pending_diff(
+    api: &Api,
+    a: &str,
+    b: &str,
+    wait_ms: u64,
+) -> tokio::task::JoinHandle<(u16, Value, Duration)> {
+    let (api, path) = (
+        api.clone(),
+        format!("/admin/views/{a}/diff/{b}?wait_ms={wait_ms}"),
+    );
+    tokio::spawn(async move {
+        let t = Instant::now();
+        let (s, body) = api.get(&path).await;
+        (s, body, t.elapsed())
+    })
+}
+
+/// Polls `GET /views` until a comparison waits for `id` to reach a position.
+async fn until_awaited(api: &Api, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = api.get("/views").await;
+        let v = body["views"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["id"] == id))
+            .cloned()
+            .unwrap_or_default();
+        if v["awaited"].as_u64() >= Some(1) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no comparison waits for {id}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A diff waiting for the slow side of [`quick_and_slow`].
+struct WaitingDiff {
+    d: Daemon,
+    api: Api,
+    quick: &'static str,
+    slow: &'static str,
+    /// `GET /admin/views/{quick}/diff/{slow}?wait_ms=30000`, under way.
+    pending: tokio::task::JoinHandle<(u16, Value, Duration)>,
+}
+
+/// A daemon started with `options`, [`quick_and_slow`], `n` spins, and a
+/// diff of the quick version against the slow one waiting for the slow one.
+async fn a_diff_waiting_for_a_slow_side(
+    options: Options,
+    slow_first: bool,
+    n: usize,
+) -> WaitingDiff {
+    let d = Daemon::start_with(options);
+    let api = Api::new(&d);
+    let (quick, slow) = quick_and_slow(&api, slow_first).await;
+    spins(&api, n).await;
+    let pending = pending_diff(&api, quick, slow, 30_000);
+    until_awaited(&api, slow).await;
+    WaitingDiff {
+        d,
+        api,
+        quick,
+        slow,
+        pending,
+    }
+}
+
+/// Issue 32: a diff waiting for a slow candidate never holds the version a
+/// name serves (read-your-writes on it answers at the head), nor another
+/// comparison; retiring the candidate ends it at once with `404
+/// view_retired`, naming the side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_the_side_a_diff_waits_for_ends_it_at_once_and_nothing_else_waits() {
+    let WaitingDiff {
+        d: _d,
+        api,
+        quick,
+        slow,
+        pending,
+    } = a_diff_waiting_for_a_slow_side(slow_options("park"), false, 4).await;
+    let p = append(&api, "chaos-late", "Note", json!({ "text": "late" })).await;
+    let (s, b) = api
+        .get(&format!("/views/chaos?position={p}&wait_ms=5000"))
+        .await;
+    assert_eq!(s, 200, "read-your-writes on the served version: {b}");
+    let t = Instant::now();
+    let r = diff(&api, quick, quick, "?wait_ms=5000").await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "an unrelated diff waited {:?} for the stuck one",
+        t.elapsed()
+    );
+    assert_eq!(r["identical"], true, "{r}");
+    assert!(!pending.is_finished(), "the slow side caught up too soon");
+    // The retire itself waits for the spinning batch to end; the diff does
+    // not wait for the retire.
+    let retired_at = Instant::now();
+    let retire = {
+        let api = api.clone();
+        tokio::spawn(async move { post_ok(&api, &format!("/admin/views/{slow}/retire")).await })
+    };
+    let (s, body, _) = pending.await.expect("diff task");
+    let after = retired_at.elapsed();
+    retire.await.expect("retire");
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("view_retired")),
+        "{body}"
+    );
+    assert_eq!(body["error"]["side"], "b", "{body}");
+    assert!(
+        after < Duration::from_secs(3),
+        "ended {after:?} after the retire"
+    );
+}
+
+/// Issue 32: the side a diff waits for failing ends it at once with `409
+/// view_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_side_a_diff_waits_for_failing_ends_it_at_once() {
+    let WaitingDiff {
+        d: _d,
+        api,
+        slow,
+        pending,
+        ..
+    } = a_diff_waiting_for_a_slow_side(slow_options("stop"), false, 1).await;
+    let failed = api.wait_state(slow, "failed", WAIT).await;
+    let failed_at = Instant::now();
+    let (s, body, _) = pending.await.expect("diff task");
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (409, Some("view_failed")),
+        "{body} (failed: {failed})"
+    );
+    assert_eq!(body["error"]["side"], "b", "{body}");
+    assert!(failed_at.elapsed() < Duration::from_secs(3));
+}
+
+/// Issue 32: the grace sweep retiring the standby a diff waits for ends the
+/// diff at once (it froze the active version for a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_sweep_retiring_the_side_a_diff_waits_for_ends_it_at_once() {
+    // The slow standby about 13 s behind: past the 6 s grace.
+    let options = slow_options("park").arg("--standby-grace-secs").arg("6");
+    let WaitingDiff {
+        d: _d,
+        api,
+        slow: standby,
+        pending,
+        ..
+    } = a_diff_waiting_for_a_slow_side(options, true, 6).await;
+    api.wait_state(standby, "retired", Duration::from_secs(20))
+        .await;
+    let retired_at = Instant::now();
+    let (s, body, took) = pending.await.expect("diff task");
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("view_retired")),
+        "{body}"
+    );
+    assert!(
+        retired_at.elapsed() < Duration::from_secs(3),
+        "the diff took {took:?}"
+    );
+}
+
+/// Issue 32: SIGTERM during a pending diff answers it `503 shutting_down`,
+/// and the daemon stops without waiting out its shutdown grace (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_a_pending_diff_shutting_down_and_stops_within_its_grace() {
+    let WaitingDiff { mut d, pending, .. } =
+        a_diff_waiting_for_a_slow_side(slow_options("park"), false, 1).await;
+    let t = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let status = d.stop();
+        (status, t.elapsed())
+    });
+    let (s, body, _) = pending.await.expect("diff task");
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (503, Some("shutting_down")),
+        "{body}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (status, took) = stopped.await.expect("stop");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
 }

@@ -625,3 +625,30 @@ async fn a_builder_that_stops_building_lets_go_of_its_lease_at_once() {
         "B took over after {took:?}: the lease was not let go"
     );
 }
+
+/// Issue 32: a version deployed on an empty log, snapshots on, is caught up
+/// having applied nothing: nothing is published and nothing is being built,
+/// so its status stops saying `building` (it said so for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_caught_up_on_an_empty_log_is_not_shown_building() {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let dir = snapshots.path().to_str().expect("utf-8").to_string();
+    let d = Daemon::start_with(Options::default().arg("--snapshot-dir").arg(&dir));
+    let api = Api::new(&d);
+    let (s, b) = api.deploy(module_version(USERS, "1.0.0", None)).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    // The caught-up publish runs in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = status_of(&api, "users-1_0_0").await;
+        if v["snapshot"].is_null() {
+            assert_eq!(v["checkpoint"], 0, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, all) = api.get("/admin/snapshots").await;
+    assert_eq!((s, &all["snapshots"]), (200, &json!([])), "{all}");
+}

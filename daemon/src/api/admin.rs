@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::access::BodyKind;
 use super::views::{path_error, query_error};
 use super::{ApiError, AppState};
-use crate::lifecycle::DeployOutcome;
+use crate::lifecycle::{DeployOutcome, LifecycleError};
 use crate::views::ViewId;
 
 /// An exact id (`users-1_2_0`), or a spec the lifecycle resolves (`users@^2`).
@@ -255,21 +255,44 @@ pub async fn diff(
         examples,
     };
     // Name the side a refusal is about: which view, and why.
+    let mut resolved = Vec::new();
     for (side, spec) in [("a", &a), ("b", &b)] {
-        if let Err(e) = state.lifecycle.resolve_version(spec) {
-            let retired = matches!(e, crate::lifecycle::LifecycleError::Retired { .. });
-            let mut err = ApiError::from(e);
-            if retired {
-                err.status = StatusCode::NOT_FOUND;
-                err.message = format!(
-                    "{}: its documents were dropped, there is nothing to compare",
-                    err.message
-                );
+        match state.lifecycle.resolve_version(spec) {
+            Ok(r) => resolved.push((side, spec, r.version)),
+            Err(e) => {
+                return Err(diff_refused(e)
+                    .with("side", side)
+                    .with("view", spec.as_str()));
             }
-            return Err(err.with("side", side).with("view", spec.as_str()));
         }
     }
-    let d = state.lifecycle.diff(&a, &b, opts, wait).await?;
+    // A side retired, failed or stopped while the two meet ends the wait at
+    // once with that reason; a daemon stopping answers it too.
+    let d = tokio::select! {
+        d = state.lifecycle.diff(&a, &b, opts, wait) => d,
+        _ = state.stopping() => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                format!("the daemon is stopping; {a} and {b} were not compared"),
+            ));
+        }
+    };
+    let d = d.map_err(|e| {
+        let about = match &e {
+            LifecycleError::Retired { id }
+            | LifecycleError::Failed { id, .. }
+            | LifecycleError::NotComparable { id, .. } => {
+                resolved.iter().find(|(_, _, v)| v == id).cloned()
+            }
+            _ => None,
+        };
+        let err = diff_refused(e);
+        match about {
+            Some((side, spec, _)) => err.with("side", side).with("view", spec.as_str()),
+            None => err,
+        }
+    })?;
     let r = &d.report;
     Ok(Json(json!({
         "a": d.a.version.to_string(),
@@ -287,6 +310,21 @@ pub async fn diff(
         "waited_ms": d.waited.as_millis() as u64,
         "took_ms": d.took.as_millis() as u64,
     })))
+}
+
+/// A diff's refusal: a retired side is `404 view_retired` (its documents
+/// were dropped); the rest as every route answers it.
+fn diff_refused(e: LifecycleError) -> ApiError {
+    let retired = matches!(e, LifecycleError::Retired { .. });
+    let mut err = ApiError::from(e);
+    if retired {
+        err.status = StatusCode::NOT_FOUND;
+        err.message = format!(
+            "{}: its documents were dropped, there is nothing to compare",
+            err.message
+        );
+    }
+    err
 }
 
 /// `POST /admin/views/{spec}/snapshot`: snapshot a version's view now and

@@ -9,8 +9,8 @@
 //! then the comparison; printed: each round, then the best of each (the
 //! least disturbed by other load) with keys compared per second and the
 //! ratio comparison / scan. Each round also times the digest of A (what a
-//! fleet member computes at every `digest_every` position while its view is
-//! held there), against the plain scan of one view.
+//! fleet member computes at every `digest_every` position, from its view
+//! pinned there while it goes on), against the plain scan of one view.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -16,6 +16,13 @@
 //!      `--warmup-workers` settings (e.g. `1,2`), each round warms one
 //!      version with each, so their warm-up rates and lags compare in one run.
 //!
+//!    - with `--compare`, once each warm-up is ready: **diffing**, the same
+//!      number of probes while `kiln diff` of the active version against it
+//!      runs back to back, then **digesting**, while the active view's
+//!      digest (what a fleet member takes at every `digest_every`) runs back
+//!      to back. Neither holds the active view (see `lifecycle/compare.rs`):
+//!      what they cost it is the CPU and I/O of reading a whole view.
+//!
 //! A probe appends one `UserLoggedIn` to a user stream and waits until the
 //! active view's checkpoint has reached it (the signal read-your-writes waits
 //! on: the documents and checkpoint are committed by then). Probes are issued
@@ -38,7 +45,7 @@ use kiln_sdk::manifest::Manifest;
 use super::ratio;
 use super::store::DurabilityArg;
 use crate::lifecycle::{
-    CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, ViewPolicy, ViewState,
+    CutoverPolicy, DeployOutcome, Lifecycle, LifecycleConfig, LifecycleError, ViewPolicy, ViewState,
 };
 use crate::runtime::{Runtime, RuntimeConfig, manifest_edit};
 use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
@@ -89,6 +96,10 @@ pub struct LagBenchArgs {
     /// Directory for the log and the views (a temp dir, removed afterwards, by default).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also probe while diffs against each warmed version, and digests of
+    /// the active view, run back to back.
+    #[arg(long)]
+    pub compare: bool,
 }
 
 pub async fn run(args: LagBenchArgs) -> anyhow::Result<()> {
@@ -180,6 +191,7 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|&workers| WarmPhase::new(workers))
         .collect::<anyhow::Result<_>>()?;
+    let (mut diffing, mut digesting) = (WarmPhase::new(0)?, WarmPhase::new(0)?);
     let mut variants = 0;
     for round in 1..=args.rounds {
         let idle = probe(&lifecycle, &store, &active, args.rate, |n| {
@@ -213,6 +225,24 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
             let status = lifecycle.status_of(&id);
             let replayed = status.as_ref().map_or(0, |s| s.events_applied);
             let used = status.and_then(|s| s.warmup_workers).unwrap_or(1);
+            if args.compare {
+                for (reader, what) in [(Reader::Diff(&id), "diffs"), (Reader::Digest, "digests")] {
+                    let (busy, reads) =
+                        while_reading(&lifecycle, &store, &active, args, reader).await?;
+                    println!(
+                        "  while {what} run back to back ({reads} of them): p50 {} p99 {} ({} probes)",
+                        millis(&busy, 0.5),
+                        millis(&busy, 0.99),
+                        busy.len()
+                    );
+                    let phase = match reader {
+                        Reader::Diff(_) => &mut diffing,
+                        Reader::Digest => &mut digesting,
+                    };
+                    phase.all.add(&busy)?;
+                    keep_best(&mut phase.best, busy);
+                }
+            }
             lifecycle.retire(&id).await?;
             phase.rates.push(replayed as f64 / took);
             println!(
@@ -265,8 +295,91 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
             );
         }
     }
+    if args.compare {
+        for (phase, what) in [(&diffing, "diffs"), (&digesting, "digests")] {
+            println!(
+                "  while {what} run:        p50 {}  p99 {}  max {}  ({} probes)",
+                millis(&phase.all, 0.5),
+                millis(&phase.all, 0.99),
+                millis(&phase.all, 1.0),
+                phase.all.len(),
+            );
+            println!(
+                "    ratio {what} / baseline, all rounds:  p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
+                ratio(q(&phase.all, 0.5), q(&baseline, 0.5)),
+                ratio(q(&phase.all, 0.99), q(&baseline, 0.99))
+            );
+        }
+    }
     lifecycle.shutdown().await;
     Ok(())
+}
+
+/// What reads a whole view beside the probes.
+#[derive(Clone, Copy)]
+enum Reader<'a> {
+    /// `kiln diff` of the active version against this one.
+    Diff(&'a ViewId),
+    /// The active view's digest at the next position it reaches.
+    Digest,
+}
+
+/// `--samples` probes of `active` while `reader` runs back to back; the
+/// probes and how many reads finished.
+async fn while_reading(
+    lifecycle: &Lifecycle,
+    store: &Arc<dyn EventStore>,
+    active: &ViewId,
+    args: &LagBenchArgs,
+    reader: Reader<'_>,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let stop = tokio::sync::watch::Sender::new(false);
+    let reads = {
+        let (lifecycle, active, mut stopped) =
+            (lifecycle.clone(), active.clone(), stop.subscribe());
+        let other = match reader {
+            Reader::Diff(id) => Some(id.to_string()),
+            Reader::Digest => None,
+        };
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !*stopped.borrow_and_update() {
+                let read = async {
+                    match &other {
+                        Some(b) => lifecycle
+                            .diff(
+                                &active.to_string(),
+                                b,
+                                crate::views::diff::DiffOptions::default(),
+                                Duration::from_secs(30),
+                            )
+                            .await
+                            .map(drop),
+                        None => {
+                            let at = lifecycle.checkpoint_of(&active).unwrap_or(0) + 1;
+                            match lifecycle.digest_at(&active, at).await {
+                                // A batch under way went past it: the next one.
+                                Ok(_) | Err(LifecycleError::DigestMissed { .. }) => Ok(()),
+                                Err(e) => Err(e),
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = read => {
+                        r?;
+                        n += 1;
+                    }
+                    _ = stopped.changed() => break,
+                }
+            }
+            anyhow::Ok(n)
+        })
+    };
+    let probes = probe(lifecycle, store, active, args.rate, |n| n >= args.samples).await;
+    stop.send_replace(true);
+    let reads = reads.await??;
+    Ok((probes?, reads))
 }
 
 /// The probes taken while warm-ups with one setting of `--warmup-workers` ran.

@@ -27,10 +27,14 @@
 //! by its own clock, shorter than the server's expiry) answers its last
 //! version marked stale and fails `/readyz`.
 //!
-//! **Digests.** Every `digest_every` log positions each member holds each
-//! live view at the multiple of `digest_every` (the comparison hold of
-//! `lifecycle/compare.rs`), takes its digest (`views/digest.rs`, one
-//! snapshot) and publishes it in its record; [`FleetStatus`] flags a member
+//! **Digests.** Every `digest_every` log positions each member digests each
+//! live view at the first checkpoint it reaches at or past the multiple of
+//! `digest_every` (a multiple may be no event's position: a tag marker, a
+//! foreign or removed message; the first event after it is the same on
+//! every member). The view is pinned there (the marks of
+//! `lifecycle/compare.rs`: one RocksDB snapshot, the view goes on at once),
+//! the digest (`views/digest.rs`) reads the pin, and the member publishes
+//! it in its record with that position; [`FleetStatus`] flags a member
 //! whose digest differs at the same position for the same fingerprint.
 
 pub mod record;
@@ -53,9 +57,6 @@ pub use record::{Decision, DigestAt, FleetStatus, Member, MemberView, Revised};
 
 /// Digests kept per view in a member's record.
 const DIGESTS_KEPT: usize = 6;
-/// Longest one digest waits for its view to reach the position (then its
-/// task checks the view still tails live, and holds again).
-const DIGEST_WAIT: Duration = Duration::from_secs(2);
 
 /// `[fleet]`: the fleet this instance belongs to (JetStream only).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,11 +701,11 @@ impl Inner {
         }
     }
 
-    /// Digests physical view `id` at every multiple of `digest_every`: its
-    /// tail is held at the next multiple ahead of its checkpoint, so it stops
-    /// exactly there whatever its batches; the digest is taken as soon as it
-    /// stands there, and the hold moves on. Ends when the view no longer
-    /// tails live.
+    /// Digests physical view `id` at every multiple of `digest_every`: at
+    /// the first checkpoint it reaches at or past the next multiple ahead of
+    /// its checkpoint (its worker cuts its batch there, pins it and goes
+    /// on), then at the next multiple. Ends when the view no longer tails
+    /// live.
     async fn digests_of(self: Arc<Self>, id: String) {
         let k = self.config.digest_every;
         let Ok(view) = id.parse::<ViewId>() else {
@@ -717,10 +718,10 @@ impl Inner {
             };
             // The multiple of K at or ahead of the checkpoint, past the last done.
             let at = s.checkpoint.div_ceil(k).max(done / k + 1) * k;
-            match self.lifecycle.digest_at(&view, at, DIGEST_WAIT).await {
+            match self.lifecycle.digest_at(&view, at).await {
                 Ok((d, took)) => {
-                    done = at;
-                    tracing::debug!(view = %view, position = at, digest = %d.digest, took_ms = took.as_millis() as u64, "digest taken");
+                    done = d.position;
+                    tracing::debug!(view = %view, position = d.position, digest = %d.digest, took_ms = took.as_millis() as u64, "digest taken");
                     let mut all = self.digests.lock().unwrap_or_else(|p| p.into_inner());
                     let q = all.entry(id.clone()).or_default();
                     q.push_back(DigestAt {
@@ -738,13 +739,9 @@ impl Inner {
                     drop(all);
                     self.poke.notify_one();
                 }
-                // Not there yet (the log is quiet): hold again. Past it (a
-                // batch handed over before the hold): the next multiple.
-                Err(LifecycleError::DigestMissed { checkpoint, .. }) => {
-                    if checkpoint > at {
-                        done = at;
-                    }
-                }
+                // Carried past it by a batch under way when the mark was
+                // put: the next multiple.
+                Err(LifecycleError::DigestMissed { .. }) => done = at,
                 Err(e) => {
                     tracing::debug!(view = %view, position = at, "digests stop: {e}");
                     return;

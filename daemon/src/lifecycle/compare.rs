@@ -1,36 +1,40 @@
 //! Comparing two view versions at one log position while both keep running,
 //! and the cutover check built on it.
 //!
-//! **The faster worker waits at the common position.** A comparison picks
-//! the target position `P`, the higher of the two views' checkpoints, and
-//! puts a **hold** at `P` on both views' tails: a held tail hands its worker
-//! the events up to `P` and keeps the rest until the hold is lifted (a batch
-//! that straddles `P` is cut there). The view at `P` stops there; the other
-//! catches up to `P` and stops too. Then one RocksDB snapshot of the views
-//! database is taken; both checkpoints are read from it, and if they are
-//! both `P` the holds are lifted at once and the documents are compared from
-//! the snapshot while the workers go on. A batch already handed over when
-//! the hold was put can carry a view past `P`: then `P` moves up to it and
-//! the wait repeats. The wait is bounded (`wait`); the workers are held only
-//! while the slower one catches up (live views: a batch or so), never while
-//! the comparison reads. Comparisons run one at a time.
+//! **Nothing waits for anyone but itself.** A comparison pins both views as
+//! they stand: a *pinned* view ([`PinnedView`]) is one RocksDB snapshot of
+//! the views database, its documents exactly at its checkpoint, readable
+//! while the view's worker goes on. When the two stand at different
+//! positions, the one behind puts a **mark** at the other's position
+//! ([`Marks`]): its worker's tail cuts the batch right after that event, and
+//! the moment the worker has committed it (before the next batch) it pins
+//! the view there and goes on. So only the side that has not reached the
+//! position waits, for itself; the one ahead, often the version a name
+//! serves, never stops. A batch already handed to the worker when the mark
+//! was put may carry it past the position: then it is pinned as it stands
+//! and the other side is the one behind. The documents are compared from the
+//! two pins, on a blocking thread, while both views tail on.
+//!
+//! **A comparison ends with its reason.** Its wait is bounded (`wait`,
+//! `504 no_common_position`), and ends at once when either side's worker
+//! stops: retired (`view_retired`), failed (`view_failed`), or the daemon
+//! stopping (`503 shutting_down`). Comparisons do not wait for one another.
 //!
 //! Only caught-up versions are compared (ready, active, standby): a warming
-//! one would hold the live view for its whole replay, a failed one never
-//! moves.
+//! one could take its whole replay to get there, a failed one never moves.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
+use super::worker::Progress;
 use super::{Inner, Lifecycle, LifecycleError, Resolved, ViewState, now_millis};
-use crate::store::{EventBatches, Position};
-use crate::views::ViewId;
-use crate::views::diff::{Compared, DiffOptions, DiffReport};
+use crate::store::{EventBatches, Position, RecordedEvent};
+use crate::views::diff::{Compared, DiffOptions, DiffReport, PinnedView};
+use crate::views::{ViewId, ViewStore};
 
 /// Examples of each kind a cutover check keeps (in the registry, for
 /// `kiln status`, `/views` and the status page).
@@ -129,91 +133,278 @@ pub struct Diff {
     pub took: Duration,
 }
 
-/// The holds on view tails: per physical view, the position its worker may
-/// not go past (`None`: free).
+/// What became of a mark (see [`Marks`]).
+pub(super) enum Reached {
+    /// The view stood at the first checkpoint at or past the mark's
+    /// position, and was pinned there.
+    Pinned(PinnedView),
+    /// A batch handed to the worker before the mark was put carried the view
+    /// past it without stopping: the view is at this checkpoint now.
+    Passed(Position),
+    /// The views database could not be read to pin the view.
+    Unreadable(String),
+}
+
+struct Mark {
+    id: u64,
+    at: Position,
+    tx: oneshot::Sender<Reached>,
+}
+
 #[derive(Default)]
-pub(super) struct Holds(Mutex<HashMap<ViewId, watch::Sender<Option<Position>>>>);
-
-impl Holds {
-    fn sender(&self, view: &ViewId) -> watch::Sender<Option<Position>> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(view.clone())
-            .or_insert_with(|| watch::Sender::new(None))
-            .clone()
-    }
-
-    fn set(&self, view: &ViewId, at: Option<Position>) {
-        self.sender(view).send_replace(at);
-    }
+struct MarkSet {
+    /// The worker has stopped: no mark is taken any more.
+    closed: bool,
+    next_id: u64,
+    pending: Vec<Mark>,
 }
 
-/// Lifts the holds it put when dropped (a comparison that ends, fails or is
-/// abandoned by its client never leaves a view held).
-pub(super) struct HoldGuard<'a> {
-    pub(super) holds: &'a Holds,
-    pub(super) views: Vec<ViewId>,
+/// The marks on one physical view (kept in its worker's `Progress`): the
+/// positions where comparisons and digests want it pinned. Its worker's tail
+/// cuts a batch right after the first event at or past each mark, and the
+/// worker pins the view the moment it has committed that batch (before the
+/// next one), then goes on: nothing waits for anyone. When the worker stops
+/// (retired, failed, dropped, shut down), every mark is answered at once.
+pub(super) struct Marks {
+    set: Mutex<MarkSet>,
+    /// `true` once the worker has stopped.
+    gone: watch::Sender<bool>,
 }
 
-impl HoldGuard<'_> {
-    pub(super) fn hold(&self, at: Position) {
-        for v in &self.views {
-            self.holds.set(v, Some(at));
-        }
-    }
-
-    fn release(&self) {
-        for v in &self.views {
-            self.holds.set(v, None);
+impl Default for Marks {
+    fn default() -> Self {
+        Marks {
+            set: Mutex::default(),
+            gone: watch::Sender::new(false),
         }
     }
 }
 
-impl Drop for HoldGuard<'_> {
+/// The view's worker has stopped: it will stand at no new position.
+#[derive(Debug)]
+pub(super) struct Gone;
+
+/// A mark put and not answered yet; dropping it takes the mark away.
+pub(super) struct Waiting {
+    marks: Arc<Marks>,
+    id: u64,
+    rx: oneshot::Receiver<Reached>,
+}
+
+impl Waiting {
+    async fn reached(&mut self) -> Result<Reached, Gone> {
+        (&mut self.rx).await.map_err(|_| Gone)
+    }
+}
+
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.release();
+        self.marks.lock().pending.retain(|m| m.id != self.id);
     }
 }
 
-/// `tail`, cut at the hold on `view`: events past the held position stay
-/// here until the hold is lifted or moved past them.
-fn held(tail: EventBatches, hold: watch::Receiver<Option<Position>>) -> EventBatches {
-    let state = (tail, hold, Vec::new());
-    futures::stream::unfold(state, |(mut tail, mut hold, mut pending)| async move {
-        loop {
-            if !pending.is_empty() {
-                let limit = *hold.borrow_and_update();
-                let cut = match limit {
-                    Some(p) => {
-                        pending.partition_point(|e: &crate::store::RecordedEvent| e.position <= p)
-                    }
-                    None => pending.len(),
-                };
-                if cut > 0 {
-                    let rest = pending.split_off(cut);
-                    let out = std::mem::replace(&mut pending, rest);
-                    return Some((Ok(out), (tail, hold, pending)));
+/// Closes the marks of a worker when dropped (however its task ends).
+pub(super) struct CloseOnDrop(pub(super) Arc<Marks>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl Marks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarkSet> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for the view pinned where it first stands at or past `at`.
+    fn put(self: &Arc<Self>, at: Position) -> Result<Waiting, Gone> {
+        let mut set = self.lock();
+        if set.closed {
+            return Err(Gone);
+        }
+        let (tx, rx) = oneshot::channel();
+        set.next_id += 1;
+        let id = set.next_id;
+        set.pending.push(Mark { id, at, tx });
+        Ok(Waiting {
+            marks: self.clone(),
+            id,
+            rx,
+        })
+    }
+
+    /// Marks not answered yet (comparisons and digests waiting).
+    pub(super) fn awaited(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Resolves once the worker has stopped.
+    pub(super) fn gone(&self) -> watch::Receiver<bool> {
+        self.gone.subscribe()
+    }
+
+    /// How many of `pending` (the events after position `last`, in order)
+    /// the tail hands over now: up to and including the first event at or
+    /// past the nearest mark ahead of `last`, else all of them.
+    fn cut_at(&self, last: Position, pending: &[RecordedEvent]) -> usize {
+        self.lock()
+            .pending
+            .iter()
+            .filter(|m| m.at > last)
+            .map(|m| pending.partition_point(|e| e.position < m.at) + 1)
+            .filter(|n| *n <= pending.len())
+            .min()
+            .unwrap_or(pending.len())
+    }
+
+    /// The worker committed `applied` (those after `before`) and its view
+    /// stands at `after`: the marks it reached are answered, with the view
+    /// pinned now when `after` is the first event at or past the mark.
+    pub(super) fn committed(
+        &self,
+        views: &ViewStore,
+        view: &ViewId,
+        before: Position,
+        applied: &[RecordedEvent],
+        after: Position,
+    ) {
+        let mut set = self.lock();
+        if set.pending.iter().all(|m| m.at > after) {
+            return;
+        }
+        let mut pinned: Option<Result<PinnedView, String>> = None;
+        let (reached, waiting): (Vec<Mark>, Vec<Mark>) = std::mem::take(&mut set.pending)
+            .into_iter()
+            .partition(|m| m.at <= after);
+        set.pending = waiting;
+        for m in reached {
+            let first = applied
+                .iter()
+                .find(|e| e.position > before && e.position >= m.at)
+                .map(|e| e.position);
+            let answer = if before < m.at && first == Some(after) {
+                match pinned.get_or_insert_with(|| views.pin(view).map_err(|e| e.to_string())) {
+                    Ok(p) => Reached::Pinned(p.clone()),
+                    Err(e) => Reached::Unreadable(e.clone()),
                 }
-                if hold.changed().await.is_err() {
-                    // The holds are gone (shutting down): nothing holds.
-                    let out = std::mem::take(&mut pending);
-                    return Some((Ok(out), (tail, hold, pending)));
-                }
-                continue;
-            }
+            } else {
+                Reached::Passed(after)
+            };
+            let _ = m.tx.send(answer);
+        }
+    }
+
+    /// The worker stops: every mark is answered ([`Gone`]) and none is
+    /// taken any more.
+    pub(super) fn close(&self) {
+        let dropped = {
+            let mut set = self.lock();
+            set.closed = true;
+            std::mem::take(&mut set.pending)
+        };
+        drop(dropped);
+        self.gone.send_replace(true);
+    }
+}
+
+/// `tail`, cut right after the first event at or past each mark on the view
+/// (`from`: the first position it reads). It never waits: a cut batch's
+/// rest is the next one.
+fn cut(tail: EventBatches, marks: Arc<Marks>, from: Position) -> EventBatches {
+    let state = (tail, marks, Vec::new(), from.saturating_sub(1));
+    futures::stream::unfold(state, |(mut tail, marks, mut pending, last)| async move {
+        while pending.is_empty() {
             match tail.next().await {
                 None => return None,
-                Some(Err(e)) => return Some((Err(e), (tail, hold, pending))),
+                Some(Err(e)) => return Some((Err(e), (tail, marks, pending, last))),
                 Some(Ok(batch)) => pending = batch,
             }
         }
+        let rest = pending.split_off(marks.cut_at(last, &pending));
+        let out = std::mem::replace(&mut pending, rest);
+        let last = out.last().map_or(last, |e: &RecordedEvent| e.position);
+        Some((Ok(out), (tail, marks, pending, last)))
     })
     .boxed()
 }
 
 impl Inner {
-    /// The log from `from` for `view`'s worker, cut at any hold on `view`.
-    pub(super) fn tail(&self, view: &ViewId, from: Position) -> EventBatches {
-        held(self.store.tail(from), self.holds.sender(view).subscribe())
+    /// The log from `from` for a view's worker, cut at the marks on it.
+    pub(super) fn tail(&self, marks: &Arc<Marks>, from: Position) -> EventBatches {
+        cut(self.store.tail(from), marks.clone(), from)
+    }
+
+    /// The progress of the version `r` reads, if it is caught up and its
+    /// worker runs (else why not).
+    fn live(&self, r: &Resolved) -> Result<Arc<Progress>, LifecycleError> {
+        let st = self.lock();
+        let e = st
+            .registry
+            .entries
+            .get(&r.version)
+            .ok_or_else(|| LifecycleError::UnknownView {
+                spec: r.version.to_string(),
+            })?;
+        let not = || LifecycleError::NotComparable {
+            id: r.version.clone(),
+            state: e.state,
+        };
+        if !matches!(
+            e.state,
+            ViewState::Ready | ViewState::Active | ViewState::Standby
+        ) || !st.workers.contains_key(&r.physical)
+        {
+            return Err(not());
+        }
+        st.progress.get(&r.physical).cloned().ok_or_else(not)
+    }
+
+    /// Why the view `r` reads stopped tailing: retired, failed, the daemon
+    /// stopping, or whatever its state says now.
+    fn gone_reason(&self, r: &Resolved) -> LifecycleError {
+        if self.check_running().is_err() {
+            return LifecycleError::ShuttingDown;
+        }
+        let st = self.lock();
+        match st.registry.entries.get(&r.version) {
+            None => LifecycleError::UnknownView {
+                spec: r.version.to_string(),
+            },
+            Some(e) if e.state == ViewState::Retired => LifecycleError::Retired {
+                id: r.version.clone(),
+            },
+            Some(e) if e.state == ViewState::Failed => LifecycleError::Failed {
+                id: r.version.clone(),
+                reason: e.last_error.clone().unwrap_or_else(|| "failed".into()),
+            },
+            Some(e) => LifecycleError::NotComparable {
+                id: r.version.clone(),
+                state: e.state,
+            },
+        }
+    }
+
+    /// The physical view `view` pinned where it first stands at or past
+    /// `at`, waiting for its worker to get there (the worker waits for no
+    /// one). [`Gone`] when the worker stops first.
+    pub(super) async fn reach(
+        &self,
+        progress: &Progress,
+        view: &ViewId,
+        at: Position,
+    ) -> Result<Reached, Gone> {
+        let mut waiting = progress.marks.put(at)?;
+        if progress.checkpoint() < at {
+            return waiting.reached().await;
+        }
+        // There already (or past): as it stands now.
+        drop(waiting);
+        Ok(match self.views.pin(view) {
+            Ok(p) if p.position() == at => Reached::Pinned(p),
+            Ok(p) => Reached::Passed(p.position()),
+            Err(e) => Reached::Unreadable(e.to_string()),
+        })
     }
 
     /// Compares `a` and `b` at one position (see the module docs).
@@ -224,116 +415,82 @@ impl Inner {
         opts: DiffOptions,
         wait: Duration,
     ) -> Result<Diff, LifecycleError> {
-        let _one_at_a_time = self.compare_lock.lock().await;
         let started = Instant::now();
-        let (progress_a, progress_b) = {
-            let st = self.lock();
-            let live = |r: &Resolved| {
-                let e = st.registry.entries.get(&r.version).ok_or_else(|| {
-                    LifecycleError::UnknownView {
-                        spec: r.version.to_string(),
-                    }
-                })?;
-                if !matches!(
-                    e.state,
-                    ViewState::Ready | ViewState::Active | ViewState::Standby
-                ) || !st.workers.contains_key(&r.physical)
-                {
-                    return Err(LifecycleError::NotComparable {
-                        id: r.version.clone(),
-                        state: e.state,
-                    });
-                }
-                st.progress
-                    .get(&r.physical)
-                    .cloned()
-                    .ok_or_else(|| LifecycleError::NotComparable {
-                        id: r.version.clone(),
-                        state: e.state,
-                    })
-            };
-            (live(&a)?, live(&b)?)
-        };
-        let guard = HoldGuard {
-            holds: &self.holds,
-            views: vec![a.physical.clone(), b.physical.clone()],
-        };
+        let (progress_a, progress_b) = (self.live(&a)?, self.live(&b)?);
+        let (mut gone_a, mut gone_b) = (progress_a.marks.gone(), progress_b.marks.gone());
+        let mut shutdown = self.shutdown_tx.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
-        let mut rx_a = progress_a.checkpoint_tx.subscribe();
-        let mut rx_b = progress_b.checkpoint_tx.subscribe();
-        let mut target = progress_a.checkpoint().max(progress_b.checkpoint());
-        guard.hold(target);
-        loop {
-            // Wait until both views are at the target (moving it up when a
-            // batch handed over before the hold carried one past it).
-            loop {
-                let (at_a, at_b) = (*rx_a.borrow_and_update(), *rx_b.borrow_and_update());
-                if at_a.max(at_b) > target {
-                    target = at_a.max(at_b);
-                    guard.hold(target);
-                    continue;
+        // Both as they stand now; then the one behind is pinned where it
+        // reaches the other's position (the one ahead goes on meanwhile).
+        let mut pin_a = self.views.pin(&a.physical)?;
+        let mut pin_b = if a.physical == b.physical {
+            pin_a.clone()
+        } else {
+            self.views.pin(&b.physical)?
+        };
+        while pin_a.position() != pin_b.position() {
+            let a_behind = pin_a.position() < pin_b.position();
+            let (behind, progress, target) = if a_behind {
+                (&a, &progress_a, pin_b.position())
+            } else {
+                (&b, &progress_b, pin_a.position())
+            };
+            let unmet = || {
+                LifecycleError::NoCommonPosition(Box::new(Unmet {
+                    a: a.version.clone(),
+                    a_at: progress_a.checkpoint(),
+                    b: b.version.clone(),
+                    b_at: progress_b.checkpoint(),
+                    target,
+                    millis: wait.as_millis() as u64,
+                }))
+            };
+            let reached = tokio::select! {
+                r = self.reach(progress, &behind.physical, target) => {
+                    r.map_err(|Gone| self.gone_reason(behind))?
                 }
-                if at_a == target && at_b == target {
-                    break;
+                _ = gone_a.wait_for(|g| *g) => return Err(self.gone_reason(&a)),
+                _ = gone_b.wait_for(|g| *g) => return Err(self.gone_reason(&b)),
+                _ = shutdown.wait_for(|s| *s) => return Err(LifecycleError::ShuttingDown),
+                _ = tokio::time::sleep_until(deadline) => return Err(unmet()),
+            };
+            let pinned = match reached {
+                Reached::Pinned(p) => p,
+                // Past the target: as it stands now, and the other side
+                // is the one behind.
+                Reached::Passed(_) => self.views.pin(&behind.physical)?,
+                Reached::Unreadable(e) => {
+                    return Err(LifecycleError::Internal(format!(
+                        "pinning {} at {target}: {e}",
+                        behind.physical
+                    )));
                 }
-                for r in [&a, &b] {
-                    if let Some(reason) = self.failure_of(&r.physical) {
-                        return Err(LifecycleError::Failed {
-                            id: r.physical.clone(),
-                            reason,
-                        });
-                    }
-                }
-                let timeout = || {
-                    LifecycleError::NoCommonPosition(Box::new(Unmet {
-                        a: a.version.clone(),
-                        a_at: at_a,
-                        b: b.version.clone(),
-                        b_at: at_b,
-                        target,
-                        millis: wait.as_millis() as u64,
-                    }))
-                };
-                tokio::select! {
-                    r = rx_a.changed() => r.map_err(|_| LifecycleError::ShuttingDown)?,
-                    r = rx_b.changed() => r.map_err(|_| LifecycleError::ShuttingDown)?,
-                    _ = tokio::time::sleep_until(deadline) => return Err(timeout()),
-                }
+            };
+            if a_behind {
+                pin_a = pinned;
+            } else {
+                pin_b = pinned;
             }
-            let waited = started.elapsed();
-            let views = self.views.clone();
-            let (pa, pb, o) = (a.physical.clone(), b.physical.clone(), opts.clone());
-            let (lift_tx, lift_rx) = tokio::sync::oneshot::channel::<bool>();
-            let compare = tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                views
-                    .compare(&pa, &pb, &o, |x, y| {
-                        let _ = lift_tx.send(x == y);
-                    })
-                    .map(|c| (c, t.elapsed()))
-            });
-            // Lift the holds as soon as the snapshot is taken at one position.
-            if lift_rx.await.unwrap_or(false) {
-                guard.release();
-            }
-            let (compared, took) = compare
-                .await
-                .map_err(|e| LifecycleError::Internal(format!("a comparison panicked: {e}")))??;
-            match compared {
-                Compared::Report(report) => {
-                    return Ok(Diff {
-                        a,
-                        b,
-                        report,
-                        waited,
-                        took,
-                    });
-                }
-                Compared::Apart { a: x, b: y } => {
-                    target = target.max(x).max(y);
-                    guard.hold(target);
-                }
-            }
+        }
+        let waited = started.elapsed();
+        let compared = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            pin_a.compare(&pin_b, &opts).map(|c| (c, t.elapsed()))
+        });
+        let (compared, took) = compared
+            .await
+            .map_err(|e| LifecycleError::Internal(format!("a comparison panicked: {e}")))??;
+        match compared {
+            Compared::Report(report) => Ok(Diff {
+                a,
+                b,
+                report,
+                waited,
+                took,
+            }),
+            Compared::Apart { a: x, b: y } => Err(LifecycleError::Internal(format!(
+                "two views pinned at one position read {x} and {y}"
+            ))),
         }
     }
 
@@ -407,10 +564,11 @@ impl Inner {
 impl Lifecycle {
     /// Compares the documents of versions `a` and `b` (each a bare name, an
     /// exact id or a semver requirement; aliases read their view) at one log
-    /// position, without stopping either: the faster one waits at the
-    /// common position (at most `wait`) while the other catches up, then
-    /// both go on while the comparison reads one snapshot. `409
-    /// not_comparable` for a version that is not caught up and live.
+    /// position, without stopping either: the one ahead is pinned as it
+    /// stands, the one behind where it reaches that position (waiting at
+    /// most `wait` for it), and the comparison reads the two pins. `409
+    /// not_comparable` for a version that is not caught up and live; a side
+    /// retired, failed or stopped meanwhile ends it at once with that reason.
     pub async fn diff(
         &self,
         a: &str,
@@ -427,7 +585,6 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RecordedEvent;
 
     fn event(position: Position) -> RecordedEvent {
         RecordedEvent {
@@ -443,28 +600,48 @@ mod tests {
         }
     }
 
-    /// A held tail hands over events up to the hold, cutting a batch that
-    /// straddles it, and the rest once the hold is lifted.
+    fn positions(batch: Vec<RecordedEvent>) -> Vec<Position> {
+        batch.iter().map(|e| e.position).collect()
+    }
+
+    /// A marked tail cuts a batch right after the first event at or past
+    /// each mark (a position that is no event's, such as a tag marker's,
+    /// included) and never waits: the rest is the next batch at once.
     #[tokio::test]
-    async fn a_held_tail_stops_at_the_hold_and_goes_on_when_it_is_lifted() {
-        let batches: Vec<Result<Vec<RecordedEvent>, crate::store::StoreError>> =
-            vec![Ok((1..=5).map(event).collect()), Ok(vec![event(6)])];
-        let (tx, rx) = watch::channel(Some(3));
-        let mut tail = held(futures::stream::iter(batches).boxed(), rx);
-        let first = tail.next().await.expect("a batch").expect("ok");
-        assert_eq!(
-            first.iter().map(|e| e.position).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
-        let waiting = tokio::time::timeout(Duration::from_millis(50), tail.next()).await;
-        assert!(waiting.is_err(), "nothing past the hold");
-        tx.send_replace(Some(4));
-        let next = tail.next().await.expect("a batch").expect("ok");
-        assert_eq!(next.iter().map(|e| e.position).collect::<Vec<_>>(), [4]);
-        tx.send_replace(None);
-        let rest = tail.next().await.expect("a batch").expect("ok");
-        assert_eq!(rest.iter().map(|e| e.position).collect::<Vec<_>>(), [5]);
-        let last = tail.next().await.expect("a batch").expect("ok");
-        assert_eq!(last[0].position, 6);
+    async fn a_marked_tail_is_cut_after_the_first_event_at_or_past_each_mark_and_never_waits() {
+        // Position 4 is no event's (a tag marker on JetStream).
+        let batches: Vec<Result<Vec<RecordedEvent>, crate::store::StoreError>> = vec![
+            Ok([1, 2, 3, 5, 6, 7].into_iter().map(event).collect()),
+            Ok(vec![event(8)]),
+        ];
+        let marks = Arc::new(Marks::default());
+        let _at_4 = marks.put(4).expect("a live view takes marks");
+        let _at_6 = marks.put(6).expect("a live view takes marks");
+        let mut tail = cut(futures::stream::iter(batches).boxed(), marks.clone(), 1);
+        let mut next = async || {
+            let b = tokio::time::timeout(Duration::from_secs(1), tail.next()).await;
+            positions(b.expect("never waits").expect("a batch").expect("ok"))
+        };
+        assert_eq!(next().await, [1, 2, 3, 5]);
+        assert_eq!(next().await, [6]);
+        assert_eq!(next().await, [7]);
+        assert_eq!(next().await, [8]);
+    }
+
+    /// A mark dropped by its comparison cuts nothing any more, and a closed
+    /// view (its worker stopped) answers every mark and takes none.
+    #[tokio::test]
+    async fn a_stopped_worker_answers_its_marks_at_once() {
+        let marks = Arc::new(Marks::default());
+        let dropped = marks.put(2).expect("mark");
+        drop(dropped);
+        assert_eq!(marks.cut_at(0, &[event(1), event(2), event(3)]), 3);
+        let mut waiting = marks.put(5).expect("mark");
+        let mut gone = marks.gone();
+        let closer = CloseOnDrop(marks.clone());
+        drop(closer);
+        assert!(matches!(waiting.reached().await, Err(Gone)));
+        assert!(*gone.wait_for(|g| *g).await.expect("gone"));
+        assert!(marks.put(6).is_err());
     }
 }

@@ -20,9 +20,10 @@
 //!
 //! Promote and rollback of a fleet name propose a new decision to the fleet
 //! ([`FleetCoordinator`]) and wait, bounded, until this instance follows it.
-//! Digests at common positions ([`Lifecycle::digest_at`]) hold the view's
-//! tail at the position (the hold of [`super::compare`]), so every member
-//! digests its documents at exactly the same log position.
+//! Digests at common positions ([`Lifecycle::digest_at`]) pin the view where
+//! it first stands at or past a multiple of `digest_every` (the marks of
+//! [`super::compare`]), the same event on every member, and read the pin
+//! while the view goes on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::compare::HoldGuard;
+use super::compare::{Gone, Reached};
 use super::machine::{Follow, Physical};
 use super::registry::Registry;
 use super::{CutoverPolicy, Lifecycle, LifecycleError, Resolved, ViewState, now_millis};
@@ -484,77 +485,69 @@ impl Lifecycle {
         self.inner.fleet.changed.subscribe()
     }
 
-    /// The digest of physical view `view` at exactly `at`: its tail is held
-    /// at `at` until it stands there, the digest is taken from one snapshot,
-    /// then the hold is lifted (the view waits while the digest reads: the
-    /// cost returned with it, `took_ms` in `kiln fleet status`). Refused when the view
-    /// is past `at` already or does not reach it within `wait`.
+    /// The digest of physical view `view` at the first checkpoint it
+    /// reaches at or past `at` (a position may be no event's: a tag marker,
+    /// a foreign or removed message; every member's view stands at that
+    /// same first event after it). Waits, for as long as it takes, for the
+    /// view to get there, pins it there (see [`super::compare`]: the view
+    /// goes on at once) and digests the pinned documents on a blocking
+    /// thread while the view tails on; the time the digest read is returned
+    /// with it (`took_ms` in `kiln fleet status`). `DigestMissed` when a
+    /// batch under way carried the view past that checkpoint; ends at once
+    /// when the view's worker stops or the daemon does.
     pub async fn digest_at(
         &self,
         view: &ViewId,
         at: Position,
-        wait: Duration,
     ) -> Result<(ViewDigest, Duration), LifecycleError> {
-        let missed = |checkpoint: Position| LifecycleError::DigestMissed {
-            view: view.clone(),
-            at,
-            checkpoint,
-        };
         let progress = {
             let st = self.inner.lock();
-            if st.registry.physical_state(view) != Physical::Live || !st.workers.contains_key(view)
-            {
-                return Err(LifecycleError::NotComparable {
-                    id: view.clone(),
-                    state: st
-                        .registry
-                        .entries
-                        .get(view)
-                        .map_or(ViewState::Retired, |e| e.state),
+            let live =
+                st.registry.physical_state(view) == Physical::Live && st.workers.contains_key(view);
+            match st.progress.get(view) {
+                Some(p) if live => p.clone(),
+                _ => {
+                    return Err(LifecycleError::NotComparable {
+                        id: view.clone(),
+                        state: st
+                            .registry
+                            .entries
+                            .get(view)
+                            .map_or(ViewState::Retired, |e| e.state),
+                    });
+                }
+            }
+        };
+        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let reached = tokio::select! {
+            r = self.inner.reach(&progress, view, at) => r,
+            _ = shutdown.wait_for(|s| *s) => return Err(LifecycleError::ShuttingDown),
+        };
+        let pinned = match reached {
+            Ok(Reached::Pinned(p)) => p,
+            Ok(Reached::Passed(checkpoint)) => {
+                return Err(LifecycleError::DigestMissed {
+                    view: view.clone(),
+                    at,
+                    checkpoint,
                 });
             }
-            st.progress.get(view).cloned()
-        };
-        let Some(progress) = progress else {
-            return Err(missed(0));
-        };
-        // Not under the comparisons' lock (a digest waits on a quiet log): a
-        // comparison of the same view moving the hold makes this digest miss
-        // its position at worst, and the comparison re-targets past it.
-        let mut rx = progress.checkpoint_tx.subscribe();
-        if *rx.borrow_and_update() > at {
-            return Err(missed(progress.checkpoint()));
-        }
-        let guard = HoldGuard {
-            holds: &self.inner.holds,
-            views: vec![view.clone()],
-        };
-        guard.hold(at);
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let now_at = *rx.borrow_and_update();
-            if now_at == at {
-                break;
+            Ok(Reached::Unreadable(e)) => {
+                return Err(LifecycleError::Internal(format!(
+                    "pinning {view} for its digest: {e}"
+                )));
             }
-            if now_at > at {
-                return Err(missed(now_at));
+            Err(Gone) => {
+                return Err(LifecycleError::NotComparable {
+                    id: view.clone(),
+                    state: self.status_of(view).map_or(ViewState::Retired, |s| s.state),
+                });
             }
-            tokio::select! {
-                r = rx.changed() => r.map_err(|_| LifecycleError::ShuttingDown)?,
-                _ = tokio::time::sleep_until(deadline) => return Err(missed(now_at)),
-            }
-        }
-        let views = self.inner.views.clone();
-        let v = view.clone();
+        };
         let started = Instant::now();
-        let digest = tokio::task::spawn_blocking(move || views.digest(&v))
+        let digest = tokio::task::spawn_blocking(move || pinned.digest())
             .await
             .map_err(|e| LifecycleError::Internal(format!("a digest panicked: {e}")))??;
-        drop(guard);
-        let took = started.elapsed();
-        if digest.position != at {
-            return Err(missed(digest.position));
-        }
-        Ok((digest, took))
+        Ok((digest, started.elapsed()))
     }
 }

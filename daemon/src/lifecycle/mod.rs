@@ -341,6 +341,9 @@ pub struct ViewStatus {
     pub warning: Option<String>,
     /// Host faults met since the daemon started.
     pub host_faults: u64,
+    /// Comparisons and digests waiting for this view to reach a position
+    /// (its worker pins it there and goes on; it waits for no one).
+    pub awaited: usize,
     /// A live version whose checkpoint has not moved for this many seconds
     /// (at least [`LifecycleConfig::stall_after`]) while the log moved on
     /// without it (lag above 0): a stuck tail, a paused or spinning worker.
@@ -571,10 +574,6 @@ struct Inner {
     priority: Arc<Priority>,
     /// `config.warmup_workers`, changeable while running (for benchmarks).
     warmup_workers: AtomicUsize,
-    /// Where comparisons hold view tails (see [`compare`]).
-    holds: compare::Holds,
-    /// Comparisons run one at a time.
-    compare_lock: tokio::sync::Mutex<()>,
     /// The fleet's decisions and contact (`cutover = "fleet"`, see [`fleet`]).
     fleet: fleet::FleetLink,
     shutting_down: AtomicBool,
@@ -643,8 +642,6 @@ impl Lifecycle {
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             warmup_workers: AtomicUsize::new(warmup_workers),
-            holds: compare::Holds::default(),
-            compare_lock: tokio::sync::Mutex::new(()),
             fleet: fleet::FleetLink::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
@@ -1645,8 +1642,21 @@ impl Inner {
             // The warm-up this instance ran (holding the lease): ship it.
             let (this, id) = (self.clone(), id.clone());
             let task = tokio::spawn(async move {
-                if snapshots.holds_lease(&id).await {
-                    this.publish_snapshot(&snapshots, &id, &fingerprint).await;
+                if !snapshots.holds_lease(&id).await {
+                    return;
+                }
+                let progress = this.lock().progress.get(&id).cloned();
+                let empty = progress.as_ref().is_some_and(|p| p.checkpoint() == 0);
+                let published = this.publish_snapshot(&snapshots, &id, &fingerprint).await;
+                // Caught up having applied no event (deployed on an empty
+                // log): nothing was published, and nothing is being built.
+                if published.is_none()
+                    && empty
+                    && let Some(p) = progress
+                    && let Ok(mut g) = p.snapshot.lock()
+                    && *g == Some(SnapshotActivity::Building)
+                {
+                    *g = None;
                 }
             });
             self.push_background(task);
@@ -1842,6 +1852,7 @@ impl Inner {
             paused: progress.and_then(|p| p.paused()),
             warning: progress.and_then(|p| p.warning()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),
+            awaited: progress.filter(|_| own).map_or(0, |p| p.marks.awaited()),
             stalled_secs: progress
                 .filter(|_| {
                     lag > 0
@@ -2019,6 +2030,14 @@ fn deploy_note(
         .filter(|e| e.id < *id)
         .max_by(|a, b| a.id.cmp(&b.id))
         .or_else(|| others().min_by(|a, b| a.id.cmp(&b.id)));
+    if let Some(e) = nearest.filter(|e| e.fingerprint == report.fingerprint.to_string()) {
+        // The same logic, yet no alias: that version's view is not kept.
+        return format!(
+            "new view: fingerprint {}, the same logic as {}, which is {}: its view is not \
+             kept, so this version builds one of its own",
+            report.fingerprint, e.id, e.state
+        );
+    }
     let other_id = nearest.map(|e| e.id.to_string());
     fingerprint::explain_new_view(
         report,

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use super::compare::{CloseOnDrop, Marks};
 use super::{Inner, LifecycleError, PoisonPolicy, parked};
 use crate::runtime::{Instance, Module, ProjectionError, Projector};
 use crate::snapshots::{Bootstrap, SnapshotError};
@@ -105,6 +106,9 @@ pub(super) struct Progress {
     /// Why the view warms with one worker despite `per_stream` (see
     /// `views::owners`).
     pub warning: std::sync::Mutex<Option<String>>,
+    /// Where comparisons and digests want the view pinned (see
+    /// [`super::compare`]); closed when the worker stops.
+    pub marks: Arc<Marks>,
     /// When the checkpoint last moved (or the worker started).
     moved_at: std::sync::Mutex<Instant>,
 }
@@ -125,6 +129,7 @@ impl Progress {
             snapshot: std::sync::Mutex::new(None),
             fleet_first: AtomicBool::new(false),
             warning: std::sync::Mutex::new(None),
+            marks: Arc::default(),
             moved_at: std::sync::Mutex::new(Instant::now()),
         })
     }
@@ -248,11 +253,15 @@ pub(super) struct WorkerHandle {
     stop: watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
     pub commands: mpsc::Sender<Command>,
+    marks: Arc<Marks>,
 }
 
 impl WorkerHandle {
-    /// Stops the worker after its current batch and waits for it.
+    /// Stops the worker after its current batch and waits for it. What
+    /// waits for the view to reach a position is answered at once, not
+    /// after the batch.
     pub async fn stop(self) {
+        self.marks.close();
         let _ = self.stop.send(true);
         let _ = self.join.await;
     }
@@ -260,6 +269,7 @@ impl WorkerHandle {
     /// Stops the worker at its next await point, as a crash would (a batch
     /// already handed to a blocking thread still finishes, or not).
     pub async fn abort(self) {
+        self.marks.close();
         self.join.abort();
         let _ = self.join.await;
     }
@@ -276,6 +286,10 @@ pub(super) fn spawn(
     let (commands, commands_rx) = mpsc::channel(8);
     let view = module.view_id().clone();
     let span = tracing::info_span!("view", view = %view);
+    // However the worker ends (stopped, failed, aborted), its marks are
+    // answered at once.
+    let marks = progress.marks.clone();
+    let closer = CloseOnDrop(marks.clone());
     let worker = Worker {
         inner: inner.clone(),
         view,
@@ -288,11 +302,18 @@ pub(super) fn spawn(
         open_error: None,
         slot: Slot::View,
     };
-    let join = tokio::spawn(worker.run(stop_rx, commands_rx).instrument(span));
+    let join = tokio::spawn(
+        async move {
+            let _closer = closer;
+            worker.run(stop_rx, commands_rx).await;
+        }
+        .instrument(span),
+    );
     WorkerHandle {
         stop,
         join,
         commands,
+        marks,
     }
 }
 
@@ -410,7 +431,9 @@ impl Worker {
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
-        let mut tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+        let mut tail = self
+            .inner
+            .tail(&self.progress.marks, self.progress.checkpoint() + 1);
         loop {
             tokio::select! {
                 biased;
@@ -431,7 +454,7 @@ impl Worker {
                         if self.inner.store.head().await.is_ok() {
                             self.progress.set_paused(None);
                         }
-                        tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+                        tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
                     }
                     Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
                         Ok(()) => backoff = FAULT_RETRY_FIRST,
@@ -465,7 +488,7 @@ impl Worker {
                                     },
                                 }
                             }
-                            tail = self.inner.tail(&self.view, self.progress.checkpoint() + 1);
+                            tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
                         }
                     },
                 },
@@ -751,6 +774,7 @@ impl Worker {
         let events = batch.clone();
         let before = projector.checkpoint();
         let started = Instant::now();
+        let handed = range.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let result = projector.apply(&events[range]);
             (projector, result)
@@ -784,6 +808,17 @@ impl Worker {
                 self.progress.set_paused(None);
             }
             self.progress.advance(after);
+            if self.slot == Slot::View {
+                // Standing at `after` until the next batch: pinned now where
+                // a comparison or a digest asked for it.
+                self.progress.marks.committed(
+                    &self.inner.views,
+                    &self.view,
+                    before,
+                    &batch[handed],
+                    after,
+                );
+            }
         }
         Ok(())
     }

@@ -16,11 +16,14 @@
 
 use std::cmp::Ordering;
 
+use std::sync::Arc;
+
 use rocksdb::ReadOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ViewError, ViewId, ViewStore, checkpoint_key, decode_checkpoint, storage};
+use super::digest::{Digester, ViewDigest, position_in};
+use super::{Db, ViewError, ViewId, ViewStore, checkpoint_key, decode_checkpoint, storage};
 use crate::store::Position;
 
 /// Most field changes listed for one changed document (the rest are counted).
@@ -152,79 +155,187 @@ impl ViewStore {
         if at_a != at_b {
             return Ok(Compared::Apart { a: at_a, b: at_b });
         }
-        let mut ia = snapshot.raw_iterator_cf_opt(&cf_a, whole_view_scan());
-        let mut ib = snapshot.raw_iterator_cf_opt(&cf_b, whole_view_scan());
-        ia.seek(&opts.prefix);
-        ib.seek(&opts.prefix);
-        let mut report = DiffReport {
-            position: at_a,
-            ..DiffReport::default()
-        };
-        let n = opts.examples;
-        loop {
-            let prefix = opts.prefix.as_slice();
-            let ka = ia.key().filter(|k| k.starts_with(prefix));
-            let kb = ib.key().filter(|k| k.starts_with(prefix));
-            let order = match (ka, kb) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some(x), Some(y)) => x.cmp(y),
-            };
-            report.compared += 1;
-            match order {
-                Ordering::Less => {
-                    report.only_in_a += 1;
-                    if report.examples.only_in_a.len() < n
-                        && let (Some(k), Some(v)) = (ia.key(), ia.value())
-                    {
-                        report.examples.only_in_a.push(key_doc(k, v));
-                    }
-                    ia.next();
-                }
-                Ordering::Greater => {
-                    report.only_in_b += 1;
-                    if report.examples.only_in_b.len() < n
-                        && let (Some(k), Some(v)) = (ib.key(), ib.value())
-                    {
-                        report.examples.only_in_b.push(key_doc(k, v));
-                    }
-                    ib.next();
-                }
-                Ordering::Equal => {
-                    let (va, vb) = (ia.value().unwrap_or(&[]), ib.value().unwrap_or(&[]));
-                    if va == vb {
-                        report.same += 1;
-                    } else {
-                        let (old, new) = (parse(va), parse(vb));
-                        if old == new {
-                            report.same += 1;
-                        } else {
-                            report.changed += 1;
-                            if report.examples.changed.len() < n {
-                                let mut fields = Vec::new();
-                                let mut more = 0;
-                                json_diff(&old, &new, &mut String::new(), &mut fields, &mut more);
-                                report.examples.changed.push(ChangedDoc {
-                                    key: text(ia.key().unwrap_or(&[])),
-                                    fields,
-                                    more_fields: more,
-                                });
-                            }
-                        }
-                    }
-                    ia.next();
-                    ib.next();
-                }
-            }
-        }
-        ia.status()
-            .map_err(storage(format!("reading {a} for a comparison")))?;
-        ib.status()
-            .map_err(storage(format!("reading {b} for a comparison")))?;
-        Ok(Compared::Report(report))
+        let ia = snapshot.raw_iterator_cf_opt(&cf_a, whole_view_scan());
+        let ib = snapshot.raw_iterator_cf_opt(&cf_b, whole_view_scan());
+        merge((a, ia), (b, ib), opts, at_a).map(Compared::Report)
     }
 
+    /// The view `view` as it stands now, pinned in one RocksDB snapshot of
+    /// the views database (see [`PinnedView`]). Refused while the view warms
+    /// in partitions.
+    pub fn pin(&self, view: &ViewId) -> Result<PinnedView, ViewError> {
+        self.cf(view)?;
+        let snapshot = self.db.snapshot();
+        let position = position_in(&snapshot, view)?;
+        // SAFETY: the snapshot borrows the database it was taken of.
+        // `Pinned` owns a handle on that same database (`db`: an `Arc`, whose
+        // contents never move) and drops the snapshot before it (fields drop
+        // in declaration order), so the borrow never outlives the database.
+        let snapshot = unsafe {
+            std::mem::transmute::<
+                rocksdb::SnapshotWithThreadMode<'_, Db>,
+                rocksdb::SnapshotWithThreadMode<'static, Db>,
+            >(snapshot)
+        };
+        Ok(PinnedView(Arc::new(Pinned {
+            snapshot,
+            db: self.db.clone(),
+            view: view.clone(),
+            position,
+        })))
+    }
+}
+
+/// One view as one RocksDB snapshot of the views database holds it: its
+/// documents exactly at `position`, its checkpoint then, readable for as
+/// long as it is kept while the view's worker goes on. Cheap to clone.
+/// (Taking one costs microseconds; keeping one only keeps RocksDB from
+/// compacting away what the view overwrote since.)
+#[derive(Clone)]
+pub struct PinnedView(Arc<Pinned>);
+
+struct Pinned {
+    // Declared before `db`: dropped before the database it borrows.
+    snapshot: rocksdb::SnapshotWithThreadMode<'static, Db>,
+    db: Arc<Db>,
+    view: ViewId,
+    position: Position,
+}
+
+impl PinnedView {
+    /// The physical view.
+    pub fn view(&self) -> &ViewId {
+        &self.0.view
+    }
+
+    /// The log position its documents are at (its checkpoint in the snapshot).
+    pub fn position(&self) -> Position {
+        self.0.position
+    }
+
+    /// Calls `read` with an iterator over the view's documents as pinned.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(rocksdb::DBRawIteratorWithThreadMode<'_, Db>) -> Result<T, ViewError>,
+    ) -> Result<T, ViewError> {
+        let p = &self.0;
+        // The column family stays referenced while the iterator reads it.
+        let cf =
+            p.db.cf_handle(&p.view.to_string())
+                .ok_or_else(|| ViewError::NotFound(p.view.clone()))?;
+        read(p.snapshot.raw_iterator_cf_opt(&cf, whole_view_scan()))
+    }
+
+    /// The digest of the documents as pinned (see [`super::digest`]).
+    pub fn digest(&self) -> Result<ViewDigest, ViewError> {
+        self.read(|mut it| {
+            let mut d = Digester::new();
+            it.seek_to_first();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                d.add(k, v);
+                it.next();
+            }
+            it.status()
+                .map_err(storage(format!("reading the documents of {}", self.view())))?;
+            Ok(d.finish(self.position()))
+        })
+    }
+
+    /// Compares the documents of two pinned views, which must stand at one
+    /// position (else [`Compared::Apart`], nothing read).
+    pub fn compare(&self, other: &PinnedView, opts: &DiffOptions) -> Result<Compared, ViewError> {
+        let (at_a, at_b) = (self.position(), other.position());
+        if at_a != at_b {
+            return Ok(Compared::Apart { a: at_a, b: at_b });
+        }
+        self.read(|ia| {
+            other.read(|ib| {
+                merge((self.view(), ia), (other.view(), ib), opts, at_a).map(Compared::Report)
+            })
+        })
+    }
+}
+
+/// One merge pass over two views' documents (each an iterator over one
+/// column family, in key order), both at `position`.
+fn merge(
+    (a, mut ia): (&ViewId, rocksdb::DBRawIteratorWithThreadMode<'_, Db>),
+    (b, mut ib): (&ViewId, rocksdb::DBRawIteratorWithThreadMode<'_, Db>),
+    opts: &DiffOptions,
+    position: Position,
+) -> Result<DiffReport, ViewError> {
+    ia.seek(&opts.prefix);
+    ib.seek(&opts.prefix);
+    let mut report = DiffReport {
+        position,
+        ..DiffReport::default()
+    };
+    let n = opts.examples;
+    loop {
+        let prefix = opts.prefix.as_slice();
+        let ka = ia.key().filter(|k| k.starts_with(prefix));
+        let kb = ib.key().filter(|k| k.starts_with(prefix));
+        let order = match (ka, kb) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(x), Some(y)) => x.cmp(y),
+        };
+        report.compared += 1;
+        match order {
+            Ordering::Less => {
+                report.only_in_a += 1;
+                if report.examples.only_in_a.len() < n
+                    && let (Some(k), Some(v)) = (ia.key(), ia.value())
+                {
+                    report.examples.only_in_a.push(key_doc(k, v));
+                }
+                ia.next();
+            }
+            Ordering::Greater => {
+                report.only_in_b += 1;
+                if report.examples.only_in_b.len() < n
+                    && let (Some(k), Some(v)) = (ib.key(), ib.value())
+                {
+                    report.examples.only_in_b.push(key_doc(k, v));
+                }
+                ib.next();
+            }
+            Ordering::Equal => {
+                let (va, vb) = (ia.value().unwrap_or(&[]), ib.value().unwrap_or(&[]));
+                if va == vb {
+                    report.same += 1;
+                } else {
+                    let (old, new) = (parse(va), parse(vb));
+                    if old == new {
+                        report.same += 1;
+                    } else {
+                        report.changed += 1;
+                        if report.examples.changed.len() < n {
+                            let mut fields = Vec::new();
+                            let mut more = 0;
+                            json_diff(&old, &new, &mut String::new(), &mut fields, &mut more);
+                            report.examples.changed.push(ChangedDoc {
+                                key: text(ia.key().unwrap_or(&[])),
+                                fields,
+                                more_fields: more,
+                            });
+                        }
+                    }
+                }
+                ia.next();
+                ib.next();
+            }
+        }
+    }
+    ia.status()
+        .map_err(storage(format!("reading {a} for a comparison")))?;
+    ib.status()
+        .map_err(storage(format!("reading {b} for a comparison")))?;
+    Ok(report)
+}
+
+impl ViewStore {
     /// Reads every document of `view` (keys starting with `prefix`) in one
     /// snapshot and returns how many: the plain scan a comparison's speed is
     /// measured against (`kiln bench diff`).

@@ -63,38 +63,9 @@ impl Digester {
 }
 
 impl ViewStore {
-    /// Walks `view`'s documents in key order as one RocksDB snapshot holds
-    /// them, calling `each(key, document)`, and returns the checkpoint that
-    /// snapshot holds: the documents are exactly those at that position.
-    /// Refused while the view warms in partitions (its documents are at no
-    /// single position then).
-    pub fn walk_consistent(
-        &self,
-        view: &ViewId,
-        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), ViewError>,
-    ) -> Result<Position, ViewError> {
-        let cf = self.cf(view)?;
-        let snapshot = self.db.snapshot();
-        let position = position_in(&snapshot, view)?;
-        let mut it = snapshot.raw_iterator_cf_opt(&cf, super::diff::whole_view_scan());
-        it.seek_to_first();
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            each(k, v)?;
-            it.next();
-        }
-        it.status()
-            .map_err(storage(format!("reading the documents of {view}")))?;
-        Ok(position)
-    }
-
     /// The digest of `view`'s documents at its checkpoint (one snapshot).
     pub fn digest(&self, view: &ViewId) -> Result<ViewDigest, ViewError> {
-        let mut d = Digester::new();
-        let at = self.walk_consistent(view, |k, v| {
-            d.add(k, v);
-            Ok(())
-        })?;
-        Ok(d.finish(at))
+        self.pin(view)?.digest()
     }
 }
 
