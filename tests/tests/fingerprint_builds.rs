@@ -615,3 +615,112 @@ fn source_mutations_that_share_a_fingerprint_build_the_same_documents() {
     );
     assert!(aliased >= 2, "the version and a comment alone alias");
 }
+
+/// The same for AssemblyScript (behind `KILN_FINGERPRINT_SOURCE=1`): source
+/// mutations of `projections/users-as` built for real with `kiln-as` (the
+/// AssemblyScript compiler) at another version, each in a directory of its
+/// own under `target/` (so `kiln-sdk-as` resolves from the npm workspace). A
+/// pair sharing the base's fingerprint must run alike on the corpus.
+#[test]
+fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_documents() {
+    if std::env::var("KILN_FINGERPRINT_SOURCE").as_deref() != Ok("1") {
+        eprintln!("skipped: KILN_FINGERPRINT_SOURCE=1 builds source mutations with kiln-as");
+        return;
+    }
+    let started = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let project = root.join("projections/users-as");
+    let source = std::fs::read_to_string(project.join("assembly/index.ts")).expect("users-as");
+    let work = root.join("target/as-mutants");
+    let _ = std::fs::remove_dir_all(&work);
+    let rt = wasm::runtime();
+    let build = |n: usize, text: &str, version: &str| {
+        let entry = work.join(format!("m{n}/index.ts"));
+        std::fs::create_dir_all(entry.parent().expect("dir")).expect("mutant dir");
+        std::fs::write(&entry, text).expect("mutant source");
+        let out = entry.with_extension("wasm");
+        let built = Command::new("node")
+            .arg(root.join("sdk-as/bin/kiln-as.mjs"))
+            .args(["build", "--version", version, "--entry"])
+            .arg(&entry)
+            .arg("--out")
+            .arg(&out)
+            .current_dir(&project)
+            .output()
+            .expect("running node");
+        assert!(
+            built.status.success(),
+            "kiln-as build of mutant {n}: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        rt.load("as-mutant", &std::fs::read(&out).expect("mutant module"))
+            .expect("mutant loads")
+    };
+    let base = build(0, &source, "1.0.0");
+    let logs = differential::corpus("users");
+    let outcomes: Vec<_> = logs.iter().map(|l| differential::run(&base, l)).collect();
+    let mutations: [(&str, &str, &str); 7] = [
+        ("the version only", "", ""),
+        (
+            "a comment",
+            "  apply(p: Profile, e: Event): Profile {",
+            "  // Folds one event into a profile.\n  apply(p: Profile, e: Event): Profile {",
+        ),
+        (
+            "a local's name",
+            "      const email = data.string(\"email\");\n      p.id = e.streamKey;\n      p.name = name;\n      p.email = email;",
+            "      const mail = data.string(\"email\");\n      p.id = e.streamKey;\n      p.name = name;\n      p.email = mail;",
+        ),
+        ("a constant", "p.logins += 1;", "p.logins += 2;"),
+        (
+            "a branch",
+            "p.email = data.string(\"email\");",
+            "p.name = data.string(\"email\");",
+        ),
+        (
+            "a string literal",
+            "p.id = e.streamKey;",
+            "p.id = e.streamKey + \"!\";",
+        ),
+        (
+            "a serialized field name",
+            ".key(\"email\").string(this.email)",
+            ".key(\"mail\").string(this.email)",
+        ),
+    ];
+    let (mut aliased, mut misses) = (0, 0);
+    for (n, (what, from, to)) in mutations.iter().enumerate() {
+        let text = if from.is_empty() {
+            source.clone()
+        } else {
+            replace_once(&source, from, to)
+        };
+        let module = build(n + 1, &text, "1.0.1");
+        let same = logs
+            .iter()
+            .zip(&outcomes)
+            .all(|(log, outcome)| differential::run(&module, log) == *outcome);
+        let alias = module.fingerprint() == base.fingerprint();
+        if alias {
+            aliased += 1;
+            assert!(
+                same,
+                "{what}: the same fingerprint as the base, other documents or dead letters"
+            );
+        } else if same {
+            misses += 1;
+        }
+        eprintln!(
+            "AssemblyScript source mutation {what}: {}, {}",
+            if alias { "aliases" } else { "a new view" },
+            if same { "the same runs" } else { "other runs" }
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!(
+        "AssemblyScript source mutations: {} built with kiln-as in {:?}: {aliased} aliased (and ran alike), {misses} misses",
+        mutations.len() + 1,
+        started.elapsed()
+    );
+    assert!(aliased >= 2, "the version and a comment alone alias");
+}

@@ -574,13 +574,25 @@ async fn a_digest_at_a_tag_marker_position_never_freezes_a_view() {
     let api = Api::new(&daemon);
     assert_eq!(register(&api, 1..9).await, 8);
     deploy_everywhere(std::slice::from_ref(&api), "1.0.0", None).await;
-    // The name answers only after the fleet's two decision writes (several
-    // heartbeats after the version was ready): the view's digest task, which
-    // starts within 250 ms of it being ready, aims at 10 by then.
     all_answer(
         std::slice::from_ref(&api),
         "users-1_0_0",
         Duration::from_secs(30),
+    )
+    .await;
+    // The view's digest task (started within 250 ms of it tailing live)
+    // waits for it at 10 before the log passes 10: else it would aim at 20.
+    until(
+        "the digest task waiting at 10",
+        Duration::from_secs(10),
+        || async {
+            let (_, views) = api.get("/views").await;
+            views["views"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|v| v["id"] == "users-1_0_0"))
+                .is_some_and(|v| v["awaited"].as_u64() >= Some(1))
+                .then_some(())
+        },
     )
     .await;
     let (s, b) = api
