@@ -572,8 +572,8 @@ fn source_mutations_that_share_a_fingerprint_build_the_same_documents() {
             "    #[serde(rename = \"mail\")]\n    pub email: String,\n    pub registered_at",
         ),
     ];
-    let (mut aliased, mut misses) = (0, 0);
     c.manifest("1.0.1", "");
+    let mut tally = Mutants::default();
     for (what, from, to) in mutations {
         let text = if from.is_empty() {
             source.clone()
@@ -582,29 +582,9 @@ fn source_mutations_that_share_a_fingerprint_build_the_same_documents() {
         };
         c.source(&text);
         let module = rt.load(what, &c.build("1.0.1")).expect("mutant");
-        let same = logs
-            .iter()
-            .zip(&outcomes)
-            .all(|(log, outcome)| differential::run(&module, log) == *outcome);
-        if module.fingerprint() == base.fingerprint() {
-            aliased += 1;
-            assert!(
-                same,
-                "{what}: the same fingerprint as the base, other documents or dead letters"
-            );
-        } else if same {
-            misses += 1;
-        }
-        eprintln!(
-            "source mutation {what}: {}, {}",
-            if module.fingerprint() == base.fingerprint() {
-                "aliases"
-            } else {
-                "a new view"
-            },
-            if same { "the same runs" } else { "other runs" }
-        );
+        tally.judge("source mutation", what, &base, &module, &logs, &outcomes);
     }
+    let Mutants { aliased, misses } = tally;
     c.source(&source);
     c.manifest("1.0.0", "");
     eprintln!(
@@ -688,7 +668,7 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
             ".key(\"mail\").string(this.email)",
         ),
     ];
-    let (mut aliased, mut misses) = (0, 0);
+    let mut tally = Mutants::default();
     for (n, (what, from, to)) in mutations.iter().enumerate() {
         let text = if from.is_empty() {
             source.clone()
@@ -696,26 +676,16 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
             replace_once(&source, from, to)
         };
         let module = build(n + 1, &text, "1.0.1");
-        let same = logs
-            .iter()
-            .zip(&outcomes)
-            .all(|(log, outcome)| differential::run(&module, log) == *outcome);
-        let alias = module.fingerprint() == base.fingerprint();
-        if alias {
-            aliased += 1;
-            assert!(
-                same,
-                "{what}: the same fingerprint as the base, other documents or dead letters"
-            );
-        } else if same {
-            misses += 1;
-        }
-        eprintln!(
-            "AssemblyScript source mutation {what}: {}, {}",
-            if alias { "aliases" } else { "a new view" },
-            if same { "the same runs" } else { "other runs" }
+        tally.judge(
+            "AssemblyScript source mutation",
+            what,
+            &base,
+            &module,
+            &logs,
+            &outcomes,
         );
     }
+    let Mutants { aliased, misses } = tally;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!(
         "AssemblyScript source mutations: {} built with kiln-as in {:?}: {aliased} aliased (and ran alike), {misses} misses",
@@ -723,4 +693,47 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
         started.elapsed()
     );
     assert!(aliased >= 2, "the version and a comment alone alias");
+}
+
+/// Counts of source mutants judged against their base.
+#[derive(Default)]
+struct Mutants {
+    /// Shared the base's fingerprint (and ran alike: asserted).
+    aliased: usize,
+    /// Another fingerprint, yet the same runs: a warm-up for nothing.
+    misses: usize,
+}
+
+impl Mutants {
+    /// Runs `module` (mutation `what` of `base`) over `logs`: a mutant with
+    /// the base's fingerprint must give the base's `outcomes`.
+    fn judge(
+        &mut self,
+        kind: &str,
+        what: &str,
+        base: &kiln::runtime::Module,
+        module: &kiln::runtime::Module,
+        logs: &[Vec<kiln::store::RecordedEvent>],
+        outcomes: &[differential::Outcome],
+    ) {
+        let same = logs
+            .iter()
+            .zip(outcomes)
+            .all(|(log, outcome)| differential::run(module, log) == *outcome);
+        let alias = module.fingerprint() == base.fingerprint();
+        if alias {
+            self.aliased += 1;
+            assert!(
+                same,
+                "{what}: the same fingerprint as the base, other documents or dead letters"
+            );
+        } else if same {
+            self.misses += 1;
+        }
+        eprintln!(
+            "{kind} {what}: {}, {}",
+            if alias { "aliases" } else { "a new view" },
+            if same { "the same runs" } else { "other runs" }
+        );
+    }
 }
