@@ -372,7 +372,9 @@ pub fn verify(backup: &Path) -> Result<Manifest, BackupError> {
 
 /// Verifies `backup` and copies it into `data_dir` (absent or empty), through
 /// a staging directory next to it renamed into place at the end: an
-/// interrupted restore leaves no half-restored data directory.
+/// interrupted restore leaves no half-restored data directory. The restored
+/// log gets a new identity (a new history epoch): snapshots published from
+/// the original's log are never used on it.
 pub fn restore(backup: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
     let bad_target = |reason: String| BackupError::BadRestoreTarget {
         path: data_dir.to_path_buf(),
@@ -412,6 +414,9 @@ pub fn restore(backup: &Path, data_dir: &Path) -> Result<Manifest, BackupError> 
     }
     std::fs::copy(backup.join(MANIFEST), staging.join(MANIFEST))
         .map_err(io("copying", &backup.join(MANIFEST)))?;
+    // What is appended from here is another history than the original's
+    // (which may go on): the restored log gets an identity of its own.
+    crate::store::embedded::begin_new_history(&staging.join("log"))?;
     if data_dir.exists() {
         std::fs::remove_dir(data_dir).map_err(io("replacing the empty", data_dir))?;
     }
@@ -450,11 +455,19 @@ mod tests {
     fn a_tampered_or_unfinished_backup_is_refused() {
         let tmp = tempfile::tempdir().expect("tmp");
         let b = tmp.path().join("b");
-        for f in ["registry.json", "log/CURRENT", "views/CURRENT"] {
+        // A real log (a restore gives it a new identity), stand-ins for the rest.
+        drop(
+            crate::store::embedded::EmbeddedStore::open(
+                crate::store::embedded::EmbeddedConfig::new(b.join("log")),
+            )
+            .expect("log"),
+        );
+        for f in ["registry.json", "views/CURRENT"] {
             let p = b.join(f);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("dir");
             std::fs::write(&p, f).expect("write");
         }
+        let current = std::fs::read(b.join("log/CURRENT")).expect("log/CURRENT");
         let e = verify(&b).expect_err("no manifest").to_string();
         assert!(e.contains(MANIFEST), "{e}");
         let manifest = Manifest {
@@ -470,7 +483,7 @@ mod tests {
         std::fs::write(b.join("log/CURRENT"), "changed").expect("tamper");
         let e = verify(&b).expect_err("tampered").to_string();
         assert!(e.contains("log/CURRENT") && e.contains("blake3"), "{e}");
-        std::fs::write(b.join("log/CURRENT"), "log/CURRENT").expect("untamper");
+        std::fs::write(b.join("log/CURRENT"), &current).expect("untamper");
         let target = tmp.path().join("restored");
         std::fs::create_dir_all(target.join("x")).expect("non-empty");
         let e = restore(&b, &target).expect_err("non-empty").to_string();
@@ -482,5 +495,16 @@ mod tests {
             "views/CURRENT"
         );
         assert!(target.join(MANIFEST).is_file());
+        // The restored log is another history: it has an identity of its own.
+        let identity = |dir: &Path| {
+            use crate::store::EventStore;
+            crate::store::embedded::EmbeddedStore::open(
+                crate::store::embedded::EmbeddedConfig::new(dir.join("log")),
+            )
+            .expect("log")
+            .log_identity()
+            .to_string()
+        };
+        assert_ne!(identity(&target), identity(&b));
     }
 }

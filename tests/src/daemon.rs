@@ -288,6 +288,16 @@ impl Daemon {
         self.spawn(false);
     }
 
+    /// SIGKILL, its data directory removed, started again on the same port
+    /// and options: a pod replaced on a fresh disk.
+    pub fn replace_disk(&mut self) {
+        self.kill9();
+        if self.data_dir.exists() {
+            std::fs::remove_dir_all(&self.data_dir).expect("removing the data dir");
+        }
+        self.spawn(false);
+    }
+
     /// Blocking `GET path`, returning the status code (None when unreachable).
     /// For polling without an async runtime.
     pub fn get_status(&self, path: &str) -> Option<u16> {
@@ -479,6 +489,17 @@ impl Api {
         self.post_bytes("/admin/views?label=test", wasm).await
     }
 
+    /// `GET /views`' entry of version `id` (`Null` when it is not listed).
+    pub async fn view_status(&self, id: &str) -> serde_json::Value {
+        let (s, body) = self.get("/views").await;
+        assert_eq!(s, 200, "{body}");
+        body["views"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["id"] == id))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     /// Polls `GET /views` until `id` is in `state`, for at most `timeout`.
     pub async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
@@ -500,6 +521,33 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A fleet member on the JetStream log at `nats_url`: fleet `fleet`,
+/// instance `id`, `users` under `cutover = "fleet"`, a 200 ms heartbeat, a
+/// 1.5 s membership TTL, a digest every 10 log positions, standbys kept an
+/// hour.
+pub fn fleet_member(nats_url: &str, fleet: &str, id: &str) -> Options {
+    let mut o = Options::default().jetstream(nats_url);
+    for a in [
+        "--fleet",
+        fleet,
+        "--instance-id",
+        id,
+        "--view",
+        "users:cutover=fleet",
+        "--fleet-heartbeat-ms",
+        "200",
+        "--fleet-member-ttl-ms",
+        "1500",
+        "--fleet-digest-every",
+        "10",
+        "--standby-grace-secs",
+        "3600",
+    ] {
+        o = o.arg(a);
+    }
+    o
 }
 
 /// `module` with its manifest's version set to `version` and, when `variant` is

@@ -282,3 +282,82 @@ async fn a_backup_of_a_jetstream_daemon_is_refused_with_the_reason() {
     );
     assert!(!dir.exists());
 }
+
+/// Regression (issue 25, measured): a snapshot taken after a backup, on the
+/// history a restore then discarded, was applied to the restored log: a
+/// version built again "bootstrapped at 20" on a log whose head was 13,
+/// served documents of events that no longer exist and never applied the
+/// new ones. A restore gives the log a new history epoch, so a snapshot of
+/// the old one is not even found; a new version replays the restored log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_from_a_history_a_restore_discarded_is_never_applied() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snapshots = tmp.path().join("snapshots");
+    let snapshot_dir = snapshots.to_str().expect("utf-8").to_string();
+    let with = |data: &Path| Options {
+        data_dir: Some(data.to_path_buf()),
+        ..Options::default()
+            .admin_token(TOKEN)
+            .arg("--snapshot-dir")
+            .arg(&snapshot_dir)
+    };
+    let data = tmp.path().join("data");
+    let mut original = Daemon::start_with(with(&data));
+    let api = Api::new(&original);
+    let wasm = kiln_tests::daemon::module_version(USERS, "1.0.0", None);
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert_eq!(s, 202, "{b}");
+    for n in 0..10 {
+        api.register_user(&format!("user-{n}")).await;
+    }
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    let backup = tmp.path().join("backup");
+    let (s, b) = api
+        .post_json("/admin/backup", &json!({ "dir": backup }))
+        .await;
+    assert_eq!((s, b["log_head"].clone()), (200, json!(10)), "{b}");
+    for n in 10..20 {
+        api.register_user(&format!("user-{n}")).await;
+    }
+    let (s, b) = api
+        .get("/views/users/user-15?position=20&wait_ms=5000")
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, m) = api
+        .post_json("/admin/views/users/snapshot", &json!({}))
+        .await;
+    assert_eq!(
+        (s, m["snapshot"]["position"].clone()),
+        (200, json!(20)),
+        "{m}"
+    );
+    original.stop();
+
+    let restored = tmp.path().join("restored");
+    let (code, out, err) = restore(&backup, &restored);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let on_restored = Daemon::start_with(with(&restored));
+    let rapi = Api::new(&on_restored);
+    for n in 101..104 {
+        rapi.register_user(&format!("user-{n}")).await;
+    }
+    let (s, b) = rapi
+        .post_json("/admin/views/users-1_0_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = rapi.deploy(wasm).await;
+    assert!(s == 200 || s == 202, "{b}");
+    rapi.wait_state("users-1_0_0", "active", WAIT).await;
+    let v = rapi.view_status("users-1_0_0").await;
+    assert_ne!(
+        v["snapshot"]["state"], "bootstrapped",
+        "a snapshot of the discarded history was applied: {v}"
+    );
+    assert_eq!(v["events_applied"], 13, "it replayed the restored log: {v}");
+    let (s, b) = rapi
+        .get("/views/users/user-101?position=13&wait_ms=5000")
+        .await;
+    assert_eq!(s, 200, "an event of the restored log is applied: {b}");
+    let (s, b) = rapi.get("/views/users/user-15").await;
+    assert_eq!(s, 404, "an event the restore discarded is not: {b}");
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln::views::{ViewId, ViewStore, Writes};
-use kiln_tests::daemon::{Api, Daemon, Options, kiln_cli, module_version};
+use kiln_tests::daemon::{Api, Daemon, Options, fleet_member, kiln_cli, module_version};
 use kiln_tests::nats::{NatsCluster, NatsServer, cluster_config, connect_when_ready};
 use kiln_tests::wasm::USERS;
 use serde_json::{Value, json};
@@ -19,26 +19,7 @@ use serde_json::{Value, json};
 const IDS: [&str; 3] = ["a", "b", "c"];
 
 fn member(nats_url: &str, id: &str) -> Options {
-    let mut o = Options::default().jetstream(nats_url);
-    for a in [
-        "--fleet",
-        "t",
-        "--instance-id",
-        id,
-        "--view",
-        "users:cutover=fleet",
-        "--fleet-heartbeat-ms",
-        "200",
-        "--fleet-member-ttl-ms",
-        "1500",
-        "--fleet-digest-every",
-        "10",
-        "--standby-grace-secs",
-        "3600",
-    ] {
-        o = o.arg(a);
-    }
-    o
+    fleet_member(nats_url, "t", id)
 }
 
 async fn start_members(nats_url: &str) -> (Vec<Daemon>, Vec<Api>) {
@@ -690,4 +671,106 @@ fn cutover_fleet_is_refused_on_the_embedded_store() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("embedded store has no fleet"), "{err}");
+}
+
+/// Regression (issue 25, found by reading): a member's record left its
+/// retired versions out, so the guard against proposing a version retired
+/// on some member never ran: with a quorum of two, a version ready on a
+/// and b but retired on c was proposed, and c answered 503 until someone
+/// deployed it there again. The records here are the members' own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_retired_on_one_member_is_never_proposed_to_the_fleet() {
+    let nats = NatsServer::start();
+    let mut members = Vec::new();
+    for id in IDS {
+        let o = member(&nats.url(), id).arg("--fleet-quorum").arg("2");
+        members.push(
+            tokio::task::spawn_blocking(move || Daemon::start_with(o))
+                .await
+                .expect("starting a member"),
+        );
+    }
+    let apis: Vec<Api> = members.iter().map(Api::new).collect();
+    register(&apis[0], 1..6).await;
+    deploy_everywhere(&apis, "1.0.0", None).await;
+    all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
+
+    // c's operator deploys 1.1.0 and retires it there.
+    let c = &apis[2];
+    let (s, b) = c
+        .deploy(module_version(USERS, "1.1.0", Some("Variant1")))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    c.wait_state("users-1_1_0", "ready", Duration::from_secs(30))
+        .await;
+    let (s, b) = c
+        .post_json("/admin/views/users-1_1_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    // Ready on a and b: a quorum, were c not retired on it.
+    deploy_everywhere(&apis[..2], "1.1.0", Some("Variant1")).await;
+    let state_on = |status: &Value, instance: &str| -> Option<String> {
+        status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["instance"] == instance)?["views"]
+            .as_array()?
+            .iter()
+            .find(|v| v["id"] == "users-1_1_0")
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+    };
+    let seen = until(
+        "1.1.0 ready on a and b",
+        Duration::from_secs(30),
+        || async {
+            let s = fleet(&apis[0]).await;
+            (state_on(&s, "a").as_deref() == Some("ready")
+                && state_on(&s, "b").as_deref() == Some("ready"))
+            .then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(
+        state_on(&seen, "c").as_deref(),
+        Some("retired"),
+        "c's record carries the version it retired: {seen}"
+    );
+    // Every member wrote three more records (and drove the cutover after
+    // each): nothing was proposed.
+    let since: Vec<u64> = IDS.iter().map(|i| heartbeat_of(&seen, i)).collect();
+    let status = until("three more heartbeats", Duration::from_secs(10), || async {
+        let s = fleet(&apis[1]).await;
+        IDS.iter()
+            .zip(&since)
+            .all(|(i, t)| heartbeat_of(&s, i) >= t + 600)
+            .then_some(s)
+    })
+    .await;
+    let d = &status["decisions"]["users"];
+    assert_eq!(
+        (d["active"].as_str(), &d["next"]),
+        (Some("users-1_0_0"), &Value::Null),
+        "{status}"
+    );
+    all_answer(&apis, "users-1_0_0", Duration::from_secs(1)).await;
+    // Nor by an operator's promote: refused, naming c.
+    let (s, b) = apis[0]
+        .post_json("/admin/views/users-1_1_0/promote", &json!({}))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("fleet_refused")),
+        "{b}"
+    );
+    let message = b["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("retired on c"), "{message}");
+}
+
+/// When `instance`'s record was written, by its clock (0: not listed).
+fn heartbeat_of(status: &Value, instance: &str) -> u64 {
+    status["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["instance"] == instance))
+        .and_then(|m| m["heartbeat_at"].as_u64())
+        .unwrap_or(0)
 }

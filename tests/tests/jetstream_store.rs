@@ -78,6 +78,67 @@ async fn foreign_client_appends_follow_the_wire_format() {
 }
 
 /// Tag markers, dedupe probes and snapshots live on subjects the tail never sees.
+/// Regression (found by the fleet model test): with a foreign message last
+/// on the stream, the head was the *earliest* of the per-subject last events
+/// (a multi-subject "last" get answered per subject), not the last event:
+/// 6 with events up to 19. A head too low makes a warming version look
+/// caught up early. Removed messages and tag markers in between too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_is_the_last_event_whatever_follows_it() {
+    let h = JetStreamHarness::start().await;
+    let s = h.store();
+    let client = async_nats::connect(h.server.url()).await.unwrap();
+    let publish_foreign = |subject: &'static str| {
+        let client = client.clone();
+        async move {
+            let reply = client
+                .request(subject, Bytes::from_static(b"not a kiln event"))
+                .await
+                .unwrap();
+            let ack: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            ack["seq"].as_u64().expect("stored")
+        }
+    };
+    let mut last = 0;
+    for (i, stream) in ["user-1", "user-2", "order-1", "user-3", "user-1"]
+        .iter()
+        .enumerate()
+    {
+        let mut e = event(i as u64);
+        if i == 3 {
+            e = e.with_tags(["account-1"]);
+        }
+        last = must(s.append(AppendRequest::new(
+            sid(stream),
+            ExpectedVersion::Any,
+            vec![e],
+        )))
+        .await
+        .position;
+    }
+    assert_eq!(s.head().await.unwrap(), last);
+    // Foreign messages after it, on an event subject of another stream and on
+    // one of its own.
+    publish_foreign("kiln.zz.zz-1").await;
+    let removed = publish_foreign("kiln.user.user-2").await;
+    publish_foreign("kiln.zz.zz-2").await;
+    assert_eq!(s.head().await.unwrap(), last);
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("KILN").await.unwrap();
+    assert!(stream.delete_message(removed).await.unwrap());
+    assert_eq!(s.head().await.unwrap(), last);
+    // A tagged event last: its marker follows it.
+    let tagged = must(s.append(AppendRequest::new(
+        sid("user-4"),
+        ExpectedVersion::Any,
+        vec![event(9).with_tags(["account-2"])],
+    )))
+    .await
+    .position;
+    publish_foreign("kiln.zz.zz-3").await;
+    assert_eq!(s.head().await.unwrap(), tagged);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_events_reach_the_tail() {
     let h = JetStreamHarness::start().await;

@@ -72,16 +72,6 @@ async fn documents(api: &Api, view: &str, position: u64) -> Vec<(String, Value)>
     }
 }
 
-async fn status_of(api: &Api, id: &str) -> Value {
-    let (s, b) = api.get("/views").await;
-    assert_eq!(s, 200, "{b}");
-    b["views"]
-        .as_array()
-        .and_then(|vs| vs.iter().find(|v| v["id"] == id))
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
 async fn wait_snapshots(api: &Api, at_least: u64) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -133,7 +123,7 @@ async fn one_builder(apis: &[Api], wasm: &[u8], head: u64) {
     let mut applied = Vec::new();
     let mut builders = 0;
     for api in apis {
-        let v = status_of(api, "users-1_0_0").await;
+        let v = api.view_status("users-1_0_0").await;
         let n = v["events_applied"].as_u64().expect("events_applied");
         applied.push(n);
         match v["snapshot"]["state"].as_str() {
@@ -319,7 +309,7 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     let (s, b) = api.deploy(wasm.clone()).await;
     assert!(s == 200 || s == 202, "{b}");
     api.wait_state("users-1_0_0", "active", WAIT).await;
-    let v = status_of(&api, "users-1_0_0").await;
+    let v = api.view_status("users-1_0_0").await;
     assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
     assert_eq!(v["snapshot"]["position"], head, "{v}");
     assert_eq!(v["events_applied"], 0, "{v}");
@@ -356,7 +346,7 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     let (s, b) = api.deploy(wasm.clone()).await;
     assert!(s == 200 || s == 202, "{b}");
     api.wait_state("users-1_0_0", "active", WAIT).await;
-    let v = status_of(&api, "users-1_0_0").await;
+    let v = api.view_status("users-1_0_0").await;
     assert_eq!(v["snapshot"]["state"], "refused", "{v}");
     let reason = v["snapshot"]["reason"].as_str().unwrap_or_default();
     assert!(
@@ -379,7 +369,7 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     let (s, b) = api.deploy(wasm.clone()).await;
     assert!(s == 200 || s == 202, "{b}");
     api.wait_state("users-1_0_0", "active", WAIT).await;
-    let v = status_of(&api, "users-1_0_0").await;
+    let v = api.view_status("users-1_0_0").await;
     assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
     assert_eq!(v["events_applied"], 0, "{v}");
     assert_eq!(documents(&api, "users-1_0_0", head).await, built);
@@ -391,7 +381,7 @@ async fn a_version_built_again_bootstraps_and_a_tampered_snapshot_is_refused() {
     let (s, b) = other_api.deploy(wasm).await;
     assert_eq!(s, 202, "{b}");
     other_api.wait_state("users-1_0_0", "active", WAIT).await;
-    let v = status_of(&other_api, "users-1_0_0").await;
+    let v = other_api.view_status("users-1_0_0").await;
     assert_eq!(v["snapshot"]["state"], "building", "{v}");
     assert_eq!(v["events_applied"], other_head, "{v}");
     assert_eq!(
@@ -459,7 +449,7 @@ fn slow_warming_with(nats: &NatsServer, config: &tempfile::NamedTempFile) -> Opt
 async fn wait_snapshot_state(api: &Api, id: &str, state: &str) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
-        let v = status_of(api, id).await;
+        let v = api.view_status(id).await;
         if v["snapshot"]["state"] == state {
             return v;
         }
@@ -504,7 +494,7 @@ async fn a_builder_killed_mid_warm_up_lets_a_waiting_instance_take_over_within_t
     let (s, body) = api_c.deploy(wasm).await;
     assert_eq!(s, 202, "{body}");
     api_c.wait_state(&id, "active", WAIT).await;
-    let v = status_of(&api_c, &id).await;
+    let v = api_c.view_status(&id).await;
     assert_eq!(v["snapshot"]["state"], "bootstrapped", "{v}");
     assert_eq!(v["parked"], 10, "{v}");
     let (s, parked) = api_c.get(&format!("/admin/views/{id}/parked")).await;
@@ -589,7 +579,7 @@ async fn periodic_snapshots_follow_the_log_and_keep_the_newest() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let v = status_of(&api, "users-1_0_0").await;
+    let v = api.view_status("users-1_0_0").await;
     assert_eq!(v["last_snapshot"], newest, "{v}");
 }
 
@@ -626,6 +616,194 @@ async fn a_builder_that_stops_building_lets_go_of_its_lease_at_once() {
     );
 }
 
+/// Regression (issue 25, found by reading): a snapshot whose files match
+/// its manifest but that RocksDB cannot ingest (here a corrupt publisher's
+/// empty SST file, its size and blake3 in the manifest) was taken for a
+/// fault of this host: the worker paused and tried the same snapshot again
+/// forever, the version ready nowhere. It is refused, removed, and the
+/// version replays to the same documents and publishes a good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_rocksdb_cannot_ingest_is_refused_and_the_version_replays() {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    let dir = snapshots.path().to_str().expect("utf-8").to_string();
+    let d = Daemon::start_with(Options::default().arg("--snapshot-dir").arg(&dir));
+    let api = Api::new(&d);
+    let head = append_users(&api, 0, 50).await;
+    let wasm = module_version(USERS, "1.0.0", None);
+    let (s, b) = api.deploy(wasm.clone()).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("users-1_0_0", "active", WAIT).await;
+    wait_snapshots(&api, head).await;
+    let built = documents(&api, "users-1_0_0", head).await;
+
+    // The SST replaced by an empty file, and the manifest says so.
+    let newest = newest_snapshot(snapshots.path());
+    let manifest_path = newest.join("manifest.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    let files = manifest["files"].as_array().expect("files").clone();
+    let empty = files
+        .iter()
+        .find(|f| f["name"] == "parked.bin" && f["size"] == 0)
+        .cloned()
+        .expect("an empty dead-letter file");
+    for f in manifest["files"].as_array_mut().expect("files") {
+        if f["name"] == "docs-0000.sst" {
+            f["size"] = empty["size"].clone();
+            f["blake3"] = empty["blake3"].clone();
+        }
+    }
+    std::fs::write(newest.join("docs-0000.sst"), b"").expect("empty sst");
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec(&manifest).expect("manifest json"),
+    )
+    .expect("manifest");
+
+    let (s, b) = api
+        .post_json("/admin/views/users-1_0_0/retire", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api.deploy(wasm).await;
+    assert!(s == 200 || s == 202, "{b}");
+    let v = api
+        .wait_state("users-1_0_0", "active", Duration::from_secs(30))
+        .await;
+    assert_eq!(v["snapshot"]["state"], "refused", "{v}");
+    let reason = v["snapshot"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("ingest"), "{reason}");
+    assert_eq!(v["events_applied"], head, "it replayed: {v}");
+    assert_eq!(documents(&api, "users-1_0_0", head).await, built);
+    // Removed, and a good one published again at the same position.
+    let all = wait_snapshots(&api, head).await;
+    let docs = newest_snapshot(snapshots.path()).join("docs-0000.sst");
+    assert!(
+        std::fs::metadata(&docs).is_ok_and(|m| m.len() > 0),
+        "{all:?}"
+    );
+}
+
+/// The `max_age` of the lease bucket of object store bucket `bucket`, read
+/// from the server.
+async fn lease_bucket_max_age(js: &async_nats::jetstream::Context, bucket: &str) -> Duration {
+    js.get_key_value(format!("{bucket}_LEASES"))
+        .await
+        .expect("the lease bucket")
+        .status()
+        .await
+        .expect("its status")
+        .info
+        .config
+        .max_age
+}
+
+/// Regression (issue 25, found by reading): the lease bucket's `max_age`
+/// (a lease's time to live) was fixed when the bucket was made, so raising
+/// `lease_ttl_secs` later made every lease lapse long before its holder's
+/// first refresh (a third of the new TTL): two instances built at once.
+/// Opening the store raises it; a shorter TTL never lowers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_lease_ttl_raises_the_lease_buckets_max_age() {
+    use kiln::snapshots::object::ObjectStore;
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    // (TTL the store opens with, the bucket's max_age then): made at 2 s,
+    // raised to 30 s; a shorter TTL never lowers it (an instance with the
+    // longer one may share the bucket).
+    for (ttl, max_age) in [(2, 2), (30, 30), (10, 30)] {
+        ObjectStore::open(&js, "KILN_VIEWS", 1, Duration::from_secs(ttl))
+            .await
+            .expect("open");
+        assert_eq!(
+            lease_bucket_max_age(&js, "KILN_VIEWS").await,
+            Duration::from_secs(max_age),
+            "opened with a TTL of {ttl} s"
+        );
+    }
+}
+
+/// Regression (issue 25, found by reading): a directory lease file's time,
+/// set by its holder's clock, was compared with the reader's: a holder whose
+/// clock is behind lost its lease while alive (two builders at once), one
+/// whose clock is ahead held it long after it died. A lease is judged by
+/// whether its file changes, on the reader's own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_lease_is_judged_by_its_changes_never_by_comparing_clocks() {
+    use kiln::snapshots::dir::DirStore;
+    use kiln::snapshots::{Lease, SnapshotStore};
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ttl = Duration::from_millis(300);
+    let b = DirStore::open(dir.path(), ttl).expect("b");
+    let holder = |l: Lease| match l {
+        Lease::Held(_) => panic!("taken, but its holder is alive"),
+        Lease::HeldBy(by) => by,
+    };
+    // A lease file as a holder on another machine writes it (generation 1).
+    let lease_file = |key: &str, by: &str, at: SystemTime| {
+        let d = dir.path().join(key).join(".lease");
+        std::fs::create_dir_all(&d).expect("lease dir");
+        let path = d.join("1");
+        std::fs::write(&path, by).expect("lease file");
+        let touch = move |at: SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(at))
+                .expect("touch")
+        };
+        touch(at);
+        touch
+    };
+    // Alive, its clock an hour behind: refreshed (touched) every third of
+    // the TTL, it stays a's for longer than the TTL.
+    let behind = SystemTime::now() - Duration::from_secs(3600);
+    let touch = lease_file("k", "a", behind);
+    for i in 1..=6u64 {
+        assert_eq!(
+            holder(b.lease("k", "b").await.expect("b")),
+            "a",
+            "refresh {i}"
+        );
+        tokio::time::sleep(ttl / 3).await;
+        touch(behind + Duration::from_millis(100 * i));
+    }
+    // It dies: lapsed a TTL after its last touch, by b's clock.
+    let died = Instant::now();
+    let taken = loop {
+        if let Lease::Held(h) = b.lease("k", "b").await.expect("b") {
+            break h;
+        }
+        assert!(
+            died.elapsed() < ttl * 10,
+            "a dead holder's lease never lapsed"
+        );
+        tokio::time::sleep(ttl / 10).await;
+    };
+    assert!(
+        died.elapsed() >= ttl,
+        "taken {:?} after its last refresh",
+        died.elapsed()
+    );
+    taken.release().await;
+    // Dead, its clock an hour ahead: lapsed a TTL after b first saw it.
+    let _dead = lease_file("k2", "c", SystemTime::now() + Duration::from_secs(3600));
+    assert_eq!(holder(b.lease("k2", "b").await.expect("b")), "c");
+    let seen = Instant::now();
+    loop {
+        if let Lease::Held(h) = b.lease("k2", "b").await.expect("b") {
+            h.release().await;
+            break;
+        }
+        assert!(
+            seen.elapsed() < ttl * 10,
+            "a lease stamped an hour ahead never lapsed"
+        );
+        tokio::time::sleep(ttl / 10).await;
+    }
+}
+
 /// Issue 32: a version deployed on an empty log, snapshots on, is caught up
 /// having applied nothing: nothing is published and nothing is being built,
 /// so its status stops saying `building` (it said so for good).
@@ -641,7 +819,7 @@ async fn a_version_caught_up_on_an_empty_log_is_not_shown_building() {
     // The caught-up publish runs in the background.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = status_of(&api, "users-1_0_0").await;
+        let v = api.view_status("users-1_0_0").await;
         if v["snapshot"].is_null() {
             assert_eq!(v["checkpoint"], 0, "{v}");
             break;

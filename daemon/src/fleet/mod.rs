@@ -492,9 +492,10 @@ impl Inner {
             started_at: self.started_at,
             heartbeat_at: now_millis(),
             head,
+            format: record::RECORD_FORMAT,
+            // Retired versions too: `retired_on` must see them.
             views: status
                 .iter()
-                .filter(|s| s.state != ViewState::Retired)
                 .map(|s| MemberView {
                     id: s.id.clone(),
                     state: s.state,

@@ -10,11 +10,24 @@ use serde::{Deserialize, Serialize};
 use crate::lifecycle::{FleetServing, ViewState};
 use crate::views::ViewId;
 
+/// The record format this kiln writes. 2: `views` lists retired versions
+/// too. A format-1 record (an older kiln's, without the field) leaves them
+/// out: a version absent there may be retired or never deployed, and is
+/// taken as not deployed (not caught up, never counted ready).
+pub const RECORD_FORMAT: u32 = 2;
+
+fn record_format_1() -> u32 {
+    1
+}
+
 /// One member's record: the value of its key (its instance id) in the
 /// members bucket, rewritten every heartbeat; the bucket's `max_age` drops
 /// it when the heartbeats stop.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Member {
+    /// [`RECORD_FORMAT`] of the kiln that wrote it.
+    #[serde(default = "record_format_1")]
+    pub format: u32,
     pub instance: String,
     /// Its HTTP API address, as it listens.
     #[serde(default)]
@@ -24,6 +37,7 @@ pub struct Member {
     pub heartbeat_at: u64,
     /// The log head it has seen.
     pub head: u64,
+    /// Every version it has, retired ones included (format 2).
     pub views: Vec<MemberView>,
     /// What its fleet names (`cutover = "fleet"`) answer.
     #[serde(default)]
@@ -83,8 +97,9 @@ pub struct Decision {
 
 impl Decision {
     /// The decision an operator's promote (`rollback: false`) or rollback
-    /// of `target` proposes over `current`: a rollback holds back the
-    /// version it leaves; either releases `target`.
+    /// of `target` proposes over `current`: a rollback, or a promote to an
+    /// older version, holds back the version it leaves; either releases
+    /// `target`.
     pub fn proposed(
         current: Option<&Decision>,
         target: &str,
@@ -95,8 +110,15 @@ impl Decision {
     ) -> Decision {
         let active = current.and_then(|c| c.active.clone());
         let mut held_back: Vec<String> = current.map(|c| c.held_back.clone()).unwrap_or_default();
-        if rollback
-            && let Some(left) = &active
+        // A promote to an older version than the active one is a rollback
+        // by another name: what it leaves is held back too (else a member
+        // with it ready, on a fresh disk, would have it proposed again).
+        let older = |a: &str, b: &str| match (a.parse::<ViewId>(), b.parse::<ViewId>()) {
+            (Ok(a), Ok(b)) => a < b,
+            _ => false,
+        };
+        if let Some(left) = &active
+            && (rollback || older(target, left))
             && left != target
             && !held_back.contains(left)
         {
@@ -215,7 +237,16 @@ pub fn drive(
     let (candidate, n) = ready
         .into_iter()
         .filter(|(id, n)| *n >= need && active.as_ref().is_none_or(|a| id > a))
-        .filter(|(id, _)| !held_back.contains(&id.to_string()))
+        // Held back, or older than a version held back: after a rollback
+        // from 1.2.0 to 1.0.0, a 1.1.0 deployed meanwhile is no more wanted
+        // than 1.2.0 (found by the fleet model test: it was proposed at once,
+        // overturning the rollback). Only a newer version, or a promote.
+        .filter(|(id, _)| {
+            held_back
+                .iter()
+                .filter_map(|h| h.parse::<ViewId>().ok())
+                .all(|h| *id > h)
+        })
         .filter(|(id, _)| retired_on(id, members).is_empty())
         .max_by(|a, b| a.0.cmp(&b.0))?;
     let decision = Decision {
@@ -433,6 +464,7 @@ mod tests {
             BTreeMap::from([("users".to_string(), FleetServing::default())])
         };
         Member {
+            format: RECORD_FORMAT,
             instance: instance.into(),
             api: String::new(),
             started_at: 0,
@@ -614,6 +646,15 @@ mod tests {
         };
         assert_eq!(d.next.as_deref(), Some("users-1_2_0"));
         assert_eq!(d.held_back, vec!["users-1_1_0".to_string()]);
+        // Regression (fleet model test, seed 16): a version older than the
+        // one rolled back from, ready everywhere, was proposed at once and
+        // overturned the rollback.
+        let mut between = fresh.clone();
+        with_ready(&mut between, "users-1_0_5");
+        assert_eq!(
+            drive("users", Some(&rolled_back), &between, &[], 0, "c", 1),
+            None
+        );
         // An explicit promote releases it; a rollback adds what it leaves.
         let promoted = Decision::proposed(
             Some(&rolled_back.decision),
@@ -639,6 +680,27 @@ mod tests {
             3,
         );
         assert_eq!(back.held_back, vec!["users-1_1_0".to_string()]);
+        // Regression (found by reading): a promote to an older version held
+        // nothing back, so a member on a fresh disk with the newer one ready
+        // had it proposed again, undoing the operator's decision.
+        let promoted_back = Decision::proposed(
+            Some(&on_1_1),
+            "users-1_0_0",
+            false,
+            "c",
+            "promote".into(),
+            3,
+        );
+        assert_eq!(promoted_back.held_back, vec!["users-1_1_0".to_string()]);
+        let forward = Decision::proposed(
+            Some(&on_1_1),
+            "users-1_2_0",
+            false,
+            "c",
+            "promote".into(),
+            3,
+        );
+        assert_eq!(forward.held_back, Vec::<String>::new());
         // A member running users under another policy neither blocks nor counts.
         let mut other = member("x", &[("users-2_0_0", Ready)]);
         other.serving.clear();
@@ -653,6 +715,17 @@ mod tests {
             panic!("created");
         };
         assert_eq!(d.next.as_deref(), Some("users-1_0_0"));
+    }
+
+    #[test]
+    fn an_older_record_reads_as_format_1_and_records_carry_their_format() {
+        let mut old = serde_json::to_value(member("a", &[("users-1_0_0", Active)])).expect("json");
+        old.as_object_mut().expect("object").remove("format");
+        let read: Member = serde_json::from_value(old).expect("an older record parses");
+        assert_eq!(read.format, 1);
+        let new = serde_json::to_value(member("a", &[("users-1_0_0", Retired)])).expect("json");
+        assert_eq!(new["format"], RECORD_FORMAT);
+        assert_eq!(new["views"][0]["state"], "retired");
     }
 
     #[test]

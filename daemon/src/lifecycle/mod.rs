@@ -1051,7 +1051,12 @@ impl Lifecycle {
             },
         };
         match snapshots
-            .publish(&self.inner.views, &physical, &fingerprint, log)
+            .publish(
+                &self.inner.views,
+                &physical,
+                &fingerprint,
+                &self.inner.store,
+            )
             .await
             .map_err(failed)?
         {
@@ -1671,7 +1676,7 @@ impl Inner {
         fingerprint: &str,
     ) -> Option<SnapshotManifest> {
         match snapshots
-            .publish(&self.views, id, fingerprint, self.store.log_identity())
+            .publish(&self.views, id, fingerprint, &self.store)
             .await
         {
             Ok(m) => m,

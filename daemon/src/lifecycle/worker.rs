@@ -509,13 +509,12 @@ impl Worker {
             return Ok(true);
         };
         let fingerprint = self.module.fingerprint().to_string();
-        let log = self.inner.store.log_identity().to_string();
         let outcome = snapshots
             .bootstrap(
                 &self.inner.views,
                 &self.view,
                 &fingerprint,
-                &log,
+                self.inner.store.as_ref(),
                 &self.progress.snapshot,
                 stop_rx,
             )

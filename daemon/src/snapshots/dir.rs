@@ -5,10 +5,11 @@
 //! JetStream log mount), so publishing a key takes a lease there too:
 //! `<dir>/<key>/.lease/<generation>`, see [`DirStore::lease`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
@@ -23,7 +24,19 @@ pub struct DirStore {
     root: PathBuf,
     /// A lease not refreshed for this long has lapsed.
     ttl: Duration,
+    seen: Seen,
 }
+
+/// What this process saw of lease files: per file, its modification time
+/// and text, and when this process first saw them so. A lease has lapsed
+/// when this process has seen its file unchanged for the TTL by its own
+/// clock: a holder on another machine touches the file by *its* clock, so
+/// the file's time is never compared with this machine's.
+type Seen = Arc<Mutex<HashMap<PathBuf, (Option<SystemTime>, String, Instant)>>>;
+
+/// Lease files remembered at most (forgotten all at once beyond: each is
+/// then judged afresh, which only delays a take-over by a TTL).
+const SEEN_MAX: usize = 4096;
 
 impl DirStore {
     /// Snapshots under `root` (created if missing); leases lapse after
@@ -34,7 +47,11 @@ impl DirStore {
             "creating the snapshot directory {}",
             root.display()
         )))?;
-        Ok(DirStore { root, ttl })
+        Ok(DirStore {
+            root,
+            ttl,
+            seen: Seen::default(),
+        })
     }
 
     fn at(&self, path: &str) -> Result<PathBuf, SnapshotError> {
@@ -150,9 +167,9 @@ impl SnapshotStore for DirStore {
     /// every third of `ttl` while it still is the highest.
     async fn lease(&self, key: &str, holder: &str) -> Result<super::Lease, SnapshotError> {
         let dir = self.at(key)?.join(LEASE_DIR);
-        let ttl = self.ttl;
+        let (ttl, seen) = (self.ttl, self.seen.clone());
         let holder = holder.to_string();
-        tokio::task::spawn_blocking(move || take_lease(&dir, &holder, ttl))
+        tokio::task::spawn_blocking(move || take_lease(&dir, &holder, ttl, &seen))
             .await
             .map_err(|e| SnapshotError::Internal(format!("taking a lease panicked: {e}")))?
     }
@@ -201,20 +218,35 @@ fn generations(dir: &Path) -> Result<Vec<u64>, SnapshotError> {
     Ok(out)
 }
 
-/// Who holds lease file `path`, unless it is released or lapsed (or gone).
-fn live_holder(path: &Path, ttl: Duration) -> Option<String> {
+/// Who holds lease file `path`, unless it is released or lapsed (or gone):
+/// lapsed when this process has seen it unchanged for `ttl` (see [`Seen`]).
+fn live_holder(path: &Path, ttl: Duration, seen: &Seen) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     if text.ends_with(RELEASED) {
         return None;
     }
-    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
-    let age = SystemTime::now()
-        .duration_since(modified)
-        .unwrap_or(Duration::ZERO);
-    (age < ttl).then(|| text.lines().next().unwrap_or("?").to_string())
+    let modified = std::fs::metadata(path).ok()?.modified().ok();
+    let now = Instant::now();
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let since = match seen.get(path) {
+        Some((m, t, since)) if *m == modified && *t == text => *since,
+        _ => {
+            if seen.len() >= SEEN_MAX {
+                seen.clear();
+            }
+            seen.insert(path.to_path_buf(), (modified, text.clone(), now));
+            now
+        }
+    };
+    (now.duration_since(since) < ttl).then(|| text.lines().next().unwrap_or("?").to_string())
 }
 
-fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, SnapshotError> {
+fn take_lease(
+    dir: &Path,
+    holder: &str,
+    ttl: Duration,
+    seen: &Seen,
+) -> Result<super::Lease, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let gens = generations(dir)?;
     let highest = gens.last().copied().unwrap_or(0);
@@ -222,7 +254,7 @@ fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, S
     // stopped without releasing (this run asks only for leases it does
     // not hold), so it is taken over at once rather than waited out.
     if highest > 0
-        && let Some(by) = live_holder(&dir.join(highest.to_string()), ttl)
+        && let Some(by) = live_holder(&dir.join(highest.to_string()), ttl, seen)
         && by != holder
     {
         return Ok(super::Lease::HeldBy(by));
@@ -236,7 +268,7 @@ fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, S
     let mut file = match created {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let by = live_holder(&path, ttl).unwrap_or_else(|| "(just taken)".into());
+            let by = live_holder(&path, ttl, seen).unwrap_or_else(|| "(just taken)".into());
             return Ok(super::Lease::HeldBy(by));
         }
         Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
@@ -249,8 +281,8 @@ fn take_lease(dir: &Path, holder: &str, ttl: Duration) -> Result<super::Lease, S
     // A newer generation than ours: we read the directory too long ago.
     if let Some(&newer) = generations(dir)?.iter().rfind(|g| **g > mine) {
         let _ = std::fs::remove_file(&path);
-        let by =
-            live_holder(&dir.join(newer.to_string()), ttl).unwrap_or_else(|| "(just taken)".into());
+        let by = live_holder(&dir.join(newer.to_string()), ttl, seen)
+            .unwrap_or_else(|| "(just taken)".into());
         return Ok(super::Lease::HeldBy(by));
     }
     for g in gens {
@@ -406,24 +438,37 @@ mod tests {
     async fn of_many_racers_for_a_lapsed_lease_exactly_one_wins() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ttl = Duration::from_millis(300);
+        // Eight processes, each with its own view of the lease files.
+        let stores: Vec<Arc<DirStore>> = (0..8)
+            .map(|_| Arc::new(DirStore::open(dir.path(), ttl).expect("store")))
+            .collect();
         for round in 0..5 {
-            let mut racers = Vec::new();
-            for i in 0..8 {
-                let store = DirStore::open(dir.path(), ttl).expect("store");
-                racers.push(tokio::spawn(async move {
-                    store.lease("k", &format!("r{i}")).await.expect("lease")
-                }));
-            }
-            let mut winners = Vec::new();
-            for r in racers {
-                if let Lease::Held(h) = r.await.expect("racer") {
-                    winners.push(h);
+            // They race until the lease lapsed for them (the winner of the
+            // round before died), never two at once.
+            let deadline = Instant::now() + ttl * 10;
+            let winners = loop {
+                let mut racers = Vec::new();
+                for (i, store) in stores.iter().enumerate() {
+                    let store = store.clone();
+                    racers.push(tokio::spawn(async move {
+                        store.lease("k", &format!("r{i}")).await.expect("lease")
+                    }));
                 }
-            }
-            assert_eq!(winners.len(), 1, "round {round}");
+                let mut winners = Vec::new();
+                for r in racers {
+                    if let Lease::Held(h) = r.await.expect("racer") {
+                        winners.push(h);
+                    }
+                }
+                assert!(winners.len() <= 1, "round {round}: {} won", winners.len());
+                if !winners.is_empty() {
+                    break winners;
+                }
+                assert!(Instant::now() < deadline, "round {round}: nobody took it");
+                tokio::time::sleep(ttl / 5).await;
+            };
             // The winner dies: the next round races for a lapsed lease.
             drop(winners);
-            tokio::time::sleep(ttl + Duration::from_millis(100)).await;
         }
     }
 

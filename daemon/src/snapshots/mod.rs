@@ -4,8 +4,9 @@
 //! log up to position P gives the same documents wherever it runs. A
 //! **snapshot** is a view's documents at P written as SST files (key order is
 //! RocksDB's already), its dead letters, and a [`SnapshotManifest`]: the
-//! fingerprint, the log's identity, P, the documents' count and digest, each
-//! file's size and blake3, kiln's snapshot format.
+//! fingerprint, the log's identity, P, the event at P (its id and a blake3
+//! of all it holds), the documents' count and digest, each file's size and
+//! blake3, kiln's snapshot format.
 //!
 //! - **Where**: a [`SnapshotStore`]: a directory (`dir.rs`, `--snapshot-dir`)
 //!   or a JetStream object store bucket (`object.rs`, `--snapshot-bucket`).
@@ -22,8 +23,12 @@
 //!   fingerprint on this log is downloaded, each file checked against the
 //!   manifest (size, blake3), ingested, and the documents' digest checked
 //!   **before** the checkpoint is set (`ViewStore::ingest`); the worker then
-//!   tails from P+1. Anything wrong refuses the snapshot with the reason and
-//!   the version replays from the first event. When none exists yet and
+//!   tails from P+1. Before anything is downloaded the snapshot is checked
+//!   against the log: P at or below the log's head, and the log's event at
+//!   P the one the snapshot was built after (so a log restored from a
+//!   backup, or otherwise rewritten under the same identity, never takes a
+//!   snapshot of a history it no longer holds). Anything wrong refuses the
+//!   snapshot with the reason and the version replays from the first event. When none exists yet and
 //!   another instance holds the lease (it is building that fingerprint now),
 //!   the worker waits for its snapshot instead of replaying the log a second
 //!   time; when the lease is free it takes it, replays, and publishes when
@@ -38,15 +43,18 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::store::Position;
+use crate::store::{EventStore, Position, RecordedEvent};
 use crate::views::digest::ViewDigest;
 use crate::views::{ViewError, ViewId, ViewStore};
 
 pub mod dir;
 pub mod object;
 
-/// The snapshot format this kiln writes and reads.
-pub const FORMAT: u32 = 1;
+/// The snapshot format this kiln writes and reads. 2: the manifest names
+/// the event at its position ([`SnapshotManifest::event`]); a format-1
+/// snapshot cannot be checked against the log, so it is not used (left in
+/// place for the older kilns that read it).
+pub const FORMAT: u32 = 2;
 
 /// Name of the manifest within a snapshot.
 pub const MANIFEST: &str = "manifest.json";
@@ -130,6 +138,10 @@ pub struct SnapshotManifest {
     pub log: String,
     /// Every event up to this log position is applied, none after.
     pub position: Position,
+    /// The log's event at `position` (format 2; absent in format 1): a log
+    /// that holds another event there, or none, is another history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventAt>,
     pub documents: u64,
     /// Bytes of keys and documents.
     pub bytes: u64,
@@ -156,6 +168,115 @@ impl SnapshotManifest {
     /// Bytes of all its files.
     pub fn file_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// The event a snapshot was built after, as its manifest names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAt {
+    pub id: String,
+    /// blake3 of everything the event holds ([`event_hash`]), hex.
+    pub blake3: String,
+}
+
+impl EventAt {
+    pub fn of(event: &RecordedEvent) -> EventAt {
+        EventAt {
+            id: event.id.to_string(),
+            blake3: event_hash(event),
+        }
+    }
+}
+
+/// blake3 over every field of a recorded event (id, stream, type, version,
+/// position, commit time, metadata, tags, data), each length-prefixed: two
+/// events hash alike only when a projection could not tell them apart.
+pub fn event_hash(e: &RecordedEvent) -> String {
+    let mut h = blake3::Hasher::new();
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(e.id.as_bytes());
+    field(e.stream.as_str().as_bytes());
+    field(e.event_type.as_bytes());
+    field(&e.version.to_be_bytes());
+    field(&e.position.to_be_bytes());
+    field(&e.timestamp.to_be_bytes());
+    field(&(e.metadata.len() as u64).to_be_bytes());
+    for (k, v) in &e.metadata {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    field(&(e.tags.len() as u64).to_be_bytes());
+    for t in &e.tags {
+        field(t.as_bytes());
+    }
+    field(&e.data);
+    h.finalize().to_hex().to_string()
+}
+
+/// How long reading one event of the log may take.
+const EVENT_READ: Duration = Duration::from_secs(15);
+
+/// The log's event at `position`: `None` when the log has none there (its
+/// head is before it, or the first event at or after it is at another
+/// position).
+pub async fn event_at(
+    log: &dyn EventStore,
+    position: Position,
+) -> Result<Option<RecordedEvent>, SnapshotError> {
+    use futures::StreamExt;
+    let failed = |reason: String| SnapshotError::Store {
+        store: format!("the event log {}", log.log_identity()),
+        op: format!("reading the event at {position}"),
+        reason,
+    };
+    let head = log.head().await.map_err(|e| failed(e.to_string()))?;
+    if position == 0 || position > head {
+        return Ok(None);
+    }
+    let mut tail = log.tail(position);
+    let first = tokio::time::timeout(EVENT_READ, tail.next())
+        .await
+        .map_err(|_| failed(format!("no answer within {EVENT_READ:?}")))?;
+    match first {
+        Some(Ok(batch)) => Ok(batch.into_iter().next().filter(|e| e.position == position)),
+        Some(Err(e)) => Err(failed(e.to_string())),
+        None => Err(failed("the log's tail ended".into())),
+    }
+}
+
+/// Refuses `m` unless `log` holds the history it was built from: an event
+/// at its position, the one it names.
+async fn check_history(log: &dyn EventStore, m: &SnapshotManifest) -> Result<(), SnapshotError> {
+    let refused = |reason: String| SnapshotError::Refused {
+        snapshot: format!("{} at {} ({})", m.view, m.position, m.path()),
+        reason,
+    };
+    let Some(want) = &m.event else {
+        return Err(refused(format!(
+            "snapshot format {} names no event at its position: it cannot be checked against the log",
+            m.format
+        )));
+    };
+    match event_at(log, m.position).await? {
+        Some(e) if EventAt::of(&e) == *want => Ok(()),
+        Some(e) => Err(refused(format!(
+            "the log's event at {} is {} (blake3 {}), the snapshot was built after {} (blake3 {}): \
+             it is of another history of this log (a restore from a backup?)",
+            m.position,
+            e.id,
+            event_hash(&e),
+            want.id,
+            want.blake3
+        ))),
+        None => Err(refused(format!(
+            "the log holds no event at {} (its head is {}): it is of another history of this \
+             log (a restore from a backup?)",
+            m.position,
+            log.head().await.unwrap_or(0)
+        ))),
     }
 }
 
@@ -353,7 +474,13 @@ pub struct Snapshots {
     leases: tokio::sync::Mutex<HashMap<ViewId, Box<dyn HeldLease>>>,
     /// One publish at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// Bootstraps in a row a view's ingest failed on this host's storage.
+    ingest_faults: Mutex<HashMap<ViewId, u32>>,
 }
+
+/// Bootstraps in a row that may fail ingesting on this host's storage
+/// before the version replays instead (the snapshot stays for others).
+const INGEST_TRIES: u32 = 3;
 
 impl std::fmt::Debug for Snapshots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -383,7 +510,21 @@ impl Snapshots {
             published: Mutex::new(HashMap::new()),
             leases: tokio::sync::Mutex::new(HashMap::new()),
             publishing: tokio::sync::Mutex::new(()),
+            ingest_faults: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts a failed ingest of `view` (`failed: false` forgets them); how
+    /// many in a row.
+    fn ingest_fault(&self, view: &ViewId, failed: bool) -> u32 {
+        let mut faults = self.ingest_faults.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed {
+            faults.remove(view);
+            return 0;
+        }
+        let n = faults.entry(view.clone()).or_default();
+        *n += 1;
+        *n
     }
 
     pub fn config(&self) -> &SnapshotConfig {
@@ -402,10 +543,19 @@ impl Snapshots {
     ) -> Result<Option<SnapshotManifest>, SnapshotError> {
         let key = snapshot_key(log, fingerprint);
         let found = self.store.manifests(&key).await?;
-        Ok(found
+        let (usable, other): (Vec<_>, Vec<_>) = found
             .into_iter()
-            .filter(|m| m.format == FORMAT && m.log == log && m.fingerprint == fingerprint)
-            .max_by_key(|m| m.position))
+            .filter(|m| m.log == log && m.fingerprint == fingerprint)
+            .partition(|m| m.format == FORMAT);
+        for m in &other {
+            tracing::debug!(
+                "not using the snapshot at {} ({}): it is snapshot format {}, this kiln reads {FORMAT}",
+                m.position,
+                m.path(),
+                m.format
+            );
+        }
+        Ok(usable.into_iter().max_by_key(|m| m.position))
     }
 
     /// Every snapshot in the store, newest first per key.
@@ -486,18 +636,20 @@ impl Snapshots {
     }
 
     /// Run by a warming version's worker before it opens its view: fills a
-    /// fresh view from the newest snapshot of its fingerprint on this log,
-    /// or decides to replay. `activity` is kept up to date for status.
+    /// fresh view from the newest snapshot of its fingerprint on this log
+    /// (`store`) that holds the history the log holds, or decides to
+    /// replay. `activity` is kept up to date for status.
     #[allow(clippy::too_many_arguments)]
     pub async fn bootstrap(
         &self,
         views: &ViewStore,
         view: &ViewId,
         fingerprint: &str,
-        log: &str,
+        store: &dyn EventStore,
         activity: &Mutex<Option<SnapshotActivity>>,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<Bootstrap, SnapshotError> {
+        let log = store.log_identity();
         let set = |a: Option<SnapshotActivity>| {
             if let Ok(mut g) = activity.lock() {
                 *g = a;
@@ -525,15 +677,38 @@ impl Snapshots {
         loop {
             if let Some(m) = self.latest(log, fingerprint).await? {
                 self.release(view).await;
-                let e = match self.fetch_and_ingest(views, view, &m, activity).await {
-                    Ok(()) => return Ok(Bootstrap::Done(m.position)),
+                let fetched = match check_history(store, &m).await {
+                    Ok(()) => self.fetch_and_ingest(views, view, &m, activity).await,
+                    Err(e) => Err(e),
+                };
+                let e = match fetched {
+                    Ok(()) => {
+                        self.ingest_fault(view, false);
+                        return Ok(Bootstrap::Done(m.position));
+                    }
                     Err(e) => e,
                 };
                 match e {
                     // This host's storage failed mid-ingest: not the
                     // snapshot's fault. The worker pauses and retries; the
                     // retry empties what was ingested (its marker) first.
-                    SnapshotError::View(_) => return Err(e),
+                    SnapshotError::View(_) if self.ingest_fault(view, true) < INGEST_TRIES => {
+                        return Err(e);
+                    }
+                    // Not forever: the version replays (the view emptied
+                    // first); the snapshot stays, for hosts that can take it.
+                    SnapshotError::View(_) => {
+                        views.abandoned_ingest(view)?;
+                        self.ingest_fault(view, false);
+                        self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                        let reason = format!(
+                            "this host's views database failed {INGEST_TRIES} times ingesting the snapshot at {}: {e}",
+                            m.position
+                        );
+                        tracing::warn!(view = %view, "{reason}; replaying from the first event");
+                        set(Some(SnapshotActivity::Refused { reason }));
+                        return Ok(Bootstrap::Replay);
+                    }
                     // Checked and found bad: never used. This instance
                     // replays; holding the key's lease, it removes the bad
                     // snapshot and publishes a good one once caught up (else
@@ -723,34 +898,39 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Exports `view` (built by `fingerprint` from log `log`) as it stands,
-    /// uploads it and prunes older snapshots of its key. `Ok(None)` when the
-    /// store already has a snapshot at that position.
+    /// Exports `view` (built by `fingerprint` from the log `store`) as it
+    /// stands, uploads it and prunes older snapshots of its key. `Ok(None)`
+    /// when the store already has a snapshot at that position.
     ///
     /// The export, hashing and upload run on a thread of their own at the
     /// lowest CPU priority (nice 19), with a runtime of its own: a snapshot
-    /// takes the CPU live views leave, so it does not delay them.
+    /// takes the CPU live views leave, so it does not delay them. The event
+    /// at the snapshot's position is read on the caller's runtime (the
+    /// log's client lives there).
     pub async fn publish(
         self: &Arc<Self>,
         views: &ViewStore,
         view: &ViewId,
         fingerprint: &str,
-        log: &str,
+        store: &Arc<dyn EventStore>,
     ) -> Result<Option<SnapshotManifest>, SnapshotError> {
         let _one = self.publishing.lock().await;
-        let key = snapshot_key(log, fingerprint);
+        let key = snapshot_key(store.log_identity(), fingerprint);
         if let Some(holder) = self.take_lease(view, &key).await? {
             return Err(SnapshotError::LeaseHeld(holder));
         }
-        let (this, views2, view2, fingerprint2, log2) = (
+        let (this, views2, view2, fingerprint2) = (
             self.clone(),
             views.clone(),
             view.clone(),
             fingerprint.to_string(),
-            log.to_string(),
         );
+        let log = LogHandle {
+            store: store.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
         let result = in_background(move || async move {
-            this.publish_leased(&views2, &view2, &fingerprint2, &log2)
+            this.publish_leased(&views2, &view2, &fingerprint2, &log)
                 .await
         })
         .await;
@@ -766,8 +946,9 @@ impl Snapshots {
         views: &ViewStore,
         view: &ViewId,
         fingerprint: &str,
-        log: &str,
+        handle: &LogHandle,
     ) -> Result<Option<SnapshotManifest>, SnapshotError> {
+        let log = handle.store.log_identity();
         let started = Instant::now();
         let dir = self
             .config
@@ -783,18 +964,31 @@ impl Snapshots {
                 tokio::task::spawn_blocking(move || views2.export(&view2, &dir2, max, rate))
                     .await
                     .map_err(|e| SnapshotError::Internal(format!("exporting panicked: {e}")))??;
-            let existing = self
+            let mut existing = self
                 .store
                 .manifests(&snapshot_key(log, fingerprint))
                 .await?;
+            let position = exported.digest.position;
             // An empty log's view is no shortcut for anyone.
-            if exported.digest.position == 0
+            if position == 0
                 || existing
                     .iter()
-                    .any(|m| m.position == exported.digest.position)
+                    .any(|m| m.position == position && m.format == FORMAT)
             {
                 return Ok::<_, SnapshotError>((None, existing));
             }
+            let event = handle.event_at(position).await?.ok_or_else(|| {
+                SnapshotError::Internal(format!(
+                    "{view}'s checkpoint {position} is no event of the log: not published"
+                ))
+            })?;
+            // A snapshot of another format at this position (an older
+            // kiln's) is replaced, never mixed with this one's files.
+            for old in existing.iter().filter(|m| m.position == position) {
+                self.store.remove(old).await?;
+            }
+            // (and never pruned below: its path is this snapshot's now)
+            existing.retain(|m| m.position != position);
             let mut paths = exported.files.clone();
             let parked_path = dir.join(PARKED_FILE);
             tokio::fs::write(&parked_path, encode_parked(&exported.parked))
@@ -816,7 +1010,8 @@ impl Snapshots {
                 view: view.to_string(),
                 fingerprint: fingerprint.to_string(),
                 log: log.to_string(),
-                position: exported.digest.position,
+                position,
+                event: Some(EventAt::of(&event)),
                 documents: exported.digest.documents,
                 bytes: exported.digest.bytes,
                 digest: exported.digest.digest.clone(),
@@ -917,6 +1112,23 @@ impl Snapshots {
             .lock()
             .ok()
             .and_then(|p| p.get(view).map(|e| e.0))
+    }
+}
+
+/// The log a snapshot is published from, and the runtime its client runs on.
+struct LogHandle {
+    store: Arc<dyn EventStore>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LogHandle {
+    /// [`event_at`], run on the log's runtime.
+    async fn event_at(&self, position: Position) -> Result<Option<RecordedEvent>, SnapshotError> {
+        let store = self.store.clone();
+        self.runtime
+            .spawn(async move { event_at(store.as_ref(), position).await })
+            .await
+            .map_err(|e| SnapshotError::Internal(format!("reading the event at {position}: {e}")))?
     }
 }
 
@@ -1029,6 +1241,31 @@ fn decode_parked(mut bytes: &[u8]) -> Option<Vec<(Position, Vec<u8>)>> {
 mod tests {
     use super::dir::DirStore;
     use super::*;
+    use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
+    use crate::store::{AppendRequest, ExpectedVersion, NewEvent, StreamId};
+
+    /// Appends `n` events to `log`, one per stream `user-<first + i>`.
+    async fn append(log: &dyn EventStore, first: u64, n: u64) {
+        for i in first..first + n {
+            let stream = StreamId::try_from(format!("user-{i}")).expect("stream id");
+            let event = NewEvent::json("UserRegistered", &serde_json::json!({ "i": i }));
+            log.append(AppendRequest::new(
+                stream,
+                ExpectedVersion::Any,
+                vec![event],
+            ))
+            .await
+            .expect("append");
+        }
+    }
+
+    /// A real embedded log in `dir` holding `n` events.
+    async fn log_of(dir: &Path, n: u64) -> Arc<dyn EventStore> {
+        let log: Arc<dyn EventStore> =
+            Arc::new(EmbeddedStore::open(EmbeddedConfig::new(dir)).expect("log"));
+        append(log.as_ref(), 0, n).await;
+        log
+    }
 
     #[test]
     fn intervals_parse_and_bad_ones_are_named() {
@@ -1060,19 +1297,27 @@ mod tests {
             .collect()
     }
 
+    /// The reason of a refusal (panics on any other activity).
+    fn refused(a: Option<SnapshotActivity>) -> String {
+        match a {
+            Some(SnapshotActivity::Refused { reason }) => reason,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
     /// Bootstraps `view` into a fresh view store under `root`; what it
     /// decided, what status says, and the view's checkpoint and documents.
     async fn bootstrap_fresh(
         snaps: &Snapshots,
         root: &Path,
         view: &ViewId,
-        log: &str,
+        log: &Arc<dyn EventStore>,
     ) -> (Option<Position>, Option<SnapshotActivity>, Position, u64) {
         let views = ViewStore::open(root.join(uuid::Uuid::new_v4().to_string())).expect("views");
         let activity = Mutex::new(None);
         let (_tx, mut rx) = tokio::sync::watch::channel(false);
         let got = snaps
-            .bootstrap(&views, view, "v2:fp", log, &activity, &mut rx)
+            .bootstrap(&views, view, "v2:fp", log.as_ref(), &activity, &mut rx)
             .await
             .expect("bootstrap");
         // Let go of a lease a replay took, as a caught-up publish would.
@@ -1094,6 +1339,7 @@ mod tests {
         let v = ViewId::from_parts("users", "1.0.0").expect("id");
         views.create(&v).expect("create");
         views.commit(&v, &docs(300), 50).expect("commit");
+        let log = log_of(&dir.path().join("log-1"), 50).await;
         let store =
             DirStore::open(dir.path().join("snaps"), Duration::from_secs(30)).expect("store");
         let snaps = Arc::new(Snapshots::new(
@@ -1101,7 +1347,7 @@ mod tests {
             SnapshotConfig::new(dir.path().join("work")),
         ));
         let m = snaps
-            .publish(&views, &v, "v2:fp", "log-1")
+            .publish(&views, &v, "v2:fp", &log)
             .await
             .expect("publish")
             .expect("a new snapshot");
@@ -1109,7 +1355,7 @@ mod tests {
         let at = dir.path().join("snaps").join(m.path());
 
         // Good: the view is the snapshot's.
-        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!((done, position, n), (Some(50), 50, 300), "{a:?}");
         assert!(matches!(
             a,
@@ -1117,7 +1363,8 @@ mod tests {
         ));
 
         // Another log: not found, it replays (and builds).
-        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-2").await;
+        let other = log_of(&dir.path().join("log-2"), 60).await;
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &other).await;
         assert_eq!((done, position, n), (None, 0, 0));
         assert_eq!(a, Some(SnapshotActivity::Building));
 
@@ -1125,12 +1372,9 @@ mod tests {
         let sst = at.join("docs-0000.sst");
         let original = std::fs::read(&sst).expect("sst");
         std::fs::write(&sst, &original[..original.len() / 2]).expect("truncate");
-        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!((done, position, n), (None, 0, 0));
-        let reason = match a {
-            Some(SnapshotActivity::Refused { reason }) => reason,
-            other => panic!("{other:?}"),
-        };
+        let reason = refused(a);
         assert!(
             reason.contains("truncated") && reason.contains("docs-0000.sst"),
             "{reason}"
@@ -1138,7 +1382,7 @@ mod tests {
         // Refused: removed (this instance took the lease to rebuild it).
         assert!(!at.exists(), "a refused snapshot is removed");
         let m = snaps
-            .publish(&views, &v, "v2:fp", "log-1")
+            .publish(&views, &v, "v2:fp", &log)
             .await
             .expect("publish")
             .expect("published again");
@@ -1151,16 +1395,13 @@ mod tests {
         let mut bad: SnapshotManifest = serde_json::from_str(&text).expect("parse");
         bad.digest = "0".repeat(64);
         std::fs::write(&manifest_path, serde_json::to_vec(&bad).expect("json")).expect("write");
-        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!((done, position, n), (None, 0, 0));
-        let reason = match a {
-            Some(SnapshotActivity::Refused { reason }) => reason,
-            other => panic!("{other:?}"),
-        };
+        let reason = refused(a);
         assert!(reason.contains("do not match its manifest"), "{reason}");
         assert!(!at.exists(), "a refused snapshot is removed");
         snaps
-            .publish(&views, &v, "v2:fp", "log-1")
+            .publish(&views, &v, "v2:fp", &log)
             .await
             .expect("publish")
             .expect("published again");
@@ -1171,7 +1412,7 @@ mod tests {
         other.digest = m.digest.clone();
         other.fingerprint = "v2:other".into();
         std::fs::write(&manifest_path, serde_json::to_vec(&other).expect("json")).expect("write");
-        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!(done, None);
         assert_eq!(a, Some(SnapshotActivity::Building));
 
@@ -1179,7 +1420,7 @@ mod tests {
         let mut newer = m.clone();
         newer.format = FORMAT + 1;
         std::fs::write(&manifest_path, serde_json::to_vec(&newer).expect("json")).expect("write");
-        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!(done, None);
     }
 
@@ -1194,17 +1435,18 @@ mod tests {
         let v = ViewId::from_parts("users", "1.0.0").expect("id");
         views.create(&v).expect("create");
         views.commit(&v, &docs(100), 40).expect("commit");
+        let log = log_of(&dir.path().join("log"), 40).await;
         let root = dir.path().join("snaps");
         let snaps = Arc::new(Snapshots::new(
             Box::new(DirStore::open(&root, Duration::from_secs(30)).expect("store")),
             SnapshotConfig::new(dir.path().join("work")),
         ));
         let m = snaps
-            .publish(&views, &v, "v2:fp", "log-1")
+            .publish(&views, &v, "v2:fp", &log)
             .await
             .expect("publish")
             .expect("a snapshot");
-        let key = snapshot_key("log-1", "v2:fp");
+        let key = snapshot_key(log.log_identity(), "v2:fp");
         let elsewhere = root.join(&key).join(format!("{:020}", 99));
         std::fs::create_dir_all(&elsewhere).expect("dir");
         std::fs::copy(root.join(m.path()).join(MANIFEST), elsewhere.join(MANIFEST)).expect("copy");
@@ -1212,19 +1454,137 @@ mod tests {
         assert_eq!(listed, vec![m.clone()]);
 
         std::fs::write(root.join(m.path()).join("docs-0000.sst"), b"garbage").expect("tamper");
-        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!(done, None);
         assert!(matches!(a, Some(SnapshotActivity::Refused { .. })), "{a:?}");
         assert_eq!(snaps.store.manifests(&key).await.expect("list"), vec![]);
         // The rebuilt view publishes again at the same position.
         let again = snaps
-            .publish(&views, &v, "v2:fp", "log-1")
+            .publish(&views, &v, "v2:fp", &log)
             .await
             .expect("publish")
             .expect("published again");
         assert_eq!(again.position, 40);
-        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, "log-1").await;
+        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
         assert_eq!(done, Some(40));
+    }
+
+    /// Regression (issue 25, measured): a snapshot built after a backup was
+    /// applied to the log restored from it (same identity), at a position
+    /// past its head or over other events. The event at P is checked first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_is_used_only_on_the_history_it_was_built_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_of(&dir.path().join("log"), 10).await;
+        // A copy of the log at 10 (as a backup takes it): the same identity.
+        let copy_dir = dir.path().join("copy");
+        log.checkpoint_to(&copy_dir).expect("checkpoint");
+        append(log.as_ref(), 100, 10).await;
+        let views = ViewStore::open(dir.path().join("views")).expect("views");
+        let v = ViewId::from_parts("users", "1.0.0").expect("id");
+        views.create(&v).expect("create");
+        views.commit(&v, &docs(20), 20).expect("commit");
+        let snaps = Arc::new(Snapshots::new(
+            Box::new(
+                DirStore::open(dir.path().join("snaps"), Duration::from_secs(30)).expect("store"),
+            ),
+            SnapshotConfig::new(dir.path().join("work")),
+        ));
+        let publish = || async {
+            snaps
+                .publish(&views, &v, "v2:fp", &log)
+                .await
+                .expect("publish")
+                .expect("a snapshot")
+        };
+        let m = publish().await;
+        let event = m.event.clone().expect("format 2 names the event at P");
+        assert_eq!(event.blake3.len(), 64);
+        let copy: Arc<dyn EventStore> =
+            Arc::new(EmbeddedStore::open(EmbeddedConfig::new(&copy_dir)).expect("copy"));
+        assert_eq!(copy.log_identity(), log.log_identity());
+
+        // Its head (13) is before P: refused, removed, replayed.
+        append(copy.as_ref(), 200, 3).await;
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &copy).await;
+        assert_eq!((done, position, n), (None, 0, 0), "{a:?}");
+        let reason = refused(a);
+        assert!(reason.contains("holds no event at 20"), "{reason}");
+        assert_eq!(
+            snaps
+                .latest(log.log_identity(), "v2:fp")
+                .await
+                .expect("latest"),
+            None
+        );
+
+        // Past P now, but another event there: refused too.
+        publish().await;
+        append(copy.as_ref(), 300, 10).await;
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &copy).await;
+        assert_eq!(done, None);
+        let reason = refused(a);
+        assert!(
+            reason.contains("another history") && reason.contains(&event.id),
+            "{reason}"
+        );
+
+        // The log it was built from takes it.
+        publish().await;
+        let (done, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
+        assert_eq!(done, Some(20));
+
+        // A format-1 snapshot names no event: not used (left for older kilns).
+        let manifest_path = dir.path().join("snaps").join(m.path()).join(MANIFEST);
+        let mut old = m.clone();
+        old.format = 1;
+        old.event = None;
+        std::fs::write(&manifest_path, serde_json::to_vec(&old).expect("json")).expect("write");
+        let (done, a, ..) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
+        assert_eq!((done, a), (None, Some(SnapshotActivity::Building)));
+        assert!(manifest_path.exists());
+        // A publish at its position replaces it.
+        let again = publish().await;
+        assert_eq!((again.format, again.position), (FORMAT, 20));
+    }
+
+    /// Regression (issue 25, found by reading): files that match their
+    /// manifest but that RocksDB cannot ingest were taken for this host's
+    /// fault, and the worker retried them forever. Refused and removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_rocksdb_cannot_ingest_is_refused_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_of(&dir.path().join("log"), 30).await;
+        let views = ViewStore::open(dir.path().join("views")).expect("views");
+        let v = ViewId::from_parts("users", "1.0.0").expect("id");
+        views.create(&v).expect("create");
+        views.commit(&v, &docs(100), 30).expect("commit");
+        let root = dir.path().join("snaps");
+        let snaps = Arc::new(Snapshots::new(
+            Box::new(DirStore::open(&root, Duration::from_secs(30)).expect("store")),
+            SnapshotConfig::new(dir.path().join("work")),
+        ));
+        let mut m = snaps
+            .publish(&views, &v, "v2:fp", &log)
+            .await
+            .expect("publish")
+            .expect("a snapshot");
+        // A corrupt publisher: not an SST file, its size and hash in the manifest.
+        let garbage = b"not an sst file".repeat(100);
+        std::fs::write(root.join(m.path()).join("docs-0000.sst"), &garbage).expect("write");
+        for f in &mut m.files {
+            if f.name == "docs-0000.sst" {
+                f.size = garbage.len() as u64;
+                f.blake3 = blake3::hash(&garbage).to_hex().to_string();
+            }
+        }
+        let manifest_path = root.join(m.path()).join(MANIFEST);
+        std::fs::write(&manifest_path, serde_json::to_vec(&m).expect("json")).expect("write");
+        let (done, a, position, n) = bootstrap_fresh(&snaps, dir.path(), &v, &log).await;
+        assert_eq!((done, position, n), (None, 0, 0), "{a:?}");
+        let reason = refused(a);
+        assert!(reason.contains("cannot ingest"), "{reason}");
+        assert!(!manifest_path.exists(), "a refused snapshot is removed");
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! time to live; the holder refreshes its entry with a revision-checked
 //! `update` every third of it, so a holder that dies lets go within the TTL,
 //! and releases it with a revision-checked purge (never someone else's).
+//! A bucket made with a shorter `max_age` than this instance's TTL (an
+//! earlier `lease_ttl_secs`) is raised to it when the store opens, else
+//! every lease would lapse before its first refresh; it is never lowered
+//! (an instance with a longer TTL may share the bucket: a longer `max_age`
+//! only makes a dead holder's lease last longer).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,17 +64,39 @@ impl ObjectStore {
                 .map_err(|e| store_err("creating the bucket", e.to_string()))?,
         };
         let lease_bucket = format!("{bucket}_LEASES");
+        let lease_config = |max_age: Duration, replicas: usize| kv::Config {
+            bucket: lease_bucket.clone(),
+            description: "kiln snapshot leases (one publisher per view)".into(),
+            history: 1,
+            max_age,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        };
         let leases = match js.get_key_value(&lease_bucket).await {
-            Ok(s) => s,
+            Ok(s) => {
+                let config = s
+                    .status()
+                    .await
+                    .map_err(|e| store_err("reading the lease bucket", e.to_string()))?
+                    .info
+                    .config;
+                if config.max_age < ttl {
+                    tracing::info!(
+                        bucket = %lease_bucket,
+                        "raising the lease bucket's max_age from {:?} to the lease TTL {ttl:?}",
+                        config.max_age
+                    );
+                    js.update_key_value(lease_config(ttl, config.num_replicas))
+                        .await
+                        .map_err(|e| {
+                            store_err("raising the lease bucket's max_age", e.to_string())
+                        })?
+                } else {
+                    s
+                }
+            }
             Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: lease_bucket.clone(),
-                    description: "kiln snapshot leases (one publisher per view)".into(),
-                    history: 1,
-                    max_age: ttl,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
+                .create_key_value(lease_config(ttl, replicas))
                 .await
                 .map_err(|e| store_err("creating the lease bucket", e.to_string()))?,
         };

@@ -232,12 +232,26 @@ fn log_identity(db: &DB) -> Result<String, StoreError> {
             reason: "not UTF-8".into(),
         });
     }
+    new_identity(db)
+}
+
+/// Makes and stores (synced) a new identity for the log in `db`.
+fn new_identity(db: &DB) -> Result<String, StoreError> {
     let id = format!("embedded:{}", Uuid::new_v4());
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     db.put_opt(LOG_ID_KEY, id.as_bytes(), &opts)
         .map_err(|e| StoreError::backend("storing the log's identity", e))?;
     Ok(id)
+}
+
+/// Gives the (closed) log at `path` a new identity: a new history epoch.
+/// `kiln restore` calls it on the log it puts in place, whose events from
+/// the backup's head on are another history than the original's (which may
+/// go on too): nothing keyed by the old identity (a view snapshot built
+/// after the backup) is taken for this log's. Returns the new identity.
+pub fn begin_new_history(path: &Path) -> Result<String, StoreError> {
+    new_identity(&open_db(path)?)
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {

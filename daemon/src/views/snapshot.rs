@@ -78,6 +78,17 @@ fn io(op: String) -> impl FnOnce(rocksdb::Error) -> ViewError {
     storage(op)
 }
 
+/// Whether RocksDB refused to ingest files for what they hold (the
+/// snapshot's fault) rather than for a failure of this host's storage
+/// (I/O, shutdown, a busy or timed-out database: those are retried).
+fn files_at_fault(e: &rocksdb::Error) -> bool {
+    use rocksdb::ErrorKind::*;
+    !matches!(
+        e.kind(),
+        IOError | ShutdownInProgress | Busy | TimedOut | TryAgain | Aborted | Incomplete
+    )
+}
+
 impl ViewStore {
     /// Writes `view` as one RocksDB snapshot holds it into `dir` (which must
     /// exist): SST files named `docs-<n>.sst`, each at most about
@@ -168,9 +179,24 @@ impl ViewStore {
         if !files.is_empty() {
             let mut opts = IngestExternalFileOptions::default();
             opts.set_move_files(true);
-            self.db
+            if let Err(e) = self
+                .db
                 .ingest_external_file_cf_opts(&cf, &opts, files.to_vec())
-                .map_err(io(format!("ingesting the snapshot files of {view}")))?;
+            {
+                if !files_at_fault(&e) {
+                    // This host's storage: the worker pauses and retries.
+                    return Err(io(format!("ingesting the snapshot files of {view}"))(e));
+                }
+                // Files RocksDB cannot take (not SST, keys out of order or
+                // overlapping, ...): the snapshot's fault, refused, and
+                // the view left empty for a replay.
+                drop(cf);
+                self.empty_after_refusal(view)?;
+                return Err(ViewError::DigestMismatch {
+                    view: view.clone(),
+                    reason: format!("RocksDB cannot ingest its files: {e}"),
+                });
+            }
         }
         // The documents are checked before the checkpoint makes them a view.
         let mut digest = Digester::new();
@@ -192,11 +218,7 @@ impl ViewStore {
                 got.documents, got.digest, expect.documents, expect.digest
             );
             drop(cf);
-            self.drop_view(view)?;
-            self.create(view)?;
-            self.db
-                .delete(marker_key(view))
-                .map_err(io(format!("removing the bootstrap marker of {view}")))?;
+            self.empty_after_refusal(view)?;
             return Err(ViewError::DigestMismatch {
                 view: view.clone(),
                 reason,
@@ -213,6 +235,16 @@ impl ViewStore {
             .map_err(io(format!("setting {view}'s checkpoint to {position}")))?;
         self.forget_cache(view);
         Ok(())
+    }
+
+    /// Empties `view` after its snapshot was refused mid-ingest (dropped,
+    /// created again) and removes its bootstrap marker.
+    fn empty_after_refusal(&self, view: &ViewId) -> Result<(), ViewError> {
+        self.drop_view(view)?;
+        self.create(view)?;
+        self.db
+            .delete(marker_key(view))
+            .map_err(io(format!("removing the bootstrap marker of {view}")))
     }
 
     /// Whether an ingest into `view` was cut short (a crash between the

@@ -67,6 +67,29 @@ const FOREIGN_KEPT: usize = 256;
 /// Most foreign messages stepped over, newest first, looking for a subject's
 /// last kiln event.
 const FOREIGN_WALK: usize = 256;
+
+/// How many sequences [`Inner::last_matching_up_to`] looks back at most.
+const MATCHING_WALK: u64 = 4096;
+
+fn is_wildcard(subject: &str) -> bool {
+    subject.split('.').any(|t| t == "*" || t == ">")
+}
+
+/// Whether `subject` matches the NATS subject filter `filter` (`*` one
+/// token, `>` the rest).
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
 /// Most events in one batch handed out by a tail.
 pub const TAIL_BATCH: usize = 1024;
 /// Most write attempts of one append whose expected version still holds while
@@ -655,7 +678,11 @@ impl Inner {
                 }
                 Err(why) => {
                     foreign_after.get_or_insert((m.sequence, why.0));
-                    next = self.last_up_to(subject, m.sequence - 1).await?;
+                    next = if is_wildcard(subject) {
+                        self.last_matching_up_to(subject, m.sequence - 1).await?
+                    } else {
+                        self.last_up_to(subject, m.sequence - 1).await?
+                    };
                 }
             }
         }
@@ -697,7 +724,39 @@ impl Inner {
             .await
     }
 
-    /// The last message on `subject` at or before sequence `up_to`.
+    /// The last message matching the wildcard `filter` at or before sequence
+    /// `up_to`, found by walking back one sequence at a time (at most
+    /// [`MATCHING_WALK`]; removed sequences and other subjects are stepped
+    /// over). A multi-subject "last" get cannot serve here: it answers the
+    /// last message of *each* matching subject, earliest first.
+    async fn last_matching_up_to(
+        &self,
+        filter: &str,
+        up_to: u64,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        let stop = up_to.saturating_sub(MATCHING_WALK);
+        let mut seq = up_to;
+        while seq > stop {
+            if let Some(m) = self.msg_at(seq).await?
+                && subject_matches(filter, &m.subject)
+            {
+                return Ok(Some(m));
+            }
+            seq -= 1;
+        }
+        if seq == 0 {
+            return Ok(None);
+        }
+        Err(StoreError::Corrupt {
+            what: format!("the stream before position {}", up_to + 1),
+            reason: format!(
+                "none of its last {MATCHING_WALK} messages is on '{filter}': cannot tell its \
+                 last event; move other services' messages out of this stream"
+            ),
+        })
+    }
+
+    /// The last message on the literal `subject` at or before sequence `up_to`.
     async fn last_up_to(
         &self,
         subject: &str,
@@ -1993,5 +2052,23 @@ impl EventStore for JetStreamStore {
             version: wire::snapshot_version(&m.headers, &subject, m.sequence)?,
             data: m.payload,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_wildcard, subject_matches};
+
+    #[test]
+    fn subject_filters_match_as_nats_does() {
+        assert!(subject_matches("kiln.*.*", "kiln.user.user-1"));
+        assert!(!subject_matches("kiln.*.*", "kiln._kiln.tag.a.b"));
+        assert!(!subject_matches("kiln.*.*", "kiln.user"));
+        assert!(subject_matches("kiln.>", "kiln._kiln.tag.a"));
+        assert!(!subject_matches("kiln.>", "kiln"));
+        assert!(subject_matches("kiln.user.user-1", "kiln.user.user-1"));
+        assert!(!subject_matches("kiln.user.user-1", "kiln.user.user-2"));
+        assert!(is_wildcard("kiln.*.*") && is_wildcard("kiln.>"));
+        assert!(!is_wildcard("kiln.user.user-1"));
     }
 }

@@ -1,0 +1,787 @@
+//! The fleet, model-tested: seeded random sequences of operations against
+//! three real `kiln serve` processes on one nats-server (one JetStream log,
+//! one fleet, one shared snapshot directory), each step checked against the
+//! fleet's invariants (ARCHITECTURE.md, "The fleet's invariants") and a small
+//! model of what the operator decided:
+//!
+//! - **F1 reads never go back**: a reader going round the members all along
+//!   never sees an older version than one it saw before, between two
+//!   operator decisions (a rollback or a promote of an older version is the
+//!   only way back);
+//! - **F2 documents are right**: once the log is quiet, every version a
+//!   member serves or may serve (ready, active, standby) holds exactly the
+//!   documents a clean in-process rebuild of its module over the log gives,
+//!   however it was built (replay, alias, snapshot bootstrap), and the
+//!   fleet's digests found no mismatch;
+//! - **F3 views keep moving**: once the log is quiet, every such version on
+//!   every member reaches the log's last event within a bound;
+//! - **F4 nothing is ahead of its log**: after every step, no member has a
+//!   version whose checkpoint is past the log's head;
+//! - **F5 decisions hold**: once quiet, every member answers the version the
+//!   model says the fleet decided (the operator's last promote or rollback,
+//!   or the newest version ready everywhere that no rollback held back and no
+//!   member retired), and `GET /fleet` agrees.
+//!
+//! Operations: appends (plain, atomic multi-event, tagged) through any
+//! member; a foreign message and a removed message, at any position and at
+//! digest positions (multiples of 10); deploy a version everywhere (each
+//! version's logic drawn per sequence, so some alias and some warm); promote
+//! and rollback asked of any member; retire a version on one member; snapshot
+//! a member's active version; crash a member (SIGKILL, restart); replace a
+//! member's disk (its modules deployed again, it bootstraps from the shared
+//! snapshots); and "quiet", where F2, F3 and F5 are checked.
+//!
+//! `KILN_FLEET_MODEL_SEQUENCES` (default 60, about two minutes) sequences of
+//! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
+//! command; `KILN_FLEET_MODEL_SEED=<n>` replays the one a failure names.
+
+// Members are indices into `members`, `apis` and `MEMBERS` alike.
+#![allow(clippy::needless_range_loop)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln::runtime::{Module, Runtime, RuntimeConfig};
+use kiln::store::EventStore;
+use kiln::views::ViewId;
+use kiln_tests::daemon::{Api, Daemon, Options, fleet_member};
+use kiln_tests::lifecycle::{read_log, rebuild};
+use kiln_tests::nats::{NatsServer, connect_when_ready, test_config};
+use kiln_tests::rng::Rng;
+use kiln_tests::wasm::users_module;
+use serde_json::{Value, json};
+
+const VERSIONS: [&str; 3] = ["1.0.0", "1.1.0", "1.2.0"];
+const MEMBERS: [&str; 3] = ["a", "b", "c"];
+const USERS: u64 = 5;
+/// How long the fleet may take to settle once the log is quiet.
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append(usize, u64),
+    AppendMulti(usize, u64),
+    AppendTagged(usize),
+    /// A foreign message; `true`: at a digest position (a multiple of 10).
+    Foreign(bool),
+    /// A foreign message, then removed from the stream.
+    Removed(bool),
+    Deploy(usize),
+    Promote(usize, usize),
+    Rollback(usize),
+    Retire(usize, usize),
+    Snapshot(usize),
+    Crash(usize),
+    ReplaceDisk(usize),
+    Quiet,
+}
+
+fn gen_op(rng: &mut Rng) -> Op {
+    let m = rng.below(MEMBERS.len() as u64) as usize;
+    let v = rng.below(VERSIONS.len() as u64) as usize;
+    match rng.below(100) {
+        0..=19 => Op::Append(m, 1 + rng.below(8)),
+        20..=26 => Op::AppendMulti(m, 2 + rng.below(3)),
+        27..=32 => Op::AppendTagged(m),
+        33..=37 => Op::Foreign(rng.below(2) == 0),
+        38..=41 => Op::Removed(rng.below(2) == 0),
+        42..=55 => Op::Deploy(v),
+        56..=61 => Op::Promote(v, m),
+        62..=66 => Op::Rollback(m),
+        67..=71 => Op::Retire(v, m),
+        72..=77 => Op::Snapshot(m),
+        78..=83 => Op::Crash(m),
+        84..=88 => Op::ReplaceDisk(m),
+        _ => Op::Quiet,
+    }
+}
+
+fn vid(v: usize) -> String {
+    format!("users-{}", VERSIONS[v].replace('.', "_"))
+}
+
+fn index_of(id: &str) -> Option<usize> {
+    (0..VERSIONS.len()).find(|v| vid(*v) == id)
+}
+
+/// What the reader saw: per read, the decision epoch when it was sent and
+/// answered, and the version that answered (None: refused or unreachable).
+type Reads = Arc<std::sync::Mutex<Vec<(u64, u64, Option<String>)>>>;
+
+struct Run {
+    seed: u64,
+    nats: NatsServer,
+    log: Arc<dyn EventStore>,
+    snapshots: tempfile::TempDir,
+    members: Vec<Daemon>,
+    apis: Vec<Api>,
+    /// Each version's logic in this sequence (`true`: without LoginFailed).
+    changed: [bool; 3],
+    modules: Vec<Module>,
+    /// Model: versions deployed on every member.
+    deployed: BTreeSet<usize>,
+    /// Model: the fleet's active version.
+    active: Option<usize>,
+    /// Model: versions that have been active (standby now, never proposed).
+    was_active: BTreeSet<usize>,
+    /// Model: versions a rollback (or promote of an older one) held back.
+    held_back: BTreeSet<usize>,
+    /// Model: version → members it is retired on.
+    retired_on: BTreeMap<usize, BTreeSet<usize>>,
+    /// Bumped around every operator decision: F1 compares reads of one epoch.
+    epoch: Arc<AtomicU64>,
+    reads: Reads,
+    stop_reader: Arc<AtomicBool>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    foreign: u64,
+    steps: Vec<String>,
+    /// Versions seen bootstrapped from a snapshot when the log was quiet.
+    bootstrapped: u64,
+}
+
+impl Run {
+    async fn new(seed: u64, runtime: &Runtime, rng: &mut Rng) -> Run {
+        let nats = tokio::task::spawn_blocking(NatsServer::start)
+            .await
+            .expect("nats-server");
+        let log: Arc<dyn EventStore> =
+            Arc::new(connect_when_ready(&test_config(&nats.url())).await);
+        let snapshots = tempfile::tempdir().expect("snapshot dir");
+        let changed = [rng.below(2) == 1, rng.below(2) == 1, rng.below(2) == 1];
+        let modules = (0..VERSIONS.len())
+            .map(|v| {
+                runtime
+                    .load("model", &users_module(VERSIONS[v], changed[v]))
+                    .expect("users loads")
+            })
+            .collect();
+        let mut run = Run {
+            seed,
+            nats,
+            log,
+            snapshots,
+            members: Vec::new(),
+            apis: Vec::new(),
+            changed,
+            modules,
+            deployed: BTreeSet::new(),
+            active: None,
+            was_active: BTreeSet::new(),
+            held_back: BTreeSet::new(),
+            retired_on: BTreeMap::new(),
+            epoch: Arc::new(AtomicU64::new(0)),
+            reads: Reads::default(),
+            stop_reader: Arc::new(AtomicBool::new(false)),
+            reader: None,
+            foreign: 0,
+            steps: Vec::new(),
+            bootstrapped: 0,
+        };
+        for id in MEMBERS {
+            let o = run.options(id);
+            let d = tokio::task::spawn_blocking(move || Daemon::start_with(o))
+                .await
+                .expect("a member starts");
+            run.apis.push(Api::new(&d));
+            run.members.push(d);
+        }
+        run.start_reader();
+        run
+    }
+
+    fn options(&self, id: &str) -> Options {
+        let snapshots = self.snapshots.path().display().to_string();
+        fleet_member(&self.nats.url(), "model", id)
+            .arg("--snapshot-dir")
+            .arg(&snapshots)
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> ! {
+        let logs: Vec<String> = self
+            .members
+            .iter()
+            .zip(MEMBERS)
+            .map(|(d, id)| {
+                let log = d.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                format!(
+                    "--- member {id} (last 40 lines) ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "seed {}: {what}\nlogic changed per version: {:?}\nsteps:\n  {}\n{}\n\
+             replay: KILN_FLEET_MODEL_SEED={} cargo test --release -p kiln-tests --test fleet_model",
+            self.seed,
+            self.changed,
+            self.steps.join("\n  "),
+            logs.join("\n"),
+            self.seed
+        );
+    }
+
+    /// Reads `user-0` through the bare name from each member in turn until
+    /// stopped (F1); a member down answers nothing.
+    fn start_reader(&mut self) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let bases: Vec<String> = self.apis.iter().map(|a| a.base.clone()).collect();
+        let (epoch, reads, stop) = (
+            self.epoch.clone(),
+            self.reads.clone(),
+            self.stop_reader.clone(),
+        );
+        self.reader = Some(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let before = epoch.load(Ordering::SeqCst);
+                let url = format!("{}/views/users/user-0", bases[i % bases.len()]);
+                let version = match http.get(&url).send().await {
+                    Ok(r) if r.status().as_u16() == 200 => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|b| b["view"].as_str().map(str::to_string)),
+                    Ok(_) => None,
+                    Err(_) => None,
+                };
+                let after = epoch.load(Ordering::SeqCst);
+                if let Ok(mut r) = reads.lock() {
+                    r.push((before, after, version));
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+
+    /// F1: within one epoch, no read answers an older version than one
+    /// answered before it. Checked reads are forgotten.
+    fn check_reads(&self) {
+        let reads = std::mem::take(&mut *self.reads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut newest: Option<(u64, ViewId)> = None;
+        for (n, (before, after, v)) in reads.iter().enumerate() {
+            let Some(v) = v else { continue };
+            // Odd: an operator decision was in flight (see `new_epoch`).
+            if before != after || before % 2 == 1 {
+                newest = None;
+                continue;
+            }
+            let id: ViewId = match v.parse() {
+                Ok(id) => id,
+                Err(e) => self.fail(format!("F1: a read answered {v:?}, no view id: {e}")),
+            };
+            match &newest {
+                Some((epoch, top)) if *epoch == *before && id < *top => self.fail(format!(
+                    "F1: read {n} answered {id} after an earlier read (same decision) answered {top}"
+                )),
+                Some((epoch, top)) if *epoch == *before && id <= *top => {}
+                _ => newest = Some((*before, id)),
+            }
+        }
+    }
+
+    /// Called as an operator decision begins (the epoch turns odd) and once
+    /// every member answers it (even again): reads sent or answered in an
+    /// odd epoch, or across two, are not compared.
+    fn new_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn head(&self) -> u64 {
+        match self.log.head().await {
+            Ok(h) => h,
+            Err(e) => self.fail(format!("the log's head: {e}")),
+        }
+    }
+
+    /// A raw (foreign) publish on an event subject; its stream position.
+    async fn publish_foreign(&mut self) -> u64 {
+        self.foreign += 1;
+        let client = async_nats::connect(self.nats.url()).await.expect("client");
+        let reply = client
+            .request(
+                format!("kiln.zz.zz-{}", self.foreign),
+                "not a kiln event".into(),
+            )
+            .await
+            .expect("foreign publish");
+        let ack: Value = serde_json::from_slice(&reply.payload).expect("ack");
+        ack["seq"].as_u64().expect("stored")
+    }
+
+    /// Appends plain events until the next message lands on a multiple of 10.
+    async fn align_to_digest(&mut self) {
+        loop {
+            let head = self.head().await;
+            if (head + 1).is_multiple_of(10) {
+                return;
+            }
+            self.append(
+                0,
+                "user-0",
+                &[json!({ "type": "UserLoggedIn", "data": {} })],
+                None,
+            )
+            .await;
+        }
+    }
+
+    async fn append(&self, m: usize, stream: &str, events: &[Value], tag: Option<&str>) {
+        let mut events = events.to_vec();
+        if let Some(t) = tag {
+            for e in &mut events {
+                e["tags"] = json!([t]);
+            }
+        }
+        let (s, b) = self.apis[m]
+            .post_json(
+                &format!("/streams/{stream}/events"),
+                &json!({ "events": events }),
+            )
+            .await;
+        if s != 200 {
+            self.fail(format!(
+                "appending to {stream} through {}: {s} {b}",
+                MEMBERS[m]
+            ));
+        }
+    }
+
+    fn event(rng: &mut Rng, u: u64) -> Value {
+        match rng.below(4) {
+            0 => {
+                json!({ "type": "UserRegistered", "data": { "name": format!("n{u}"), "email": "e" } })
+            }
+            1 => {
+                json!({ "type": "UserRenamed", "data": { "name": format!("r{}", rng.below(100)) } })
+            }
+            2 => json!({ "type": "UserLoggedIn", "data": {} }),
+            _ => json!({ "type": "LoginFailed", "data": {} }),
+        }
+    }
+
+    async fn step(&mut self, op: &Op, rng: &mut Rng) {
+        match *op {
+            Op::Append(m, n) => {
+                for _ in 0..n {
+                    let u = rng.below(USERS);
+                    let e = Run::event(rng, u);
+                    self.append(m, &format!("user-{u}"), &[e], None).await;
+                }
+            }
+            Op::AppendMulti(m, n) => {
+                let u = rng.below(USERS);
+                let events: Vec<Value> = (0..n).map(|_| Run::event(rng, u)).collect();
+                self.append(m, &format!("user-{u}"), &events, None).await;
+            }
+            Op::AppendTagged(m) => {
+                let u = rng.below(USERS);
+                let e = Run::event(rng, u);
+                let tag = format!("account-{}", rng.below(3));
+                self.append(m, &format!("user-{u}"), &[e], Some(&tag)).await;
+            }
+            Op::Foreign(at_digest) => {
+                if at_digest {
+                    self.align_to_digest().await;
+                }
+                self.publish_foreign().await;
+            }
+            Op::Removed(at_digest) => {
+                if at_digest {
+                    self.align_to_digest().await;
+                }
+                let seq = self.publish_foreign().await;
+                let client = async_nats::connect(self.nats.url()).await.expect("client");
+                let js = async_nats::jetstream::new(client);
+                let stream = js.get_stream("KILN").await.expect("the KILN stream");
+                stream.delete_message(seq).await.expect("removed");
+            }
+            Op::Deploy(v) => {
+                // Every member, in a random order.
+                let mut order: Vec<usize> = (0..MEMBERS.len()).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                for m in order {
+                    let (s, b) = self.apis[m]
+                        .deploy(users_module(VERSIONS[v], self.changed[v]))
+                        .await;
+                    if s != 202 && s != 200 {
+                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                    }
+                }
+                self.deployed.insert(v);
+                self.retired_on.remove(&v);
+                self.expected_active();
+                self.settle_decision().await;
+            }
+            Op::Promote(v, m) => {
+                self.new_epoch();
+                let (s, b) = self.apis[m]
+                    .post_json(&format!("/admin/views/{}/promote", vid(v)), &json!({}))
+                    .await;
+                if s < 300 {
+                    if let Some(a) = self.active
+                        && v < a
+                    {
+                        self.held_back.insert(a);
+                    }
+                    self.held_back.remove(&v);
+                    self.set_active(v);
+                    self.settle_decision().await;
+                } else if s >= 500 && s != 503 || b["error"]["code"].as_str().is_none() {
+                    self.fail(format!("promote {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                }
+                self.new_epoch();
+            }
+            Op::Rollback(m) => {
+                self.new_epoch();
+                let (s, b) = self.apis[m]
+                    .post_json("/admin/views/users/rollback", &json!({}))
+                    .await;
+                if s < 300 {
+                    let from = self.active;
+                    let d = self.decision(m).await;
+                    let to = d["next"]
+                        .as_str()
+                        .or(d["active"].as_str())
+                        .and_then(index_of);
+                    let Some(to) = to else {
+                        self.fail(format!("after a rollback the decision is {d}"));
+                    };
+                    if Some(to) == from || !self.was_active.contains(&to) {
+                        self.fail(format!(
+                            "a rollback from {:?} went to {} (was active: {:?}): {b}",
+                            from.map(vid),
+                            vid(to),
+                            self.was_active
+                        ));
+                    }
+                    if let Some(f) = from {
+                        self.held_back.insert(f);
+                    }
+                    self.held_back.remove(&to);
+                    self.set_active(to);
+                    self.settle_decision().await;
+                } else if s >= 500 && s != 503 || b["error"]["code"].as_str().is_none() {
+                    self.fail(format!("rollback on {}: {s} {b}", MEMBERS[m]));
+                }
+                self.new_epoch();
+            }
+            Op::Retire(v, m) => {
+                if Some(v) == self.active || !self.deployed.contains(&v) {
+                    return;
+                }
+                let (s, b) = self.apis[m]
+                    .post_json(&format!("/admin/views/{}/retire", vid(v)), &json!({}))
+                    .await;
+                if s < 300 {
+                    self.retired_on.entry(v).or_default().insert(m);
+                } else if b["error"]["code"].as_str().is_none() {
+                    self.fail(format!("retire {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                }
+            }
+            Op::Snapshot(m) => {
+                let Some(a) = self.active else { return };
+                let (s, b) = self.apis[m]
+                    .post_json(&format!("/admin/views/{}/snapshot", vid(a)), &json!({}))
+                    .await;
+                if s >= 500 && s != 503 {
+                    self.fail(format!("snapshot {} on {}: {s} {b}", vid(a), MEMBERS[m]));
+                }
+            }
+            Op::Crash(m) => {
+                let d = &mut self.members[m];
+                tokio::task::block_in_place(|| d.restart());
+            }
+            Op::ReplaceDisk(m) => {
+                let d = &mut self.members[m];
+                tokio::task::block_in_place(|| d.replace_disk());
+                // The pod comes back with the modules it is given.
+                for v in self.deployed.clone() {
+                    let (s, b) = self.apis[m]
+                        .deploy(users_module(VERSIONS[v], self.changed[v]))
+                        .await;
+                    if s != 202 && s != 200 {
+                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                    }
+                }
+                for on in self.retired_on.values_mut() {
+                    on.remove(&m);
+                }
+                self.retired_on.retain(|_, on| !on.is_empty());
+            }
+            Op::Quiet => self.quiet().await,
+        }
+    }
+
+    fn set_active(&mut self, v: usize) {
+        self.active = Some(v);
+        self.was_active.insert(v);
+    }
+
+    /// After a deploy or an operator decision: every member answers what
+    /// the fleet decided (F5) before the next step.
+    async fn settle_decision(&self) {
+        let Some(a) = self.active else { return };
+        self.until(&format!("F5: every member answers {}", vid(a)), || async {
+            for api in &self.apis {
+                let (s, b) = api.get("/views/users/user-0").await;
+                if s != 200 || b["view"].as_str() != Some(vid(a).as_str()) {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
+    /// The version the model says the fleet serves once it settled.
+    fn expected_active(&mut self) -> Option<usize> {
+        let candidate = self
+            .deployed
+            .iter()
+            .copied()
+            .filter(|v| self.active.is_none_or(|a| *v > a))
+            .filter(|v| !self.was_active.contains(v))
+            // Nothing at or below a version a rollback held back.
+            .filter(|v| self.held_back.iter().all(|h| v > h))
+            .filter(|v| !self.retired_on.contains_key(v))
+            .max();
+        if let Some(c) = candidate {
+            self.set_active(c);
+        }
+        self.active
+    }
+
+    async fn decision(&self, m: usize) -> Value {
+        let (s, b) = self.apis[m].get("/fleet").await;
+        if s != 200 {
+            self.fail(format!("GET /fleet on {}: {s} {b}", MEMBERS[m]));
+        }
+        b["decisions"]["users"].clone()
+    }
+
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<()>>,
+    {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if check().await.is_some() {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!("{what}: not within {SETTLE:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every member's `GET /views` entries.
+    async fn views(&self, m: usize) -> Vec<Value> {
+        let (s, b) = self.apis[m].get("/views").await;
+        if s != 200 {
+            self.fail(format!("GET /views on {}: {s} {b}", MEMBERS[m]));
+        }
+        b["views"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// F4, after every step: no version's checkpoint is past the log's head.
+    async fn check_not_ahead(&self) {
+        for m in 0..MEMBERS.len() {
+            let views = self.views(m).await;
+            let head = self.head().await;
+            for v in &views {
+                let c = v["checkpoint"].as_u64().unwrap_or(0);
+                if c > head && v["state"] != "retired" {
+                    self.fail(format!(
+                        "F4: {} on {} is at {c}, past the log's head {head}: {v}",
+                        v["id"], MEMBERS[m]
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The log is quiet: F3, F5, F2.
+    async fn quiet(&mut self) {
+        let expected = self.expected_active();
+        let events = read_log(&self.log).await;
+        let last = events.last().map_or(0, |e| e.position);
+        let live = |v: &Value| matches!(v["state"].as_str(), Some("ready" | "active" | "standby"));
+        // F3: every caught-up version on every member reaches the last event.
+        for m in 0..MEMBERS.len() {
+            self.until(
+                &format!("F3: every version on {} reaches {last}", MEMBERS[m]),
+                || async {
+                    let views = self.views(m).await;
+                    views
+                        .iter()
+                        .filter(|v| v["state"] != "retired")
+                        .all(|v| live(v) && v["checkpoint"].as_u64() == Some(last))
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        // F5: every member answers what the fleet decided, and says so.
+        if let Some(a) = expected {
+            self.settle_decision().await;
+            for m in 0..MEMBERS.len() {
+                let d = self.decision(m).await;
+                if d["active"].as_str() != Some(vid(a).as_str()) || !d["next"].is_null() {
+                    self.fail(format!(
+                        "F5: the model says the fleet serves {}; {}'s GET /fleet: {d}",
+                        vid(a),
+                        MEMBERS[m]
+                    ));
+                }
+            }
+        }
+        // F2: documents, on every member, for every version that may serve.
+        for m in 0..MEMBERS.len() {
+            for v in self.views(m).await.iter().filter(|v| live(v)) {
+                let id = v["id"].as_str().unwrap_or_default().to_string();
+                let Some(i) = index_of(&id) else {
+                    self.fail(format!("a version the model never deployed: {v}"));
+                };
+                let want: BTreeMap<String, Value> = rebuild(&self.modules[i], &events, last)
+                    .into_iter()
+                    .map(|(k, d)| {
+                        (
+                            String::from_utf8_lossy(&k).into_owned(),
+                            serde_json::from_slice(&d).unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect();
+                let got = self.documents(m, &id).await;
+                if got != want {
+                    self.fail(format!(
+                        "F2: {id} on {} (at {last}, {v}) differs from a clean rebuild: \
+                         {} documents, the rebuild has {}; got {got:?}, want {want:?}",
+                        MEMBERS[m],
+                        got.len(),
+                        want.len()
+                    ));
+                }
+            }
+        }
+        for m in 0..MEMBERS.len() {
+            let views = self.views(m).await;
+            self.bootstrapped += views
+                .iter()
+                .filter(|v| v["snapshot"]["state"] == "bootstrapped")
+                .count() as u64;
+        }
+        let (s, fleet) = self.apis[0].get("/fleet").await;
+        if s != 200 || fleet["mismatches"] != json!([]) {
+            self.fail(format!("F2: the fleet's digests disagree: {s} {fleet}"));
+        }
+    }
+
+    async fn documents(&self, m: usize, id: &str) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(a) => format!("/views/{id}?limit=1000&after={a}"),
+                None => format!("/views/{id}?limit=1000"),
+            };
+            let (s, b) = self.apis[m].get(&path).await;
+            if s != 200 {
+                self.fail(format!("GET {path} on {}: {s} {b}", MEMBERS[m]));
+            }
+            for item in b["items"].as_array().cloned().unwrap_or_default() {
+                let key = item["key"].as_str().unwrap_or_default().to_string();
+                out.insert(key, item["doc"].clone());
+            }
+            match b["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Checks the quiet fleet a last time and stops it; how many versions
+    /// were seen bootstrapped from a snapshot.
+    async fn finish(mut self) -> u64 {
+        self.quiet().await;
+        self.stop_reader.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.await;
+        }
+        self.check_reads();
+        let members = std::mem::take(&mut self.members);
+        tokio::task::spawn_blocking(move || drop(members))
+            .await
+            .expect("members stop");
+        self.bootstrapped
+    }
+}
+
+async fn run_sequence(seed: u64, steps: u64, runtime: &Runtime) -> u64 {
+    let mut rng = Rng(seed);
+    let mut run = Run::new(seed, runtime, &mut rng).await;
+    // Something to serve from the start; user-0 is what the reader reads.
+    run.apis[0].register_user("user-0").await;
+    run.step(&Op::Append(0, 5), &mut rng).await;
+    run.step(&Op::Deploy(0), &mut rng).await;
+    for _ in 0..steps {
+        let op = gen_op(&mut rng);
+        run.steps.push(format!("{op:?}"));
+        let started = Instant::now();
+        run.step(&op, &mut rng).await;
+        run.check_not_ahead().await;
+        run.check_reads();
+        if let Some(s) = run.steps.last_mut() {
+            s.push_str(&format!(" ({:?})", started.elapsed()));
+        }
+    }
+    eprintln!("seed {seed}: {}", run.steps.join(", "));
+    run.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generated_fleet_sequences_keep_the_fleet_invariants() {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let steps = env_u64("KILN_FLEET_MODEL_STEPS", 14);
+    if let Ok(seed) = std::env::var("KILN_FLEET_MODEL_SEED") {
+        let seed = seed.parse().expect("KILN_FLEET_MODEL_SEED is a number");
+        run_sequence(seed, steps, &runtime).await;
+        return;
+    }
+    let sequences = env_u64("KILN_FLEET_MODEL_SEQUENCES", 60);
+    let base = env_u64("KILN_FLEET_MODEL_BASE", 1);
+    let mut bootstrapped = 0;
+    for seed in base..base + sequences {
+        let started = Instant::now();
+        bootstrapped += run_sequence(seed, steps, &runtime).await;
+        eprintln!("seed {seed}: {steps} steps in {:?}", started.elapsed());
+    }
+    eprintln!("{sequences} sequences; versions seen bootstrapped from a snapshot: {bootstrapped}");
+    // The generator reaches snapshot bootstraps (a disk replaced after a
+    // snapshot), not only replays.
+    if sequences >= 20 {
+        assert!(bootstrapped > 0, "no sequence bootstrapped from a snapshot");
+    }
+}
