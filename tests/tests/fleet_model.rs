@@ -76,6 +76,9 @@ enum Op {
     /// A foreign message, then removed from the stream.
     Removed(bool),
     Deploy(usize),
+    /// The version everywhere, but on one member with the other logic (a
+    /// second build under the same id): never served (F6).
+    DeployMixed(usize, usize),
     Promote(usize, usize),
     Rollback(usize),
     Retire(usize, usize),
@@ -94,7 +97,8 @@ fn gen_op(rng: &mut Rng) -> Op {
         27..=32 => Op::AppendTagged(m),
         33..=37 => Op::Foreign(rng.below(2) == 0),
         38..=41 => Op::Removed(rng.below(2) == 0),
-        42..=55 => Op::Deploy(v),
+        42..=51 => Op::Deploy(v),
+        52..=55 => Op::DeployMixed(v, m),
         56..=61 => Op::Promote(v, m),
         62..=66 => Op::Rollback(m),
         67..=71 => Op::Retire(v, m),
@@ -126,7 +130,8 @@ struct Run {
     apis: Vec<Api>,
     /// Each version's logic in this sequence (`true`: without LoginFailed).
     changed: [bool; 3],
-    modules: Vec<Module>,
+    /// Each version in each logic (`true`: without LoginFailed).
+    modules: BTreeMap<(usize, bool), Module>,
     /// Model: versions deployed on every member.
     deployed: BTreeSet<usize>,
     /// Model: the fleet's active version.
@@ -135,6 +140,8 @@ struct Run {
     was_active: BTreeSet<usize>,
     /// Model: versions a rollback (or promote of an older one) held back.
     held_back: BTreeSet<usize>,
+    /// Model: versions deployed with another logic on one member (F6).
+    mixed: BTreeMap<usize, usize>,
     /// Model: version → members it is retired on.
     retired_on: BTreeMap<usize, BTreeSet<usize>>,
     /// Bumped around every operator decision: F1 compares reads of one epoch.
@@ -157,13 +164,15 @@ impl Run {
             Arc::new(connect_when_ready(&test_config(&nats.url())).await);
         let snapshots = tempfile::tempdir().expect("snapshot dir");
         let changed = [rng.below(2) == 1, rng.below(2) == 1, rng.below(2) == 1];
-        let modules = (0..VERSIONS.len())
-            .map(|v| {
-                runtime
-                    .load("model", &users_module(VERSIONS[v], changed[v]))
-                    .expect("users loads")
-            })
-            .collect();
+        let mut modules = BTreeMap::new();
+        for v in 0..VERSIONS.len() {
+            for c in [false, true] {
+                let module = runtime
+                    .load("model", &users_module(VERSIONS[v], c))
+                    .expect("users loads");
+                modules.insert((v, c), module);
+            }
+        }
         let mut run = Run {
             seed,
             nats,
@@ -177,6 +186,7 @@ impl Run {
             active: None,
             was_active: BTreeSet::new(),
             held_back: BTreeSet::new(),
+            mixed: BTreeMap::new(),
             retired_on: BTreeMap::new(),
             epoch: Arc::new(AtomicU64::new(0)),
             reads: Reads::default(),
@@ -409,6 +419,17 @@ impl Run {
                 let stream = js.get_stream("KILN").await.expect("the KILN stream");
                 stream.delete_message(seq).await.expect("removed");
             }
+            Op::Deploy(v) if self.mixed.contains_key(&v) => {
+                // Deploying it again changes nothing: the odd member keeps
+                // its other module under the id (or refuses the new one).
+                let odd = self.mixed[&v];
+                let (s, b) = self.apis[odd]
+                    .deploy(users_module(VERSIONS[v], self.changed[v]))
+                    .await;
+                if s >= 500 {
+                    self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[odd]));
+                }
+            }
             Op::Deploy(v) => {
                 // Every member, in a random order.
                 let mut order: Vec<usize> = (0..MEMBERS.len()).collect();
@@ -425,10 +446,30 @@ impl Run {
                 }
                 self.deployed.insert(v);
                 self.retired_on.remove(&v);
-                self.expected_active();
+                self.expected_active().await;
                 self.settle_decision().await;
             }
+            Op::DeployMixed(v, odd) => {
+                if self.deployed.contains(&v) || self.mixed.contains_key(&v) {
+                    return;
+                }
+                for m in 0..MEMBERS.len() {
+                    let changed = self.changed[v] != (m == odd);
+                    let (s, b) = self.apis[m]
+                        .deploy(users_module(VERSIONS[v], changed))
+                        .await;
+                    if s != 202 && s != 200 {
+                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                    }
+                }
+                self.mixed.insert(v, odd);
+                // Give the fleet the time it would take to switch to it.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
             Op::Promote(v, m) => {
+                // A mixed version: refused while the odd member's record
+                // shows it; accepted only for the other members' build (the
+                // odd one then never answers it, see `settle_decision`).
                 self.new_epoch();
                 let (s, b) = self.apis[m]
                     .post_json(&format!("/admin/views/{}/promote", vid(v)), &json!({}))
@@ -482,7 +523,10 @@ impl Run {
                 self.new_epoch();
             }
             Op::Retire(v, m) => {
-                if Some(v) == self.active || !self.deployed.contains(&v) {
+                if Some(v) == self.active
+                    || !self.deployed.contains(&v)
+                    || self.mixed.contains_key(&v)
+                {
                     return;
                 }
                 let (s, b) = self.apis[m]
@@ -519,6 +563,16 @@ impl Run {
                         self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
                     }
                 }
+                // A mixed version too, in the logic this member had.
+                for (v, odd) in self.mixed.clone() {
+                    let changed = self.changed[v] != (odd == m);
+                    let (s, b) = self.apis[m]
+                        .deploy(users_module(VERSIONS[v], changed))
+                        .await;
+                    if s != 202 && s != 200 {
+                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                    }
+                }
                 for on in self.retired_on.values_mut() {
                     on.remove(&m);
                 }
@@ -534,13 +588,26 @@ impl Run {
     }
 
     /// After a deploy or an operator decision: every member answers what
-    /// the fleet decided (F5) before the next step.
+    /// the fleet decided (F5) before the next step; the odd member of a
+    /// mixed version refuses it, naming why (F6).
     async fn settle_decision(&self) {
         let Some(a) = self.active else { return };
+        let odd = self.mixed.get(&a).copied();
         self.until(&format!("F5: every member answers {}", vid(a)), || async {
-            for api in &self.apis {
+            for (m, api) in self.apis.iter().enumerate() {
                 let (s, b) = api.get("/views/users/user-0").await;
-                if s != 200 || b["view"].as_str() != Some(vid(a).as_str()) {
+                if Some(m) == odd {
+                    if s == 200 {
+                        self.fail(format!(
+                            "F6: {} answered {b} with another module under {}",
+                            MEMBERS[m],
+                            vid(a)
+                        ));
+                    }
+                    if b["error"]["code"] != "fleet_other_logic" {
+                        return None;
+                    }
+                } else if s != 200 || b["view"].as_str() != Some(vid(a).as_str()) {
                     return None;
                 }
             }
@@ -549,22 +616,40 @@ impl Run {
         .await;
     }
 
-    /// The version the model says the fleet serves once it settled.
-    fn expected_active(&mut self) -> Option<usize> {
-        let candidate = self
-            .deployed
-            .iter()
+    /// The version the model says the fleet serves once it settled. A
+    /// mixed version may or may not have been proposed (a member on a fresh
+    /// disk follows no version until its modules arrive, so the others may
+    /// have agreed without it): the fleet's decision says which.
+    async fn expected_active(&mut self) -> Option<usize> {
+        let mut pool = self.deployed.clone();
+        pool.extend(self.mixed.keys());
+        if let Some(c) = self.candidate(&pool)
+            && self.mixed.contains_key(&c)
+        {
+            let d = self.decision(0).await;
+            if d["active"].as_str() == Some(vid(c).as_str())
+                || d["next"].as_str() == Some(vid(c).as_str())
+            {
+                self.set_active(c);
+                return self.active;
+            }
+        }
+        if let Some(c) = self.candidate(&self.deployed.clone()) {
+            self.set_active(c);
+        }
+        self.active
+    }
+
+    /// The newest version of `pool` the fleet proposes on its own.
+    fn candidate(&self, pool: &BTreeSet<usize>) -> Option<usize> {
+        pool.iter()
             .copied()
             .filter(|v| self.active.is_none_or(|a| *v > a))
             .filter(|v| !self.was_active.contains(v))
             // Nothing at or below a version a rollback held back.
             .filter(|v| self.held_back.iter().all(|h| v > h))
             .filter(|v| !self.retired_on.contains_key(v))
-            .max();
-        if let Some(c) = candidate {
-            self.set_active(c);
-        }
-        self.active
+            .max()
     }
 
     async fn decision(&self, m: usize) -> Value {
@@ -620,7 +705,7 @@ impl Run {
 
     /// The log is quiet: F3, F5, F2.
     async fn quiet(&mut self) {
-        let expected = self.expected_active();
+        let expected = self.expected_active().await;
         let events = read_log(&self.log).await;
         let last = events.last().map_or(0, |e| e.position);
         let live = |v: &Value| matches!(v["state"].as_str(), Some("ready" | "active" | "standby"));
@@ -660,15 +745,18 @@ impl Run {
                 let Some(i) = index_of(&id) else {
                     self.fail(format!("a version the model never deployed: {v}"));
                 };
-                let want: BTreeMap<String, Value> = rebuild(&self.modules[i], &events, last)
-                    .into_iter()
-                    .map(|(k, d)| {
-                        (
-                            String::from_utf8_lossy(&k).into_owned(),
-                            serde_json::from_slice(&d).unwrap_or(Value::Null),
-                        )
-                    })
-                    .collect();
+                // The odd member of a mixed version runs the other logic.
+                let changed = self.changed[i] != (self.mixed.get(&i) == Some(&m));
+                let want: BTreeMap<String, Value> =
+                    rebuild(&self.modules[&(i, changed)], &events, last)
+                        .into_iter()
+                        .map(|(k, d)| {
+                            (
+                                String::from_utf8_lossy(&k).into_owned(),
+                                serde_json::from_slice(&d).unwrap_or(Value::Null),
+                            )
+                        })
+                        .collect();
                 let got = self.documents(m, &id).await;
                 if got != want {
                     self.fail(format!(
@@ -691,6 +779,21 @@ impl Run {
         let (s, fleet) = self.apis[0].get("/fleet").await;
         if s != 200 || fleet["mismatches"] != json!([]) {
             self.fail(format!("F2: the fleet's digests disagree: {s} {fleet}"));
+        }
+        // F6: every mixed version is flagged, nothing else.
+        let flagged: BTreeSet<String> = fleet["logic_mismatches"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["view"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mixed: BTreeSet<String> = self.mixed.keys().map(|v| vid(*v)).collect();
+        if flagged != mixed {
+            self.fail(format!(
+                "F6: GET /fleet flags {flagged:?} as run with other logic on some member; the model: {mixed:?}: {fleet}"
+            ));
         }
     }
 

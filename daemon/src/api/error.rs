@@ -240,6 +240,15 @@ impl From<LifecycleError> for ApiError {
             )
             .with("name", name.clone())
             .with("version", version.to_string()),
+            LifecycleError::FleetOtherLogic(ref o) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet_other_logic",
+                message,
+            )
+            .with("name", o.version.name().to_string())
+            .with("version", o.version.to_string())
+            .with("fleet_fingerprint", o.fleet.clone())
+            .with("fingerprint", o.here.clone()),
             LifecycleError::FleetPending { .. } => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "fleet_pending", message)
             }

@@ -484,10 +484,13 @@ async fn fleet_status(a: FleetStatusArgs) -> Outcome {
         print!("{}", super::fleet::render(&body));
     }
     let mismatches = body["mismatches"].as_array().map_or(0, Vec::len);
-    if mismatches > 0 {
+    let logic = body["logic_mismatches"].as_array().map_or(0, Vec::len);
+    if mismatches + logic > 0 {
         return Err(Failure::new(
             exit::DIFFERENT,
-            format!("{mismatches} view digest(s) disagree across the fleet"),
+            format!(
+                "{mismatches} view digest(s) disagree across the fleet; {logic} version(s) run under different modules"
+            ),
         ));
     }
     Ok(())

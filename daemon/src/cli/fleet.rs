@@ -138,6 +138,21 @@ pub fn render(body: &Value) -> String {
             );
         }
     }
+    let logic = body["logic_mismatches"].as_array().unwrap_or(&empty);
+    if !logic.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nONE VERSION, SEVERAL MODULES (never proposed; members with another module do not answer it):"
+        );
+        for l in logic {
+            let _ = writeln!(out, "  {}", s(&l["view"]));
+            if let Some(fps) = l["fingerprints"].as_object() {
+                for (fp, members) in fps {
+                    let _ = writeln!(out, "    {fp}  {members}");
+                }
+            }
+        }
+    }
     let mismatches = body["mismatches"].as_array().unwrap_or(&empty);
     let _ = writeln!(
         out,

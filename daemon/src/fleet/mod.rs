@@ -439,6 +439,7 @@ impl Inner {
                     revision: r.revision,
                     active: parse(&r.decision.active),
                     next: parse(&r.decision.next),
+                    fingerprint: r.decision.fingerprint.clone(),
                 },
             )
             .await;
@@ -792,6 +793,16 @@ impl FleetCoordinator for Fleet {
                         ),
                     });
                 }
+                let logic = record::logic_of(&target, &members);
+                if logic.len() > 1 {
+                    return Err(LifecycleError::FleetRefused {
+                        id: target.clone(),
+                        reason: format!(
+                            "members run different modules under this version id ({}): deploy one build everywhere under a new version",
+                            record::logic_words(&logic)
+                        ),
+                    });
+                }
                 let (ready, not) = record::readiness(&target, &members);
                 let with_name = ready.len() + not.len();
                 let need = record::needed(inner.config.quorum, with_name);
@@ -814,7 +825,7 @@ impl FleetCoordinator for Fleet {
                 }
                 let decision = Decision::proposed(
                     current.as_ref().map(|c| &c.decision),
-                    &target_s,
+                    (&target_s, logic.into_keys().next()),
                     how == FLEET_ROLLBACK,
                     &inner.instance,
                     format!("{how} on {}", inner.instance),

@@ -93,6 +93,11 @@ pub struct Decision {
     /// replaced, may have them ready), only by an explicit promote.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_back: Vec<String>,
+    /// The module fingerprint the fleet runs `next` (while switching) or
+    /// `active` under: a member with another module under that version id
+    /// never answers it (absent in decisions of older kilns: ids only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Decision {
@@ -102,7 +107,7 @@ impl Decision {
     /// `target`.
     pub fn proposed(
         current: Option<&Decision>,
-        target: &str,
+        (target, fingerprint): (&str, Option<String>),
         rollback: bool,
         by: &str,
         reason: String,
@@ -132,6 +137,7 @@ impl Decision {
             reason,
             at,
             held_back,
+            fingerprint,
         }
     }
 }
@@ -208,6 +214,7 @@ pub fn drive(
                 ),
                 at: now,
                 held_back: d.held_back.clone(),
+                fingerprint: d.fingerprint.clone(),
             },
         ));
     }
@@ -248,7 +255,11 @@ pub fn drive(
                 .all(|h| *id > h)
         })
         .filter(|(id, _)| retired_on(id, members).is_empty())
+        // One version id, one logic: never proposed while members run
+        // different modules under it.
+        .filter(|(id, _)| logic_of(id, members).len() == 1)
         .max_by(|a, b| a.0.cmp(&b.0))?;
+    let fingerprint = logic_of(&candidate, members).into_keys().next();
     let decision = Decision {
         active: active.map(|a| a.to_string()),
         next: Some(candidate.to_string()),
@@ -259,11 +270,43 @@ pub fn drive(
         ),
         at: now,
         held_back: held_back.to_vec(),
+        fingerprint,
     };
     Some(match current {
         None => Step::Create(decision),
         Some(c) => Step::Update(c.revision, decision),
     })
+}
+
+/// The module fingerprints members run `target` under (retired copies
+/// aside), each with the members running it: one entry when they agree.
+pub fn logic_of(target: &ViewId, members: &[Member]) -> BTreeMap<String, Vec<String>> {
+    let id = target.to_string();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in members {
+        for v in m
+            .views
+            .iter()
+            .filter(|v| v.id == id && v.state != ViewState::Retired)
+        {
+            out.entry(v.fingerprint.clone())
+                .or_default()
+                .push(m.instance.clone());
+        }
+    }
+    out
+}
+
+/// `logic_of` as a refusal's words: "a, b run v3:ab12…; c runs v3:cd34…".
+pub fn logic_words(logic: &BTreeMap<String, Vec<String>>) -> String {
+    logic
+        .iter()
+        .map(|(fp, ms)| {
+            let short: String = fp.chars().take(16).collect();
+            format!("{} run(s) {short}…", ms.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The members on which `target` is caught up (ready, active or standby),
@@ -367,6 +410,17 @@ pub struct FleetStatus {
     pub digests_agreeing: usize,
     /// Names being switched, with the members each switch waits for.
     pub switching: Vec<Switching>,
+    /// Versions members run under different modules (never proposed, never
+    /// answered where the module is not the fleet's).
+    pub logic_mismatches: Vec<LogicMismatch>,
+}
+
+/// One version id under which members run different modules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicMismatch {
+    pub view: String,
+    /// Fingerprint → the members running it.
+    pub fingerprints: BTreeMap<String, Vec<String>>,
 }
 
 impl FleetStatus {
@@ -437,9 +491,24 @@ impl FleetStatus {
                 })
             })
             .collect();
+        let ids: BTreeSet<ViewId> = members
+            .iter()
+            .flat_map(|m| m.views.iter().filter_map(|v| v.id.parse::<ViewId>().ok()))
+            .collect();
+        let logic_mismatches = ids
+            .into_iter()
+            .filter_map(|id| {
+                let fingerprints = logic_of(&id, &members);
+                (fingerprints.len() > 1).then(|| LogicMismatch {
+                    view: id.to_string(),
+                    fingerprints,
+                })
+            })
+            .collect();
         FleetStatus {
             unreadable,
             switching,
+            logic_mismatches,
             fleet: fleet.to_string(),
             instance: instance.to_string(),
             member_ttl_ms,
@@ -525,6 +594,7 @@ mod tests {
                 reason: String::new(),
                 at: 0,
                 held_back: Vec::new(),
+                fingerprint: None,
             },
         };
         let mut ms = vec![
@@ -601,6 +671,7 @@ mod tests {
                 reason: "rollback".into(),
                 at: 0,
                 held_back: vec!["users-1_1_0".into()],
+                fingerprint: None,
             },
         };
         let ms = vec![
@@ -658,7 +729,7 @@ mod tests {
         // An explicit promote releases it; a rollback adds what it leaves.
         let promoted = Decision::proposed(
             Some(&rolled_back.decision),
-            "users-1_1_0",
+            ("users-1_1_0", None),
             false,
             "c",
             "promote".into(),
@@ -673,7 +744,7 @@ mod tests {
         on_1_1.next = None;
         let back = Decision::proposed(
             Some(&on_1_1),
-            "users-1_0_0",
+            ("users-1_0_0", None),
             true,
             "c",
             "rollback".into(),
@@ -685,7 +756,7 @@ mod tests {
         // had it proposed again, undoing the operator's decision.
         let promoted_back = Decision::proposed(
             Some(&on_1_1),
-            "users-1_0_0",
+            ("users-1_0_0", None),
             false,
             "c",
             "promote".into(),
@@ -694,7 +765,7 @@ mod tests {
         assert_eq!(promoted_back.held_back, vec!["users-1_1_0".to_string()]);
         let forward = Decision::proposed(
             Some(&on_1_1),
-            "users-1_2_0",
+            ("users-1_2_0", None),
             false,
             "c",
             "promote".into(),
@@ -726,6 +797,48 @@ mod tests {
         let new = serde_json::to_value(member("a", &[("users-1_0_0", Retired)])).expect("json");
         assert_eq!(new["format"], RECORD_FORMAT);
         assert_eq!(new["views"][0]["state"], "retired");
+    }
+
+    /// Regression (issue 25 item 6, found again by the fleet model test):
+    /// two builds under one version id were proposed and served as one.
+    #[test]
+    fn one_version_id_under_two_modules_is_never_proposed_and_is_flagged() {
+        let mut ms = vec![
+            member("a", &[("users-1_0_0", Active)]),
+            member("b", &[("users-1_0_0", Active)]),
+        ];
+        let current = Revised {
+            revision: 3,
+            decision: Decision {
+                active: Some("users-1_0_0".into()),
+                next: None,
+                by: "a".into(),
+                reason: "auto".into(),
+                at: 0,
+                held_back: Vec::new(),
+                fingerprint: Some("f".into()),
+            },
+        };
+        with_ready(&mut ms, "users-1_1_0");
+        ms[1].views[1].fingerprint = "g".into();
+        let v11: ViewId = "users-1_1_0".parse().expect("id");
+        assert_eq!(logic_of(&v11, &ms).len(), 2);
+        assert!(logic_words(&logic_of(&v11, &ms)).contains("b run(s) g"));
+        assert_eq!(drive("users", Some(&current), &ms, &[], 0, "a", 1), None);
+        let status = FleetStatus::new("t", "a", (1, 0, 10), ms.clone(), vec![], BTreeMap::new());
+        assert_eq!(status.logic_mismatches.len(), 1);
+        assert_eq!(status.logic_mismatches[0].view, "users-1_1_0");
+        // One build everywhere: proposed, its fingerprint in the decision.
+        ms[1].views[1].fingerprint = "f".into();
+        let Some(Step::Update(3, d)) = drive("users", Some(&current), &ms, &[], 0, "a", 1) else {
+            panic!("proposed");
+        };
+        assert_eq!(
+            (d.next.as_deref(), d.fingerprint.as_deref()),
+            (Some("users-1_1_0"), Some("f"))
+        );
+        let status = FleetStatus::new("t", "a", (1, 0, 10), ms, vec![], BTreeMap::new());
+        assert!(status.logic_mismatches.is_empty());
     }
 
     #[test]

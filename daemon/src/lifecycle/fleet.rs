@@ -58,6 +58,10 @@ pub struct FleetDecision {
     pub active: Option<ViewId>,
     /// The version the fleet is switching to (members are fenced).
     pub next: Option<ViewId>,
+    /// The module fingerprint the fleet runs `next`, else `active`, under
+    /// (`None`: a decision of an older kiln, ids only). A version here under
+    /// another module is never answered as the fleet's.
+    pub fingerprint: Option<String>,
 }
 
 /// What a fleet name answers on this instance (published in the membership
@@ -235,6 +239,17 @@ impl Lifecycle {
         }
         let _ops = self.inner.ops.lock().await;
         let mut st = self.inner.lock();
+        if let (Some(fleet), Some(e)) = (&decision.fingerprint, st.registry.entries.get(target))
+            && e.fingerprint != *fleet
+        {
+            tracing::warn!(
+                view = %target,
+                fleet_fingerprint = %fleet,
+                fingerprint = %e.fingerprint,
+                "the fleet serves this version built from another module: fenced, never answered here"
+            );
+            return;
+        }
         if st.registry.active(name).is_some_and(|a| &a.id == target) {
             return;
         }
@@ -323,6 +338,28 @@ impl Lifecycle {
                 name: name.to_string(),
                 to: next,
             }),
+            // The fleet's version under another module here: never its.
+            Some(FleetDecision {
+                active: Some(active),
+                fingerprint: Some(fleet),
+                ..
+            }) if reg
+                .entries
+                .get(&active)
+                .is_some_and(|e| e.fingerprint != fleet) =>
+            {
+                Err(LifecycleError::FleetOtherLogic(Box::new(
+                    super::OtherLogic {
+                        here: reg
+                            .entries
+                            .get(&active)
+                            .map(|e| e.fingerprint.clone())
+                            .unwrap_or_default(),
+                        version: active,
+                        fleet,
+                    },
+                )))
+            }
             Some(FleetDecision {
                 active: Some(active),
                 ..

@@ -412,6 +412,17 @@ impl DeployOutcome {
 /// codes: `UnknownView`/`NoActiveVersion`/`NoMatchingVersion`/`NoStandby` →
 /// 404, `InvalidSpec`/`Load` → 400, `NotReady`/`ImmutableVersion`/`Failed` →
 /// 409, `Timeout` → 504, the rest → 500 (`ShuttingDown` → 503).
+/// The fleet's version of a name is, here, another module (see
+/// [`LifecycleError::FleetOtherLogic`]).
+#[derive(Debug)]
+pub struct OtherLogic {
+    pub version: ViewId,
+    /// The fingerprint the fleet decided on.
+    pub fleet: String,
+    /// The fingerprint of the module deployed here under that version.
+    pub here: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error("no view version {spec}")]
@@ -515,6 +526,11 @@ pub enum LifecycleError {
         "the fleet serves {version} for view {name}, which is not caught up on this instance yet; retry shortly or ask another member"
     )]
     FleetCatchingUp { name: String, version: ViewId },
+    #[error(
+        "the fleet serves {} for view {} built from module {}, but {} here runs module {}: this instance does not answer it; deploy the fleet's build under a new version everywhere",
+        .0.version, .0.version.name(), .0.fleet, .0.version, .0.here
+    )]
+    FleetOtherLogic(Box<OtherLogic>),
     #[error(
         "the fleet has not made {id} active within {millis} ms (proposed; see `kiln fleet status`)"
     )]
