@@ -80,6 +80,8 @@ enum Op {
     /// second build under the same id): never served (F6).
     DeployMixed(usize, usize),
     Promote(usize, usize),
+    /// Two promotes asked of two members at once.
+    TwoPromotes(usize, usize, usize, usize),
     Rollback(usize),
     Retire(usize, usize),
     Snapshot(usize),
@@ -99,7 +101,13 @@ fn gen_op(rng: &mut Rng) -> Op {
         38..=41 => Op::Removed(rng.below(2) == 0),
         42..=51 => Op::Deploy(v),
         52..=55 => Op::DeployMixed(v, m),
-        56..=61 => Op::Promote(v, m),
+        56..=58 => Op::Promote(v, m),
+        59..=61 => Op::TwoPromotes(
+            v,
+            m,
+            rng.below(VERSIONS.len() as u64) as usize,
+            rng.below(MEMBERS.len() as u64) as usize,
+        ),
         62..=66 => Op::Rollback(m),
         67..=71 => Op::Retire(v, m),
         72..=77 => Op::Snapshot(m),
@@ -485,6 +493,62 @@ impl Run {
                     self.settle_decision().await;
                 } else if s >= 500 && s != 503 || b["error"]["code"].as_str().is_none() {
                     self.fail(format!("promote {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+                }
+                self.new_epoch();
+            }
+            Op::TwoPromotes(v1, m1, v2, m2) => {
+                if v1 == v2 {
+                    return;
+                }
+                self.new_epoch();
+                let promote = |v: usize, m: usize| {
+                    let api = self.apis[m].clone();
+                    async move {
+                        api.post_json(&format!("/admin/views/{}/promote", vid(v)), &json!({}))
+                            .await
+                    }
+                };
+                let (r1, r2) = tokio::join!(promote(v1, m1), promote(v2, m2));
+                let mut accepted = BTreeSet::new();
+                for (v, (s, b)) in [(v1, r1), (v2, r2)] {
+                    if s < 300 {
+                        accepted.insert(v);
+                    } else if s >= 500 && s != 503 || b["error"]["code"].as_str().is_none() {
+                        self.fail(format!(
+                            "F5: of two promotes at once, {}'s answered {s} {b}",
+                            vid(v)
+                        ));
+                    }
+                }
+                if !accepted.is_empty() {
+                    // The fleet settles on one of them, and says which.
+                    let mut d = self.decision(0).await;
+                    let deadline = Instant::now() + SETTLE;
+                    while !d["next"].is_null() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        d = self.decision(0).await;
+                    }
+                    let Some(a) = d["active"].as_str().and_then(index_of) else {
+                        self.fail(format!("after two promotes the decision is {d}"));
+                    };
+                    if !accepted.contains(&a) {
+                        self.fail(format!(
+                            "F5: two promotes ({} and {}) were answered {accepted:?} and the fleet serves {}",
+                            vid(v1),
+                            vid(v2),
+                            vid(a)
+                        ));
+                    }
+                    self.held_back = d["held_back"]
+                        .as_array()
+                        .map(|h| {
+                            h.iter()
+                                .filter_map(|x| x.as_str().and_then(index_of))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.set_active(a);
+                    self.settle_decision().await;
                 }
                 self.new_epoch();
             }

@@ -818,6 +818,22 @@ impl FleetCoordinator for Fleet {
                 }
                 let current = inner.decision(&name).await.map_err(unavailable)?;
                 let target_s = target.to_string();
+                // Never overwrite a switch under way with another promote
+                // (two operators at once: the second is told, not silently
+                // undone). A rollback may: it cancels the switch.
+                if how != FLEET_ROLLBACK
+                    && let Some(c) = &current
+                    && let Some(next) = &c.decision.next
+                    && *next != target_s
+                {
+                    return Err(LifecycleError::FleetRefused {
+                        id: target.clone(),
+                        reason: format!(
+                            "the fleet is switching to {next} ({}, by {}): promote again once it has switched, or roll it back",
+                            c.decision.reason, c.decision.by
+                        ),
+                    });
+                }
                 if current.as_ref().is_some_and(|c| {
                     c.decision.next.is_none() && c.decision.active.as_deref() == Some(&target_s)
                 }) {

@@ -115,6 +115,14 @@ impl Decision {
     ) -> Decision {
         let active = current.and_then(|c| c.active.clone());
         let mut held_back: Vec<String> = current.map(|c| c.held_back.clone()).unwrap_or_default();
+        // A rollback during a switch leaves the version switched to.
+        if rollback
+            && let Some(next) = current.and_then(|c| c.next.as_ref())
+            && next != target
+            && !held_back.contains(next)
+        {
+            held_back.push(next.clone());
+        }
         // A promote to an older version than the active one is a rollback
         // by another name: what it leaves is held back too (else a member
         // with it ready, on a fresh disk, would have it proposed again).
@@ -772,6 +780,21 @@ mod tests {
             3,
         );
         assert_eq!(forward.held_back, Vec::<String>::new());
+        // Regression (issue 25 item 8): a rollback during a switch from
+        // 1.1.0 to 1.2.0 goes back to 1.1.0 (the lifecycle proposes the
+        // active version, not its own standby) and holds 1.2.0 back.
+        let mut switching = on_1_1.clone();
+        switching.next = Some("users-1_2_0".into());
+        let cancelled = Decision::proposed(
+            Some(&switching),
+            ("users-1_1_0", None),
+            true,
+            "c",
+            "rollback".into(),
+            4,
+        );
+        assert_eq!(cancelled.next.as_deref(), Some("users-1_1_0"));
+        assert_eq!(cancelled.held_back, vec!["users-1_2_0".to_string()]);
         // A member running users under another policy neither blocks nor counts.
         let mut other = member("x", &[("users-2_0_0", Ready)]);
         other.serving.clear();

@@ -441,9 +441,17 @@ impl Lifecycle {
         name: &str,
     ) -> Option<Result<ViewId, LifecycleError>> {
         let coordinator = self.fleet_coordinator(name)?;
+        // A switch under way is what a rollback undoes: back to the version
+        // the fleet still serves (never past it to this instance's standby).
+        let pending = self
+            .inner
+            .fleet
+            .decisions()
+            .get(name)
+            .and_then(|d| d.next.as_ref().and(d.active.clone()));
         let target = {
             let st = self.inner.lock();
-            match st.registry.rollback_target(name) {
+            match pending.or_else(|| st.registry.rollback_target(name)) {
                 Some(t) => t,
                 None if st.registry.of_name(name).next().is_none() => {
                     return Some(Err(LifecycleError::UnknownView {
