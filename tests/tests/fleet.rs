@@ -774,3 +774,72 @@ fn heartbeat_of(status: &Value, instance: &str) -> u64 {
         .and_then(|m| m["heartbeat_at"].as_u64())
         .unwrap_or(0)
 }
+
+/// Regression (issue 25 item 11): two processes under one instance id
+/// wrote one member record in turn, so the fleet's fence read whichever
+/// wrote last, and a graceful stop of one deleted the other's record. Now
+/// the newer process takes the id over and the older leaves the fleet:
+/// not ready, its fleet names stale, its log naming why; its stop leaves
+/// the newer one's record alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_process_under_one_instance_id_takes_it_over_and_the_first_steps_out() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (mut members, apis) = fleet_at_1_0_0(&nats.url()).await;
+    let o = member(&nats.url(), "a");
+    let mut second = tokio::task::spawn_blocking(move || Daemon::start_with(o))
+        .await
+        .expect("a second process as a");
+    let second_api = Api::new(&second);
+    let (s, b) = second_api
+        .deploy(module_version(USERS, "1.0.0", None))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let first = &members[0];
+    until(
+        "the first process as a leaves the fleet",
+        Duration::from_secs(10),
+        || async { (first.get_status("/readyz") == Some(503)).then_some(()) },
+    )
+    .await;
+    assert!(
+        first
+            .log()
+            .contains("another process took over instance id a"),
+        "{}",
+        first.log()
+    );
+    let second_ref = &second;
+    until(
+        "the second process as a is ready",
+        Duration::from_secs(20),
+        || async { (second_ref.get_status("/readyz") == Some(200)).then_some(()) },
+    )
+    .await;
+    // The fleet's record of a is the second process's, and stays so.
+    let second_addr = second.addr().to_string();
+    let until_t = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until_t {
+        let status = fleet(&apis[1]).await;
+        let a = status["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["instance"] == "a"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert_eq!(a["api"], second_addr.as_str(), "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The first's graceful stop leaves the second's record in place.
+    tokio::task::block_in_place(|| members[0].stop());
+    let until_t = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until_t {
+        assert!(
+            instances(&fleet(&apis[1]).await).contains(&"a".to_string()),
+            "the first process's stop removed the second's record"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::task::block_in_place(|| second.stop());
+    drop(members);
+}

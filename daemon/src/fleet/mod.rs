@@ -191,6 +191,14 @@ pub enum FleetError {
         #[source]
         source: async_nats::Error,
     },
+    #[error(
+        "fleet {fleet}: another process took over instance id {instance} (started at {other_started_at} ms): this one left the fleet; give each process its own --instance-id"
+    )]
+    Superseded {
+        fleet: String,
+        instance: String,
+        other_started_at: u64,
+    },
     #[error("fleet {fleet}: the record of member {instance} is not one kiln wrote: {reason}")]
     Record {
         fleet: String,
@@ -217,6 +225,14 @@ struct Inner {
     digests: Mutex<HashMap<String, VecDeque<DigestAt>>>,
     /// Until when this instance's record is surely in the bucket.
     lease_until: Mutex<Option<Instant>>,
+    /// This process (a uuid in its record): two processes under one
+    /// instance id tell each other apart by it.
+    incarnation: String,
+    /// The revision of our record as we last wrote it.
+    revision: Mutex<Option<u64>>,
+    /// Another process (started at this time, ms) took our instance id
+    /// over: we left the fleet.
+    superseded: Mutex<Option<u64>>,
     poke: tokio::sync::Notify,
     /// The background tasks, aborted when the fleet is left.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -289,6 +305,9 @@ impl Fleet {
             started_at: now_millis(),
             digests: Mutex::new(HashMap::new()),
             lease_until: Mutex::new(None),
+            incarnation: uuid::Uuid::new_v4().to_string(),
+            revision: Mutex::new(None),
+            superseded: Mutex::new(None),
             poke: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -361,9 +380,29 @@ impl Fleet {
             t.abort();
         }
         self.inner.lifecycle.detach_fleet();
+        // Only our own record: another process may have taken the id over.
+        let inner = self.inner.clone();
+        let delete_ours = async move {
+            let entry = inner.members.entry(&inner.instance).await?;
+            let ours = entry.as_ref().is_some_and(|e| {
+                serde_json::from_slice::<Member>(&e.value)
+                    .is_ok_and(|m| m.incarnation == inner.incarnation)
+            });
+            match entry {
+                Some(e) if ours => inner
+                    .members
+                    .delete_expect_revision(&inner.instance, Some(e.revision))
+                    .await
+                    .map_err(async_nats::Error::from),
+                _ => {
+                    tracing::info!(instance = %inner.instance, "our member record is another process's now: left it");
+                    Ok(())
+                }
+            }
+        };
         match tokio::time::timeout(
             Duration::from_millis(self.inner.config.member_ttl_ms / 3),
-            self.inner.members.delete(&self.inner.instance),
+            delete_ours,
         )
         .await
         {
@@ -488,6 +527,7 @@ impl Inner {
             all
         };
         Member {
+            incarnation: self.incarnation.clone(),
             instance: self.instance.clone(),
             api: self.api.clone(),
             started_at: self.started_at,
@@ -513,14 +553,60 @@ impl Inner {
 
     /// Writes this instance's record; on success the lease runs from the
     /// moment it was sent.
+    ///
+    /// Our record is rewritten by compare-and-set on the revision we last
+    /// wrote. When that fails because another process (another incarnation)
+    /// wrote under our instance id since, that process has taken the id
+    /// over (the newest start wins: a crashed process restarted takes its
+    /// own id back at once): this one leaves the fleet for good, fenced and
+    /// not ready, rather than let two processes speak as one member.
     async fn heartbeat(&self) -> Result<(), FleetError> {
+        if let Some(e) = self.superseded() {
+            return Err(e);
+        }
         let sent = Instant::now();
         let record = self.record();
-        let bytes = serde_json::to_vec(&record).map_err(|e| self.err("encoding our record", e))?;
-        self.members
-            .put(&self.instance, bytes.into())
-            .await
-            .map_err(|e| self.err("writing our record", e))?;
+        let bytes: bytes::Bytes = serde_json::to_vec(&record)
+            .map_err(|e| self.err("encoding our record", e))?
+            .into();
+        let last = *self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        let updated = match last {
+            Some(r) => self
+                .members
+                .update(&self.instance, bytes.clone(), r)
+                .await
+                .ok(),
+            None => None,
+        };
+        let revision = match updated {
+            Some(rev) => rev,
+            None => {
+                if last.is_some()
+                    && let Ok(Some(entry)) = self.members.entry(&self.instance).await
+                    && entry.operation == kv::Operation::Put
+                    && let Ok(other) = serde_json::from_slice::<Member>(&entry.value)
+                    && other.incarnation != self.incarnation
+                {
+                    *self.superseded.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(other.started_at);
+                    *self.lease_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.lifecycle.set_fleet_contact(false);
+                    let e = FleetError::Superseded {
+                        fleet: self.config.name.clone(),
+                        instance: self.instance.clone(),
+                        other_started_at: other.started_at,
+                    };
+                    tracing::error!("{e}");
+                    return Err(e);
+                }
+                // First beat, or our record lapsed or was removed: write it.
+                self.members
+                    .put(&self.instance, bytes)
+                    .await
+                    .map_err(|e| self.err("writing our record", e))?
+            }
+        };
+        *self.revision.lock().unwrap_or_else(|p| p.into_inner()) = Some(revision);
         let lease = Duration::from_millis(
             self.config
                 .member_ttl_ms
@@ -528,6 +614,16 @@ impl Inner {
         );
         *self.lease_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent + lease);
         Ok(())
+    }
+
+    /// Why this process left the fleet, if another took its instance id.
+    fn superseded(&self) -> Option<FleetError> {
+        let other = (*self.superseded.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(FleetError::Superseded {
+            fleet: self.config.name.clone(),
+            instance: self.instance.clone(),
+            other_started_at: other,
+        })
     }
 
     fn lease_holds(&self) -> bool {
@@ -557,6 +653,12 @@ impl Inner {
                         self.lifecycle.set_fleet_contact(false);
                     }
                 }
+            }
+            if self.superseded().is_some() {
+                // Left the fleet: never write a decision again.
+                self.lifecycle.set_fleet_contact(false);
+                tokio::time::sleep(period).await;
+                continue;
             }
             match tokio::time::timeout(patience, self.drive()).await {
                 Ok(Err(e)) => tracing::debug!("fleet: {e}"),

@@ -29,6 +29,9 @@ pub struct Member {
     #[serde(default = "record_format_1")]
     pub format: u32,
     pub instance: String,
+    /// The process that wrote it (a uuid per start; empty from older kilns).
+    #[serde(default)]
+    pub incarnation: String,
     /// Its HTTP API address, as it listens.
     #[serde(default)]
     pub api: String,
@@ -542,6 +545,7 @@ mod tests {
         };
         Member {
             format: RECORD_FORMAT,
+            incarnation: String::new(),
             instance: instance.into(),
             api: String::new(),
             started_at: 0,
