@@ -26,12 +26,16 @@
 //! member; a foreign message and a removed message, at any position and at
 //! digest positions (multiples of 10); deploy a version everywhere (each
 //! version's logic drawn per sequence, so some alias and some warm); promote
-//! and rollback asked of any member; retire a version on one member; snapshot
-//! a member's active version; crash a member (SIGKILL, restart); replace a
-//! member's disk (its modules deployed again, it bootstraps from the shared
-//! snapshots); and "quiet", where F2, F3 and F5 are checked.
+//! and rollback asked of any member, and two promotes at once; a version
+//! deployed with another module on one member (F6: **one version id, one
+//! logic**: never proposed, flagged in `GET /fleet`, and never answered by
+//! a member whose module is not the fleet's); retire a version on one
+//! member; snapshot a member's active version; crash a member (SIGKILL,
+//! restart); freeze a member past its membership TTL (SIGSTOP, SIGCONT);
+//! replace a member's disk (its modules deployed again, it bootstraps from
+//! the shared snapshots); and "quiet", where F2, F3, F5 and F6 are checked.
 //!
-//! `KILN_FLEET_MODEL_SEQUENCES` (default 60, about two minutes) sequences of
+//! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about three minutes) sequences of
 //! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
 //! command; `KILN_FLEET_MODEL_SEED=<n>` replays the one a failure names.
 
@@ -86,6 +90,9 @@ enum Op {
     Retire(usize, usize),
     Snapshot(usize),
     Crash(usize),
+    /// SIGSTOP past the membership TTL, then SIGCONT: a member that froze
+    /// (GC pause, a stopped VM) and wakes up believing what it knew.
+    Freeze(usize),
     ReplaceDisk(usize),
     Quiet,
 }
@@ -111,7 +118,8 @@ fn gen_op(rng: &mut Rng) -> Op {
         62..=66 => Op::Rollback(m),
         67..=71 => Op::Retire(v, m),
         72..=77 => Op::Snapshot(m),
-        78..=83 => Op::Crash(m),
+        78..=80 => Op::Crash(m),
+        81..=83 => Op::Freeze(m),
         84..=88 => Op::ReplaceDisk(m),
         _ => Op::Quiet,
     }
@@ -615,6 +623,24 @@ impl Run {
                 let d = &mut self.members[m];
                 tokio::task::block_in_place(|| d.restart());
             }
+            Op::Freeze(m) => {
+                let Some(pid) = self.members[m].pid() else {
+                    return;
+                };
+                let signal = |sig: &str| {
+                    let ok = std::process::Command::new("kill")
+                        .args([sig, &pid.to_string()])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if !ok {
+                        self.fail(format!("kill {sig} {pid} failed"));
+                    }
+                };
+                signal("-STOP");
+                // Past the membership TTL (1.5 s): the others drop it.
+                tokio::time::sleep(Duration::from_millis(2000)).await;
+                signal("-CONT");
+            }
             Op::ReplaceDisk(m) => {
                 let d = &mut self.members[m];
                 tokio::task::block_in_place(|| d.replace_disk());
@@ -937,7 +963,7 @@ async fn generated_fleet_sequences_keep_the_fleet_invariants() {
         run_sequence(seed, steps, &runtime).await;
         return;
     }
-    let sequences = env_u64("KILN_FLEET_MODEL_SEQUENCES", 60);
+    let sequences = env_u64("KILN_FLEET_MODEL_SEQUENCES", 45);
     let base = env_u64("KILN_FLEET_MODEL_BASE", 1);
     let mut bootstrapped = 0;
     for seed in base..base + sequences {
