@@ -15,6 +15,9 @@
 //!   nats-server killed under load for 4 s and started again.
 //! - `a_nats_outage_end_to_end_through_kiln_serve`: the same through the
 //!   daemon: `/readyz` 503 while the server is gone, reads 200, appends back.
+//! - `a_builder_paused_by_a_full_disk_lets_a_waiting_instance_build`: a
+//!   warm-up holding the snapshot lease pauses on a full disk and lets go
+//!   of the lease, so an instance waiting for its snapshot builds instead.
 //! - `a_failed_version_resumes_from_its_checkpoint`: a poison event stops
 //!   the active version (served stale); after a restart with `poison = park`
 //!   an operator resumes it: it parks the event, goes on from its checkpoint
@@ -621,4 +624,93 @@ async fn api_login_when_accepted(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Regression (issue 25 item 4): a warm-up that took the snapshot lease
+/// (it builds what other instances wait for) and then paused on a full disk
+/// kept the lease for as long as the disk stayed full, and every instance
+/// waiting for its snapshot waited as long. A builder that pauses now lets
+/// go: instance b, waiting, takes the lease, builds and is ready while a's
+/// disk is still full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_paused_by_a_full_disk_lets_a_waiting_instance_build() {
+    use kiln::snapshots::dir::DirStore;
+    use kiln::snapshots::{SnapshotActivity, SnapshotConfig, Snapshots};
+    let outer = tempfile::tempdir().expect("temp dir");
+    let views_a = outer.path().join("a");
+    let _mount = Tmpfs::mount(&views_a, "96m");
+    let store: Arc<dyn EventStore> = Arc::new(
+        EmbeddedStore::open(EmbeddedConfig::new(outer.path().join("log"))).expect("store"),
+    );
+    // More documents than a's disk holds: 2,000 users of 64 KB each.
+    let big = "y".repeat(64_000);
+    for u in 0..2000u64 {
+        let events = vec![NewEvent::json(
+            "UserRegistered",
+            &json!({ "name": big, "email": "e" }),
+        )];
+        store
+            .append(AppendRequest::new(
+                StreamId::new(format!("user-{u}")).expect("id"),
+                ExpectedVersion::Any,
+                events,
+            ))
+            .await
+            .expect("append");
+    }
+    let snaps = outer.path().join("snaps");
+    let config = |data: PathBuf, instance: &str| {
+        let mut c = LifecycleConfig::new(data.clone());
+        c.standby_grace = Duration::from_secs(3600);
+        let mut sc = SnapshotConfig::new(data.join("snapshots-work"));
+        sc.instance = instance.to_string();
+        let dir = DirStore::open(&snaps, Duration::from_secs(30)).expect("snapshot dir");
+        c.snapshots = Some(Arc::new(Snapshots::new(Box::new(dir), sc)));
+        c
+    };
+    let module = kiln_tests::wasm::users_module("1.0.0", false);
+    let a = kiln::lifecycle::Lifecycle::start(
+        config(views_a.join("data"), "a"),
+        store.clone(),
+        kiln_tests::wasm::runtime(),
+    )
+    .await
+    .expect("a");
+    a.deploy(&module, "test").await.expect("deploy on a");
+    let v = id("users-1_0_0");
+    let a_status = || a.status_of(&v).expect("a has it");
+    wait_until("a pauses building on its full disk", || {
+        a_status().paused.is_some()
+    })
+    .await;
+    assert_eq!(a_status().state, ViewState::Warming, "{:?}", a_status());
+
+    let b = kiln::lifecycle::Lifecycle::start(
+        config(outer.path().join("b"), "b"),
+        store.clone(),
+        kiln_tests::wasm::runtime(),
+    )
+    .await
+    .expect("b");
+    b.deploy(&module, "test").await.expect("deploy on b");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = b.status_of(&v).expect("b has it");
+        if matches!(s.state, ViewState::Ready | ViewState::Active) {
+            assert!(
+                !matches!(s.snapshot, Some(SnapshotActivity::Waiting { .. })),
+                "{s:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not build while a, paused, held the lease: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a is still paused (its disk still full), and says why.
+    assert!(a_status().paused.is_some(), "{:?}", a_status());
+    b.shutdown().await;
+    a.shutdown().await;
 }

@@ -558,6 +558,19 @@ impl Worker {
             checkpoint = self.progress.checkpoint(),
             "paused by a host fault, retrying in {backoff:?}: {reason}"
         );
+        // A builder that cannot build lets go of its snapshot lease: the
+        // instances waiting for its snapshot would otherwise wait for as
+        // long as this host's fault lasts (a full disk: for good). One of
+        // them builds instead; this one publishes nothing unless it takes
+        // the lease again once caught up.
+        if let Some(snapshots) = &self.inner.config.snapshots
+            && snapshots.holds_lease(&self.view).await
+        {
+            tracing::warn!(
+                "paused while building: letting go of the snapshot lease so another instance builds"
+            );
+            snapshots.release(&self.view).await;
+        }
         let wait = *backoff;
         *backoff = (*backoff * 2).min(FAULT_RETRY_MAX);
         tokio::select! {
