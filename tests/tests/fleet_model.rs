@@ -707,22 +707,22 @@ impl Run {
     }
 
     /// The version the model says the fleet serves once it settled. A
-    /// mixed version may or may not have been proposed (a member on a fresh
-    /// disk follows no version until its modules arrive, so the others may
-    /// have agreed without it): the fleet's decision says which.
+    /// mixed version may have been proposed: when the member with the other
+    /// module was out of the fleet (frozen past its TTL, or on a fresh disk
+    /// before its modules arrived), the others agreed without it. The
+    /// fleet's decision says whether; if so, it must have been eligible.
     async fn expected_active(&mut self) -> Option<usize> {
-        let mut pool = self.deployed.clone();
-        pool.extend(self.mixed.keys());
-        if let Some(c) = self.candidate(&pool)
-            && self.mixed.contains_key(&c)
+        let d = self.decision(0).await;
+        let fleet = d["next"]
+            .as_str()
+            .or(d["active"].as_str())
+            .and_then(index_of);
+        if let Some(f) = fleet
+            && self.mixed.contains_key(&f)
+            && Some(f) != self.active
+            && self.candidate(&BTreeSet::from([f])).is_some()
         {
-            let d = self.decision(0).await;
-            if d["active"].as_str() == Some(vid(c).as_str())
-                || d["next"].as_str() == Some(vid(c).as_str())
-            {
-                self.set_active(c);
-                return self.active;
-            }
+            self.set_active(f);
         }
         if let Some(c) = self.candidate(&self.deployed.clone()) {
             self.set_active(c);
