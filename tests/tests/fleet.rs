@@ -843,3 +843,33 @@ async fn a_second_process_under_one_instance_id_takes_it_over_and_the_first_step
     tokio::task::block_in_place(|| second.stop());
     drop(members);
 }
+
+/// Regression (found reading the model test's logs): re-reading a decision
+/// it had already applied, a member announced it as a change, which woke
+/// its heartbeat loop at once: every member of a fleet with a decision
+/// rewrote its record and re-read the fleet without pause (about a third of
+/// a core each, idle). Idle, a member now writes about once a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_fleet_writes_its_records_once_a_heartbeat() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let (members, _apis) = fleet_at_1_0_0(&nats.url()).await;
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream("KV_kiln-fleet-t-members")
+        .await
+        .expect("the members bucket");
+    let before = stream.info().await.expect("info").state.last_sequence;
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let writes = stream.info().await.expect("info").state.last_sequence - before;
+    // Three members, a 200 ms heartbeat: 45 writes in 3 s; twice that at most.
+    assert!(
+        writes <= 90,
+        "{writes} member record writes in {window:?} from an idle fleet of three"
+    );
+    eprintln!("{writes} record writes in {window:?}");
+    drop(members);
+}

@@ -213,15 +213,26 @@ impl Lifecycle {
     /// Applies the fleet's decision for `name` (a newer revision than the
     /// one applied, else nothing): fences the name while the fleet switches;
     /// flips to the fleet's active version when it is caught up here.
+    ///
+    /// The decision already applied (the heartbeat re-reads it every beat)
+    /// is only applied again (its version may have caught up since), never
+    /// announced as a change: a change wakes the heartbeat loop, which would
+    /// read it again, and so on without pause.
     pub async fn follow_fleet(&self, name: &str, decision: FleetDecision) {
-        {
+        let new = {
             let mut d = self.inner.fleet.decisions();
-            if d.get(name).is_some_and(|k| k.revision > decision.revision) {
-                return;
+            match d.get(name) {
+                Some(k) if k.revision > decision.revision => return,
+                Some(k) if *k == decision => false,
+                _ => {
+                    d.insert(name.to_string(), decision.clone());
+                    true
+                }
             }
-            d.insert(name.to_string(), decision.clone());
+        };
+        if new {
+            self.inner.fleet.bump();
         }
-        self.inner.fleet.bump();
         self.apply_fleet(name).await;
     }
 

@@ -1863,11 +1863,16 @@ mod tests {
         .expect("test WAT");
         let ((code, _), _) = sections(&bytes);
         custom(&mut bytes, "linking", &[2]);
-        let mut reloc = Vec::new();
-        leb(&mut reloc, u64::from(code));
-        leb(&mut reloc, 0);
-        custom(&mut bytes, "reloc.CODE", &reloc);
+        empty_relocations(&mut bytes, "reloc.CODE", code);
         bytes
+    }
+
+    /// Appends relocation section `name` for section `index`, with no entry.
+    fn empty_relocations(bytes: &mut Vec<u8>, name: &str, index: u32) {
+        let mut reloc = Vec::new();
+        leb(&mut reloc, u64::from(index));
+        leb(&mut reloc, 0);
+        custom(bytes, name, &reloc);
     }
 
     #[test]
@@ -1954,10 +1959,7 @@ mod tests {
         leb(&mut reloc, symbol);
         sleb(&mut reloc, addend);
         custom(&mut bytes, "reloc.CODE", &reloc);
-        let mut reloc = Vec::new();
-        leb(&mut reloc, u64::from(data));
-        leb(&mut reloc, 0);
-        custom(&mut bytes, "reloc.DATA", &reloc);
+        empty_relocations(&mut bytes, "reloc.DATA", data);
         bytes
     }
 
