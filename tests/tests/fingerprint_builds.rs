@@ -271,6 +271,20 @@ fp-rules = {{ path = "../rules" }}
     }
 }
 
+/// Copies directory `from` to `to`, files and subdirectories.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("creating a directory");
+    for entry in std::fs::read_dir(from).expect("reading a directory") {
+        let path = entry.expect("an entry").path();
+        let target = to.join(path.file_name().expect("a name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copying a file");
+        }
+    }
+}
+
 fn write(path: &Path, text: &str) {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).expect("dir");
@@ -584,17 +598,84 @@ fn source_mutations_that_share_a_fingerprint_build_the_same_documents() {
         let module = rt.load(what, &c.build("1.0.1")).expect("mutant");
         tally.judge("source mutation", what, &base, &module, &logs, &outcomes);
     }
+    // A dependency's version: the same code, then another constant.
+    c.source(&source);
+    let deps = [
+        ("a dependency's version (same code)", "0.2.0", 1),
+        ("a dependency's version (another constant)", "0.3.0", 2),
+    ];
+    for (what, version, step) in deps {
+        c.rules(version, step);
+        let module = rt.load(what, &c.build("1.0.1")).expect("mutant");
+        tally.judge("source mutation", what, &base, &module, &logs, &outcomes);
+    }
+    c.rules("0.1.0", 1);
+    // per_stream dropped, the code the same: a sequential run builds the
+    // same documents, so the judge alone would let an alias pass; a split
+    // warm-up of the old view would not (issue 26, item 1). Never an alias.
+    c.source(&replace_once(
+        &source,
+        "kiln_sdk::export!(PerStream<Users>);",
+        WHOLE_USERS,
+    ));
+    let bytes = c.build("1.0.1");
+    // `per_stream` is left out of a manifest when false.
+    assert_ne!(wasm::manifest_of(&bytes)["per_stream"], true);
+    let whole = rt.load("per_stream dropped", &bytes).expect("mutant");
+    assert_ne!(
+        whole.fingerprint(),
+        base.fingerprint(),
+        "per_stream dropped from the source must not alias the per-stream view"
+    );
+    tally.judge(
+        "source mutation",
+        "per_stream dropped",
+        &base,
+        &whole,
+        &logs,
+        &outcomes,
+    );
     let Mutants { aliased, misses } = tally;
     c.source(&source);
     c.manifest("1.0.0", "");
     eprintln!(
         "source mutations: {} built with cargo in {:?}: {aliased} aliased (and ran alike), \
          {misses} misses",
-        mutations.len() + 1,
+        mutations.len() + deps.len() + 2,
         started.elapsed()
     );
     assert!(aliased >= 2, "the version and a comment alone alias");
 }
+
+/// `users` exported through a projection of its own that forwards to
+/// `PerStream<Users>` but declares `PER_STREAM = false`: the same code, the
+/// manifest alone differs.
+const WHOLE_USERS: &str = r#"/// The same projection, not declared per-stream.
+pub struct Whole;
+
+impl kiln_sdk::Projection for Whole {
+    const NAME: &'static str = <PerStream<Users> as kiln_sdk::Projection>::NAME;
+    const EVENTS: &'static [&'static str] = <PerStream<Users> as kiln_sdk::Projection>::EVENTS;
+    const CATEGORIES: &'static [&'static str] =
+        <PerStream<Users> as kiln_sdk::Projection>::CATEGORIES;
+    const PER_STREAM: bool = false;
+    type Event = <PerStream<Users> as kiln_sdk::Projection>::Event;
+
+    fn handle(event: &Event<'_, Self::Event>, view: &mut kiln_sdk::View<'_>) -> kiln_sdk::Result<()> {
+        <PerStream<Users> as kiln_sdk::Projection>::handle(event, view)
+    }
+
+    fn apply_batch(
+        input: &[u8],
+        view: &mut kiln_sdk::View<'_>,
+        on_event: &mut dyn FnMut(u32),
+    ) -> Result<(), kiln_sdk::BatchError> {
+        <PerStream<Users> as kiln_sdk::Projection>::apply_batch(input, view, on_event)
+    }
+}
+
+kiln_sdk::export!(Whole);
+"#;
 
 /// The same for AssemblyScript (behind `KILN_FINGERPRINT_SOURCE=1`): source
 /// mutations of `projections/users-as` built for real with `kiln-as` (the
@@ -614,8 +695,9 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
     let work = root.join("target/as-mutants");
     let _ = std::fs::remove_dir_all(&work);
     let rt = wasm::runtime();
-    let build = |n: usize, text: &str, version: &str| {
-        let entry = work.join(format!("m{n}/index.ts"));
+    // `entry` (under `work`) built at `version`, with the package.json of
+    // `package` (the "kiln" field: name, events, per_stream).
+    let build_in = |entry: PathBuf, package: &Path, text: &str, version: &str| {
         std::fs::create_dir_all(entry.parent().expect("dir")).expect("mutant dir");
         std::fs::write(&entry, text).expect("mutant source");
         let out = entry.with_extension("wasm");
@@ -625,16 +707,20 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
             .arg(&entry)
             .arg("--out")
             .arg(&out)
-            .current_dir(&project)
+            .current_dir(package)
             .output()
             .expect("running node");
         assert!(
             built.status.success(),
-            "kiln-as build of mutant {n}: {}",
+            "kiln-as build of {}: {}",
+            entry.display(),
             String::from_utf8_lossy(&built.stderr)
         );
         rt.load("as-mutant", &std::fs::read(&out).expect("mutant module"))
             .expect("mutant loads")
+    };
+    let build = |n: usize, text: &str, version: &str| {
+        build_in(work.join(format!("m{n}/index.ts")), &project, text, version)
     };
     let base = build(0, &source, "1.0.0");
     let logs = differential::corpus("users");
@@ -669,27 +755,69 @@ fn assemblyscript_source_mutations_that_share_a_fingerprint_build_the_same_docum
         ),
     ];
     let mut tally = Mutants::default();
+    let mut judge = |what: &str, module: &kiln::runtime::Module| {
+        tally.judge(
+            "AssemblyScript source mutation",
+            what,
+            &base,
+            module,
+            &logs,
+            &outcomes,
+        )
+    };
     for (n, (what, from, to)) in mutations.iter().enumerate() {
         let text = if from.is_empty() {
             source.clone()
         } else {
             replace_once(&source, from, to)
         };
-        let module = build(n + 1, &text, "1.0.1");
-        tally.judge(
-            "AssemblyScript source mutation",
-            what,
-            &base,
-            &module,
-            &logs,
-            &outcomes,
-        );
+        judge(what, &build(n + 1, &text, "1.0.1"));
     }
+    // The SDK at another version, the same code: a copy under `dep/`,
+    // which the compiler finds from its working directory (checked by hand:
+    // a syntax error put in the copy fails this build).
+    let sdk = work.join("dep/node_modules/kiln-sdk-as");
+    std::fs::create_dir_all(work.join("dep")).expect("dep dir");
+    std::fs::copy(project.join("package.json"), work.join("dep/package.json"))
+        .expect("package.json");
+    copy_dir(&root.join("sdk-as/assembly"), &sdk.join("assembly"));
+    let manifest = std::fs::read_to_string(root.join("sdk-as/package.json")).expect("sdk");
+    write(
+        &sdk.join("package.json"),
+        &replace_once(
+            &manifest,
+            "\"version\": \"0.1.0\"",
+            "\"version\": \"0.2.0\"",
+        ),
+    );
+    let module = build_in(
+        work.join("dep/m/index.ts"),
+        &work.join("dep"),
+        &source,
+        "1.0.1",
+    );
+    judge("kiln-sdk-as's version (same code)", &module);
+    // per_stream dropped from package.json, the code the same: never an
+    // alias (a sequential run cannot tell; a split warm-up of the old view
+    // could).
+    let package = work.join("whole");
+    let json = std::fs::read_to_string(project.join("package.json")).expect("package.json");
+    write(
+        &package.join("package.json"),
+        &replace_once(&json, "\"per_stream\": true", "\"per_stream\": false"),
+    );
+    let whole = build_in(work.join("whole/m/index.ts"), &package, &source, "1.0.1");
+    assert_ne!(
+        whole.fingerprint(),
+        base.fingerprint(),
+        "per_stream dropped must not alias the per-stream view"
+    );
+    judge("per_stream dropped", &whole);
     let Mutants { aliased, misses } = tally;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!(
         "AssemblyScript source mutations: {} built with kiln-as in {:?}: {aliased} aliased (and ran alike), {misses} misses",
-        mutations.len() + 1,
+        mutations.len() + 3,
         started.elapsed()
     );
     assert!(aliased >= 2, "the version and a comment alone alias");
