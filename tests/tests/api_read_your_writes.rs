@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_tests::daemon::{
-    Api, Daemon, Options, deploy_slow_warming_chaos, projections_dir, slow_warming_options,
+    Api, Daemon, Options, deploy_slow_warming_chaos, module_version, projections_dir,
+    slow_warming_options,
 };
 use kiln_tests::wasm::USERS;
 use serde_json::json;
@@ -150,5 +151,81 @@ async fn the_configured_cap_bounds_what_a_client_asks_to_wait() {
     assert!(
         metrics.contains("kiln_api_ryw_timeouts_total 1"),
         "{metrics}"
+    );
+}
+
+/// Issue 25, item 11: a read that resolved the name to its active version,
+/// then waited for a position, answered that version after the name had
+/// moved on (here a promote; in a fleet, a switch every other member had
+/// made). It is resolved again after the wait: the version the name serves
+/// now answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_through_a_promote_answers_the_version_promoted() {
+    let d = Daemon::start_with(
+        slow_warming_options()
+            .arg("--view")
+            .arg("chaos:cutover=manual"),
+    );
+    let api = Api::new(&d);
+    let chaos = std::fs::read(kiln_tests::wasm::CHAOS).expect("the chaos module");
+    let (s, b) = api.deploy(chaos).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("chaos-1_0_0", "ready", Duration::from_secs(30))
+        .await;
+    let (s, b) = api
+        .post_json("/admin/views/chaos-1_0_0/promote", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    // 1.1.0 takes only an event type never appended: it skips the spins.
+    let variant = module_version(kiln_tests::wasm::CHAOS, "1.1.0", Some("Variant"));
+    let (s, b) = api.deploy(variant).await;
+    assert_eq!(s, 202, "{b}");
+    api.wait_state("chaos-1_1_0", "ready", Duration::from_secs(30))
+        .await;
+    // Each spin holds 1.0.0 for its 1 s batch deadline.
+    for n in 0..4 {
+        let events = json!({ "events": [
+            { "type": "Note", "data": { "text": format!("n{n}") } },
+            { "type": "Spin", "data": {} },
+        ]});
+        let (s, b) = api
+            .post_json(&format!("/streams/chaos-{n}/events"), &events)
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (_, head) = api.get("/streams/chaos-3").await;
+    let position = head["position"].as_u64().expect("position");
+    let reader = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.get(&format!("/views/chaos?position={position}&wait_ms=10000"))
+                .await
+        })
+    };
+    // The read waits on 1.0.0; 1.1.0 passes the position, and is promoted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = api.get("/views").await;
+        let at = v["views"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["id"] == "chaos-1_1_0"))
+            .and_then(|v| v["checkpoint"].as_u64())
+            .unwrap_or(0);
+        if at >= position {
+            break;
+        }
+        assert!(Instant::now() < deadline, "1.1.0 did not reach {position}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, b) = api
+        .post_json("/admin/views/chaos-1_1_0/promote", &json!({}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = reader.await.expect("reader");
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["view"], "chaos-1_1_0",
+        "the read answered the version the name left: {b}"
     );
 }

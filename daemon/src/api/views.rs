@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
-use crate::lifecycle::Resolved;
+use crate::lifecycle::{LifecycleError, Resolved};
 use crate::store::StreamId;
 
 /// Longest key accepted, in bytes.
@@ -75,13 +75,17 @@ pub struct ListQuery {
 }
 
 /// Resolves `spec` to one version and applies the read-your-writes wait.
+/// While it waits, `spec` is resolved again every [`RESOLVE_EVERY`]: what it
+/// names may change meanwhile (a cutover, a promote, a fleet switch), and
+/// the answer is never the version the name has left (issue 25, item 11):
+/// the wait goes on with the version it names now, or the fleet's 503 while
+/// it switches.
 async fn resolve_consistent(
     state: &AppState,
     spec: &str,
     c: Consistency,
 ) -> Result<Resolved, ApiError> {
-    let resolved = state.lifecycle.resolve_version(spec)?;
-    let id = &resolved.version;
+    let mut resolved = state.lifecycle.resolve_version(spec)?;
     let target = match (&c.stream, c.position) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -97,23 +101,32 @@ async fn resolve_consistent(
         (None, Some(p)) => Some(p),
         (None, None) => None,
     };
-    if let Some(position) = target.filter(|p| *p > 0) {
-        let max = state.config.ryw_max_wait;
-        let wait = c
-            .wait_ms
-            .map(Duration::from_millis)
-            .map_or(max, |w| w.min(max));
-        state
-            .counters
-            .ryw_waits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(position) = target.filter(|p| *p > 0) else {
+        return Ok(resolved);
+    };
+    let max = state.config.ryw_max_wait;
+    let wait = c
+        .wait_ms
+        .map(Duration::from_millis)
+        .map_or(max, |w| w.min(max));
+    state
+        .counters
+        .ryw_waits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut head_checked = false;
+    loop {
+        let id = resolved.version.clone();
         // A position past the log's head is not a write that is coming:
-        // say so now rather than wait out the timeout.
-        if state
-            .lifecycle
-            .checkpoint_of(id)
-            .is_some_and(|c| c < position)
+        // say so now rather than wait out the timeout (once: the head
+        // only grows).
+        if !head_checked
+            && state
+                .lifecycle
+                .checkpoint_of(&id)
+                .is_some_and(|c| c < position)
         {
+            head_checked = true;
             let head = state.lifecycle.store().head().await?;
             if position > head {
                 return Err(ApiError::bad_request(
@@ -124,8 +137,10 @@ async fn resolve_consistent(
                 .with("head", head));
             }
         }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let slice = left.min(RESOLVE_EVERY);
         let waited = tokio::select! {
-            w = state.lifecycle.wait_for_position(id, position, wait) => w,
+            w = state.lifecycle.wait_for_position(&id, position, slice) => w,
             _ = state.stopping() => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -134,19 +149,38 @@ async fn resolve_consistent(
                 ));
             }
         };
-        if let Err(e) = waited {
-            let err = ApiError::from(e);
-            if err.code == "read_your_writes_timeout" {
+        let reached = match waited {
+            Ok(()) => true,
+            // A slice of the wait is over, not the wait.
+            Err(LifecycleError::Timeout { .. }) if slice < left => false,
+            Err(LifecycleError::Timeout {
+                view, checkpoint, ..
+            }) => {
                 state
                     .counters
                     .ryw_timeouts
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(LifecycleError::Timeout {
+                    view,
+                    position,
+                    checkpoint,
+                    millis: wait.as_millis() as u64,
+                }
+                .into());
             }
-            return Err(err);
+            Err(e) => return Err(e.into()),
+        };
+        let again = state.lifecycle.resolve_version(spec)?;
+        if again.version == id && reached {
+            return Ok(again);
         }
+        resolved = again;
     }
-    Ok(resolved)
 }
+
+/// How often a read-your-writes wait looks again at what its view spec
+/// names.
+const RESOLVE_EVERY: Duration = Duration::from_millis(50);
 
 fn check_key(key: &str) -> Result<(), ApiError> {
     crate::views::check_key(key.as_bytes()).map_err(ApiError::bad_key)
