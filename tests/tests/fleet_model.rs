@@ -238,20 +238,19 @@ impl Run {
             .zip(MEMBERS)
             .map(|(d, id)| {
                 let log = d.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                format!(
-                    "--- member {id} (last 40 lines) ---\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
+                let tail = log_tail(&log, LOG_LINES);
+                format!("--- member {id} (last {LOG_LINES} lines, repeats folded) ---\n{tail}")
             })
             .collect();
         panic!(
             "seed {}: {what}\nlogic changed per version: {:?}\nsteps:\n  {}\n{}\n\
+             seed {}: {what}\n\
              replay: KILN_FLEET_MODEL_SEED={} cargo test --release -p kiln-tests --test fleet_model",
             self.seed,
             self.changed,
             self.steps.join("\n  "),
             logs.join("\n"),
+            self.seed,
             self.seed
         );
     }
@@ -977,4 +976,45 @@ async fn generated_fleet_sequences_keep_the_fleet_invariants() {
     if sequences >= 20 {
         assert!(bootstrapped > 0, "no sequence bootstrapped from a snapshot");
     }
+}
+
+/// How many lines of each member's log a failure shows.
+const LOG_LINES: usize = 60;
+
+/// The last `n` lines of `log`, a line repeating one of the three before
+/// it (but for its timestamp) folded into a count, so a burst of warnings
+/// does not hide what came before it.
+fn log_tail(log: &str, n: usize) -> String {
+    let mut folded: Vec<(String, usize)> = Vec::new();
+    for line in log.lines() {
+        // Drop ANSI colours, then the timestamp (the first word).
+        let mut plain = String::with_capacity(line.len());
+        let mut in_escape = false;
+        for c in line.chars() {
+            match (in_escape, c) {
+                (false, '\x1b') => in_escape = true,
+                (true, 'm') => in_escape = false,
+                (false, c) => plain.push(c),
+                _ => {}
+            }
+        }
+        let message = plain.split_once(' ').map_or("", |(_, m)| m).to_string();
+        let recent = folded.len().saturating_sub(3);
+        match folded[recent..]
+            .iter_mut()
+            .find(|(last, _)| last.split_once(' ').map_or("", |(_, m)| m) == message)
+        {
+            Some((_, count)) => *count += 1,
+            None => folded.push((plain, 1)),
+        }
+    }
+    let start = folded.len().saturating_sub(n);
+    folded[start..]
+        .iter()
+        .map(|(line, count)| match count {
+            1 => line.clone(),
+            c => format!("{line}   [x{c}]"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -240,6 +240,23 @@ impl From<LifecycleError> for ApiError {
             )
             .with("name", name.clone())
             .with("version", version.to_string()),
+            LifecycleError::FleetVersionMissing {
+                ref name,
+                ref version,
+                why,
+            } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet_version_missing",
+                message,
+            )
+            .with("name", name.clone())
+            .with("version", version.to_string())
+            .with("why", why),
+            LifecycleError::RetireFleetVersion { ref id, role } => {
+                ApiError::new(StatusCode::CONFLICT, "fleet_version", message)
+                    .with("view", id.to_string())
+                    .with("role", role)
+            }
             LifecycleError::FleetOtherLogic(ref o) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "fleet_other_logic",

@@ -230,6 +230,9 @@ struct Inner {
     incarnation: String,
     /// The revision of our record as we last wrote it.
     revision: Mutex<Option<u64>>,
+    /// One record write at a time (the heartbeat, or an announcement the
+    /// lifecycle asks for): each compares-and-sets on the last revision.
+    beat: tokio::sync::Mutex<()>,
     /// Another process (started at this time, ms) took our instance id
     /// over: we left the fleet.
     superseded: Mutex<Option<u64>>,
@@ -307,6 +310,7 @@ impl Fleet {
             lease_until: Mutex::new(None),
             incarnation: uuid::Uuid::new_v4().to_string(),
             revision: Mutex::new(None),
+            beat: tokio::sync::Mutex::new(()),
             superseded: Mutex::new(None),
             poke: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
@@ -561,6 +565,7 @@ impl Inner {
     /// own id back at once): this one leaves the fleet for good, fenced and
     /// not ready, rather than let two processes speak as one member.
     async fn heartbeat(&self) -> Result<(), FleetError> {
+        let _one = self.beat.lock().await;
         if let Some(e) = self.superseded() {
             return Err(e);
         }
@@ -836,6 +841,7 @@ impl Inner {
                         bytes: d.bytes,
                         digest: d.digest,
                         took_ms: took.as_millis() as u64,
+                        built_by: self.lifecycle.lineage_of(&view),
                     });
                     while q.len() > DIGESTS_KEPT {
                         q.pop_front();
@@ -865,6 +871,18 @@ fn digestible(s: &ViewStatus) -> bool {
 }
 
 impl FleetCoordinator for Fleet {
+    fn announce(&self) -> BoxFuture<'static, Result<(), LifecycleError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            inner
+                .heartbeat()
+                .await
+                .map_err(|e| LifecycleError::FleetUnavailable(e.to_string()))?;
+            inner.poke.notify_one();
+            Ok(())
+        })
+    }
+
     fn propose(
         &self,
         target: ViewId,

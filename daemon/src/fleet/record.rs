@@ -75,6 +75,11 @@ pub struct DigestAt {
     pub digest: String,
     /// How long the view was held while the digest read it, in ms.
     pub took_ms: u64,
+    /// The instance whose replay built the view's documents, when the view
+    /// was filled from its snapshot (absent: replayed by this member). One
+    /// lineage is one witness in the vote, however many members share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_by: Option<String>,
 }
 
 /// A view name's decision: the value of its key (the name) in the
@@ -210,6 +215,42 @@ pub fn drive(
     }) = current
         && let Some(next) = &d.next
     {
+        // Retired on a member meanwhile (its retire and the promote crossed):
+        // it would never answer there. The switch is called off, and the
+        // version held back until an operator promotes it again.
+        let retired = next
+            .parse::<ViewId>()
+            .map(|n| retired_on(&n, members))
+            .unwrap_or_default();
+        if !retired.is_empty() {
+            let mut held_back = d.held_back.clone();
+            held_back.retain(|h| Some(h) != d.active.as_ref());
+            if !held_back.contains(next) {
+                held_back.push(next.clone());
+            }
+            let fingerprint = d
+                .active
+                .as_deref()
+                .and_then(|a| a.parse::<ViewId>().ok())
+                .map(|a| logic_of(&a, members))
+                .filter(|l| l.len() == 1)
+                .and_then(|l| l.into_keys().next());
+            return Some(Step::Update(
+                *revision,
+                Decision {
+                    active: d.active.clone(),
+                    next: None,
+                    by: me.to_string(),
+                    reason: format!(
+                        "switch to {next} called off: it is retired on {} (deploy it there again, then promote it)",
+                        retired.join(", ")
+                    ),
+                    at: now,
+                    held_back,
+                    fingerprint,
+                },
+            ));
+        }
         if !with_name.iter().all(|m| has_fenced(m, name, *revision)) {
             return None;
         }
@@ -397,8 +438,15 @@ pub struct DigestMismatch {
     pub position: u64,
     /// instance → digest.
     pub digests: BTreeMap<String, String>,
-    /// Members whose digest differs from the most common one (all of them
-    /// when no digest is more common than the others).
+    /// instance → the instance whose replay built its documents, for the
+    /// members whose view was filled from a snapshot.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub built_by: BTreeMap<String, String>,
+    /// Members whose digest differs from the one most lineages agree on
+    /// (all of them when no digest has more): members that bootstrapped
+    /// from one snapshot count as that snapshot's builder, once, so a
+    /// corrupt publisher and those who took its snapshot do not outvote
+    /// the member that replayed the log itself.
     pub suspects: Vec<String>,
 }
 
@@ -444,44 +492,58 @@ impl FleetStatus {
         decisions: BTreeMap<String, Revised>,
     ) -> FleetStatus {
         members.sort_by(|a, b| a.instance.cmp(&b.instance));
-        let mut at: BTreeMap<(String, String, u64), BTreeMap<String, String>> = BTreeMap::new();
+        // (view, fingerprint, position) → instance → (digest, lineage).
+        type At = BTreeMap<(String, String, u64), BTreeMap<String, (String, Option<String>)>>;
+        let mut at: At = BTreeMap::new();
         for m in &members {
             for d in &m.digests {
                 at.entry((d.view.clone(), d.fingerprint.clone(), d.position))
                     .or_default()
-                    .insert(m.instance.clone(), d.digest.clone());
+                    .insert(m.instance.clone(), (d.digest.clone(), d.built_by.clone()));
             }
         }
         let mut mismatches = Vec::new();
         let mut digests_agreeing = 0;
-        for ((view, fingerprint, position), digests) in at {
-            if digests.len() < 2 {
+        for ((view, fingerprint, position), seen) in at {
+            if seen.len() < 2 {
                 continue;
             }
-            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for d in digests.values() {
-                *counts.entry(d.as_str()).or_default() += 1;
+            // Each digest's witnesses: the distinct lineages holding it.
+            let mut lineages: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+            for (instance, (d, built_by)) in &seen {
+                lineages
+                    .entry(d.as_str())
+                    .or_default()
+                    .insert(built_by.as_deref().unwrap_or(instance));
             }
-            if counts.len() == 1 {
+            if lineages.len() == 1 {
                 digests_agreeing += 1;
                 continue;
             }
+            let counts: BTreeMap<&str, usize> =
+                lineages.iter().map(|(d, l)| (*d, l.len())).collect();
             let top = counts.values().copied().max().unwrap_or(0);
             let majority: Vec<&str> = counts
                 .iter()
                 .filter(|(_, n)| **n == top)
                 .map(|(d, _)| *d)
                 .collect();
-            let suspects = digests
+            let suspects = seen
                 .iter()
-                .filter(|(_, d)| majority.len() > 1 || d.as_str() != majority[0])
+                .filter(|(_, (d, _))| majority.len() > 1 || d.as_str() != majority[0])
                 .map(|(i, _)| i.clone())
                 .collect();
+            let built_by = seen
+                .iter()
+                .filter_map(|(i, (_, b))| b.clone().map(|b| (i.clone(), b)))
+                .collect();
+            let digests = seen.into_iter().map(|(i, (d, _))| (i, d)).collect();
             mismatches.push(DigestMismatch {
                 view,
                 fingerprint,
                 position,
                 digests,
+                built_by,
                 suspects,
             });
         }
@@ -670,6 +732,54 @@ mod tests {
             panic!("all fenced: switched");
         };
         assert_eq!((d.active.as_deref(), d.next), (Some("users-1_1_0"), None));
+    }
+
+    /// Found by the fleet model test (seed 24): a retire on one member and
+    /// a promote on another crossed; the switch ended, and the member with
+    /// the version retired answered 503 for good.
+    #[test]
+    fn a_switch_to_a_version_retired_on_a_member_is_called_off() {
+        let switching = Revised {
+            revision: 7,
+            decision: Decision {
+                active: Some("users-1_0_0".into()),
+                next: Some("users-1_1_0".into()),
+                by: "c".into(),
+                reason: "promote on c".into(),
+                at: 0,
+                held_back: vec!["users-1_0_0".into()],
+                fingerprint: Some("f".into()),
+            },
+        };
+        let mut ms = vec![
+            member("a", &[("users-1_0_0", Active), ("users-1_1_0", Retired)]),
+            member("b", &[("users-1_0_0", Active), ("users-1_1_0", Ready)]),
+        ];
+        fenced(&mut ms[0], "users", 7);
+        fenced(&mut ms[1], "users", 7);
+        let Some(Step::Update(7, d)) = drive("users", Some(&switching), &ms, &[], 0, "b", 9) else {
+            panic!("the switch is called off");
+        };
+        assert_eq!(d.active.as_deref(), Some("users-1_0_0"));
+        assert_eq!(d.next, None);
+        assert!(d.reason.contains("retired on a"), "{}", d.reason);
+        // Held back: not proposed again on its own once deployed again.
+        assert_eq!(d.held_back, vec!["users-1_1_0".to_string()]);
+        assert_eq!(d.fingerprint.as_deref(), Some("f"));
+        ms[0].views[1].state = Ready;
+        let called_off = Revised {
+            revision: 8,
+            decision: d,
+        };
+        assert_eq!(
+            drive("users", Some(&called_off), &ms, &[], 0, "a", 10),
+            None
+        );
+        // Not retired anywhere: the switch ends as before.
+        let Some(Step::Update(7, d)) = drive("users", Some(&switching), &ms, &[], 0, "a", 9) else {
+            panic!("switched");
+        };
+        assert_eq!(d.active.as_deref(), Some("users-1_1_0"));
     }
 
     #[test]
@@ -881,6 +991,7 @@ mod tests {
                     bytes: 1,
                     digest: if position == 10 { "x".into() } else { d.into() },
                     took_ms: 0,
+                    built_by: None,
                 });
             }
         }
@@ -889,5 +1000,60 @@ mod tests {
         assert_eq!(s.mismatches.len(), 1);
         assert_eq!(s.mismatches[0].position, 20);
         assert_eq!(s.mismatches[0].suspects, vec!["c".to_string()]);
+    }
+
+    /// Issue 25, item 7: c replayed the log; a published a corrupt
+    /// snapshot, which b and d bootstrapped from. Counted per member, three
+    /// against one blamed c, the healthy one. Counted per lineage it is one
+    /// against one: both are suspects, and the record says who built what.
+    /// With a second member replaying on its own, the corrupt lineage is
+    /// the odd one out.
+    #[test]
+    fn members_filled_from_one_snapshot_are_one_witness_in_the_digest_vote() {
+        let digest = |d: &str, built_by: Option<&str>| DigestAt {
+            view: "users-1_0_0".into(),
+            fingerprint: "f".into(),
+            position: 20,
+            documents: 1,
+            bytes: 1,
+            digest: d.into(),
+            took_ms: 0,
+            built_by: built_by.map(str::to_string),
+        };
+        let fleet = |seen: &[(&str, &str, Option<&str>)]| {
+            let ms = seen
+                .iter()
+                .map(|(i, d, b)| {
+                    let mut m = member(i, &[]);
+                    m.digests.push(digest(d, *b));
+                    m
+                })
+                .collect();
+            FleetStatus::new("f", "a", (1, 0, 10), ms, Vec::new(), BTreeMap::new())
+        };
+        let s = fleet(&[
+            ("a", "bad", None),
+            ("b", "bad", Some("a")),
+            ("c", "good", None),
+            ("d", "bad", Some("a")),
+        ]);
+        assert_eq!(s.mismatches.len(), 1);
+        assert_eq!(s.mismatches[0].suspects, ["a", "b", "c", "d"]);
+        assert_eq!(
+            s.mismatches[0].built_by,
+            BTreeMap::from([("b".into(), "a".into()), ("d".into(), "a".into())])
+        );
+        let s = fleet(&[
+            ("a", "bad", None),
+            ("b", "bad", Some("a")),
+            ("c", "good", None),
+            ("d", "bad", Some("a")),
+            ("e", "good", None),
+        ]);
+        assert_eq!(s.mismatches[0].suspects, ["a", "b", "d"]);
+        // Members bootstrapped from the healthy replay agree with it.
+        let s = fleet(&[("c", "good", None), ("b", "good", Some("c"))]);
+        assert!(s.mismatches.is_empty());
+        assert_eq!(s.digests_agreeing, 1);
     }
 }

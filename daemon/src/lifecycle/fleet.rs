@@ -11,6 +11,7 @@
 //! - once `active` is X: X when X is this instance's active version (the
 //!   flip is [`Registry::follow_fleet`], one registry write, the same
 //!   effects as a promote); 503 `fleet_catching_up` while X is not caught up
+//!   here, `fleet_version_missing` while X is not deployed or is retired
 //!   here (never an older version instead); X's documents marked stale when
 //!   X failed here (the instance's own fallback to an older standby is not
 //!   answered: the fleet never goes back without a fleet rollback);
@@ -89,6 +90,12 @@ pub trait FleetCoordinator: Send + Sync {
         target: ViewId,
         how: String,
     ) -> BoxFuture<'static, Result<(), LifecycleError>>;
+
+    /// Writes this instance's record now (what it runs, in what state),
+    /// rather than at the next heartbeat: a change the other members must
+    /// know before the operator who made it is answered (a retire: a
+    /// promote asked next, anywhere, must see it).
+    fn announce(&self) -> BoxFuture<'static, Result<(), LifecycleError>>;
 }
 
 /// The fleet's side of the lifecycle's state.
@@ -394,6 +401,20 @@ impl Lifecycle {
                             stale: true,
                         }))
                     }
+                    // Retired here, or never deployed: it does not come
+                    // back by waiting.
+                    None => Err(LifecycleError::FleetVersionMissing {
+                        name: name.to_string(),
+                        version: active,
+                        why: "not deployed",
+                    }),
+                    Some(e) if e.state == ViewState::Retired => {
+                        Err(LifecycleError::FleetVersionMissing {
+                            name: name.to_string(),
+                            version: active,
+                            why: "retired",
+                        })
+                    }
                     _ => Err(LifecycleError::FleetCatchingUp {
                         name: name.to_string(),
                         version: active,
@@ -607,3 +628,48 @@ impl Lifecycle {
         Ok((digest, started.elapsed()))
     }
 }
+
+impl super::Inner {
+    /// `"active"` or `"next"` when the fleet's decision applied here names
+    /// `id` so (a fleet name, a fleet attached): every member must keep it.
+    pub(super) fn fleet_role(&self, id: &ViewId) -> Option<&'static str> {
+        if self.config.policy(id.name()).cutover != CutoverPolicy::Fleet
+            || self.fleet.coordinator().is_none()
+        {
+            return None;
+        }
+        let d = self.fleet.decisions().get(id.name()).cloned()?;
+        if d.next.as_ref() == Some(id) {
+            Some("next")
+        } else if d.active.as_ref() == Some(id) {
+            Some("active")
+        } else {
+            None
+        }
+    }
+
+    /// Writes this instance's fleet record now if `id`'s name follows a
+    /// fleet, so a member deciding next sees what changed here (bounded
+    /// wait; on failure the next heartbeat writes it).
+    pub(super) async fn announce(&self, id: &ViewId) {
+        if self.config.policy(id.name()).cutover != CutoverPolicy::Fleet {
+            return;
+        }
+        let Some(coordinator) = self.fleet.coordinator().clone() else {
+            return;
+        };
+        match tokio::time::timeout(ANNOUNCE_WAIT, coordinator.announce()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(view = %id, "telling the fleet: {e}; the next heartbeat will")
+            }
+            Err(_) => tracing::warn!(
+                view = %id,
+                "telling the fleet took over {ANNOUNCE_WAIT:?}; the next heartbeat will"
+            ),
+        }
+    }
+}
+
+/// How long a change waits for its fleet record to be written.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);

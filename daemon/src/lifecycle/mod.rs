@@ -490,6 +490,11 @@ pub enum LifecycleError {
     )]
     RetireActive { id: ViewId },
     #[error(
+        "view {id} is the fleet's {role} version of {}: every member keeps it (promote or roll the fleet back to another version first)",
+        id.name()
+    )]
+    RetireFleetVersion { id: ViewId, role: &'static str },
+    #[error(
         "the registry {path} is missing, yet the data directory holds {what}: refusing to start rather than guess which versions were active or retired (nothing was dropped). Restore registry.json from a backup, or start once with --recover-registry to rebuild it from the deployed modules (each resumes from its view's checkpoint; none is active until it is cut over or promoted)"
     )]
     RegistryMissing { path: PathBuf, what: String },
@@ -526,6 +531,14 @@ pub enum LifecycleError {
         "the fleet serves {version} for view {name}, which is not caught up on this instance yet; retry shortly or ask another member"
     )]
     FleetCatchingUp { name: String, version: ViewId },
+    #[error(
+        "the fleet serves {version} for view {name}, which is {why} on this instance: it answers again once {version} is deployed here (or the fleet moves to another version); ask another member"
+    )]
+    FleetVersionMissing {
+        name: String,
+        version: ViewId,
+        why: &'static str,
+    },
     #[error(
         "the fleet serves {} for view {} built from module {}, but {} here runs module {}: this instance does not answer it; deploy the fleet's build under a new version everywhere",
         .0.version, .0.version.name(), .0.fleet, .0.version, .0.here
@@ -699,9 +712,17 @@ impl Lifecycle {
         let module = tokio::task::spawn_blocking(move || runtime.load(&owned_label, &bytes))
             .await
             .map_err(|e| LifecycleError::Internal(e.to_string()))??;
-        let _ops = self.inner.ops.lock().await;
-        self.inner.check_running()?;
-        self.inner.deploy(module, wasm, label, origin)
+        let outcome = {
+            let _ops = self.inner.ops.lock().await;
+            self.inner.check_running()?;
+            self.inner.deploy(module, wasm, label, origin)?
+        };
+        // A fleet member's record lists it before the deploy is answered
+        // (`kiln fleet status` right after shows it, logic included).
+        if !matches!(outcome, DeployOutcome::AlreadyDeployed(_)) {
+            self.inner.announce(outcome.id()).await;
+        }
+        Ok(outcome)
     }
 
     /// Makes `id` (ready or standby) the active version of its name, in one
@@ -821,6 +842,12 @@ impl Lifecycle {
             .values()
             .map(|e| self.inner.status_of(&st, e))
             .collect()
+    }
+
+    /// The instance whose replay built physical view `view`'s documents,
+    /// when it was filled from a snapshot (`None`: replayed here).
+    pub fn lineage_of(&self, view: &ViewId) -> Option<String> {
+        self.inner.views.lineage(view).ok().flatten()
     }
 
     pub fn status_of(&self, id: &ViewId) -> Option<ViewStatus> {
@@ -1551,6 +1578,13 @@ impl Inner {
         self.after_cutover(cutover);
         if start_worker {
             let progress = Progress::new(0, true, 0);
+            // Deployed after the fleet chose it (a member back with its
+            // modules): warmed first from the start, not from the next
+            // time the decision is applied.
+            if self.fleet_role(&id) == Some("active") {
+                progress.fleet_first.store(true, Ordering::Release);
+                tracing::info!(view = %id, "the fleet serves it: warming it first");
+            }
             st.progress.insert(id.clone(), progress.clone());
             let poison = self.config.policy(id.name()).poison;
             let handle = worker::spawn(self, module, progress, poison);
@@ -1799,6 +1833,12 @@ impl Inner {
             if entry.state == ViewState::Retired || !still(&st.registry, entry) {
                 return Ok(());
             }
+            if let Some(role) = self.fleet_role(id) {
+                return Err(LifecycleError::RetireFleetVersion {
+                    id: id.clone(),
+                    role,
+                });
+            }
             let before = st.registry.clone();
             let release = st.registry.retire(id, now_millis(), active_too)?;
             self.commit(&mut st, before)?;
@@ -1825,6 +1865,7 @@ impl Inner {
                 tracing::info!(view = %physical, "column family dropped");
             }
         }
+        self.announce(id).await;
         Ok(())
     }
 
@@ -1914,7 +1955,11 @@ impl Inner {
     async fn sweep(&self, now: u64) {
         let grace = |name: &str| self.config.grace_of(name).as_millis() as u64;
         let expired = self.lock().registry.expired_standbys(now, grace);
-        for id in expired {
+        // What the fleet serves or switches to stays, grace or not.
+        for id in expired
+            .into_iter()
+            .filter(|id| self.fleet_role(id).is_none())
+        {
             let _ops = self.ops.lock().await;
             tracing::info!(view = %id, "standby grace period over");
             let still = |reg: &Registry, e: &Entry| reg.standby_expired(e, now, grace(e.id.name()));

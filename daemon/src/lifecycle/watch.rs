@@ -161,7 +161,10 @@ impl DirWatch {
     async fn retire_removed(&self, id: &ViewId, why: &str) {
         match self.lifecycle.retire_unless_active(id).await {
             Ok(()) => tracing::info!(view = %id, "{why}: retired"),
-            Err(e @ LifecycleError::RetireActive { .. }) => {
+            Err(
+                e @ (LifecycleError::RetireActive { .. }
+                | LifecycleError::RetireFleetVersion { .. }),
+            ) => {
                 tracing::warn!(view = %id, "{why}, but it stays: {e}")
             }
             Err(e) => tracing::error!(view = %id, "{why}; retiring it: {e}"),

@@ -153,9 +153,20 @@ pub struct SnapshotManifest {
     /// Who published it.
     pub instance: String,
     pub created_millis: u64,
+    /// The instance whose replay of the log built these documents when
+    /// that is not the publisher (its view was itself filled from a
+    /// snapshot): the documents' lineage, one witness in the fleet's
+    /// digest vote however many instances bootstrap from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_by: Option<String>,
 }
 
 impl SnapshotManifest {
+    /// The instance whose replay built the documents.
+    pub fn built_by(&self) -> &str {
+        self.built_by.as_deref().unwrap_or(&self.instance)
+    }
+
     /// `<key>/<position, 20 digits>`: where its files live in a store.
     pub fn path(&self) -> String {
         format!(
@@ -867,13 +878,16 @@ impl Snapshots {
                 digest: m.digest.clone(),
             };
             let (views, view2) = (views.clone(), view.clone());
-            tokio::task::spawn_blocking(move || views.ingest(&view2, &ssts, &expect, &parked))
-                .await
-                .map_err(|e| SnapshotError::Internal(format!("ingesting panicked: {e}")))?
-                .map_err(|e| match e {
-                    ViewError::DigestMismatch { reason, .. } => refused(reason),
-                    e => e.into(),
-                })
+            let built_by = m.built_by().to_string();
+            tokio::task::spawn_blocking(move || {
+                views.ingest(&view2, &ssts, &expect, &parked, &built_by)
+            })
+            .await
+            .map_err(|e| SnapshotError::Internal(format!("ingesting panicked: {e}")))?
+            .map_err(|e| match e {
+                ViewError::DigestMismatch { reason, .. } => refused(reason),
+                e => e.into(),
+            })
         }
         .await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -1019,6 +1033,8 @@ impl Snapshots {
                 files,
                 instance: self.config.instance.clone(),
                 created_millis: now_millis(),
+                // Filled from another's snapshot: that one's lineage.
+                built_by: views.lineage(view)?.filter(|b| *b != self.config.instance),
             };
             for (p, f) in paths.iter().zip(&manifest.files) {
                 self.store

@@ -416,6 +416,7 @@ impl ViewStore {
         batch.delete_range(from, to);
         Self::forget_claims(&mut batch, view);
         batch.delete(snapshot::marker_key(view));
+        batch.delete(snapshot::lineage_key(view));
         self.db.write(batch).map_err(storage(format!(
             "deleting the checkpoint and dead letters of {view}"
         )))?;

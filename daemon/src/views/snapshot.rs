@@ -25,6 +25,7 @@ use super::{
 use crate::store::Position;
 
 const BOOTSTRAP_PREFIX: &str = "bootstrap/";
+const LINEAGE_PREFIX: &str = "lineage/";
 
 /// A view written out by [`ViewStore::export`].
 #[derive(Debug, Clone)]
@@ -72,6 +73,12 @@ impl Pace {
 
 pub(super) fn marker_key(view: &ViewId) -> Vec<u8> {
     per_view_key(BOOTSTRAP_PREFIX, view, b"")
+}
+
+/// Where a bootstrapped view keeps the instance whose replay of the log
+/// built the documents it was filled with (absent: replayed here).
+pub(super) fn lineage_key(view: &ViewId) -> Vec<u8> {
+    per_view_key(LINEAGE_PREFIX, view, b"")
 }
 
 fn io(op: String) -> impl FnOnce(rocksdb::Error) -> ViewError {
@@ -150,15 +157,17 @@ impl ViewStore {
     }
 
     /// Fills the empty view `view` from SST `files` (moved into the
-    /// database) with its checkpoint at `position` and its dead letters
-    /// `parked`. Refused unless the view is fresh: no checkpoint, no
-    /// partitions, no documents.
+    /// database) with its checkpoint at `position`, its dead letters
+    /// `parked` and its lineage `built_by` (the instance whose replay built
+    /// the documents, see [`Self::lineage`]). Refused unless the view is
+    /// fresh: no checkpoint, no partitions, no documents.
     pub fn ingest(
         &self,
         view: &ViewId,
         files: &[PathBuf],
         expect: &ViewDigest,
         parked: &[(Position, Vec<u8>)],
+        built_by: &str,
     ) -> Result<(), ViewError> {
         let position = expect.position;
         self.ensure(view)?;
@@ -229,12 +238,25 @@ impl ViewStore {
             batch.put(parked_key(view, *at), record);
         }
         batch.put(checkpoint_key(view), position.to_be_bytes());
+        batch.put(lineage_key(view), built_by.as_bytes());
         batch.delete(marker_key(view));
         self.db
             .write_opt(batch, &sync)
             .map_err(io(format!("setting {view}'s checkpoint to {position}")))?;
         self.forget_cache(view);
         Ok(())
+    }
+
+    /// The instance whose replay of the log built `view`'s documents when
+    /// it was filled from a snapshot (the snapshot's publisher, or the one
+    /// that publisher's view came from); `None`: replayed here. Digests of
+    /// views of one lineage are one witness, not several (the fleet's vote).
+    pub fn lineage(&self, view: &ViewId) -> Result<Option<String>, ViewError> {
+        let got = self
+            .db
+            .get_pinned(lineage_key(view))
+            .map_err(io(format!("reading the lineage of {view}")))?;
+        Ok(got.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     /// Empties `view` after its snapshot was refused mid-ingest (dropped,
@@ -319,24 +341,26 @@ mod tests {
                 c
             })
             .collect();
-        let refused = other.ingest(&v, &copies, &wrong, &exported.parked);
+        let refused = other.ingest(&v, &copies, &wrong, &exported.parked, "x");
         assert!(
             matches!(refused, Err(ViewError::DigestMismatch { .. })),
             "{refused:?}"
         );
         assert_eq!(other.checkpoint(&v).expect("checkpoint"), 0);
         assert_eq!(other.digest(&v).expect("digest").documents, 0);
+        assert_eq!(store.lineage(&v).expect("lineage"), None, "replayed");
         other
-            .ingest(&v, &exported.files, &exported.digest, &exported.parked)
+            .ingest(&v, &exported.files, &exported.digest, &exported.parked, "a")
             .expect("ingest");
         assert_eq!(other.checkpoint(&v).expect("checkpoint"), 41);
+        assert_eq!(other.lineage(&v).expect("lineage").as_deref(), Some("a"));
         assert_eq!(other.digest(&v).expect("digest"), exported.digest);
         assert_eq!(other.parked(&v).expect("parked"), exported.parked);
         assert!(!other.abandoned_ingest(&v).expect("marker"));
         // A second ingest into a view that is not empty is refused.
         let again = store.export(&v, &out, 1 << 30, 0).expect("export");
         assert!(matches!(
-            other.ingest(&v, &again.files, &again.digest, &[]),
+            other.ingest(&v, &again.files, &again.digest, &[], "x"),
             Err(ViewError::NotEmpty(_))
         ));
     }
@@ -370,7 +394,7 @@ mod tests {
         assert!(exported.files.is_empty());
         let other = ViewStore::open(dir.path().join("b")).expect("open");
         other
-            .ingest(&v, &[], &exported.digest, &[])
+            .ingest(&v, &[], &exported.digest, &[], "x")
             .expect("ingest");
         assert_eq!(other.checkpoint(&v).expect("checkpoint"), 3);
     }
