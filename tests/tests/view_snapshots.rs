@@ -723,6 +723,67 @@ async fn raising_the_lease_ttl_raises_the_lease_buckets_max_age() {
     }
 }
 
+/// Issue 25, item 10: an upload cut short left its chunks under a chunk
+/// subject no object names; nothing listed them, and they stayed forever.
+/// A sweep purges such chunks once they have not grown for a lease TTL
+/// since an earlier sweep saw them; an upload still sending chunks, and
+/// every whole file, stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chunks_of_an_upload_cut_short_are_purged_and_nothing_else() {
+    use kiln::snapshots::SnapshotStore;
+    use kiln::snapshots::object::ObjectStore;
+    use std::sync::atomic::AtomicU64;
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let ttl = Duration::from_millis(600);
+    let store = ObjectStore::open(&js, "KILN_VIEWS", 1, ttl)
+        .await
+        .expect("open");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a.sst");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &bytes).expect("file");
+    store.put("k/1/a.sst", &file).await.expect("put");
+    // What `put` sends before its object info: chunks under a new subject.
+    let chunk = |subject: &'static str| {
+        let js = js.clone();
+        async move {
+            js.publish(subject, vec![7u8; 1024].into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+    };
+    for _ in 0..3 {
+        chunk("$O.KILN_VIEWS.C.cutshort").await;
+    }
+    chunk("$O.KILN_VIEWS.C.underway").await;
+    assert_eq!(store.sweep_chunks().await.expect("sweep"), 0, "first seen");
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    chunk("$O.KILN_VIEWS.C.underway").await;
+    assert_eq!(
+        store.sweep_chunks().await.expect("sweep"),
+        3,
+        "the upload cut short, and only it"
+    );
+    let back = dir.path().join("back.sst");
+    store
+        .get("k/1/a.sst", &back, &AtomicU64::new(0))
+        .await
+        .expect("get");
+    assert_eq!(std::fs::read(&back).expect("read"), bytes, "the whole file");
+    // The other stops growing: a TTL later it goes too.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert_eq!(store.sweep_chunks().await.expect("sweep"), 2);
+    assert_eq!(store.sweep_chunks().await.expect("sweep"), 0);
+    store
+        .get("k/1/a.sst", &back, &AtomicU64::new(0))
+        .await
+        .expect("get after the sweeps");
+}
+
 /// Regression (issue 25, found by reading): a directory lease file's time,
 /// set by its holder's clock, was compared with the reader's: a holder whose
 /// clock is behind lost its lease while alive (two builders at once), one

@@ -14,11 +14,21 @@
 //! every lease would lapse before its first refresh; it is never lowered
 //! (an instance with a longer TTL may share the bucket: a longer `max_age`
 //! only makes a dead holder's lease last longer).
+//!
+//! An upload cut short (a crash, a lost connection) leaves the chunks it
+//! sent under `$O.<bucket>.C.<nuid>` with no object naming them: nothing
+//! lists them. Each sweep also lists the bucket's chunk subjects, and
+//! purges those no object names that have not grown for a lease TTL since
+//! an earlier sweep saw them (judged by what this process sees change, on
+//! its own clock: an upload under way sends a chunk at least that often,
+//! or has lost its lease and could publish nothing anyway).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use async_nats::jetstream::{self, kv, object_store};
 use async_trait::async_trait;
@@ -33,8 +43,13 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 pub struct ObjectStore {
     bucket: String,
     objects: object_store::ObjectStore,
+    /// The bucket's stream (its chunk subjects are listed from it).
+    stream: jetstream::stream::Stream,
     leases: kv::Store,
     ttl: Duration,
+    /// Chunk subjects no object names, as an earlier sweep saw them: their
+    /// message count, and since when it has not changed.
+    orphans: Mutex<HashMap<String, (usize, Instant)>>,
 }
 
 impl ObjectStore {
@@ -100,11 +115,17 @@ impl ObjectStore {
                 .await
                 .map_err(|e| store_err("creating the lease bucket", e.to_string()))?,
         };
+        let stream = js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| store_err("opening the bucket's stream", e.to_string()))?;
         Ok(ObjectStore {
             bucket: bucket.to_string(),
             objects,
+            stream,
             leases,
             ttl,
+            orphans: Mutex::new(HashMap::new()),
         })
     }
 
@@ -114,6 +135,69 @@ impl ObjectStore {
             op: op.into(),
             reason: e.to_string(),
         }
+    }
+
+    /// Purges the chunks of uploads cut short (see the module docs): chunk
+    /// subjects no object names, unchanged for a TTL since a sweep saw
+    /// them. How many chunks went.
+    pub async fn sweep_chunks(&self) -> Result<u64, SnapshotError> {
+        let prefix = format!("$O.{}.C.", self.bucket);
+        let mut chunks = Vec::new();
+        let mut subjects = self
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|e| self.err("listing chunk subjects", e))?;
+        while let Some(s) = subjects.next().await {
+            chunks.push(s.map_err(|e| self.err("listing chunk subjects", e))?);
+        }
+        // Listed after the chunks: an upload that ends in between is named.
+        let mut named = HashSet::new();
+        let mut list = self
+            .objects
+            .list()
+            .await
+            .map_err(|e| self.err("listing", e))?;
+        while let Some(info) = list.next().await {
+            named.insert(info.map_err(|e| self.err("listing", e))?.nuid);
+        }
+        let now = Instant::now();
+        let mut purge = Vec::new();
+        {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+            let before = std::mem::take(&mut *orphans);
+            for (subject, count) in chunks {
+                let Some(nuid) = subject.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if named.contains(nuid) {
+                    continue;
+                }
+                match before.get(&subject) {
+                    Some((seen, since)) if *seen == count => {
+                        if now.duration_since(*since) >= self.ttl {
+                            purge.push((subject, count));
+                        } else {
+                            orphans.insert(subject, (count, *since));
+                        }
+                    }
+                    _ => {
+                        orphans.insert(subject, (count, now));
+                    }
+                }
+            }
+        }
+        let mut removed = 0;
+        for (subject, count) in purge {
+            self.stream
+                .purge()
+                .filter(&subject)
+                .await
+                .map_err(|e| self.err(format!("purging {subject}"), e))?;
+            tracing::info!(subject = %subject, chunks = count, "purged the chunks of an upload cut short");
+            removed += count as u64;
+        }
+        Ok(removed)
     }
 
     async fn names(&self) -> Result<Vec<String>, SnapshotError> {
@@ -264,6 +348,12 @@ impl SnapshotStore for ObjectStore {
                     .map_err(|e| self.err(format!("removing {n}"), e))?;
                 removed += 1;
             }
+        }
+        // And chunks no object names (an upload cut short under any key).
+        match self.sweep_chunks().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(chunks = n, "purged chunks no snapshot file names"),
+            Err(e) => tracing::warn!("sweeping chunks no snapshot file names: {e}"),
         }
         Ok(removed)
     }
