@@ -18,6 +18,10 @@
 //! - `a_builder_paused_by_a_full_disk_lets_a_waiting_instance_build`: a
 //!   warm-up holding the snapshot lease pauses on a full disk and lets go
 //!   of the lease, so an instance waiting for its snapshot builds instead.
+//! - `a_builder_making_no_progress_lets_a_waiting_instance_build`: a
+//!   warm-up holding the snapshot lease, alive but stuck (its guest spins
+//!   to a long deadline), lets go of the lease once it has applied nothing
+//!   for `stall_after`, so an instance waiting for its snapshot builds.
 //! - `a_failed_version_resumes_from_its_checkpoint`: a poison event stops
 //!   the active version (served stale); after a restart with `poison = park`
 //!   an operator resumes it: it parks the event, goes on from its checkpoint
@@ -35,6 +39,103 @@ use kiln_tests::lifecycle::{
     Env, WAIT, append_poison, append_users, deploy_active, id, state, wait_until,
 };
 use serde_json::json;
+
+/// Issue 25, item 4: a lease was refreshed whatever its holder's progress,
+/// so a builder alive but stuck (a guest spinning to its deadline, a tail
+/// that does not move) held every waiting instance up for as long as it was
+/// stuck. a spins for 3 × 4 s on one event (its batch, then the event alone
+/// twice, before it is parked); b, waiting for a's snapshot, builds instead
+/// once a has applied nothing for a second, and is ready while a is still
+/// stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_making_no_progress_lets_a_waiting_instance_build() {
+    use kiln::runtime::{Runtime, RuntimeConfig};
+    use kiln::snapshots::dir::DirStore;
+    use kiln::snapshots::{SnapshotConfig, Snapshots};
+    let outer = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn EventStore> = Arc::new(
+        EmbeddedStore::open(EmbeddedConfig::new(outer.path().join("log"))).expect("store"),
+    );
+    let append = |stream: String, kind: &'static str, data: serde_json::Value| {
+        let store = store.clone();
+        async move {
+            store
+                .append(AppendRequest::new(
+                    StreamId::new(stream).expect("id"),
+                    ExpectedVersion::Any,
+                    vec![NewEvent::json(kind, &data)],
+                ))
+                .await
+                .expect("append")
+                .position
+        }
+    };
+    for n in 0..20 {
+        append(format!("chaos-{n}"), "Note", json!({ "text": "before" })).await;
+    }
+    let spin = append("chaos-spin".into(), "Spin", json!({})).await;
+    for n in 0..20 {
+        append(format!("chaos-{n}"), "Note", json!({ "text": "after" })).await;
+    }
+    let snaps = outer.path().join("snaps");
+    let config = |data: PathBuf, instance: &str| {
+        let mut c = LifecycleConfig::new(data.clone());
+        c.standby_grace = Duration::from_secs(3600);
+        c.stall_after = Duration::from_secs(1);
+        c.default_policy.poison = PoisonPolicy::Park;
+        let mut sc = SnapshotConfig::new(data.join("snapshots-work"));
+        sc.instance = instance.to_string();
+        let dir = DirStore::open(&snaps, Duration::from_secs(30)).expect("snapshot dir");
+        c.snapshots = Some(Arc::new(Snapshots::new(Box::new(dir), sc)));
+        c
+    };
+    let runtime = |deadline_ms: u64| {
+        Runtime::new(RuntimeConfig {
+            batch_deadline: Duration::from_millis(deadline_ms),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime")
+    };
+    let module = std::fs::read(kiln_tests::wasm::CHAOS).expect("chaos");
+    let a = kiln::lifecycle::Lifecycle::start(
+        config(outer.path().join("a"), "a"),
+        store.clone(),
+        runtime(4000),
+    )
+    .await
+    .expect("a");
+    a.deploy(&module, "test").await.expect("deploy on a");
+    let v = id("chaos-1_0_0");
+    let a_status = || a.status_of(&v).expect("a has it");
+    wait_until("a reaches the spin", || a_status().checkpoint == spin - 1).await;
+    let b = kiln::lifecycle::Lifecycle::start(
+        config(outer.path().join("b"), "b"),
+        store.clone(),
+        runtime(300),
+    )
+    .await
+    .expect("b");
+    b.deploy(&module, "test").await.expect("deploy on b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = b.status_of(&v).expect("b has it");
+        if matches!(s.state, ViewState::Ready | ViewState::Active) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not build while a, stuck, held the lease: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a_status().checkpoint < spin,
+        "b was ready only once a had got past its spin: {:?}",
+        a_status()
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
 
 /// A tmpfs mounted for the test, unmounted on drop.
 struct Tmpfs(PathBuf);

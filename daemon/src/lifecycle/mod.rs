@@ -74,7 +74,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -607,6 +607,9 @@ struct Inner {
     fleet: fleet::FleetLink,
     shutting_down: AtomicBool,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
+    /// Bumped on every registry write (comparisons watch their versions'
+    /// states through it).
+    registry_tx: tokio::sync::watch::Sender<u64>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -654,6 +657,7 @@ impl Lifecycle {
         registry.save()?;
         let head = store.head().await?;
         let (shutdown_tx, _) = tokio::sync::watch::channel(false);
+        let (registry_tx, _) = tokio::sync::watch::channel(0u64);
         let warmup_workers = config.warmup_workers.clamp(1, MAX_WARMUP_WORKERS);
         let inner = Arc::new(Inner {
             config,
@@ -674,6 +678,7 @@ impl Lifecycle {
             fleet: fleet::FleetLink::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
+            registry_tx,
             background: Mutex::new(Vec::new()),
         });
         inner.resume().await?;
@@ -1394,6 +1399,7 @@ impl Inner {
             st.registry = before;
             return Err(e);
         }
+        self.registry_tx.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -1971,12 +1977,62 @@ impl Inner {
 
     /// Every 250 ms: refresh the head, sample rates, retire standbys whose
     /// grace period is over.
+    /// A warm-up holding a snapshot lease whose checkpoint has not moved
+    /// for `stall_after` while the log is ahead of it lets go of the lease
+    /// (issue 25, item 4): the instances waiting for its snapshot build
+    /// instead of waiting on a holder alive but stuck (a guest spinning to
+    /// its deadline, a tail that does not move), since refreshing a lease
+    /// says only that the holder is alive. It publishes later only if it
+    /// takes the lease again once caught up.
+    ///
+    /// Progress is events applied (a partitioned warm-up's checkpoint stays
+    /// at its split until it merges); `seen` is each warming view's count
+    /// and since when it has not changed.
+    async fn release_stuck_builders(&self, seen: &mut HashMap<ViewId, (u64, Instant)>) {
+        let Some(snapshots) = &self.config.snapshots else {
+            return;
+        };
+        let head = self.head.load(Ordering::Acquire);
+        let now = Instant::now();
+        let stuck: Vec<ViewId> = {
+            let st = self.lock();
+            let before = std::mem::take(seen);
+            for (v, p) in st.progress.iter() {
+                if !p.warming.load(Ordering::Acquire) || p.checkpoint() >= head {
+                    continue;
+                }
+                let applied = p.applied.load(Ordering::Relaxed);
+                let since = match before.get(v) {
+                    Some((a, since)) if *a == applied => *since,
+                    _ => now,
+                };
+                seen.insert(v.clone(), (applied, since));
+            }
+            seen.iter()
+                .filter(|(_, (_, since))| now.duration_since(*since) >= self.config.stall_after)
+                .map(|(v, _)| v.clone())
+                .collect()
+        };
+        for view in stuck {
+            if snapshots.holds_lease(&view).await {
+                tracing::warn!(
+                    view = %view,
+                    stalled_for = ?self.config.stall_after,
+                    "building, but no progress: letting go of the snapshot lease so another instance builds"
+                );
+                snapshots.release(&view).await;
+            }
+        }
+    }
+
     async fn tick(self: Arc<Self>) {
         let mut shutdown = self.shutdown_tx.subscribe();
         let mut interval = tokio::time::interval(Duration::from_millis(250));
         let mut n: u64 = 0;
         // The periodic snapshot pass under way (aborted with the ticker).
         let mut snapshot_running = AbortOnDrop(None);
+        // Warming views' applied counts, for stuck builders.
+        let mut builders = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -1987,10 +2043,13 @@ impl Inner {
                 self.head.fetch_max(head, Ordering::AcqRel);
             }
             if n.is_multiple_of(4) {
-                let st = self.lock();
-                for p in st.progress.values() {
-                    p.sample_rate();
+                {
+                    let st = self.lock();
+                    for p in st.progress.values() {
+                        p.sample_rate();
+                    }
                 }
+                self.release_stuck_builders(&mut builders).await;
             }
             self.sweep(now_millis()).await;
             if n.is_multiple_of(8)
