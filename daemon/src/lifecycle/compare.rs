@@ -419,6 +419,9 @@ impl Inner {
         let (progress_a, progress_b) = (self.live(&a)?, self.live(&b)?);
         let (mut gone_a, mut gone_b) = (progress_a.marks.gone(), progress_b.marks.gone());
         let mut shutdown = self.shutdown_tx.subscribe();
+        // A side's version retired while its view tails on for another
+        // version (an alias retired, its view still read): ended too.
+        let mut registry = self.registry_tx.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         // Both as they stand now; then the one behind is pinned where it
         // reaches the other's position (the one ahead goes on meanwhile).
@@ -453,6 +456,14 @@ impl Inner {
                 _ = gone_b.wait_for(|g| *g) => return Err(self.gone_reason(&b)),
                 _ = shutdown.wait_for(|s| *s) => return Err(LifecycleError::ShuttingDown),
                 _ = tokio::time::sleep_until(deadline) => return Err(unmet()),
+                _ = registry.changed() => {
+                    for side in [&a, &b] {
+                        if self.live(side).is_err() {
+                            return Err(self.gone_reason(side));
+                        }
+                    }
+                    continue;
+                }
             };
             let pinned = match reached {
                 Reached::Pinned(p) => p,

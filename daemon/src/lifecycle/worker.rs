@@ -768,6 +768,14 @@ impl Worker {
         // The projector's checkpoint is behind the view's now: open it again.
         self.projector = None;
         self.open().await.map_err(|e| Halt::of(e, Some(position)))?;
+        if self.slot == Slot::View {
+            // Past the parked event: the marks it reached are answered now,
+            // not at the next commit (none comes while the log is quiet: a
+            // comparison waiting for this position waited out its limit).
+            self.progress
+                .marks
+                .committed(&self.inner.views, &self.view, position, &[], position);
+        }
         Ok(())
     }
 
