@@ -166,8 +166,9 @@ pub struct ServeConfig {
     pub stall_after_secs: u64,
     /// Policies of view names not listed in `views`.
     pub default_policy: ViewPolicy,
-    /// Policies per view name: `[views.users] cutover = "manual"`.
-    pub views: BTreeMap<String, ViewPolicy>,
+    /// Policies per view name: `[views.users] cutover = "manual"`; a key
+    /// a table leaves out is `default_policy`'s.
+    pub views: BTreeMap<String, ViewOverrides>,
     pub runtime: RuntimeLimits,
     pub snapshots: SnapshotOptions,
     /// The fleet this instance belongs to (`[fleet]`, JetStream only).
@@ -177,6 +178,32 @@ pub struct ServeConfig {
     /// holds views, rebuilding it from the deployed modules.
     #[serde(skip)]
     pub recover_registry: bool,
+}
+
+/// One `[views.<name>]` table or `--view` spec: the keys it sets. Every
+/// other key is the default policy's (`[default_policy]`, `--cutover`,
+/// `--poison`), not the built-in default: a table that sets only `cutover`
+/// keeps the `poison` the daemon was given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ViewOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<CutoverPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poison: Option<PoisonPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_grace_secs: Option<u64>,
+}
+
+impl ViewOverrides {
+    /// `default` with these keys set.
+    pub fn over(&self, default: &ViewPolicy) -> ViewPolicy {
+        ViewPolicy {
+            cutover: self.cutover.unwrap_or(default.cutover),
+            poison: self.poison.unwrap_or(default.poison),
+            standby_grace_secs: self.standby_grace_secs.or(default.standby_grace_secs),
+        }
+    }
 }
 
 impl Default for ServeConfig {
@@ -490,11 +517,12 @@ impl ServeConfig {
                 self.fleet.name
             );
         }
-        let fleet_names: Vec<String> = std::iter::once(("default_policy", &self.default_policy))
-            .chain(self.views.iter().map(|(n, p)| (n.as_str(), p)))
-            .filter(|(_, p)| p.cutover == CutoverPolicy::Fleet)
-            .map(|(n, _)| n.to_string())
-            .collect();
+        let fleet_names: Vec<String> =
+            std::iter::once(("default_policy", self.default_policy.clone()))
+                .chain(self.views.keys().map(|n| (n.as_str(), self.policy(n))))
+                .filter(|(_, p)| p.cutover == CutoverPolicy::Fleet)
+                .map(|(n, _)| n.to_string())
+                .collect();
         if !fleet_names.is_empty() && !self.fleet.enabled() {
             anyhow::bail!(
                 "cutover = \"fleet\" ({}) needs a fleet: set [fleet] name (or --fleet) and run on \
@@ -511,18 +539,15 @@ impl ServeConfig {
             format!("view policy {spec:?}: expected name:key=value[,key=value]")
         })?;
         crate::views::check_name(name).with_context(|| format!("view policy {spec:?}"))?;
-        let policy = self
-            .views
-            .entry(name.to_string())
-            .or_insert_with(|| self.default_policy.clone());
+        let policy = self.views.entry(name.to_string()).or_default();
         for kv in settings.split(',') {
             let (k, v) = kv
                 .split_once('=')
                 .with_context(|| format!("view policy {spec:?}: {kv:?} is not key=value"))?;
             let bad = |e: String| anyhow::anyhow!("view policy {spec:?}: {e}");
             match k {
-                "cutover" => policy.cutover = parse_cutover(v).map_err(bad)?,
-                "poison" => policy.poison = parse_poison(v).map_err(bad)?,
+                "cutover" => policy.cutover = Some(parse_cutover(v).map_err(bad)?),
+                "poison" => policy.poison = Some(parse_poison(v).map_err(bad)?),
                 "standby_grace_secs" => {
                     policy.standby_grace_secs = Some(
                         v.parse()
@@ -630,12 +655,25 @@ impl ServeConfig {
     }
 
     /// The lifecycle's part.
+    /// The policy of view name `name`: its `[views.<name>]` keys over the
+    /// default policy.
+    pub fn policy(&self, name: &str) -> ViewPolicy {
+        self.views.get(name).map_or_else(
+            || self.default_policy.clone(),
+            |o| o.over(&self.default_policy),
+        )
+    }
+
     pub fn lifecycle(&self) -> LifecycleConfig {
         let mut c = LifecycleConfig::new(&self.data_dir);
         c.projections_dir = self.projections_dir.clone();
         c.watch_debounce = Duration::from_millis(self.watch_debounce_ms);
         c.default_policy = self.default_policy.clone();
-        c.policies = self.views.clone();
+        c.policies = self
+            .views
+            .keys()
+            .map(|n| (n.clone(), self.policy(n)))
+            .collect();
         c.standby_grace = Duration::from_secs(self.standby_grace_secs);
         c.warmup_batch = self.warmup_batch;
         c.warmup_workers = match self.warmup_workers {
@@ -716,10 +754,41 @@ poison = "park"
         assert_eq!(c.standby_grace_secs, 5);
         assert_eq!(c.api.ryw_max_wait, Duration::from_millis(250));
         assert_eq!(c.api.body_limit, 1 << 20);
-        assert_eq!(c.views["users"].cutover, CutoverPolicy::Manual);
-        assert_eq!(c.views["orders"].poison, PoisonPolicy::Park);
-        assert_eq!(c.views["orders"].standby_grace_secs, Some(9));
+        assert_eq!(c.policy("users").cutover, CutoverPolicy::Manual);
+        assert_eq!(c.policy("orders").poison, PoisonPolicy::Park);
+        assert_eq!(c.policy("orders").standby_grace_secs, Some(9));
         assert_eq!(c.lifecycle().policy("users").poison, PoisonPolicy::Park);
+    }
+
+    /// Found while writing a test: a `[views.chaos]` table that set only
+    /// `cutover` took the built-in `poison = "stop"`, not the `--poison
+    /// park` (or `[default_policy]`) the daemon was given, so the version
+    /// failed on a poison event the operator had asked to park.
+    #[test]
+    fn a_views_table_takes_the_keys_it_leaves_out_from_the_default_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(
+            &path,
+            "[default_policy]\nstandby_grace_secs = 7\n[views.chaos]\ncutover = \"manual\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            poison: Some(PoisonPolicy::Park),
+            view_policies: vec!["users:cutover=manual".into()],
+            ..ServeArgs::default()
+        };
+        let c = ServeConfig::load(&args).unwrap();
+        let lc = c.lifecycle();
+        for name in ["chaos", "users"] {
+            let p = lc.policy(name);
+            assert_eq!(p.cutover, CutoverPolicy::Manual, "{name}");
+            assert_eq!(p.poison, PoisonPolicy::Park, "{name}");
+            assert_eq!(p.standby_grace_secs, Some(7), "{name}");
+        }
+        assert_eq!(lc.policy("orders").cutover, CutoverPolicy::Auto);
+        assert_eq!(lc.policy("orders").poison, PoisonPolicy::Park);
     }
 
     #[test]
@@ -787,7 +856,7 @@ poison = "park"
             ..ServeArgs::default()
         };
         let c = ServeConfig::load(&args).unwrap();
-        assert_eq!(c.views["users"].cutover, CutoverPolicy::Fleet);
+        assert_eq!(c.policy("users").cutover, CutoverPolicy::Fleet);
         assert_eq!(c.fleet.instance(), "a");
         assert_eq!(c.snapshot_instance().as_deref(), Some("a"));
         // Regression (found by reading): a fleet member without an instance
