@@ -713,13 +713,14 @@ impl Inner {
 
     /// Writes a step by compare-and-set; losing the race is fine (another
     /// member wrote it, or something newer).
-    async fn write(&self, name: &str, step: record::Step) -> bool {
+    /// The revision written, or `None`.
+    async fn write(&self, name: &str, step: record::Step) -> Option<u64> {
         let (revision, decision) = match &step {
             record::Step::Create(d) => (None, d),
             record::Step::Update(r, d) => (Some(*r), d),
         };
         let Ok(bytes) = serde_json::to_vec(decision) else {
-            return false;
+            return None;
         };
         let written = match revision {
             None => self
@@ -743,14 +744,14 @@ impl Inner {
                     reason = %decision.reason,
                     "fleet decision written"
                 );
-                true
+                Some(rev)
             }
             Err(e) => {
                 tracing::debug!(
                     name,
                     "fleet decision not written (another member's won?): {e}"
                 );
-                false
+                None
             }
         }
     }
@@ -887,7 +888,7 @@ impl FleetCoordinator for Fleet {
         &self,
         target: ViewId,
         how: String,
-    ) -> BoxFuture<'static, Result<(), LifecycleError>> {
+    ) -> BoxFuture<'static, Result<u64, LifecycleError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let name = target.name().to_string();
@@ -954,10 +955,11 @@ impl FleetCoordinator for Fleet {
                         ),
                     });
                 }
-                if current.as_ref().is_some_and(|c| {
-                    c.decision.next.is_none() && c.decision.active.as_deref() == Some(&target_s)
-                }) {
-                    return Ok(());
+                if let Some(c) = &current
+                    && c.decision.next.is_none()
+                    && c.decision.active.as_deref() == Some(&target_s)
+                {
+                    return Ok(c.revision);
                 }
                 let decision = Decision::proposed(
                     current.as_ref().map(|c| &c.decision),
@@ -971,9 +973,9 @@ impl FleetCoordinator for Fleet {
                     None => record::Step::Create(decision),
                     Some(c) => record::Step::Update(c.revision, decision),
                 };
-                if inner.write(&name, step).await {
+                if let Some(revision) = inner.write(&name, step).await {
                     inner.poke.notify_one();
-                    return Ok(());
+                    return Ok(revision);
                 }
             }
             Err(LifecycleError::FleetUnavailable(format!(

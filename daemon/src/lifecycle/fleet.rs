@@ -84,12 +84,13 @@ pub struct FleetServing {
 pub trait FleetCoordinator: Send + Sync {
     /// Asks the fleet to make `target` the active version of its name
     /// (compare-and-set on the name's decision); refused when `target` is
-    /// not caught up on enough members.
+    /// not caught up on enough members. The decision's revision that names
+    /// it: the one written, or the one found already serving it.
     fn propose(
         &self,
         target: ViewId,
         how: String,
-    ) -> BoxFuture<'static, Result<(), LifecycleError>>;
+    ) -> BoxFuture<'static, Result<u64, LifecycleError>>;
 
     /// Writes this instance's record now (what it runs, in what state),
     /// rather than at the next heartbeat: a change the other members must
@@ -531,19 +532,36 @@ impl Lifecycle {
             }
         }
         let mut changed = self.inner.fleet.changed.subscribe();
-        coordinator.propose(id.clone(), how.to_string()).await?;
+        let ours = coordinator.propose(id.clone(), how.to_string()).await?;
         let deadline = Instant::now() + FOLLOW_WAIT;
         loop {
             {
                 let st = self.inner.lock();
-                let decided = self
-                    .inner
-                    .fleet
-                    .decisions()
-                    .get(id.name())
+                let applied = self.inner.fleet.decisions().get(id.name()).cloned();
+                let decided = applied
+                    .as_ref()
                     .is_some_and(|d| d.next.is_none() && d.active.as_ref() == Some(id));
                 if decided && st.registry.active(id.name()).is_some_and(|a| &a.id == id) {
                     return Ok(());
+                }
+                // A later decision for another version (a promote or a
+                // rollback made meanwhile, anywhere) overtook this one: say
+                // so now rather than wait for what will not come (found by
+                // the fleet model test, seed 1140: 504 after 20 s).
+                if let Some(d) = applied
+                    && d.revision > ours
+                    && !decided
+                    && d.next.as_ref() != Some(id)
+                {
+                    let other = d.next.as_ref().or(d.active.as_ref());
+                    return Err(LifecycleError::FleetRefused {
+                        id: id.clone(),
+                        reason: format!(
+                            "a later decision (revision {}) made the fleet serve {} instead",
+                            d.revision,
+                            other.map_or("no version".to_string(), |o| o.to_string())
+                        ),
+                    });
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
