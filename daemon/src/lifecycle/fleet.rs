@@ -139,10 +139,7 @@ impl Lifecycle {
     }
 
     fn fleet_coordinator(&self, name: &str) -> Option<Arc<dyn FleetCoordinator>> {
-        if self.inner.config.policy(name).cutover != CutoverPolicy::Fleet {
-            return None;
-        }
-        self.inner.fleet.coordinator().clone()
+        self.inner.fleet_coordinator(name)
     }
 
     /// Names under `cutover = "fleet"` with a version here.
@@ -650,12 +647,17 @@ impl Lifecycle {
 impl super::Inner {
     /// `"active"` or `"next"` when the fleet's decision applied here names
     /// `id` so (a fleet name, a fleet attached): every member must keep it.
-    pub(super) fn fleet_role(&self, id: &ViewId) -> Option<&'static str> {
-        if self.config.policy(id.name()).cutover != CutoverPolicy::Fleet
-            || self.fleet.coordinator().is_none()
-        {
+    /// The fleet's coordinator when `name` follows a fleet (`cutover =
+    /// "fleet"` and a fleet attached).
+    fn fleet_coordinator(&self, name: &str) -> Option<Arc<dyn FleetCoordinator>> {
+        if self.config.policy(name).cutover != CutoverPolicy::Fleet {
             return None;
         }
+        self.fleet.coordinator().clone()
+    }
+
+    pub(super) fn fleet_role(&self, id: &ViewId) -> Option<&'static str> {
+        self.fleet_coordinator(id.name())?;
         let d = self.fleet.decisions().get(id.name()).cloned()?;
         if d.next.as_ref() == Some(id) {
             Some("next")
@@ -670,10 +672,7 @@ impl super::Inner {
     /// fleet, so a member deciding next sees what changed here (bounded
     /// wait; on failure the next heartbeat writes it).
     pub(super) async fn announce(&self, id: &ViewId) {
-        if self.config.policy(id.name()).cutover != CutoverPolicy::Fleet {
-            return;
-        }
-        let Some(coordinator) = self.fleet.coordinator().clone() else {
+        let Some(coordinator) = self.fleet_coordinator(id.name()) else {
             return;
         };
         match tokio::time::timeout(ANNOUNCE_WAIT, coordinator.announce()).await {
