@@ -1034,10 +1034,14 @@ mod tests {
                 if self.operator_retired.contains(&e.id) {
                     assert_eq!(e.state, ViewState::Retired, "{} came back", e.id);
                 }
-                // A version a check promoted was found identical.
-                if e.activated_by
-                    .as_deref()
-                    .is_some_and(|how| how.starts_with("auto-if-identical cutover: identical"))
+                // A version a check promoted was found identical, while it
+                // holds the role that check gave it (a version that warms
+                // again after a failure is checked anew; `activated_by` is
+                // how it *last* became active).
+                if matches!(e.state, ViewState::Active | ViewState::Standby)
+                    && e.activated_by
+                        .as_deref()
+                        .is_some_and(|how| how.starts_with("auto-if-identical cutover: identical"))
                 {
                     assert_eq!(
                         e.cutover_check.as_ref().map(|c| c.result),
@@ -1074,6 +1078,50 @@ mod tests {
                 w.check();
             }
         }
+    }
+
+    /// Found by CI's proptest run (shrunk): under `auto-if-identical`, a
+    /// check found 2.0.0 identical and promoted it; 2.0.0 then failed with
+    /// no healthy standby (served stale), was resumed, and 1.1.0 took the
+    /// name while it warmed. Caught up again, 2.0.0 is ready with a new
+    /// check against 1.1.0 pending: not active, and its old `activated_by`
+    /// is history (the model's invariant had read it as a current claim).
+    #[test]
+    fn a_resumed_version_is_not_promoted_on_an_old_identical_check() {
+        use Op::*;
+        let mut w = World {
+            orders: CutoverPolicy::AutoIfIdentical,
+            ..world()
+        };
+        for op in [
+            Deploy(1, 0, 2, false),
+            Deploy(1, 3, 0, false),
+            CaughtUp(0),
+            CaughtUp(5),
+            Compared(0, 0),
+            Deploy(0, 0, 0, false),
+            Fail(0),
+            Fail(0),
+            Fail(0),
+            Deploy(1, 1, 0, false),
+            Deploy(0, 1, 0, false),
+            Fail(1),
+            Resume(7),
+            CaughtUp(2),
+            CaughtUp(5),
+        ] {
+            w.run(&op);
+            w.check();
+        }
+        // 2.0.0 is ready again with a new check pending; what made it
+        // active once is history, not a claim about this build.
+        let e = &w.reg.entries[&id(1, 3)];
+        assert_eq!(e.state, ViewState::Ready);
+        assert_eq!(
+            e.cutover_check.as_ref().map(|c| c.result),
+            Some(CheckResult::Pending)
+        );
+        assert_eq!(w.pending, vec![(id(1, 3), id(1, 1), true)]);
     }
 
     fn world() -> World {
