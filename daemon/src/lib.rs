@@ -14,6 +14,7 @@
 //! - [`cli`]: the `kiln` command line.
 
 pub mod api;
+pub mod background;
 pub mod backup;
 pub mod bench;
 pub mod cli;

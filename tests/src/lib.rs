@@ -17,5 +17,6 @@ pub mod differential;
 pub mod embedded;
 pub mod lifecycle;
 pub mod nats;
+pub mod proxy;
 pub mod rng;
 pub mod wasm;

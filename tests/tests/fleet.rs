@@ -23,9 +23,13 @@ fn member(nats_url: &str, id: &str) -> Options {
 }
 
 async fn start_members(nats_url: &str) -> (Vec<Daemon>, Vec<Api>) {
+    start(IDS.iter().map(|id| member(nats_url, id)).collect()).await
+}
+
+/// One member per `options`, started in order.
+async fn start(options: Vec<Options>) -> (Vec<Daemon>, Vec<Api>) {
     let mut members = Vec::new();
-    for id in IDS {
-        let o = member(nats_url, id);
+    for o in options {
         members.push(
             tokio::task::spawn_blocking(move || Daemon::start_with(o))
                 .await
@@ -155,12 +159,17 @@ fn instances(status: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Five users, and `users` 1.0.0 deployed on every member and answered.
+async fn serve_1_0_0(apis: &[Api]) {
+    register(&apis[0], 1..6).await;
+    deploy_everywhere(apis, "1.0.0", None).await;
+    all_answer(apis, "users-1_0_0", Duration::from_secs(30)).await;
+}
+
 /// Three members with `users` 1.0.0 active fleet-wide over five users.
 async fn fleet_at_1_0_0(nats_url: &str) -> (Vec<Daemon>, Vec<Api>) {
     let (members, apis) = start_members(nats_url).await;
-    register(&apis[0], 1..6).await;
-    deploy_everywhere(&apis, "1.0.0", None).await;
-    all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
+    serve_1_0_0(&apis).await;
     let status = fleet(&apis[1]).await;
     assert_eq!(instances(&status), IDS, "{status}");
     assert_eq!(
@@ -694,19 +703,13 @@ fn cutover_fleet_is_refused_on_the_embedded_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_retired_on_one_member_is_never_proposed_to_the_fleet() {
     let nats = NatsServer::start();
-    let mut members = Vec::new();
-    for id in IDS {
-        let o = member(&nats.url(), id).arg("--fleet-quorum").arg("2");
-        members.push(
-            tokio::task::spawn_blocking(move || Daemon::start_with(o))
-                .await
-                .expect("starting a member"),
-        );
-    }
-    let apis: Vec<Api> = members.iter().map(Api::new).collect();
-    register(&apis[0], 1..6).await;
-    deploy_everywhere(&apis, "1.0.0", None).await;
-    all_answer(&apis, "users-1_0_0", Duration::from_secs(30)).await;
+    let (_members, apis) = start(
+        IDS.iter()
+            .map(|id| member(&nats.url(), id).arg("--fleet-quorum").arg("2"))
+            .collect(),
+    )
+    .await;
+    serve_1_0_0(&apis).await;
 
     // c's operator deploys 1.1.0 and retires it there.
     let c = &apis[2];
@@ -999,5 +1002,65 @@ async fn an_idle_fleet_writes_its_records_once_a_heartbeat() {
         "{writes} member record writes in {window:?} from an idle fleet of three"
     );
     eprintln!("{writes} record writes in {window:?}");
+    drop(members);
+}
+
+/// Regression (found by the fleet model with a NATS partition, seed 111): a
+/// member cut off from NATS noticed it only in its heartbeat loop, whose
+/// calls each wait up to a third of the TTL, so it answered its version
+/// unmarked for up to half a second after the others had dropped it and
+/// switched without it. Contact ends at the lease's deadline, on every
+/// answer: a member cut off answers stale before the fleet stops counting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_cut_off_answers_stale_before_the_fleet_drops_it() {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let proxy =
+        kiln_tests::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], nats.port())))
+            .expect("a proxy to nats-server");
+    let (members, apis) = start(vec![
+        member(&nats.url(), "a"),
+        member(&nats.url(), "b"),
+        member(&proxy.nats_url(), "c"),
+    ])
+    .await;
+    serve_1_0_0(&apis).await;
+    for round in 0..3 {
+        proxy.cut();
+        let cut = Instant::now();
+        let (mut stale, mut dropped) = (None, None);
+        while (stale.is_none() || dropped.is_none()) && cut.elapsed() < Duration::from_secs(10) {
+            if stale.is_none() {
+                let (s, b) = apis[2].get("/views/users/user-1").await;
+                if s != 200 || b["stale"] == true {
+                    stale = Some(cut.elapsed());
+                }
+            }
+            if dropped.is_none() && !instances(&fleet(&apis[0]).await).contains(&"c".to_string()) {
+                dropped = Some(cut.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (Some(stale), Some(dropped)) = (stale, dropped) else {
+            panic!("round {round}: stale after {stale:?}, dropped after {dropped:?}");
+        };
+        eprintln!(
+            "round {round}: c answered stale {stale:?} and was dropped {dropped:?} after the cut"
+        );
+        assert!(
+            stale < dropped,
+            "round {round}: c answered unmarked until {stale:?}, though the fleet dropped it at {dropped:?}"
+        );
+        proxy.heal();
+        until("c back, fresh", Duration::from_secs(30), || async {
+            let (s, b) = apis[2].get("/views/users/user-1").await;
+            (s == 200
+                && b["stale"].is_null()
+                && instances(&fleet(&apis[0]).await).contains(&"c".to_string()))
+            .then_some(())
+        })
+        .await;
+    }
     drop(members);
 }

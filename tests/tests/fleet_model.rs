@@ -5,9 +5,9 @@
 //! model of what the operator decided:
 //!
 //! - **F1 reads never go back**: a reader going round the members all along
-//!   never sees an older version than one it saw before, between two
-//!   operator decisions (a rollback or a promote of an older version is the
-//!   only way back);
+//!   never sees an older version unmarked than one it saw before, between
+//!   two operator decisions (a rollback or a promote of an older version is
+//!   the only way back);
 //! - **F2 documents are right**: once the log is quiet, every version a
 //!   member serves or may serve (ready, active, standby) holds exactly the
 //!   documents a clean in-process rebuild of its module over the log gives,
@@ -33,7 +33,11 @@
 //! member; snapshot a member's active version; crash a member (SIGKILL,
 //! restart); freeze a member past its membership TTL (SIGSTOP, SIGCONT);
 //! replace a member's disk (its modules deployed again, it bootstraps from
-//! the shared snapshots); and "quiet", where F2, F3, F5 and F6 are checked.
+//! the shared snapshots); cut a member's connection to nats-server (each
+//! member reaches it through its own TCP proxy) past its TTL while the
+//! others append, and sometimes take a promote or rollback it cannot hear
+//! of (F1: out of contact it may answer its last version only marked
+//! stale); and "quiet", where F2, F3, F5 and F6 are checked.
 //!
 //! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about three minutes) sequences of
 //! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
@@ -53,6 +57,7 @@ use kiln::views::ViewId;
 use kiln_tests::daemon::{Api, Daemon, Options, fleet_member};
 use kiln_tests::lifecycle::{read_log, rebuild};
 use kiln_tests::nats::{NatsServer, connect_when_ready, test_config};
+use kiln_tests::proxy::Proxy;
 use kiln_tests::rng::Rng;
 use kiln_tests::wasm::users_module;
 use serde_json::{Value, json};
@@ -94,6 +99,11 @@ enum Op {
     /// (GC pause, a stopped VM) and wakes up believing what it knew.
     Freeze(usize),
     ReplaceDisk(usize),
+    /// One member's NATS connection cut (its proxy closes every connection
+    /// and refuses new ones) past the membership TTL while the others
+    /// append; `true`: the others also take a decision (a promote or a
+    /// rollback) while it is out. Healed afterwards.
+    Partition(usize, bool),
     Quiet,
 }
 
@@ -121,6 +131,7 @@ fn gen_op(rng: &mut Rng) -> Op {
         78..=80 => Op::Crash(m),
         81..=83 => Op::Freeze(m),
         84..=88 => Op::ReplaceDisk(m),
+        89..=92 => Op::Partition(m, rng.below(2) == 0),
         _ => Op::Quiet,
     }
 }
@@ -134,7 +145,8 @@ fn index_of(id: &str) -> Option<usize> {
 }
 
 /// What the reader saw: per read, the decision epoch when it was sent and
-/// answered, and the version that answered (None: refused or unreachable).
+/// answered, and the version that answered unmarked (None: refused,
+/// unreachable, or answered marked stale, which F1 allows).
 type Reads = Arc<std::sync::Mutex<Vec<(u64, u64, Option<String>)>>>;
 
 struct Run {
@@ -142,6 +154,8 @@ struct Run {
     nats: NatsServer,
     log: Arc<dyn EventStore>,
     snapshots: tempfile::TempDir,
+    /// Each member's way to nats-server (cut by `Partition`).
+    proxies: Vec<Arc<Proxy>>,
     members: Vec<Daemon>,
     apis: Vec<Api>,
     /// Each version's logic in this sequence (`true`: without LoginFailed).
@@ -189,11 +203,17 @@ impl Run {
                 modules.insert((v, c), module);
             }
         }
+        let target = std::net::SocketAddr::from(([127, 0, 0, 1], nats.port()));
+        let proxies = MEMBERS
+            .iter()
+            .map(|_| Arc::new(Proxy::start(target).expect("a proxy to nats-server")))
+            .collect();
         let mut run = Run {
             seed,
             nats,
             log,
             snapshots,
+            proxies,
             members: Vec::new(),
             apis: Vec::new(),
             changed,
@@ -226,7 +246,8 @@ impl Run {
 
     fn options(&self, id: &str) -> Options {
         let snapshots = self.snapshots.path().display().to_string();
-        fleet_member(&self.nats.url(), "model", id)
+        let m = MEMBERS.iter().position(|x| *x == id).unwrap_or(0);
+        fleet_member(&self.proxies[m].nats_url(), "model", id)
             .arg("--snapshot-dir")
             .arg(&snapshots)
     }
@@ -278,6 +299,7 @@ impl Run {
                         .json::<Value>()
                         .await
                         .ok()
+                        .filter(|b| b["stale"] != true)
                         .and_then(|b| b["view"].as_str().map(str::to_string)),
                     Ok(_) => None,
                     Err(_) => None,
@@ -485,6 +507,9 @@ impl Run {
                 // A mixed version: refused while the odd member's record
                 // shows it; accepted only for the other members' build (the
                 // odd one then never answers it, see `settle_decision`).
+                // What the fleet serves first: it may have switched to a
+                // mixed version while the odd member was out (seed 64).
+                self.expected_active().await;
                 self.new_epoch();
                 let (s, b) = self.apis[m]
                     .post_json(&format!("/admin/views/{}/promote", vid(v)), &json!({}))
@@ -560,6 +585,7 @@ impl Run {
                 self.new_epoch();
             }
             Op::Rollback(m) => {
+                self.expected_active().await;
                 self.new_epoch();
                 let (s, b) = self.apis[m]
                     .post_json("/admin/views/users/rollback", &json!({}))
@@ -666,6 +692,38 @@ impl Run {
                     on.remove(&m);
                 }
                 self.retired_on.retain(|_, on| !on.is_empty());
+            }
+            Op::Partition(m, decide) => {
+                let other = (m + 1) % MEMBERS.len();
+                self.proxies[m].cut();
+                for _ in 0..3 {
+                    let u = rng.below(USERS);
+                    let e = Run::event(rng, u);
+                    self.append(other, &format!("user-{u}"), &[e], None).await;
+                }
+                // Past the membership TTL (1.5 s): the others drop it.
+                tokio::time::sleep(Duration::from_millis(2000)).await;
+                if !decide {
+                    self.proxies[m].heal();
+                    return;
+                }
+                // A decision the member cannot hear of: it comes back (its
+                // connection healed a moment later) to a fleet that moved.
+                let proxy = self.proxies[m].clone();
+                let heal = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    proxy.heal();
+                });
+                let decision = match self.active {
+                    Some(a) if rng.below(2) == 0 && a > 0 => Op::Rollback(other),
+                    _ => Op::Promote(rng.below(VERSIONS.len() as u64) as usize, other),
+                };
+                if let Some(s) = self.steps.last_mut() {
+                    s.push_str(&format!(" [{decision:?}]"));
+                }
+                Box::pin(self.step(&decision, rng)).await;
+                let _ = heal.await;
+                self.proxies[m].heal();
             }
             Op::Quiet => self.quiet().await,
         }

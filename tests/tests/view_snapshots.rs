@@ -891,3 +891,39 @@ async fn a_version_caught_up_on_an_empty_log_is_not_shown_building() {
     let (s, all) = api.get("/admin/snapshots").await;
     assert_eq!((s, &all["snapshots"]), (200, &json!([])), "{all}");
 }
+
+/// Regression (issue 25, item 4): a builder whose snapshot lease lapsed in
+/// an outage of NATS longer than the lease's TTL went on warming, caught up
+/// and never published, though nobody else was building: every later
+/// instance replayed too. It publishes when no one else has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_builder_that_lost_its_lease_in_an_outage_still_publishes() {
+    let nats = NatsServer::start();
+    let proxy =
+        kiln_tests::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], nats.port())))
+            .expect("a proxy to nats-server");
+    let config = config_file("[snapshots]\nbucket = \"KILN_VIEWS\"\nlease_ttl_secs = 3\n");
+    let a = Daemon::start_with(
+        kiln_tests::daemon::slow_warming_options()
+            .jetstream(&proxy.nats_url())
+            .arg("--config")
+            .arg(config.path().to_str().expect("utf-8")),
+    );
+    let api = Api::new(&a);
+    // It warms for at least 12 s (each Spin costs the 1 s batch deadline).
+    let id = kiln_tests::daemon::deploy_slow_warming_chaos(&api, 12).await;
+    wait_snapshot_state(&api, &id, "building").await;
+    // Its connection to NATS cut past the lease's TTL (3 s), then back.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.heal();
+    api.wait_state(&id, "active", WAIT).await;
+    let all = wait_snapshots(&api, 1).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let log = a.log();
+    assert!(
+        log.contains("snapshot lease was lost")
+            || log.contains("snapshot lease failed until it lapsed"),
+        "the lease was never lost: the test tested nothing"
+    );
+}

@@ -325,7 +325,7 @@ impl Fleet {
             }
         }
         match fleet.inner.heartbeat().await {
-            Ok(()) => lifecycle.set_fleet_contact(true),
+            Ok(()) => lifecycle.set_fleet_contact(fleet.inner.lease_until()),
             Err(e) => tracing::warn!("fleet: first heartbeat failed, serving stale: {e}"),
         }
         tracing::info!(
@@ -595,7 +595,7 @@ impl Inner {
                     *self.superseded.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(other.started_at);
                     *self.lease_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    self.lifecycle.set_fleet_contact(false);
+                    self.lifecycle.set_fleet_contact(None);
                     let e = FleetError::Superseded {
                         fleet: self.config.name.clone(),
                         instance: self.instance.clone(),
@@ -631,6 +631,12 @@ impl Inner {
         })
     }
 
+    /// Until when this instance's membership lease holds (its last
+    /// heartbeat's send time, plus the TTL less one heartbeat).
+    fn lease_until(&self) -> Option<Instant> {
+        *self.lease_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lease_holds(&self) -> bool {
         self.lease_until
             .lock()
@@ -648,20 +654,20 @@ impl Inner {
         let mut changes = self.lifecycle.fleet_changes();
         loop {
             match tokio::time::timeout(patience, self.heartbeat()).await {
-                Ok(Ok(())) => self.lifecycle.set_fleet_contact(true),
+                Ok(Ok(())) => self.lifecycle.set_fleet_contact(self.lease_until()),
                 failed => {
                     match failed {
                         Ok(Err(e)) => tracing::warn!("fleet heartbeat: {e}"),
                         _ => tracing::warn!("fleet heartbeat: no answer within {patience:?}"),
                     }
                     if !self.lease_holds() {
-                        self.lifecycle.set_fleet_contact(false);
+                        self.lifecycle.set_fleet_contact(None);
                     }
                 }
             }
             if self.superseded().is_some() {
                 // Left the fleet: never write a decision again.
-                self.lifecycle.set_fleet_contact(false);
+                self.lifecycle.set_fleet_contact(None);
                 tokio::time::sleep(period).await;
                 continue;
             }
@@ -671,7 +677,7 @@ impl Inner {
                 Ok(Ok(())) => {}
             }
             if !self.lease_holds() {
-                self.lifecycle.set_fleet_contact(false);
+                self.lifecycle.set_fleet_contact(None);
             }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}

@@ -484,13 +484,14 @@ impl Inner {
             }
         }
         let waited = started.elapsed();
-        let compared = tokio::task::spawn_blocking(move || {
+        // At the lowest CPU priority: the live views go first.
+        let compared = crate::background::at_lowest_priority("kiln-compare", move || {
             let t = Instant::now();
             pin_a.compare(&pin_b, &opts).map(|c| (c, t.elapsed()))
         });
-        let (compared, took) = compared
-            .await
-            .map_err(|e| LifecycleError::Internal(format!("a comparison panicked: {e}")))??;
+        let (compared, took) = compared.await.ok_or_else(|| {
+            LifecycleError::Internal("a comparison's thread did not answer".into())
+        })??;
         match compared {
             Compared::Report(report) => Ok(Diff {
                 a,

@@ -104,8 +104,14 @@ pub trait FleetCoordinator: Send + Sync {
 pub(super) struct FleetLink {
     coordinator: Mutex<Option<Arc<dyn FleetCoordinator>>>,
     decisions: Mutex<HashMap<String, FleetDecision>>,
-    /// The decisions were read and the membership lease holds.
+    /// The decisions were read and the membership lease held at the last
+    /// heartbeat (a change is logged, and waiters woken).
     in_contact: AtomicBool,
+    /// Until when the membership lease holds, by this process's clock (it
+    /// runs from when the record was sent, less one heartbeat: always
+    /// before the server expires the record). Read on every answer, so
+    /// contact ends on time however late the heartbeat task notices.
+    contact_until: Mutex<Option<Instant>>,
     /// Bumped on every decision applied (waiters and the heartbeat watch it).
     changed: tokio::sync::watch::Sender<u64>,
 }
@@ -121,6 +127,16 @@ impl FleetLink {
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// In contact now: the decisions were read and the lease holds.
+    fn in_contact(&self) -> bool {
+        self.in_contact.load(Ordering::Acquire)
+            && self
+                .contact_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|until| Instant::now() < until)
     }
 }
 
@@ -156,10 +172,17 @@ impl Lifecycle {
         names
     }
 
-    /// Contact with the fleet: `true` once the decisions were read and while
-    /// the membership lease holds; `false` makes fleet names answer stale
-    /// (and `/readyz` 503).
-    pub fn set_fleet_contact(&self, in_contact: bool) {
+    /// Contact with the fleet: `Some(until)` once the decisions were read
+    /// and the membership lease holds until `until`; `None` (or `until`
+    /// passed) makes fleet names answer stale (and `/readyz` 503).
+    pub fn set_fleet_contact(&self, until: Option<Instant>) {
+        *self
+            .inner
+            .fleet
+            .contact_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = until;
+        let in_contact = until.is_some_and(|u| Instant::now() < u);
         let was = self
             .inner
             .fleet
@@ -180,7 +203,7 @@ impl Lifecycle {
     /// Does this instance hold its fleet membership lease (and has it read
     /// the fleet's decisions)?
     pub fn fleet_in_contact(&self) -> bool {
-        self.inner.fleet.in_contact.load(Ordering::Acquire)
+        self.inner.fleet.in_contact()
     }
 
     /// Why this instance should not take traffic for fleet names, if so:
@@ -191,7 +214,7 @@ impl Lifecycle {
         if names.is_empty() {
             return None;
         }
-        if !self.inner.fleet.in_contact.load(Ordering::Acquire) {
+        if !self.inner.fleet.in_contact() {
             return Some(
                 "out of contact with the fleet: fleet views answer their last version, stale"
                     .into(),
@@ -345,7 +368,7 @@ impl Lifecycle {
             physical: e.physical().clone(),
             stale: e.serving_stale,
         });
-        let in_contact = self.inner.fleet.in_contact.load(Ordering::Acquire);
+        let in_contact = self.inner.fleet.in_contact();
         let decision = self.inner.fleet.decisions().get(name).cloned();
         match decision {
             Some(FleetDecision {
@@ -637,9 +660,10 @@ impl Lifecycle {
             }
         };
         let started = Instant::now();
-        let digest = tokio::task::spawn_blocking(move || pinned.digest())
+        // At the lowest CPU priority: the live views go first.
+        let digest = crate::background::at_lowest_priority("kiln-digest", move || pinned.digest())
             .await
-            .map_err(|e| LifecycleError::Internal(format!("a digest panicked: {e}")))??;
+            .ok_or_else(|| LifecycleError::Internal("a digest's thread did not answer".into()))??;
         Ok((digest, started.elapsed()))
     }
 }

@@ -1703,10 +1703,28 @@ impl Inner {
             // The warm-up this instance ran (holding the lease): ship it.
             let (this, id) = (self.clone(), id.clone());
             let task = tokio::spawn(async move {
-                if !snapshots.holds_lease(&id).await {
+                let progress = this.lock().progress.get(&id).cloned();
+                let built = progress.as_ref().is_some_and(|p| {
+                    p.snapshot
+                        .lock()
+                        .is_ok_and(|g| *g == Some(SnapshotActivity::Building))
+                });
+                // A lease that lapsed while this instance built (an outage
+                // of the snapshot store past the lease's TTL, a stall): the
+                // view is built all the same, so it ships it unless another
+                // instance has published meanwhile; `publish` takes the
+                // lease only when free, so one building now goes on alone.
+                let ships = snapshots.holds_lease(&id).await
+                    || (built
+                        && matches!(
+                            snapshots
+                                .latest(this.store.log_identity(), &fingerprint)
+                                .await,
+                            Ok(None)
+                        ));
+                if !ships {
                     return;
                 }
-                let progress = this.lock().progress.get(&id).cloned();
                 let empty = progress.as_ref().is_some_and(|p| p.checkpoint() == 0);
                 let published = this.publish_snapshot(&snapshots, &id, &fingerprint).await;
                 // Caught up having applied no event (deployed on an empty

@@ -118,13 +118,19 @@ impl SnapshotStore for DirStore {
                 .await
                 .map_err(io(format!("creating {}", parent.display())))?;
         }
-        // Copied beside, synced, then renamed: a reader sees all or nothing.
+        // Put beside, synced, then renamed: a reader sees all or nothing.
+        // Linked when `from` is on the same filesystem (its files are
+        // written once and never changed): a snapshot then costs the disk
+        // its export, not a second copy beside the live views' writes.
         let tmp = to.with_extension("partial");
-        tokio::fs::copy(from, &tmp).await.map_err(io(format!(
-            "copying {} to {}",
-            from.display(),
-            tmp.display()
-        )))?;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        if tokio::fs::hard_link(from, &tmp).await.is_err() {
+            tokio::fs::copy(from, &tmp).await.map_err(io(format!(
+                "copying {} to {}",
+                from.display(),
+                tmp.display()
+            )))?;
+        }
         let file = tokio::fs::File::open(&tmp)
             .await
             .map_err(io(format!("opening {}", tmp.display())))?;

@@ -328,7 +328,8 @@ pub trait SnapshotStore: Send + Sync + 'static {
     async fn manifests(&self, key: &str) -> Result<Vec<SnapshotManifest>, SnapshotError>;
     /// Every manifest in the store.
     async fn all_manifests(&self) -> Result<Vec<SnapshotManifest>, SnapshotError>;
-    /// Stores local file `from` as `path`.
+    /// Stores local file `from` as `path`. `from` is never written again
+    /// (a store on the same filesystem may link it rather than copy it).
     async fn put(&self, path: &str, from: &Path) -> Result<(), SnapshotError>;
     /// Fetches `path` into local file `to`, adding the bytes to `done` as
     /// they arrive.
@@ -1161,7 +1162,7 @@ where
     std::thread::Builder::new()
         .name("kiln-snapshot".into())
         .spawn(move || {
-            lowest_priority();
+            crate::background::lowest_priority();
             let result = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -1185,16 +1186,6 @@ where
         .map_err(io("starting the snapshot thread"))?;
     rx.await
         .map_err(|_| SnapshotError::Internal("the snapshot thread panicked".into()))?
-}
-
-/// Lowers the calling thread's CPU priority to nice 19 (Linux: per thread).
-fn lowest_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority only reads its integer arguments; `0` names the
-    // calling thread on Linux.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
 }
 
 fn safe_name(name: &str) -> bool {
