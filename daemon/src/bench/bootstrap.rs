@@ -40,16 +40,6 @@ use crate::snapshots::{SnapshotConfig, SnapshotStore, Snapshots};
 use crate::store::EventStore;
 use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 
-const DEFAULT_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
-);
-
-const ORDERS_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_orders.wasm"
-);
-
 #[derive(Args, Debug, Clone)]
 pub struct BootstrapBenchArgs {
     /// Events in the log.
@@ -159,12 +149,10 @@ async fn lifecycle(
 }
 
 async fn bench(args: &BootstrapBenchArgs, dir: &Path) -> anyhow::Result<()> {
-    let module = args.module.clone().unwrap_or_else(|| {
-        PathBuf::from(match args.projection {
-            super::projection::Which::Users => DEFAULT_MODULE,
-            super::projection::Which::Orders => ORDERS_MODULE,
-        })
-    });
+    let module = args
+        .module
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(args.projection.module_path()));
     let wasm = std::fs::read(&module).with_context(|| {
         format!(
             "reading the module {} (run `cargo test --release` once to build it, or pass --module)",

@@ -28,12 +28,6 @@ use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 
-/// Where `cargo test` (tests/build.rs) and `scripts/serve` leave the users module.
-const DEFAULT_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
-);
-
 #[derive(Args, Debug, Clone)]
 pub struct HttpBenchArgs {
     /// Users to register (one append each) before querying.
@@ -53,7 +47,7 @@ pub struct HttpBenchArgs {
     pub connections: usize,
     /// The users module (build it with `cargo build --release --target
     /// wasm32-unknown-unknown -p projection-users`, or run the tests once).
-    #[arg(long, default_value = DEFAULT_MODULE)]
+    #[arg(long, default_value = super::projection::Which::Users.module_path())]
     pub module: std::path::PathBuf,
 }
 

@@ -52,11 +52,6 @@ use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore};
 use crate::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId};
 use crate::views::ViewId;
 
-/// Where `cargo test` (tests/build.rs) leaves the users module.
-const DEFAULT_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
-);
 /// Users the probes log in (the fill's users: `user-0` .. `user-9999`).
 const PROBE_USERS: u64 = 10_000;
 /// Longest a probe may wait for visibility before the bench gives up.
@@ -89,10 +84,13 @@ pub struct LagBenchArgs {
     /// Layout of the generated log (see `kiln bench projection`).
     #[arg(long, value_enum, default_value = "runs")]
     pub layout: super::projection::Layout,
-    /// The users module (built by `cargo test --release`, or
-    /// `cargo build --release --target wasm32-unknown-unknown -p projection-users`).
-    #[arg(long, default_value = DEFAULT_MODULE)]
-    pub module: PathBuf,
+    /// The projection: users (10,000 documents) or orders (one per 3
+    /// events: `--events 3000000` makes a million-document view).
+    #[arg(long, value_enum, default_value = "users")]
+    pub projection: super::projection::Which,
+    /// The module (by default the example `cargo test --release` builds).
+    #[arg(long)]
+    pub module: Option<PathBuf>,
     /// Directory for the log and the views (a temp dir, removed afterwards, by default).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -129,10 +127,14 @@ pub async fn run(args: LagBenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
-    let wasm = std::fs::read(&args.module).with_context(|| {
+    let module = args
+        .module
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(args.projection.module_path()));
+    let wasm = std::fs::read(&module).with_context(|| {
         format!(
-            "reading the users module {} (run `cargo test --release` once to build it, or pass --module)",
-            args.module.display()
+            "reading the module {} (run `cargo test --release` once to build it, or pass --module)",
+            module.display()
         )
     })?;
     let mut config = EmbeddedConfig::new(dir.join("log"));
@@ -146,13 +148,7 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
         args.events, args.layout, args.rate, args.rounds, args.durability
     );
     let started = Instant::now();
-    super::projection::fill_layout(
-        &embedded,
-        args.events,
-        args.layout,
-        super::projection::Which::Users,
-    )
-    .await?;
+    super::projection::fill_layout(&embedded, args.events, args.layout, args.projection).await?;
     println!(
         "fill: {} events in {:.1} s",
         args.events,
@@ -162,13 +158,15 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
 
     let mut lc = LifecycleConfig::new(dir.join("data"));
     lc.warmup_batch = args.warmup_batch.max(1);
-    lc.policies.insert(
-        "users".into(),
-        ViewPolicy {
-            cutover: CutoverPolicy::Manual,
-            ..ViewPolicy::default()
-        },
-    );
+    for name in ["users", "orders"] {
+        lc.policies.insert(
+            name.into(),
+            ViewPolicy {
+                cutover: CutoverPolicy::Manual,
+                ..ViewPolicy::default()
+            },
+        );
+    }
     lc.standby_grace = Duration::from_secs(24 * 3600);
     let lifecycle = Lifecycle::start(lc, store.clone(), Runtime::new(RuntimeConfig::default())?)
         .await
@@ -178,8 +176,9 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
     wait_while_warming(&lifecycle, &active).await?;
     lifecycle.promote(&active).await?;
     println!(
-        "{active}: replayed the log in {:.1} s, active",
-        started.elapsed().as_secs_f64()
+        "{active}: replayed the log in {:.1} s, active, {} documents",
+        started.elapsed().as_secs_f64(),
+        lifecycle.views().digest(&active)?.documents
     );
 
     let mut baseline = Histogram::<u64>::new(3)?;

@@ -48,16 +48,6 @@ use crate::store::embedded::{Durability, EmbeddedConfig, EmbeddedStore, scan_log
 use crate::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use crate::views::{SharedDocuments, ViewStore};
 
-/// Where `cargo test` (tests/build.rs) leaves the users module.
-const DEFAULT_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
-);
-/// Where `cargo test` (tests/build.rs) leaves the orders module.
-const ORDERS_MODULE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_orders.wasm"
-);
 const USERS: u64 = 10_000;
 /// Customers of the generated orders.
 const CUSTOMERS: u64 = 1_000;
@@ -75,6 +65,22 @@ pub enum Layout {
 pub enum Which {
     Users,
     Orders,
+}
+
+impl Which {
+    /// Where `cargo test` (tests/build.rs) leaves its module.
+    pub const fn module_path(self) -> &'static str {
+        match self {
+            Which::Users => concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_users.wasm"
+            ),
+            Which::Orders => concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/wasm-projections/wasm32-unknown-unknown/release/projection_orders.wasm"
+            ),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -136,10 +142,7 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
     let path = args
         .module
         .clone()
-        .unwrap_or_else(|| match args.projection {
-            Which::Users => PathBuf::from(DEFAULT_MODULE),
-            Which::Orders => PathBuf::from(ORDERS_MODULE),
-        });
+        .unwrap_or_else(|| PathBuf::from(args.projection.module_path()));
     let module = rt.load_file(&path).context(
         "loading the module (run `cargo test --release` once to build the examples, or pass --module)",
     )?;
