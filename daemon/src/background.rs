@@ -15,6 +15,11 @@ pub fn lowest_priority() {
     }
 }
 
+/// At most this many such threads at once (diffs asked through the API are
+/// bounded by nothing else but the connection limit): the others wait.
+const THREADS: usize = 4;
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(THREADS);
+
 /// Runs the blocking `work` on a new thread named `name` at the lowest CPU
 /// priority and answers its result. `None` when the thread could not start
 /// or `work` panicked (the caller names what failed).
@@ -23,6 +28,8 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    // Never closed: a permit always comes.
+    let _slot = SLOTS.acquire().await.ok()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.to_string())

@@ -295,6 +295,18 @@ async fn a_killed_migration_is_finished_by_running_it_again() {
     }
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
+    // An atomic batch the killed process had sent in full may still be
+    // committed by the server after it died: read the log once it stopped
+    // growing (seen: 70 events read, 74 there when the rerun looked).
+    let mut head = js.head().await.expect("head");
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = js.head().await.expect("head");
+        if now == head {
+            break;
+        }
+        head = now;
+    }
     let partial = whole_log(&js).await;
     assert!(
         !partial.is_empty() && partial.len() < n,
@@ -310,7 +322,8 @@ async fn a_killed_migration_is_finished_by_running_it_again() {
             "{} of them already there (verified)",
             partial.len()
         )),
-        "{err}"
+        "{} events read after the kill; the rerun said: {err}",
+        partial.len()
     );
     let copy = whole_log(&js).await;
     assert_same_events(&source, &copy);
