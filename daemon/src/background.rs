@@ -28,12 +28,15 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    // Never closed: a permit always comes.
-    let _slot = SLOTS.acquire().await.ok()?;
+    // Never closed: a permit always comes. Held by the thread, not by the
+    // caller: a caller that goes away (a client hanging up on a diff) does
+    // not free a slot while its thread still reads.
+    let slot = SLOTS.acquire().await.ok()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            let _slot = slot;
             lowest_priority();
             let _ = tx.send(work());
         })

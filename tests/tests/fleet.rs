@@ -1005,6 +1005,24 @@ async fn an_idle_fleet_writes_its_records_once_a_heartbeat() {
     drop(members);
 }
 
+/// Three members serving `users` 1.0.0, c reaching nats-server through a
+/// proxy the test can cut.
+async fn c_behind_a_proxy() -> (NatsServer, kiln_tests::proxy::Proxy, Vec<Daemon>, Vec<Api>) {
+    let nats = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .expect("nats-server");
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], nats.port()));
+    let proxy = kiln_tests::proxy::Proxy::start(target).expect("a proxy to nats-server");
+    let (members, apis) = start(vec![
+        member(&nats.url(), "a"),
+        member(&nats.url(), "b"),
+        member(&proxy.nats_url(), "c"),
+    ])
+    .await;
+    serve_1_0_0(&apis).await;
+    (nats, proxy, members, apis)
+}
+
 /// Regression (found by the fleet model with a NATS partition, seed 111): a
 /// member cut off from NATS noticed it only in its heartbeat loop, whose
 /// calls each wait up to a third of the TTL, so it answered its version
@@ -1013,19 +1031,7 @@ async fn an_idle_fleet_writes_its_records_once_a_heartbeat() {
 /// answer: a member cut off answers stale before the fleet stops counting it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_cut_off_answers_stale_before_the_fleet_drops_it() {
-    let nats = tokio::task::spawn_blocking(NatsServer::start)
-        .await
-        .expect("nats-server");
-    let proxy =
-        kiln_tests::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], nats.port())))
-            .expect("a proxy to nats-server");
-    let (members, apis) = start(vec![
-        member(&nats.url(), "a"),
-        member(&nats.url(), "b"),
-        member(&proxy.nats_url(), "c"),
-    ])
-    .await;
-    serve_1_0_0(&apis).await;
+    let (_nats, proxy, members, apis) = c_behind_a_proxy().await;
     for round in 0..3 {
         proxy.cut();
         let cut = Instant::now();
@@ -1053,6 +1059,55 @@ async fn a_member_cut_off_answers_stale_before_the_fleet_drops_it() {
             .then_some(())
         })
         .await;
+    }
+    drop(members);
+}
+
+/// Regression (found by review): a member back in contact after an outage
+/// answered unmarked from its first successful heartbeat, before it had
+/// read the decisions taken while it was out, so a reader could see the
+/// version the fleet had rolled back from. It comes back only once it has
+/// read them: its first unmarked answer is the fleet's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_back_in_contact_answers_what_was_decided_while_it_was_out() {
+    let (_nats, proxy, members, apis) = c_behind_a_proxy().await;
+    deploy_everywhere(&apis, "1.1.0", Some("Variant1")).await;
+    all_answer(&apis, "users-1_1_0", Duration::from_secs(30)).await;
+    for round in 0..4 {
+        proxy.cut();
+        until("the fleet drops c", Duration::from_secs(10), || async {
+            (!instances(&fleet(&apis[0]).await).contains(&"c".to_string())).then_some(())
+        })
+        .await;
+        // Decided without c: back to 1.0.0, then forward to 1.1.0 again.
+        let (path, target) = if round % 2 == 0 {
+            ("/admin/views/users/rollback".to_string(), "users-1_0_0")
+        } else {
+            (
+                "/admin/views/users-1_1_0/promote".to_string(),
+                "users-1_1_0",
+            )
+        };
+        let (s, b) = apis[0].post_json(&path, &json!({})).await;
+        assert!(s < 300, "round {round}: {path}: {s} {b}");
+        all_answer(&apis[..2], target, Duration::from_secs(30)).await;
+        proxy.heal();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, b) = apis[2].get("/views/users/user-1").await;
+            if s == 200 && b["stale"] != true {
+                assert_eq!(
+                    b["view"], target,
+                    "round {round}: c, back, answered unmarked before following what the fleet decided while it was out: {b}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: c never came back: {s} {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     drop(members);
 }

@@ -653,8 +653,18 @@ impl Inner {
         let patience = Duration::from_millis(self.config.member_ttl_ms / 3);
         let mut changes = self.lifecycle.fleet_changes();
         loop {
+            // Out of contact, a member comes back only once it has read the
+            // decisions again (`drive`): one taken while it was out is
+            // followed before it answers unmarked.
+            let rejoining = !self.lifecycle.fleet_in_contact();
+            let mut beat = false;
             match tokio::time::timeout(patience, self.heartbeat()).await {
-                Ok(Ok(())) => self.lifecycle.set_fleet_contact(self.lease_until()),
+                Ok(Ok(())) => {
+                    beat = true;
+                    if !rejoining {
+                        self.lifecycle.set_fleet_contact(self.lease_until());
+                    }
+                }
                 failed => {
                     match failed {
                         Ok(Err(e)) => tracing::warn!("fleet heartbeat: {e}"),
@@ -674,6 +684,9 @@ impl Inner {
             match tokio::time::timeout(patience, self.drive()).await {
                 Ok(Err(e)) => tracing::debug!("fleet: {e}"),
                 Err(_) => tracing::debug!("fleet: driving the cutover took over {patience:?}"),
+                Ok(Ok(())) if rejoining && beat => {
+                    self.lifecycle.set_fleet_contact(self.lease_until());
+                }
                 Ok(Ok(())) => {}
             }
             if !self.lease_holds() {
