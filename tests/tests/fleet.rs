@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kiln::views::{ViewId, ViewStore, Writes};
 use kiln_tests::daemon::{Api, Daemon, Options, fleet_member, kiln_cli, module_version};
-use kiln_tests::nats::{NatsCluster, NatsServer, cluster_config, connect_when_ready};
+use kiln_tests::nats::{NatsServer, ready_cluster};
 use kiln_tests::wasm::USERS;
 use serde_json::{Value, json};
 
@@ -344,11 +344,9 @@ async fn a_reader_across_three_members_never_goes_back_and_a_rollback_from_one_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_fleet_cutover_on_a_three_node_cluster() {
-    let cluster = tokio::task::spawn_blocking(NatsCluster::start)
-        .await
-        .expect("nats cluster");
     // The cluster's meta leader elected and the event stream made.
-    drop(connect_when_ready(&cluster_config(&cluster)).await);
+    let (cluster, store) = ready_cluster().await;
+    drop(store);
     cutover_and_rollback(&cluster.urls().join(",")).await;
     drop(cluster);
 }
