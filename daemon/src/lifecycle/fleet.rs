@@ -27,7 +27,7 @@
 //! while the view goes on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,8 +110,9 @@ pub(super) struct FleetLink {
     /// Until when the membership lease holds, by this process's clock (it
     /// runs from when the record was sent, less one heartbeat: always
     /// before the server expires the record). Read on every answer, so
-    /// contact ends on time however late the heartbeat task notices.
-    contact_until: Mutex<Option<Instant>>,
+    /// contact ends on time however late the heartbeat task notices. An
+    /// atomic ([`since_base`]; 0: none): read without a lock.
+    contact_until: AtomicU64,
     /// Bumped on every decision applied (waiters and the heartbeat watch it).
     changed: tokio::sync::watch::Sender<u64>,
 }
@@ -132,12 +133,18 @@ impl FleetLink {
     /// In contact now: the decisions were read and the lease holds.
     fn in_contact(&self) -> bool {
         self.in_contact.load(Ordering::Acquire)
-            && self
-                .contact_until
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some_and(|until| Instant::now() < until)
+            && since_base(Instant::now()) < self.contact_until.load(Ordering::Acquire)
     }
+}
+
+/// `at` as nanoseconds (plus one, so 0 means "none") since a base instant
+/// taken once per process: an `Instant` that fits an atomic.
+fn since_base(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(base).as_nanos())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
 }
 
 impl Lifecycle {
@@ -176,12 +183,10 @@ impl Lifecycle {
     /// and the membership lease holds until `until`; `None` (or `until`
     /// passed) makes fleet names answer stale (and `/readyz` 503).
     pub fn set_fleet_contact(&self, until: Option<Instant>) {
-        *self
-            .inner
+        self.inner
             .fleet
             .contact_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = until;
+            .store(until.map_or(0, since_base), Ordering::Release);
         let in_contact = until.is_some_and(|u| Instant::now() < u);
         let was = self
             .inner

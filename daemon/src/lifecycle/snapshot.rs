@@ -7,17 +7,21 @@
 use super::*;
 
 impl Lifecycle {
+    /// The snapshot store, or [`LifecycleError::SnapshotsOff`].
+    fn snapshots_on(&self) -> Result<Arc<Snapshots>, LifecycleError> {
+        self.inner
+            .config
+            .snapshots
+            .clone()
+            .ok_or(LifecycleError::SnapshotsOff)
+    }
+
     /// Takes a snapshot of version `spec`'s view now and publishes it
     /// (`POST /admin/views/{id}/snapshot`); the store's newest one when it
     /// already holds one at the view's position.
     pub async fn snapshot(&self, spec: &str) -> Result<SnapshotManifest, LifecycleError> {
         self.inner.check_running()?;
-        let snapshots = self
-            .inner
-            .config
-            .snapshots
-            .clone()
-            .ok_or(LifecycleError::SnapshotsOff)?;
+        let snapshots = self.snapshots_on()?;
         let resolved = self.resolve_version(spec)?;
         let (physical, state, fingerprint) = {
             let st = self.inner.lock();
@@ -77,12 +81,7 @@ impl Lifecycle {
 
     /// Every snapshot in the store (`GET /admin/snapshots`).
     pub async fn snapshots(&self) -> Result<Vec<SnapshotManifest>, LifecycleError> {
-        let snapshots = self
-            .inner
-            .config
-            .snapshots
-            .clone()
-            .ok_or(LifecycleError::SnapshotsOff)?;
+        let snapshots = self.snapshots_on()?;
         snapshots
             .list()
             .await
