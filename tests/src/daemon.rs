@@ -298,6 +298,55 @@ impl Daemon {
         self.spawn(false);
     }
 
+    /// Copies its data directory into `to` (which must not exist) as it is
+    /// at one instant: the process is frozen (SIGSTOP) while `cp -a` runs,
+    /// so the copy is what a crash at that instant would leave, as a volume
+    /// snapshot of a running pod is.
+    pub fn copy_disk(&self, to: &Path) {
+        let signal = |sig: &str, pid: u32| {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        };
+        if let Some(pid) = self.pid() {
+            signal("-STOP", pid);
+        }
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&self.data_dir)
+            .arg(to)
+            .status();
+        if let Some(pid) = self.pid() {
+            signal("-CONT", pid);
+        }
+        assert!(
+            copied.is_ok_and(|s| s.success()),
+            "copying {} to {}",
+            self.data_dir.display(),
+            to.display()
+        );
+    }
+
+    /// SIGKILL, its data directory replaced by a copy of `from` (made by
+    /// [`Daemon::copy_disk`]), started again on the same port and options:
+    /// a pod restored from a volume snapshot.
+    pub fn restore_disk(&mut self, from: &Path) {
+        self.kill9();
+        if self.data_dir.exists() {
+            std::fs::remove_dir_all(&self.data_dir).expect("removing the data dir");
+        }
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(&self.data_dir)
+            .status();
+        assert!(
+            copied.is_ok_and(|s| s.success()),
+            "copying {} to {}",
+            from.display(),
+            self.data_dir.display()
+        );
+        self.spawn(false);
+    }
+
     /// Blocking `GET path`, returning the status code (None when unreachable).
     /// For polling without an async runtime.
     pub fn get_status(&self, path: &str) -> Option<u16> {

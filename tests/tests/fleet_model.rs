@@ -37,7 +37,13 @@
 //! member reaches it through its own TCP proxy) past its TTL while the
 //! others append, and sometimes take a promote or rollback it cannot hear
 //! of (F1: out of contact it may answer its last version only marked
-//! stale); and "quiet", where F2, F3, F5 and F6 are checked.
+//! stale); copy a member's data directory (a volume snapshot, taken with
+//! the process frozen) and later restore it (the member's views, registry
+//! and records go back while the fleet went on); a snapshot lease holder
+//! alive but stuck (F7: **no lease outlives its holder's progress**: a
+//! member whose guest spins keeps refreshing its lease, yet another member
+//! builds the version well before the spin ends); and "quiet", where F2,
+//! F3, F5 and F6 are checked.
 //!
 //! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about four minutes) sequences of
 //! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
@@ -104,13 +110,27 @@ enum Op {
     /// append; `true`: the others also take a decision (a promote or a
     /// rollback) while it is out. Healed afterwards.
     Partition(usize, bool),
+    /// F7: `chaos` deployed on a first, which takes the snapshot lease and
+    /// reaches a guest that spins to a's 8 s batch deadline three times (a
+    /// stays alive and keeps refreshing its lease), then on b and c (2 s
+    /// deadlines): one of them must build while a is still stuck. Once per
+    /// sequence.
+    Stuck,
+    /// A copy of one member's data directory as it is now (a volume
+    /// snapshot: the process frozen while it is copied).
+    CopyDisk(usize),
+    /// The member's data directory replaced by its last copy (one taken now
+    /// if none) and the member started again: its views, registry and
+    /// records go back while the fleet went on. Its modules are deployed
+    /// again as after `ReplaceDisk`.
+    RestoreDisk(usize),
     Quiet,
 }
 
 fn gen_op(rng: &mut Rng) -> Op {
     let m = rng.below(MEMBERS.len() as u64) as usize;
     let v = rng.below(VERSIONS.len() as u64) as usize;
-    match rng.below(100) {
+    match rng.below(104) {
         0..=19 => Op::Append(m, 1 + rng.below(8)),
         20..=26 => Op::AppendMulti(m, 2 + rng.below(3)),
         27..=32 => Op::AppendTagged(m),
@@ -132,6 +152,9 @@ fn gen_op(rng: &mut Rng) -> Op {
         81..=83 => Op::Freeze(m),
         84..=88 => Op::ReplaceDisk(m),
         89..=92 => Op::Partition(m, rng.below(2) == 0),
+        93..=94 => Op::Stuck,
+        100..=101 => Op::CopyDisk(m),
+        102..=103 => Op::RestoreDisk(m),
         _ => Op::Quiet,
     }
 }
@@ -183,6 +206,12 @@ struct Run {
     steps: Vec<String>,
     /// Versions seen bootstrapped from a snapshot when the log was quiet.
     bootstrapped: u64,
+    /// `chaos` deployed (by `Stuck`).
+    chaos: bool,
+    /// Holds `stall_after_secs = 2` for every member.
+    config: tempfile::NamedTempFile,
+    /// Each member's last `CopyDisk`.
+    copies: Vec<Option<tempfile::TempDir>>,
 }
 
 impl Run {
@@ -208,6 +237,8 @@ impl Run {
             .iter()
             .map(|_| Arc::new(Proxy::start(target).expect("a proxy to nats-server")))
             .collect();
+        let mut config = tempfile::NamedTempFile::new().expect("a config file");
+        std::io::Write::write_all(&mut config, b"stall_after_secs = 2\n").expect("config");
         let mut run = Run {
             seed,
             nats,
@@ -231,6 +262,9 @@ impl Run {
             foreign: 0,
             steps: Vec::new(),
             bootstrapped: 0,
+            chaos: false,
+            config,
+            copies: MEMBERS.iter().map(|_| None).collect(),
         };
         for id in MEMBERS {
             let o = run.options(id);
@@ -247,9 +281,19 @@ impl Run {
     fn options(&self, id: &str) -> Options {
         let snapshots = self.snapshots.path().display().to_string();
         let m = MEMBERS.iter().position(|x| *x == id).unwrap_or(0);
+        // a's guests may run 8 s before they are stopped (a stuck lease
+        // holder, `Stuck`: a batch, then the event alone twice, 24 s in all),
+        // b's and c's 2 s; chaos' stopped events parked.
+        let deadline = if m == 0 { "8000" } else { "2000" };
         fleet_member(&self.proxies[m].nats_url(), "model", id)
             .arg("--snapshot-dir")
             .arg(&snapshots)
+            .arg("--config")
+            .arg(&self.config.path().display().to_string())
+            .arg("--batch-deadline-ms")
+            .arg(deadline)
+            .arg("--view")
+            .arg("chaos:poison=park")
     }
 
     fn fail(&self, what: impl std::fmt::Display) -> ! {
@@ -666,32 +710,21 @@ impl Run {
                 tokio::time::sleep(Duration::from_millis(2000)).await;
                 signal("-CONT");
             }
+            Op::CopyDisk(m) => self.copy_disk(m),
+            Op::RestoreDisk(m) => {
+                if self.copies[m].is_none() {
+                    self.copy_disk(m);
+                }
+                let Some(copy) = &self.copies[m] else { return };
+                let from = copy.path().join("data");
+                let d = &mut self.members[m];
+                tokio::task::block_in_place(|| d.restore_disk(&from));
+                self.redeploy(m).await;
+            }
             Op::ReplaceDisk(m) => {
                 let d = &mut self.members[m];
                 tokio::task::block_in_place(|| d.replace_disk());
-                // The pod comes back with the modules it is given.
-                for v in self.deployed.clone() {
-                    let (s, b) = self.apis[m]
-                        .deploy(users_module(VERSIONS[v], self.changed[v]))
-                        .await;
-                    if s != 202 && s != 200 {
-                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
-                    }
-                }
-                // A mixed version too, in the logic this member had.
-                for (v, odd) in self.mixed.clone() {
-                    let changed = self.changed[v] != (odd == m);
-                    let (s, b) = self.apis[m]
-                        .deploy(users_module(VERSIONS[v], changed))
-                        .await;
-                    if s != 202 && s != 200 {
-                        self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
-                    }
-                }
-                for on in self.retired_on.values_mut() {
-                    on.remove(&m);
-                }
-                self.retired_on.retain(|_, on| !on.is_empty());
+                self.redeploy(m).await;
             }
             Op::Partition(m, decide) => {
                 let other = (m + 1) % MEMBERS.len();
@@ -725,7 +758,129 @@ impl Run {
                 let _ = heal.await;
                 self.proxies[m].heal();
             }
+            Op::Stuck if self.chaos => {}
+            Op::Stuck => self.stuck().await,
             Op::Quiet => self.quiet().await,
+        }
+    }
+
+    /// A member back with a disk of its own (fresh or restored) is given the
+    /// modules again, as a pod is by its projections directory; nothing is
+    /// retired there afterwards.
+    async fn redeploy(&mut self, m: usize) {
+        for v in self.deployed.clone() {
+            let (s, b) = self.apis[m]
+                .deploy(users_module(VERSIONS[v], self.changed[v]))
+                .await;
+            if s != 202 && s != 200 {
+                self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+            }
+        }
+        // A mixed version too, in the logic this member had.
+        for (v, odd) in self.mixed.clone() {
+            let changed = self.changed[v] != (odd == m);
+            let (s, b) = self.apis[m]
+                .deploy(users_module(VERSIONS[v], changed))
+                .await;
+            if s != 202 && s != 200 {
+                self.fail(format!("deploying {} on {}: {s} {b}", vid(v), MEMBERS[m]));
+            }
+        }
+        for on in self.retired_on.values_mut() {
+            on.remove(&m);
+        }
+        self.retired_on.retain(|_, on| !on.is_empty());
+    }
+
+    fn copy_disk(&mut self, m: usize) {
+        let dir = tempfile::tempdir().expect("a dir for the copy");
+        let d = &self.members[m];
+        tokio::task::block_in_place(|| d.copy_disk(&dir.path().join("data")));
+        self.copies[m] = Some(dir);
+    }
+
+    /// `chaos-1_0_0`'s status on member `m`, if it has it.
+    async fn chaos_on(&self, m: usize) -> Option<Value> {
+        self.views(m)
+            .await
+            .into_iter()
+            .find(|v| v["id"] == "chaos-1_0_0")
+    }
+
+    /// F7: a lease holder alive but stuck lets another member build.
+    async fn stuck(&mut self) {
+        self.chaos = true;
+        let notes = |n: usize, at: &str| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({ "type": "Note", "data": { "text": format!("{at}{i}") } }))
+                .collect()
+        };
+        self.append(1, "chaos-0", &notes(20, "before"), None).await;
+        self.append(
+            1,
+            "chaos-spin",
+            &[json!({ "type": "Spin", "data": {} })],
+            None,
+        )
+        .await;
+        let spin = self.head().await;
+        self.append(1, "chaos-1", &notes(20, "after"), None).await;
+        // Only the `chaos` streams' events reach it (not the users').
+        let chaos = std::fs::read(kiln_tests::wasm::CHAOS).expect("the chaos module");
+        let mut manifest = kiln_tests::wasm::manifest_of(&chaos);
+        manifest["categories"] = json!(["chaos"]);
+        let chaos = kiln_tests::wasm::with_manifest(&chaos, &manifest.to_string());
+        let (s, b) = self.apis[0].deploy(chaos.clone()).await;
+        if s != 202 {
+            self.fail(format!("deploying chaos on a: {s} {b}"));
+        }
+        // a holds the lease and builds: its first batch holds the spin (its
+        // guest spins to its 8 s deadline, then on the event alone, twice:
+        // a stays short of the spin for 24 s).
+        self.until("chaos on a building", || async {
+            let v = self.chaos_on(0).await?;
+            (v["snapshot"]["state"] == "building").then_some(())
+        })
+        .await;
+        let stuck_at = Instant::now();
+        for m in [1, 2] {
+            let (s, b) = self.apis[m].deploy(chaos.clone()).await;
+            if s != 202 {
+                self.fail(format!("deploying chaos on {}: {s} {b}", MEMBERS[m]));
+            }
+        }
+        // a notices it made no progress for 2 s and lets go; b or c builds
+        // (its 2 s spins parked) well before a's spin is parked.
+        loop {
+            let mut built = None;
+            for m in [1, 2] {
+                if let Some(v) = self.chaos_on(m).await
+                    && matches!(v["state"].as_str(), Some("ready" | "active"))
+                {
+                    built = Some(m);
+                }
+            }
+            if let Some(m) = built {
+                let a = self.chaos_on(0).await.unwrap_or(Value::Null);
+                if a["checkpoint"].as_u64().is_none_or(|c| c >= spin) {
+                    self.fail(format!(
+                        "F7: a was to be stuck short of {} for 24 s, yet got past it \
+                         ({:.1} s after it began) before {} built: {a}",
+                        spin,
+                        stuck_at.elapsed().as_secs_f64(),
+                        MEMBERS[m]
+                    ));
+                }
+                return;
+            }
+            if stuck_at.elapsed() > Duration::from_secs(12) {
+                let (b, c) = (self.chaos_on(1).await, self.chaos_on(2).await);
+                self.fail(format!(
+                    "F7: 12 s after a began building chaos (stuck at a spin), neither b nor c \
+                     built it: b {b:?}, c {c:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -744,7 +899,9 @@ impl Run {
             for (m, api) in self.apis.iter().enumerate() {
                 let (s, b) = api.get("/views/users/user-0").await;
                 if Some(m) == odd {
-                    if s == 200 {
+                    // Out of contact it may still answer the version it
+                    // last served, marked stale; never the fleet's.
+                    if s == 200 && b["view"].as_str() == Some(vid(a).as_str()) {
                         self.fail(format!(
                             "F6: {} answered {b} with another module under {}",
                             MEMBERS[m],
@@ -887,7 +1044,8 @@ impl Run {
         }
         // F2: documents, on every member, for every version that may serve.
         for m in 0..MEMBERS.len() {
-            for v in self.views(m).await.iter().filter(|v| live(v)) {
+            let users = |v: &Value| v["id"].as_str().is_some_and(|id| id.starts_with("users-"));
+            for v in self.views(m).await.iter().filter(|v| live(v) && users(v)) {
                 let id = v["id"].as_str().unwrap_or_default().to_string();
                 let Some(i) = index_of(&id) else {
                     self.fail(format!("a version the model never deployed: {v}"));

@@ -20,12 +20,17 @@
 //!   standby) equals a clean in-process rebuild at its checkpoint.
 //! - **I5 state on disk is trusted**: with the registry gone, start refuses and
 //!   drops nothing.
+//! - **I7 nothing is ahead of its log**: no version's checkpoint is past the
+//!   log's head, after a restore took the log back too (and I4 then checks
+//!   that no snapshot of the discarded history was used).
 //!
 //! Operations: deploy (explicit, and the other logic under a taken version),
 //! write / rename / remove / touch a module file, promote, rollback, retire,
 //! append events, append a poison event (variant A fails on it, B does not
 //! read it), let the grace period pass, clean restart, crash, lose the
-//! registry, and the racing pairs retire ‖ redeploy and rollback ‖ sweep.
+//! registry, the racing pairs retire ‖ redeploy and rollback ‖ sweep, and a
+//! backup restored later (the log, views and registry go back; the watched
+//! directory and the snapshot store stay as they are).
 //! Warm-ups run with one worker or by 2 or 3 stream partitions (the setting
 //! changes across restarts; a warm-up a crash interrupted keeps its own).
 //!
@@ -96,6 +101,14 @@ enum Op {
     LoseRegistry,
     RetireWhileRedeploy(usize),
     RollbackWhileGrace,
+    /// `kiln backup` of the running daemon (its log, views, registry and
+    /// modules); kept for a later `Restore`.
+    Backup,
+    /// Stop, `kiln restore` the last backup (one taken now if none) into a
+    /// new data directory and start on it: the log, views and registry go
+    /// back to the backup, the watched directory and the snapshot store do
+    /// not (snapshots of the discarded history stay beside the new one).
+    Restore,
 }
 
 fn gen_op(rng: &mut Rng) -> Op {
@@ -111,7 +124,9 @@ fn gen_op(rng: &mut Rng) -> Op {
         39..=44 => Op::Promote(v),
         45..=50 => Op::Rollback,
         51..=56 => Op::Retire(v),
-        57..=68 => Op::Append(1 + rng.below(40)),
+        57..=65 => Op::Append(1 + rng.below(40)),
+        66..=67 => Op::Backup,
+        68 => Op::Restore,
         69..=72 => Op::Poison,
         73..=78 => Op::Grace,
         79..=84 => Op::Restart,
@@ -153,6 +168,8 @@ struct Shared {
     /// Steps after which some version warmed with one worker because a split
     /// warm-up met a shared document.
     unsplit: std::sync::atomic::AtomicU64,
+    /// Restores taken (a log, views and registry gone back to a backup).
+    restored: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     modules: BTreeMap<(usize, Logic), (Vec<u8>, Module)>,
     _cache: tempfile::TempDir,
@@ -181,6 +198,7 @@ impl Shared {
             partitioned: std::sync::atomic::AtomicU64::new(0),
             bootstrapped: std::sync::atomic::AtomicU64::new(0),
             unsplit: std::sync::atomic::AtomicU64::new(0),
+            restored: std::sync::atomic::AtomicU64::new(0),
             runtime,
             modules,
             _cache: cache,
@@ -218,6 +236,24 @@ struct Run<'a> {
     warm_from: BTreeMap<ViewId, u64>,
     poisons: u64,
     log: Vec<String>,
+    /// The data directory (a restore starts on a new one).
+    data: PathBuf,
+    /// The last backup and the model as it was then.
+    backup: Option<Saved>,
+    restores: u32,
+}
+
+/// A backup, and the model's state when it was taken: what a restore
+/// brings back (the log, the registry's decisions); the watched directory
+/// is what it is now.
+#[derive(Clone)]
+struct Saved {
+    dir: PathBuf,
+    source: BTreeMap<usize, Source>,
+    retired: BTreeSet<usize>,
+    served: bool,
+    warm_from: BTreeMap<ViewId, u64>,
+    poisons: u64,
 }
 
 impl<'a> Run<'a> {
@@ -247,14 +283,18 @@ impl<'a> Run<'a> {
             warm_from: BTreeMap::new(),
             poisons: 0,
             log: Vec::new(),
+            data: PathBuf::new(),
+            backup: None,
+            restores: 0,
         };
+        run.data = run.dir.path().join("data");
         run.append(20).await;
         run.start().await;
         run
     }
 
     fn config(&self) -> LifecycleConfig {
-        let mut c = LifecycleConfig::new(self.dir.path().join("data"));
+        let mut c = LifecycleConfig::new(self.data.clone());
         c.projections_dir = Some(self.projections());
         c.watch_debounce = DEBOUNCE;
         c.standby_grace = Duration::from_secs(3600);
@@ -571,7 +611,7 @@ impl<'a> Run<'a> {
             Op::LoseRegistry => {
                 let views_before = self.lc().views().views().expect("views");
                 self.lc.take().expect("running").shutdown().await;
-                let registry = self.dir.path().join("data/registry.json");
+                let registry = self.data.join("registry.json");
                 let aside = self.dir.path().join("registry.aside");
                 std::fs::rename(&registry, &aside).expect("move the registry away");
                 // Anything ever deployed left a module in data/modules.
@@ -589,8 +629,8 @@ impl<'a> Run<'a> {
                     Ok(_) => self.fail("started without a registry, views present"),
                 }
                 // Nothing was dropped: the same column families are there.
-                let reopened = kiln::views::ViewStore::open(self.dir.path().join("data/views"))
-                    .expect("views reopen");
+                let reopened =
+                    kiln::views::ViewStore::open(self.data.join("views")).expect("views reopen");
                 let after = reopened.views().expect("views");
                 drop(reopened);
                 if after != views_before {
@@ -663,9 +703,61 @@ impl<'a> Run<'a> {
                 }
                 self.check_resolution("after rollback ‖ sweep");
             }
+            Op::Backup => self.take_backup().await,
+            Op::Restore => {
+                if self.backup.is_none() {
+                    self.take_backup().await;
+                }
+                let Some(saved) = self.backup.clone() else {
+                    return;
+                };
+                self.lc.take().expect("running").shutdown().await;
+                self.restores += 1;
+                self.data = self
+                    .dir
+                    .path()
+                    .join(format!("data-restored-{}", self.restores));
+                let manifest = kiln::backup::restore(&saved.dir, &self.data)
+                    .unwrap_or_else(|e| self.fail(format!("restore: {e}")));
+                self.store = Arc::new(
+                    EmbeddedStore::open(EmbeddedConfig::new(self.data.join("log")))
+                        .unwrap_or_else(|e| self.fail(format!("the restored log: {e}"))),
+                );
+                let head = self.store.head().await.expect("head");
+                if head != manifest.log_head {
+                    self.fail(format!(
+                        "the restored log's head is {head}, the backup's {}",
+                        manifest.log_head
+                    ));
+                }
+                self.source = saved.source;
+                self.retired = saved.retired;
+                self.served = saved.served;
+                self.warm_from = saved.warm_from;
+                self.poisons = saved.poisons;
+                self.shared
+                    .restored
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.start().await;
+            }
         }
         self.quiesce().await;
         self.check().await;
+    }
+
+    async fn take_backup(&mut self) {
+        let dir = self.dir.path().join(format!("backup-{}", self.log.len()));
+        if let Err(e) = kiln::backup::create(self.lc(), &dir).await {
+            self.fail(format!("backup: {e}"));
+        }
+        self.backup = Some(Saved {
+            dir,
+            source: self.source.clone(),
+            retired: self.retired.clone(),
+            served: self.served,
+            warm_from: self.warm_from.clone(),
+            poisons: self.poisons,
+        });
     }
 
     fn nth_file(&self, i: usize) -> Option<(String, usize)> {
@@ -781,6 +873,17 @@ impl<'a> Run<'a> {
     async fn check(&mut self) {
         self.check_resolution("settled");
         let status = self.lc().status();
+        // I7: nothing is ahead of its log (a restore took the log back).
+        let head = self.store.head().await.expect("head");
+        if let Some(s) = status
+            .iter()
+            .find(|s| s.state != ViewState::Retired && s.checkpoint > head)
+        {
+            self.fail(format!(
+                "{} is at {}, past the log's head {head}",
+                s.id, s.checkpoint
+            ));
+        }
         if status.iter().any(|s| s.warmup_workers.is_some()) {
             self.shared
                 .partitioned
@@ -966,8 +1069,9 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
         .bootstrapped
         .load(std::sync::atomic::Ordering::Relaxed);
     let unsplit = shared.unsplit.load(std::sync::atomic::Ordering::Relaxed);
+    let restored = shared.restored.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document, {restored} restores from a backup",
         started.elapsed().as_secs_f64()
     );
     assert!(
@@ -978,6 +1082,7 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
         n < 20 || bootstrapped > 0,
         "no sequence bootstrapped a version from a snapshot"
     );
+    assert!(n < 20 || restored > 0, "no sequence restored a backup");
     assert!(
         n < 20 || unsplit > 0,
         "no split warm-up met the shared document of a `Shared` version"
