@@ -20,13 +20,8 @@
 //!      number of probes while `kiln diff` of the active version against it
 //!      runs back to back, then **digesting**, while the active view's
 //!      digest (what a fleet member takes at every `digest_every`) runs back
-//!      to back; and once a round, **a diff against a slow candidate**: one
-//!      more new version deployed and `kiln diff` of the active version
-//!      against it asked at once, so the diff waits for the candidate's
-//!      whole warm-up; probes run until the diff answers. None of these
-//!      holds the active view (see `lifecycle/compare.rs`): what they cost it
-//!      is the CPU and I/O of reading a whole view (and, for the last, of
-//!      the warm-up the diff waits for).
+//!      to back. Neither holds the active view (see `lifecycle/compare.rs`):
+//!      what they cost it is the CPU and I/O of reading a whole view.
 //!
 //! A probe appends one `UserLoggedIn` to a user stream and waits until the
 //! active view's checkpoint has reached it (the signal read-your-writes waits
@@ -196,7 +191,6 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
         .map(|&workers| WarmPhase::new(workers))
         .collect::<anyhow::Result<_>>()?;
     let (mut diffing, mut digesting) = (WarmPhase::new(0)?, WarmPhase::new(0)?);
-    let mut slow_diff = WarmPhase::new(args.warmup_workers[0])?;
     let mut variants = 0;
     for round in 1..=args.rounds {
         let idle = probe(&lifecycle, &store, &active, args.rate, |n| {
@@ -260,41 +254,6 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
             phase.all.add(&busy)?;
             keep_best(&mut phase.best, busy);
         }
-        if args.compare {
-            variants += 1;
-            lifecycle.set_warmup_workers(slow_diff.workers);
-            let module = variant(&wasm, variants)?;
-            let asked = Instant::now();
-            let id = match lifecycle.deploy(&module, "bench-variant").await? {
-                DeployOutcome::Warming(id) => id,
-                other => anyhow::bail!("the variant module was not a new view: {other:?}"),
-            };
-            let diff = {
-                let (lifecycle, a, b) = (lifecycle.clone(), active.to_string(), id.to_string());
-                tokio::spawn(async move {
-                    let wait = Duration::from_secs(3600);
-                    lifecycle
-                        .diff(&a, &b, crate::views::diff::DiffOptions::default(), wait)
-                        .await
-                })
-            };
-            let busy = probe(&lifecycle, &store, &active, args.rate, |_| {
-                diff.is_finished()
-            })
-            .await?;
-            let took = asked.elapsed().as_secs_f64();
-            diff.await?
-                .with_context(|| format!("the diff of {active} against {id} while it warmed"))?;
-            lifecycle.retire(&id).await?;
-            println!(
-                "  while a diff waits for {id} to warm ({took:.2} s): p50 {} p99 {} ({} probes)",
-                millis(&busy, 0.5),
-                millis(&busy, 0.99),
-                busy.len()
-            );
-            slow_diff.all.add(&busy)?;
-            keep_best(&mut slow_diff.best, busy);
-        }
     }
 
     println!("live lag, append → visible in the active view {active}, all rounds:");
@@ -336,24 +295,6 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
         }
     }
     if args.compare {
-        if let Some(warming) = phases.first() {
-            summary(
-                "a diff waits for a warming candidate",
-                &slow_diff.all,
-                &baseline,
-            );
-            println!(
-                "    ratio p99 / the same warm-up without a diff: {:.2}",
-                ratio(q(&slow_diff.all, 0.99), q(&warming.all, 0.99))
-            );
-            if let (Some(idle), Some(busy)) = (&best_idle, &slow_diff.best) {
-                println!(
-                    "    best rounds (lowest p99): ratio p50 {:.2}  p99 {:.2}  (goal ≤ 2)",
-                    ratio(q(busy, 0.5), q(idle, 0.5)),
-                    ratio(q(busy, 0.99), q(idle, 0.99))
-                );
-            }
-        }
         for (phase, what) in [(&diffing, "diffs run"), (&digesting, "digests run")] {
             summary(what, &phase.all, &baseline);
         }
