@@ -304,10 +304,31 @@ impl Daemon {
     /// snapshot of a running pod is.
     pub fn copy_disk(&self, to: &Path) {
         let signal = |sig: &str, pid: u32| {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+            let sent = Command::new("kill").args([sig, &pid.to_string()]).status();
+            assert!(sent.is_ok_and(|s| s.success()), "kill {sig} {pid}");
         };
         if let Some(pid) = self.pid() {
             signal("-STOP", pid);
+            // Every thread stopped before anything is read.
+            let stopped = || {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|tasks| {
+                        tasks.flatten().all(|t| {
+                            std::fs::read_to_string(t.path().join("stat"))
+                                .ok()
+                                .and_then(|st| {
+                                    st.rsplit_once(')')
+                                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                                })
+                                .unwrap_or(true)
+                        })
+                    })
+                    .unwrap_or(true)
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !stopped() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
         let copied = Command::new("cp")
             .arg("-a")

@@ -119,8 +119,9 @@ enum Op {
     /// A copy of one member's data directory as it is now (a volume
     /// snapshot: the process frozen while it is copied).
     CopyDisk(usize),
-    /// The member's data directory replaced by its last copy (one taken now
-    /// if none) and the member started again: its views, registry and
+    /// The member's data directory replaced by its last copy (each member's
+    /// disk is copied once the sequence has started) and the member started
+    /// again: its views, registry and
     /// records go back while the fleet went on. Its modules are deployed
     /// again as after `ReplaceDisk`.
     RestoreDisk(usize),
@@ -130,7 +131,7 @@ enum Op {
 fn gen_op(rng: &mut Rng) -> Op {
     let m = rng.below(MEMBERS.len() as u64) as usize;
     let v = rng.below(VERSIONS.len() as u64) as usize;
-    match rng.below(104) {
+    match rng.below(107) {
         0..=19 => Op::Append(m, 1 + rng.below(8)),
         20..=26 => Op::AppendMulti(m, 2 + rng.below(3)),
         27..=32 => Op::AppendTagged(m),
@@ -153,8 +154,8 @@ fn gen_op(rng: &mut Rng) -> Op {
         84..=88 => Op::ReplaceDisk(m),
         89..=92 => Op::Partition(m, rng.below(2) == 0),
         93..=94 => Op::Stuck,
-        100..=101 => Op::CopyDisk(m),
-        102..=103 => Op::RestoreDisk(m),
+        100..=103 => Op::CopyDisk(m),
+        104..=106 => Op::RestoreDisk(m),
         _ => Op::Quiet,
     }
 }
@@ -210,8 +211,10 @@ struct Run {
     chaos: bool,
     /// Holds `stall_after_secs = 2` for every member.
     config: tempfile::NamedTempFile,
-    /// Each member's last `CopyDisk`.
-    copies: Vec<Option<tempfile::TempDir>>,
+    /// Each member's last `CopyDisk`, and the log's head then.
+    copies: Vec<Option<(tempfile::TempDir, u64)>>,
+    /// Restores of a copy older than the log's head.
+    restored: u64,
 }
 
 impl Run {
@@ -265,6 +268,7 @@ impl Run {
             chaos: false,
             config,
             copies: MEMBERS.iter().map(|_| None).collect(),
+            restored: 0,
         };
         for id in MEMBERS {
             let o = run.options(id);
@@ -710,12 +714,14 @@ impl Run {
                 tokio::time::sleep(Duration::from_millis(2000)).await;
                 signal("-CONT");
             }
-            Op::CopyDisk(m) => self.copy_disk(m),
+            Op::CopyDisk(m) => self.copy_disk(m).await,
             Op::RestoreDisk(m) => {
-                if self.copies[m].is_none() {
-                    self.copy_disk(m);
+                let Some((copy, at)) = &self.copies[m] else {
+                    return;
+                };
+                if *at < self.head().await {
+                    self.restored += 1;
                 }
-                let Some(copy) = &self.copies[m] else { return };
                 let from = copy.path().join("data");
                 let d = &mut self.members[m];
                 tokio::task::block_in_place(|| d.restore_disk(&from));
@@ -792,11 +798,12 @@ impl Run {
         self.retired_on.retain(|_, on| !on.is_empty());
     }
 
-    fn copy_disk(&mut self, m: usize) {
+    async fn copy_disk(&mut self, m: usize) {
         let dir = tempfile::tempdir().expect("a dir for the copy");
+        let head = self.head().await;
         let d = &self.members[m];
         tokio::task::block_in_place(|| d.copy_disk(&dir.path().join("data")));
-        self.copies[m] = Some(dir);
+        self.copies[m] = Some((dir, head));
     }
 
     /// `chaos-1_0_0`'s status on member `m`, if it has it.
@@ -873,10 +880,10 @@ impl Run {
                 }
                 return;
             }
-            if stuck_at.elapsed() > Duration::from_secs(12) {
+            if stuck_at.elapsed() > Duration::from_secs(18) {
                 let (b, c) = (self.chaos_on(1).await, self.chaos_on(2).await);
                 self.fail(format!(
-                    "F7: 12 s after a began building chaos (stuck at a spin), neither b nor c \
+                    "F7: 18 s after a began building chaos (stuck at a spin), neither b nor c \
                      built it: b {b:?}, c {c:?}"
                 ));
             }
@@ -904,6 +911,14 @@ impl Run {
                     if s == 200 && b["view"].as_str() == Some(vid(a).as_str()) {
                         self.fail(format!(
                             "F6: {} answered {b} with another module under {}",
+                            MEMBERS[m],
+                            vid(a)
+                        ));
+                    }
+                    if s == 200 && b["stale"] != true {
+                        self.fail(format!(
+                            "F1: {}, whose module under {} is not the fleet's, answered another \
+                             version unmarked: {b}",
                             MEMBERS[m],
                             vid(a)
                         ));
@@ -1126,8 +1141,9 @@ impl Run {
     }
 
     /// Checks the quiet fleet a last time and stops it; how many versions
-    /// were seen bootstrapped from a snapshot.
-    async fn finish(mut self) -> u64 {
+    /// were seen bootstrapped from a snapshot, and how many members were
+    /// restored from a copy older than the log.
+    async fn finish(mut self) -> (u64, u64) {
         self.quiet().await;
         self.stop_reader.store(true, Ordering::Relaxed);
         if let Some(r) = self.reader.take() {
@@ -1138,17 +1154,22 @@ impl Run {
         tokio::task::spawn_blocking(move || drop(members))
             .await
             .expect("members stop");
-        self.bootstrapped
+        (self.bootstrapped, self.restored)
     }
 }
 
-async fn run_sequence(seed: u64, steps: u64, runtime: &Runtime) -> u64 {
+async fn run_sequence(seed: u64, steps: u64, runtime: &Runtime) -> (u64, u64) {
     let mut rng = Rng(seed);
     let mut run = Run::new(seed, runtime, &mut rng).await;
     // Something to serve from the start; user-0 is what the reader reads.
     run.apis[0].register_user("user-0").await;
     run.step(&Op::Append(0, 5), &mut rng).await;
     run.step(&Op::Deploy(0), &mut rng).await;
+    // Every member's disk as it starts: what a `RestoreDisk` before any
+    // `CopyDisk` of it goes back to.
+    for m in 0..MEMBERS.len() {
+        run.copy_disk(m).await;
+    }
     for _ in 0..steps {
         let op = gen_op(&mut rng);
         run.steps.push(format!("{op:?}"));
@@ -1180,17 +1201,25 @@ async fn generated_fleet_sequences_keep_the_fleet_invariants() {
     }
     let sequences = env_u64("KILN_FLEET_MODEL_SEQUENCES", 45);
     let base = env_u64("KILN_FLEET_MODEL_BASE", 1);
-    let mut bootstrapped = 0;
+    let (mut bootstrapped, mut restored) = (0, 0);
     for seed in base..base + sequences {
         let started = Instant::now();
-        bootstrapped += run_sequence(seed, steps, &runtime).await;
+        let (b, r) = run_sequence(seed, steps, &runtime).await;
+        bootstrapped += b;
+        restored += r;
         eprintln!("seed {seed}: {steps} steps in {:?}", started.elapsed());
     }
-    eprintln!("{sequences} sequences; versions seen bootstrapped from a snapshot: {bootstrapped}");
+    eprintln!(
+        "{sequences} sequences; versions seen bootstrapped from a snapshot: {bootstrapped}; members restored from an older copy of their disk: {restored}"
+    );
     // The generator reaches snapshot bootstraps (a disk replaced after a
     // snapshot), not only replays.
     if sequences >= 20 {
         assert!(bootstrapped > 0, "no sequence bootstrapped from a snapshot");
+        assert!(
+            restored > 0,
+            "no member was restored from a copy older than the log"
+        );
     }
 }
 

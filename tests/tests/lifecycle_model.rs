@@ -104,11 +104,12 @@ enum Op {
     /// `kiln backup` of the running daemon (its log, views, registry and
     /// modules); kept for a later `Restore`.
     Backup,
-    /// Stop, `kiln restore` the last backup (one taken now if none) into a
-    /// new data directory and start on it: the log, views and registry go
-    /// back to the backup, the watched directory and the snapshot store do
-    /// not (snapshots of the discarded history stay beside the new one).
-    Restore,
+    /// Append n events (the history a restore discards), stop, `kiln
+    /// restore` the last backup (none: nothing happens) into a new data
+    /// directory and start on it: the log, views and registry go back to the
+    /// backup, the watched directory and the snapshot store do not
+    /// (snapshots of the discarded history stay beside the new one).
+    Restore(u64),
 }
 
 fn gen_op(rng: &mut Rng) -> Op {
@@ -124,9 +125,9 @@ fn gen_op(rng: &mut Rng) -> Op {
         39..=44 => Op::Promote(v),
         45..=50 => Op::Rollback,
         51..=56 => Op::Retire(v),
-        57..=65 => Op::Append(1 + rng.below(40)),
-        66..=67 => Op::Backup,
-        68 => Op::Restore,
+        57..=63 => Op::Append(1 + rng.below(40)),
+        64..=66 => Op::Backup,
+        67..=68 => Op::Restore(rng.below(20)),
         69..=72 => Op::Poison,
         73..=78 => Op::Grace,
         79..=84 => Op::Restart,
@@ -168,7 +169,8 @@ struct Shared {
     /// Steps after which some version warmed with one worker because a split
     /// warm-up met a shared document.
     unsplit: std::sync::atomic::AtomicU64,
-    /// Restores taken (a log, views and registry gone back to a backup).
+    /// Restores that discarded history (a log, views and registry gone back
+    /// to a backup older than the log's head).
     restored: std::sync::atomic::AtomicU64,
     runtime: Runtime,
     modules: BTreeMap<(usize, Logic), (Vec<u8>, Module)>,
@@ -704,13 +706,14 @@ impl<'a> Run<'a> {
                 self.check_resolution("after rollback ‖ sweep");
             }
             Op::Backup => self.take_backup().await,
-            Op::Restore => {
-                if self.backup.is_none() {
-                    self.take_backup().await;
-                }
+            Op::Restore(n) => {
                 let Some(saved) = self.backup.clone() else {
                     return;
                 };
+                self.append(n).await;
+                // Views (and snapshots, every 8 events) past the backup.
+                self.quiesce().await;
+                let head_before = self.store.head().await.expect("head");
                 self.lc.take().expect("running").shutdown().await;
                 self.restores += 1;
                 self.data = self
@@ -735,9 +738,12 @@ impl<'a> Run<'a> {
                 self.served = saved.served;
                 self.warm_from = saved.warm_from;
                 self.poisons = saved.poisons;
-                self.shared
-                    .restored
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Counted when it discards history (events appended since).
+                if manifest.log_head < head_before {
+                    self.shared
+                        .restored
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.start().await;
             }
         }
@@ -1071,7 +1077,7 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     let unsplit = shared.unsplit.load(std::sync::atomic::Ordering::Relaxed);
     let restored = shared.restored.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document, {restored} restores from a backup",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document, {restored} restores discarding history",
         started.elapsed().as_secs_f64()
     );
     assert!(
@@ -1082,7 +1088,10 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
         n < 20 || bootstrapped > 0,
         "no sequence bootstrapped a version from a snapshot"
     );
-    assert!(n < 20 || restored > 0, "no sequence restored a backup");
+    assert!(
+        n < 20 || restored > 0,
+        "no sequence restored a backup older than its log"
+    );
     assert!(
         n < 20 || unsplit > 0,
         "no split warm-up met the shared document of a `Shared` version"
