@@ -42,8 +42,9 @@
 //! and records go back while the fleet went on); a snapshot lease holder
 //! alive but stuck (F7: **no lease outlives its holder's progress**: a
 //! member whose guest spins keeps refreshing its lease, yet another member
-//! builds the version well before the spin ends); and "quiet", where F2,
-//! F3, F5 and F6 are checked.
+//! builds the version well before the spin ends); a byte flipped in a
+//! published snapshot's file (refused by whoever tries it, never served:
+//! F2); and "quiet", where F2, F3, F5 and F6 are checked.
 //!
 //! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about four minutes) sequences of
 //! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
@@ -116,6 +117,10 @@ enum Op {
     /// deadlines): one of them must build while a is still stuck. Once per
     /// sequence.
     Stuck,
+    /// One byte flipped in a file of a published snapshot in the shared
+    /// directory (a bad disk, a bad copy): every instance that tries it
+    /// refuses it and replays; none serves its documents (F2).
+    CorruptSnapshot,
     /// A copy of one member's data directory as it is now (a volume
     /// snapshot: the process frozen while it is copied).
     CopyDisk(usize),
@@ -131,7 +136,7 @@ enum Op {
 fn gen_op(rng: &mut Rng) -> Op {
     let m = rng.below(MEMBERS.len() as u64) as usize;
     let v = rng.below(VERSIONS.len() as u64) as usize;
-    match rng.below(107) {
+    match rng.below(109) {
         0..=19 => Op::Append(m, 1 + rng.below(8)),
         20..=26 => Op::AppendMulti(m, 2 + rng.below(3)),
         27..=32 => Op::AppendTagged(m),
@@ -156,6 +161,7 @@ fn gen_op(rng: &mut Rng) -> Op {
         93..=94 => Op::Stuck,
         100..=103 => Op::CopyDisk(m),
         104..=106 => Op::RestoreDisk(m),
+        107..=108 => Op::CorruptSnapshot,
         _ => Op::Quiet,
     }
 }
@@ -215,6 +221,10 @@ struct Run {
     copies: Vec<Option<(tempfile::TempDir, u64)>>,
     /// Restores of a copy older than the log's head.
     restored: u64,
+    /// Snapshot files corrupted.
+    corrupted: u64,
+    /// Versions seen with a snapshot refused when the log was quiet.
+    refused: u64,
 }
 
 impl Run {
@@ -269,6 +279,8 @@ impl Run {
             config,
             copies: MEMBERS.iter().map(|_| None).collect(),
             restored: 0,
+            corrupted: 0,
+            refused: 0,
         };
         for id in MEMBERS {
             let o = run.options(id);
@@ -715,6 +727,7 @@ impl Run {
                 signal("-CONT");
             }
             Op::CopyDisk(m) => self.copy_disk(m).await,
+            Op::CorruptSnapshot => self.corrupt_snapshot(rng),
             Op::RestoreDisk(m) => {
                 let Some((copy, at)) = &self.copies[m] else {
                     return;
@@ -796,6 +809,45 @@ impl Run {
             on.remove(&m);
         }
         self.retired_on.retain(|_, on| !on.is_empty());
+    }
+
+    /// Flips a byte in the middle of one data file of one published
+    /// snapshot (one whose manifest is written), if there is any.
+    fn corrupt_snapshot(&mut self, rng: &mut Rng) {
+        let dirs = |p: &std::path::Path| -> Vec<std::path::PathBuf> {
+            let mut v: Vec<_> = std::fs::read_dir(p)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        let mut files = Vec::new();
+        for key in dirs(self.snapshots.path()).iter().filter(|p| p.is_dir()) {
+            for at in dirs(key)
+                .iter()
+                .filter(|p| p.join(kiln::snapshots::MANIFEST).is_file())
+            {
+                files.extend(dirs(at).into_iter().filter(|f| {
+                    f.file_name()
+                        .is_some_and(|n| n != kiln::snapshots::MANIFEST)
+                        && f.metadata().is_ok_and(|m| m.is_file() && m.len() > 0)
+                }));
+            }
+        }
+        if files.is_empty() {
+            return;
+        }
+        let f = &files[rng.below(files.len() as u64) as usize];
+        let Ok(mut bytes) = std::fs::read(f) else {
+            return; // Removed meanwhile (a newer snapshot, a refusal).
+        };
+        let i = bytes.len() / 2;
+        bytes[i] ^= 0x5a;
+        // In place (a snapshot file may be a hard link of another's: both
+        // go bad, as on a bad disk).
+        if std::fs::write(f, &bytes).is_ok() {
+            self.corrupted += 1;
+        }
     }
 
     async fn copy_disk(&mut self, m: usize) {
@@ -1095,6 +1147,10 @@ impl Run {
                 .iter()
                 .filter(|v| v["snapshot"]["state"] == "bootstrapped")
                 .count() as u64;
+            self.refused += views
+                .iter()
+                .filter(|v| v["snapshot"]["state"] == "refused")
+                .count() as u64;
         }
         let (s, fleet) = self.apis[0].get("/fleet").await;
         if s != 200 || fleet["mismatches"] != json!([]) {
@@ -1143,7 +1199,7 @@ impl Run {
     /// Checks the quiet fleet a last time and stops it; how many versions
     /// were seen bootstrapped from a snapshot, and how many members were
     /// restored from a copy older than the log.
-    async fn finish(mut self) -> (u64, u64) {
+    async fn finish(mut self) -> Seen {
         self.quiet().await;
         self.stop_reader.store(true, Ordering::Relaxed);
         if let Some(r) = self.reader.take() {
@@ -1154,11 +1210,30 @@ impl Run {
         tokio::task::spawn_blocking(move || drop(members))
             .await
             .expect("members stop");
-        (self.bootstrapped, self.restored)
+        Seen {
+            bootstrapped: self.bootstrapped,
+            restored: self.restored,
+            corrupted: self.corrupted,
+            refused: self.refused,
+        }
     }
 }
 
-async fn run_sequence(seed: u64, steps: u64, runtime: &Runtime) -> (u64, u64) {
+/// What the sequences reached, summed (each must be reached in a run of
+/// 20 sequences or more).
+#[derive(Default)]
+struct Seen {
+    /// Versions seen bootstrapped from a snapshot when the log was quiet.
+    bootstrapped: u64,
+    /// Members restored from a copy of their disk older than the log.
+    restored: u64,
+    /// Snapshot files corrupted.
+    corrupted: u64,
+    /// Versions seen with a snapshot refused when the log was quiet.
+    refused: u64,
+}
+
+async fn run_sequence(seed: u64, steps: u64, runtime: &Runtime) -> Seen {
     let mut rng = Rng(seed);
     let mut run = Run::new(seed, runtime, &mut rng).await;
     // Something to serve from the start; user-0 is what the reader reads.
@@ -1201,23 +1276,30 @@ async fn generated_fleet_sequences_keep_the_fleet_invariants() {
     }
     let sequences = env_u64("KILN_FLEET_MODEL_SEQUENCES", 45);
     let base = env_u64("KILN_FLEET_MODEL_BASE", 1);
-    let (mut bootstrapped, mut restored) = (0, 0);
+    let mut seen = Seen::default();
     for seed in base..base + sequences {
         let started = Instant::now();
-        let (b, r) = run_sequence(seed, steps, &runtime).await;
-        bootstrapped += b;
-        restored += r;
+        let s = run_sequence(seed, steps, &runtime).await;
+        seen.bootstrapped += s.bootstrapped;
+        seen.restored += s.restored;
+        seen.corrupted += s.corrupted;
+        seen.refused += s.refused;
         eprintln!("seed {seed}: {steps} steps in {:?}", started.elapsed());
     }
     eprintln!(
-        "{sequences} sequences; versions seen bootstrapped from a snapshot: {bootstrapped}; members restored from an older copy of their disk: {restored}"
+        "{sequences} sequences; versions seen bootstrapped from a snapshot: {}; members restored from an older copy of their disk: {}; snapshot files corrupted: {}, versions seen refusing a snapshot: {}",
+        seen.bootstrapped, seen.restored, seen.corrupted, seen.refused
     );
     // The generator reaches snapshot bootstraps (a disk replaced after a
     // snapshot), not only replays.
     if sequences >= 20 {
-        assert!(bootstrapped > 0, "no sequence bootstrapped from a snapshot");
         assert!(
-            restored > 0,
+            seen.bootstrapped > 0,
+            "no sequence bootstrapped from a snapshot"
+        );
+        assert!(seen.corrupted > 0, "no snapshot was corrupted");
+        assert!(
+            seen.restored > 0,
             "no member was restored from a copy older than the log"
         );
     }

@@ -304,7 +304,7 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints the probes taken while `what`, and their ratios to `baseline`.
-fn summary(what: &str, probes: &Histogram<u64>, baseline: &Histogram<u64>) {
+pub(super) fn summary(what: &str, probes: &Histogram<u64>, baseline: &Histogram<u64>) {
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
     println!(
         "  while {what}:  p50 {}  p99 {}  max {}  ({} probes)",
@@ -434,7 +434,25 @@ pub(super) async fn probe(
     store: &Arc<dyn EventStore>,
     view: &ViewId,
     rate: u64,
+    done: impl FnMut(u64) -> bool,
+) -> anyhow::Result<Histogram<u64>> {
+    let login = |n: u64| {
+        (
+            format!("user-{}", n % PROBE_USERS),
+            NewEvent::json("UserLoggedIn", &serde_json::json!({})),
+        )
+    };
+    probe_with(lifecycle, store, view, rate, done, login).await
+}
+
+/// [`probe`], probe `n` appending `event(n)` (its stream, the event).
+pub(super) async fn probe_with(
+    lifecycle: &Lifecycle,
+    store: &Arc<dyn EventStore>,
+    view: &ViewId,
+    rate: u64,
     mut done: impl FnMut(u64) -> bool,
+    event: fn(u64) -> (String, NewEvent),
 ) -> anyhow::Result<Histogram<u64>> {
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
@@ -445,8 +463,8 @@ pub(super) async fn probe(
         tokio::time::sleep_until(due).await;
         let (lifecycle, store, view) = (lifecycle.clone(), store.clone(), view.clone());
         tasks.spawn(async move {
-            let stream = StreamId::new(format!("user-{}", n % PROBE_USERS))?;
-            let event = NewEvent::json("UserLoggedIn", &serde_json::json!({}));
+            let (stream, event) = event(n);
+            let stream = StreamId::new(stream)?;
             let appended = store
                 .append(AppendRequest::new(
                     stream,

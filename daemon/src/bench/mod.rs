@@ -6,6 +6,7 @@ pub mod diff;
 pub mod http;
 pub mod lag;
 pub mod projection;
+pub mod slow_diff;
 pub mod store;
 
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub enum BenchCommand {
     /// Two views of a million documents compared (`kiln diff`'s merge) next
     /// to a plain scan of both, in the same run, and their ratio.
     Diff(diff::DiffBenchArgs),
+    /// Live lag on the active version while `kiln diff` against a slow
+    /// candidate waits for it, next to idle, in the same run.
+    SlowDiff(slow_diff::SlowDiffBenchArgs),
 }
 
 /// Runs a benchmark to completion on a fresh multi-threaded runtime.
@@ -48,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Lag(args) => rt.block_on(lag::run(args)),
         BenchCommand::Diff(args) => rt.block_on(diff::run(args)),
         BenchCommand::Bootstrap(args) => rt.block_on(bootstrap::run(args)),
+        BenchCommand::SlowDiff(args) => rt.block_on(slow_diff::run(args)),
     }
 }
 
