@@ -46,7 +46,7 @@
 //! published snapshot's file (refused by whoever tries it, never served:
 //! F2); and "quiet", where F2, F3, F5 and F6 are checked.
 //!
-//! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about four minutes) sequences of
+//! `KILN_FLEET_MODEL_SEQUENCES` (default 45, about seven minutes) sequences of
 //! `KILN_FLEET_MODEL_STEPS` (default 14) steps run in the normal test
 //! command; `KILN_FLEET_MODEL_SEED=<n>` replays the one a failure names.
 
