@@ -197,14 +197,12 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
             n >= args.samples
         })
         .await?;
-        println!(
-            "round {round}: baseline p50 {} p99 {} ({} probes)",
-            millis(&idle, 0.5),
-            millis(&idle, 0.99),
-            idle.len()
-        );
-        baseline.add(&idle)?;
-        keep_best(&mut best_idle, idle);
+        tally(
+            &format!("round {round}: baseline"),
+            idle,
+            &mut baseline,
+            &mut best_idle,
+        )?;
         for phase in &mut phases {
             variants += 1;
             lifecycle.set_warmup_workers(phase.workers);
@@ -484,6 +482,25 @@ pub(super) async fn probe_with(
         hist.record(lag??.as_nanos() as u64)?;
     }
     Ok(hist)
+}
+
+/// Prints one phase's probes of one round (`what`: p50 p99, how many), adds
+/// them to `all` and keeps the round in `best` if its p99 is the lowest.
+pub(super) fn tally(
+    what: &str,
+    round: Histogram<u64>,
+    all: &mut Histogram<u64>,
+    best: &mut Option<Histogram<u64>>,
+) -> anyhow::Result<()> {
+    println!(
+        "{what} p50 {} p99 {} ({} probes)",
+        millis(&round, 0.5),
+        millis(&round, 0.99),
+        round.len()
+    );
+    all.add(&round)?;
+    keep_best(best, round);
+    Ok(())
 }
 
 /// Keeps in `best` whichever of it and `round` has the lower p99.

@@ -33,7 +33,7 @@ use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
 
-use super::lag::{keep_best, millis, probe_with, summary, wait_while_warming};
+use super::lag::{millis, probe_with, summary, tally, wait_while_warming};
 use super::ratio;
 use crate::lifecycle::{
     CutoverPolicy, Lifecycle, LifecycleConfig, PoisonPolicy, ViewPolicy, ViewState,
@@ -205,14 +205,12 @@ async fn bench(args: &SlowDiffBenchArgs, wasm: &[u8], dir: &std::path::Path) -> 
             note,
         )
         .await?;
-        println!(
-            "round {round}: baseline p50 {} p99 {} ({} probes)",
-            millis(&idle, 0.5),
-            millis(&idle, 0.99),
-            idle.len()
-        );
-        baseline.add(&idle)?;
-        keep_best(&mut best_idle, idle);
+        tally(
+            &format!("round {round}: baseline"),
+            idle,
+            &mut baseline,
+            &mut best_idle,
+        )?;
         // The same spins with nothing compared: what the spinning guest
         // alone costs the probes (it takes a core).
         let last = spin(
@@ -232,13 +230,13 @@ async fn bench(args: &SlowDiffBenchArgs, wasm: &[u8], dir: &std::path::Path) -> 
             note,
         )
         .await?;
-        println!(
-            "  while {slow} spins, nothing compared: p50 {} p99 {} ({} probes)",
-            millis(&alone, 0.5),
-            millis(&alone, 0.99),
-            alone.len()
-        );
-        spinning.add(&alone)?;
+        let mut unused = None;
+        tally(
+            &format!("  while {slow} spins, nothing compared:"),
+            alone,
+            &mut spinning,
+            &mut unused,
+        )?;
         spin(
             &store,
             &lifecycle,
@@ -275,14 +273,14 @@ async fn bench(args: &SlowDiffBenchArgs, wasm: &[u8], dir: &std::path::Path) -> 
             lifecycle.status_of(&slow).map(|s| s.state) == Some(ViewState::Ready),
             "{slow} is no longer ready"
         );
-        println!(
-            "  while a diff waits for {slow} ({took:.2} s, of which {waited} ms waiting): p50 {} p99 {} ({} probes)",
-            millis(&busy, 0.5),
-            millis(&busy, 0.99),
-            busy.len()
-        );
-        slow_diff.add(&busy)?;
-        keep_best(&mut best_busy, busy);
+        tally(
+            &format!(
+                "  while a diff waits for {slow} ({took:.2} s, of which {waited} ms waiting):"
+            ),
+            busy,
+            &mut slow_diff,
+            &mut best_busy,
+        )?;
     }
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
     println!("read-your-writes lag on {active}, all rounds:");
