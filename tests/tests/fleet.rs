@@ -1109,3 +1109,56 @@ async fn a_member_back_in_contact_answers_what_was_decided_while_it_was_out() {
     }
     drop(members);
 }
+
+/// Regression (found by the fleet model, seed 23): while c was cut off, the
+/// fleet switched to `users-1_1_0` as a and b build it; c runs another
+/// module under that id. Back in contact, c fences it, and a promote of
+/// `users-1_1_0` asked on c waited 20 s for c to follow what it never will,
+/// then answered 504 `fleet_pending`. It is refused at once, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promote_of_what_the_fleet_serves_under_another_module_is_refused_at_once() {
+    let (_nats, proxy, members, apis) = c_behind_a_proxy().await;
+    // One id, two builds: the fleet never proposes it while c's record
+    // shows c's.
+    deploy_everywhere(&apis[2..], "1.1.0", Some("Variant2")).await;
+    apis[2]
+        .wait_state("users-1_1_0", "ready", Duration::from_secs(30))
+        .await;
+    deploy_everywhere(&apis[..2], "1.1.0", Some("Variant1")).await;
+    for api in &apis[..2] {
+        api.wait_state("users-1_1_0", "ready", Duration::from_secs(30))
+            .await;
+    }
+    assert_eq!(answers(&apis[0]).await.as_deref(), Some("users-1_0_0"));
+    // Without c, it is switched to.
+    proxy.cut();
+    all_answer(&apis[..2], "users-1_1_0", Duration::from_secs(30)).await;
+    proxy.heal();
+    // As soon as c has read the decision (it fences the name), before or
+    // after its own record is back: the model's promote came that early.
+    until("c fences users", Duration::from_secs(30), || async {
+        let (_, b) = apis[2].get("/views/users/user-1").await;
+        (b["error"]["code"] == "fleet_other_logic").then_some(())
+    })
+    .await;
+    let asked = Instant::now();
+    let (s, b) = apis[2]
+        .post_json("/admin/views/users-1_1_0/promote", &json!({}))
+        .await;
+    let took = asked.elapsed();
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (503, Some("fleet_other_logic")),
+        "a promote on c of the version the fleet serves under another module: {s} {b} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "refused only after {took:?}");
+    // The fleet goes on serving a's and b's build, and c still never answers it.
+    assert_eq!(answers(&apis[0]).await.as_deref(), Some("users-1_1_0"));
+    let (s, b) = apis[2].get("/views/users/user-1").await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (503, Some("fleet_other_logic")),
+        "{b}"
+    );
+    drop(members);
+}

@@ -375,6 +375,14 @@ impl Lifecycle {
         });
         let in_contact = self.inner.fleet.in_contact();
         let decision = self.inner.fleet.decisions().get(name).cloned();
+        // The fleet's version under another module here: never its.
+        if let Some(o) = decision
+            .as_ref()
+            .filter(|d| d.next.is_none())
+            .and_then(|d| other_logic(reg, d, d.active.as_ref()?))
+        {
+            return Err(LifecycleError::FleetOtherLogic(Box::new(o)));
+        }
         match decision {
             Some(FleetDecision {
                 next: Some(next), ..
@@ -382,28 +390,6 @@ impl Lifecycle {
                 name: name.to_string(),
                 to: next,
             }),
-            // The fleet's version under another module here: never its.
-            Some(FleetDecision {
-                active: Some(active),
-                fingerprint: Some(fleet),
-                ..
-            }) if reg
-                .entries
-                .get(&active)
-                .is_some_and(|e| e.fingerprint != fleet) =>
-            {
-                Err(LifecycleError::FleetOtherLogic(Box::new(
-                    super::OtherLogic {
-                        here: reg
-                            .entries
-                            .get(&active)
-                            .map(|e| e.fingerprint.clone())
-                            .unwrap_or_default(),
-                        version: active,
-                        fleet,
-                    },
-                )))
-            }
             Some(FleetDecision {
                 active: Some(active),
                 ..
@@ -556,6 +542,11 @@ impl Lifecycle {
                 });
             }
         }
+        // The fleet already serves (or switches to) this id built from
+        // another module: this instance will never follow it, so say so now
+        // rather than after the wait (found by the fleet model, seed 23: a
+        // 504 after 20 s on the odd member of a mixed version).
+        self.refuse_other_logic(id)?;
         let mut changed = self.inner.fleet.changed.subscribe();
         let ours = coordinator.propose(id.clone(), how.to_string()).await?;
         let deadline = Instant::now() + FOLLOW_WAIT;
@@ -589,6 +580,7 @@ impl Lifecycle {
                     });
                 }
             }
+            self.refuse_other_logic(id)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(LifecycleError::FleetPending {
@@ -597,6 +589,18 @@ impl Lifecycle {
                 });
             }
             let _ = tokio::time::timeout(left, changed.changed()).await;
+        }
+    }
+
+    /// `FleetOtherLogic` when the fleet's decision names `id` (as the
+    /// version it serves or switches to) under another module than the one
+    /// deployed here under it.
+    fn refuse_other_logic(&self, id: &ViewId) -> Result<(), LifecycleError> {
+        let decision = self.inner.fleet.decisions().get(id.name()).cloned();
+        let st = self.inner.lock();
+        match decision.and_then(|d| other_logic(&st.registry, &d, id)) {
+            Some(o) => Err(LifecycleError::FleetOtherLogic(Box::new(o))),
+            None => Ok(()),
         }
     }
 
@@ -719,3 +723,16 @@ impl super::Inner {
 
 /// How long a change waits for its fleet record to be written.
 const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
+
+/// `decision` names `id` (as the version it switches to, else the one it
+/// serves) under another module than the one deployed here under `id`.
+fn other_logic(reg: &Registry, decision: &FleetDecision, id: &ViewId) -> Option<super::OtherLogic> {
+    let target = decision.next.as_ref().or(decision.active.as_ref())?;
+    let fleet = decision.fingerprint.as_ref()?;
+    let here = &reg.entries.get(id)?.fingerprint;
+    (target == id && here != fleet).then(|| super::OtherLogic {
+        version: id.clone(),
+        fleet: fleet.clone(),
+        here: here.clone(),
+    })
+}
