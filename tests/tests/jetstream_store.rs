@@ -195,6 +195,28 @@ async fn every_id_character_is_a_subject_token_character() {
     assert_eq!(got[0].stream.category(), "acct:eu@x+y=z_w");
 }
 
+/// Creates stream `SHARED` capturing kiln's subjects under prefix `shop`
+/// and `extra`, with none of kiln's settings.
+async fn shared_stream(
+    client: &async_nats::Client,
+    extra: &[&str],
+) -> async_nats::jetstream::Context {
+    let js = async_nats::jetstream::new(client.clone());
+    let subjects: Vec<String> = ["shop.*.*", "shop._kiln.tag.*", "shop._kiln.probe.*"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(str::to_string)
+        .collect();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SHARED".into(),
+        subjects,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js
+}
+
 /// An existing stream missing kiln's settings is updated; one capturing other
 /// subjects is refused with a message saying what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,18 +225,7 @@ async fn existing_streams_are_checked_at_start_up() {
         .await
         .unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "SHARED".into(),
-        subjects: vec![
-            "shop.*.*".into(),
-            "shop._kiln.tag.*".into(),
-            "shop._kiln.probe.*".into(),
-        ],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let js = shared_stream(&client, &[]).await;
     let mut config = test_config(&server.url());
     config.stream = "SHARED".into();
     config.subject_prefix = "shop".into();
@@ -705,4 +716,60 @@ async fn one_replica_is_flagged_as_not_synced_on_every_write() {
         warning.contains("1 replica") && warning.contains("sync_interval: always"),
         "{warning}"
     );
+}
+
+/// A stream shared with another service that publishes on subjects of its
+/// own (kiln's stream captures them too): their messages sit between kiln's
+/// events, and a tail hands out kiln's events only, counts none of them as
+/// foreign, and its positions step over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_services_subjects_on_a_shared_stream_never_reach_a_tail() {
+    let server = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    shared_stream(&client, &["billing.>"]).await;
+    let mut config = test_config(&server.url());
+    config.stream = "SHARED".into();
+    config.subject_prefix = "shop".into();
+    let s = JetStreamStore::connect(config)
+        .await
+        .expect("adopts the stream");
+    let mut want = Vec::new();
+    let mut theirs = Vec::new();
+    for i in 0..6u64 {
+        theirs.push(
+            publish_raw(
+                &client,
+                &format!("billing.invoice.{i}"),
+                HeaderMap::new(),
+                "{}",
+            )
+            .await,
+        );
+        let r = must(s.append(AppendRequest::new(
+            sid(&format!("cart-{i}")),
+            ExpectedVersion::NoStream,
+            events(1, 2),
+        )))
+        .await;
+        want.extend(r.first_position..=r.position);
+        theirs.push(
+            publish_raw(
+                &client,
+                "billing.deep.nested.subject",
+                HeaderMap::new(),
+                "x",
+            )
+            .await,
+        );
+    }
+    let tailed = collect_tail(&s, 1, want.len()).await;
+    assert_eq!(tailed.iter().map(|e| e.position).collect::<Vec<_>>(), want);
+    assert!(tailed.iter().all(|e| e.stream.category() == "cart"));
+    assert!(theirs.iter().all(|p| !want.contains(p)));
+    let health = s.health();
+    assert_eq!(health.foreign_messages_total, 0, "{health:?}");
+    // Their messages after kiln's last event: the tail waits on, nothing else.
+    assert_eq!(s.head().await.unwrap(), want[want.len() - 1]);
 }

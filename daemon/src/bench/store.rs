@@ -47,6 +47,13 @@ pub struct StoreBenchArgs {
     /// Replicas of the bench's stream (3 on a 3-node cluster).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// `--backend jetstream`: events per multi-event append (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,500")]
+    pub batch_sizes: Vec<usize>,
+    /// `--backend jetstream`: concurrent writers of multi-event appends
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub writers: Vec<usize>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,8 @@
 //! - Append throughput with 1 and 64 appenders (expected-version appends, one
 //!   event each), and a raw publish loop (no headers, no guard) with 1 and 64
 //!   publishers.
+//! - Multi-event appends of `--batch-sizes` events with `--writers` writers,
+//!   next to a raw async-nats atomic batch publisher doing the same.
 //!
 //! It runs on a stream and subject prefix of its own (`KILNBENCH_<random>`),
 //! deleted afterwards, so it can point at a shared server.
@@ -22,7 +24,7 @@ use futures::StreamExt;
 use super::super::{Samples, micros, ratio};
 use super::{StoreBenchArgs, append_bench, latest_version_bench, payload};
 use crate::store::jetstream::{JetStreamConfig, JetStreamStore};
-use crate::store::{EventStore, StreamId};
+use crate::store::{AppendRequest, EventStore, ExpectedVersion, StreamId};
 
 pub async fn run(args: StoreBenchArgs) -> anyhow::Result<()> {
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -68,7 +70,148 @@ async fn measure(
         println!("consumer-per-call baseline skipped: {e:#}");
     }
     let (one, many) = append_bench(store, args).await?;
-    raw_publish_bench(js_store, args, one, many).await
+    raw_publish_bench(js_store, args, one, many).await?;
+    multi_event_bench(js_store, store, args).await
+}
+
+/// Multi-event appends (one stream per writer, expected-version guarded,
+/// `n` events each) next to a raw async-nats atomic batch publisher writing
+/// as many messages of the same size per batch, plain (no headers) and
+/// checked (what the server checks on kiln's: a message id on every message,
+/// the subject's last sequence on the first), for each batch size and writer
+/// count: events/s and their ratios.
+async fn multi_event_bench(
+    js_store: &JetStreamStore,
+    store: &Arc<dyn EventStore>,
+    args: &StoreBenchArgs,
+) -> anyhow::Result<()> {
+    let window = Duration::from_secs_f64(args.seconds);
+    println!(
+        "multi-event appends, events/s (raw: async-nats atomic batches of as many messages, \
+         plain and checked = ids + guard):"
+    );
+    println!(
+        "{:>6} {:>7} {:>10} {:>10} {:>10} {:>11} {:>10} {:>12}",
+        "events", "writers", "kiln", "raw", "raw ckd", "appends/s", "kiln/raw", "kiln/raw ckd"
+    );
+    for &n in &args.batch_sizes {
+        for &writers in &args.writers {
+            let kiln = super::super::rate_of_workers(writers, window, |i, deadline| {
+                let store = store.clone();
+                async move {
+                    let stream = StreamId::new(format!("bench-multi{n}w{writers}x{i}"))?;
+                    let (mut version, mut events) = (0u64, 0u64);
+                    while Instant::now() < deadline {
+                        let batch = (0..n as u64).map(|k| payload(version + k)).collect();
+                        store
+                            .append(AppendRequest::new(
+                                stream.clone(),
+                                ExpectedVersion::Exact(version),
+                                batch,
+                            ))
+                            .await?;
+                        version += n as u64;
+                        events += n as u64;
+                    }
+                    Ok(events)
+                }
+            })
+            .await?;
+            let mut raw = [0.0; 2];
+            for (checked, rate) in [false, true].into_iter().zip(raw.iter_mut()) {
+                *rate = super::super::rate_of_workers(writers, window, |i, deadline| {
+                    let client = js_store.client().clone();
+                    let subject = StreamId::new(format!("raw-multi{n}w{writers}c{checked}x{i}"))
+                        .map(|s| js_store.subjects().event(&s));
+                    async move {
+                        let subject = subject?;
+                        let (mut events, mut last) = (0u64, 0u64);
+                        let mut guard = checked.then_some(&mut last);
+                        while Instant::now() < deadline {
+                            if raw_atomic_batch(&client, &subject, n, events, guard.as_deref_mut())
+                                .await?
+                            {
+                                events += n as u64;
+                            }
+                        }
+                        Ok(events)
+                    }
+                })
+                .await?;
+            }
+            println!(
+                "{n:>6} {writers:>7} {kiln:>10.0} {:>10.0} {:>10.0} {:>11.0} {:>10.2} {:>12.2}",
+                raw[0],
+                raw[1],
+                kiln / n as f64,
+                ratio(kiln, raw[0]),
+                ratio(kiln, raw[1])
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One atomic batch of `n` messages on `subject`, published the plain way:
+/// all but the last without waiting, the last (the commit) as a request.
+/// With `guard` (the subject's last sequence, updated), every message also
+/// carries a message id and the first the guard. `false` when the server
+/// refused it as too many batches in flight (it allows 50 per stream): the
+/// caller tries again.
+async fn raw_atomic_batch(
+    client: &async_nats::Client,
+    subject: &str,
+    n: usize,
+    first: u64,
+    guard: Option<&mut u64>,
+) -> anyhow::Result<bool> {
+    use async_nats::HeaderMap;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let checked = guard.is_some();
+    let expected = guard.as_deref().copied();
+    let headers = |k: usize| {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Batch-Id", id.as_str());
+        h.insert("Nats-Batch-Sequence", k.to_string().as_str());
+        if checked {
+            h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+        }
+        if let (1, Some(last)) = (k, expected) {
+            h.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                last.to_string().as_str(),
+            );
+        }
+        h
+    };
+    for k in 1..n {
+        client
+            .publish_with_headers(
+                subject.to_string(),
+                headers(k),
+                payload(first + k as u64 - 1).data,
+            )
+            .await?;
+    }
+    let mut h = headers(n);
+    h.insert("Nats-Batch-Commit", "1");
+    let reply = client
+        .request_with_headers(subject.to_string(), h, payload(first + n as u64 - 1).data)
+        .await?;
+    let ack: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    // Too many batches in flight on the stream (10210), or a batch whose
+    // first messages the server dropped for that reason (10176).
+    if ack["error"]["err_code"] == 10210 || ack["error"]["err_code"] == 10176 {
+        return Ok(false);
+    }
+    anyhow::ensure!(
+        ack["error"].is_null() && ack["count"] == n as u64,
+        "a raw atomic batch of {n} was not committed: {ack}"
+    );
+    if let (Some(last), Some(seq)) = (guard, ack["seq"].as_u64()) {
+        *last = seq;
+    }
+    Ok(true)
 }
 
 /// The approach kiln avoids: a consumer with deliver-last created per call.
@@ -182,7 +325,50 @@ async fn raw_publish_bench(
         ratio(kiln_one, one),
         ratio(kiln_many, many)
     );
+    let g_one = raw_guarded_publishers(js_store, 1, window).await?;
+    let g_many = raw_guarded_publishers(js_store, 64, window).await?;
+    println!(
+        "raw guarded publish (Nats-Msg-Id + expected last subject sequence): {g_one:.0} msgs/s (1), {g_many:.0} msgs/s (64)"
+    );
+    println!(
+        "kiln append / raw guarded publish:  {:.2} (1),  {:.2} (64)",
+        ratio(kiln_one, g_one),
+        ratio(kiln_many, g_many)
+    );
     Ok(())
+}
+
+/// Raw publishes carrying what the server checks on a kiln append: a message
+/// id (dedupe) and the subject's last sequence (the version guard).
+async fn raw_guarded_publishers(
+    js_store: &JetStreamStore,
+    n: usize,
+    window: Duration,
+) -> anyhow::Result<f64> {
+    super::super::rate_of_workers(n, window, |i, deadline| {
+        let js = js_store.context().clone();
+        let subject = StreamId::new(format!("rawg-{n}x{i}")).map(|s| js_store.subjects().event(&s));
+        async move {
+            let subject = subject?;
+            let (mut count, mut last) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+                h.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    last.to_string().as_str(),
+                );
+                let ack = js
+                    .publish_with_headers(subject.clone(), h, payload(count).data)
+                    .await?
+                    .await?;
+                last = ack.sequence;
+                count += 1;
+            }
+            Ok(count)
+        }
+    })
+    .await
 }
 
 async fn raw_publishers(

@@ -138,6 +138,9 @@ struct Inner {
     connects: Arc<AtomicU64>,
     /// The server runs JetStream in a cluster (see [`Inner::probe`]).
     clustered: bool,
+    /// The stream captures kiln's subjects only: tails read it whole (see
+    /// [`Inner::open_tail`]).
+    whole_stream_tail: bool,
     /// See [`Inner::seen`].
     seen_events: AtomicU64,
     seen_snapshots: AtomicU64,
@@ -254,6 +257,19 @@ impl JetStreamStore {
             },
         )
         .await?;
+        let whole_stream_tail = {
+            let ours = [
+                subjects.events_filter(),
+                subjects.tags_filter(),
+                subjects.probe_filter(),
+            ];
+            events
+                .cached_info()
+                .config
+                .subjects
+                .iter()
+                .all(|s| ours.contains(s))
+        };
         let identity = format!(
             "jetstream:{}:{}",
             config.stream,
@@ -274,6 +290,7 @@ impl JetStreamStore {
                 foreign_total: AtomicU64::new(0),
                 tail_stalls: AtomicU64::new(0),
                 clustered,
+                whole_stream_tail,
                 connects,
                 seen_events: AtomicU64::new(0),
                 seen_snapshots: AtomicU64::new(0),
@@ -1670,10 +1687,22 @@ impl Inner {
                 self.config.stream
             )
         };
+        // Unfiltered when the stream holds kiln's subjects only: the server
+        // then walks its blocks in order. With a wildcard filter that is not
+        // the whole stream, it looks every message up through the block's
+        // subject index, whose cost grows with the subjects in the block
+        // (nats-server `msgBlock.firstMatching`): events written in runs of
+        // one stream read 2.6x slower than interleaved ones that way. Tag
+        // markers are then delivered too, and skipped (`Tail::take`).
+        let filter_subject = if self.whole_stream_tail {
+            String::new()
+        } else {
+            self.subjects.events_filter()
+        };
         // Bounded well below the request timeout: during a leader election
         // the request can go unanswered, and the tail's loop retries it.
         let create = self.events.create_consumer(pull::OrderedConfig {
-            filter_subject: self.subjects.events_filter(),
+            filter_subject,
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: from,
             },
@@ -1690,16 +1719,17 @@ impl Inner {
     }
 
     /// A delivered message's sequence, and the event it holds (or why it is
-    /// not a kiln event, recorded as foreign).
-    fn decode_delivered(
-        &self,
-        msg: &jetstream::Message,
-    ) -> Result<(Position, Result<RecordedEvent, wire::NotKiln>), StoreError> {
+    /// not a kiln event, recorded as foreign); `None` for a message outside
+    /// the event subjects (a tag marker, read by an unfiltered tail).
+    fn decode_delivered(&self, msg: &jetstream::Message) -> Result<Delivered, StoreError> {
         let info = msg.info().map_err(|e| StoreError::Corrupt {
             what: format!("a message delivered on '{}'", msg.subject),
             reason: format!("unreadable delivery metadata: {e}"),
         })?;
         let seq = info.stream_sequence;
+        if !self.subjects.is_event(msg.subject.as_str()) {
+            return Ok((seq, None));
+        }
         let timestamp = msg
             .reply
             .as_ref()
@@ -1718,9 +1748,13 @@ impl Inner {
         if let Err(why) = &ev {
             self.note_foreign(seq, msg.subject.as_str(), why);
         }
-        Ok((seq, ev))
+        Ok((seq, Some(ev)))
     }
 }
+
+/// A delivered message's position and, on an event subject, its event or why
+/// it is not one.
+type Delivered = (Position, Option<Result<RecordedEvent, wire::NotKiln>>);
 
 /// How long a tail waits for a message before asking the server whether the
 /// log moved without it (a consumer lost to a leader election can stay silent
@@ -1763,11 +1797,11 @@ impl Tail {
         for msg in raw {
             match self.inner.decode_delivered(&msg) {
                 Ok((seq, _)) if seq < self.next => {}
-                Ok((seq, Ok(ev))) => {
+                Ok((seq, Some(Ok(ev)))) => {
                     self.next = seq + 1;
                     out.push(ev);
                 }
-                Ok((seq, Err(_))) => self.next = seq + 1,
+                Ok((seq, Some(Err(_)) | None)) => self.next = seq + 1,
                 Err(e) => {
                     tracing::warn!(
                         "tail at position {}: {e}; recreating its consumer",

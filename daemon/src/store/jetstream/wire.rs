@@ -85,6 +85,17 @@ impl Subjects {
         format!("{}.*.*", self.prefix)
     }
 
+    /// Whether `subject` matches [`Self::events_filter`].
+    pub fn is_event(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(category, id)| {
+                !category.is_empty() && !id.is_empty() && !id.contains('.')
+            })
+    }
+
     pub fn tag(&self, tag: &str) -> String {
         format!("{}._kiln.tag.{tag}", self.prefix)
     }
