@@ -316,17 +316,17 @@ async fn raw_publish_bench(
     kiln_many: f64,
 ) -> anyhow::Result<()> {
     let window = Duration::from_secs_f64(args.seconds);
-    let one = raw_publishers(js_store, 1, window).await?;
+    let one = raw_publishers(js_store, 1, window, false).await?;
     println!("raw publish throughput, 1 publisher:    {one:>10.0} msgs/s");
-    let many = raw_publishers(js_store, 64, window).await?;
+    let many = raw_publishers(js_store, 64, window, false).await?;
     println!("raw publish throughput, 64 publishers:  {many:>10.0} msgs/s");
     println!(
         "kiln append / raw publish:  {:.2} (1),  {:.2} (64)",
         ratio(kiln_one, one),
         ratio(kiln_many, many)
     );
-    let g_one = raw_guarded_publishers(js_store, 1, window).await?;
-    let g_many = raw_guarded_publishers(js_store, 64, window).await?;
+    let g_one = raw_publishers(js_store, 1, window, true).await?;
+    let g_many = raw_publishers(js_store, 64, window, true).await?;
     println!(
         "raw guarded publish (Nats-Msg-Id + expected last subject sequence): {g_one:.0} msgs/s (1), {g_many:.0} msgs/s (64)"
     );
@@ -338,54 +338,38 @@ async fn raw_publish_bench(
     Ok(())
 }
 
-/// Raw publishes carrying what the server checks on a kiln append: a message
-/// id (dedupe) and the subject's last sequence (the version guard).
-async fn raw_guarded_publishers(
-    js_store: &JetStreamStore,
-    n: usize,
-    window: Duration,
-) -> anyhow::Result<f64> {
-    super::super::rate_of_workers(n, window, |i, deadline| {
-        let js = js_store.context().clone();
-        let subject = StreamId::new(format!("rawg-{n}x{i}")).map(|s| js_store.subjects().event(&s));
-        async move {
-            let subject = subject?;
-            let (mut count, mut last) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let mut h = async_nats::HeaderMap::new();
-                h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
-                h.insert(
-                    "Nats-Expected-Last-Subject-Sequence",
-                    last.to_string().as_str(),
-                );
-                let ack = js
-                    .publish_with_headers(subject.clone(), h, payload(count).data)
-                    .await?
-                    .await?;
-                last = ack.sequence;
-                count += 1;
-            }
-            Ok(count)
-        }
-    })
-    .await
-}
-
+/// Raw publishes, plain or `checked`: carrying what the server checks on a
+/// kiln append, a message id (dedupe) and the subject's last sequence (the
+/// version guard).
 async fn raw_publishers(
     js_store: &JetStreamStore,
     n: usize,
     window: Duration,
+    checked: bool,
 ) -> anyhow::Result<f64> {
     super::super::rate_of_workers(n, window, |i, deadline| {
         let js = js_store.context().clone();
-        let subject = StreamId::new(format!("raw-{n}x{i}")).map(|s| js_store.subjects().event(&s));
+        let subject =
+            StreamId::new(format!("raw-{n}c{checked}x{i}")).map(|s| js_store.subjects().event(&s));
         async move {
             let subject = subject?;
-            let mut count = 0u64;
+            let (mut count, mut last) = (0u64, 0u64);
             while Instant::now() < deadline {
-                js.publish(subject.clone(), payload(count).data)
-                    .await?
-                    .await?;
+                let data = payload(count).data;
+                let ack = if checked {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+                    h.insert(
+                        "Nats-Expected-Last-Subject-Sequence",
+                        last.to_string().as_str(),
+                    );
+                    js.publish_with_headers(subject.clone(), h, data)
+                        .await?
+                        .await?
+                } else {
+                    js.publish(subject.clone(), data).await?.await?
+                };
+                last = ack.sequence;
                 count += 1;
             }
             Ok(count)
