@@ -120,6 +120,10 @@ pub struct ProjectionBenchArgs {
     /// (e.g. `nats://127.0.0.1:4222`; a stream of its own, deleted afterwards).
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// Replicas of that stream (3 with the comma-separated URLs of a 3-node
+    /// cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 pub async fn run(args: ProjectionBenchArgs) -> anyhow::Result<()> {
@@ -270,6 +274,8 @@ async fn jetstream(
     use crate::store::jetstream::{JetStreamConfig, JetStreamStore};
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let mut config = JetStreamConfig::new(url);
+    config.servers = url.split(',').map(|u| u.trim().to_string()).collect();
+    config.replicas = args.replicas;
     config.stream = format!("KILNBENCH_{tag}");
     config.subject_prefix = format!("kilnbench{tag}");
     let js = JetStreamStore::connect(config.clone())

@@ -349,10 +349,12 @@ async fn raw_publishers(
 ) -> anyhow::Result<f64> {
     super::super::rate_of_workers(n, window, |i, deadline| {
         let js = js_store.context().clone();
+        let stream = js_store.config().stream.clone();
         let subject =
             StreamId::new(format!("raw-{n}c{checked}x{i}")).map(|s| js_store.subjects().event(&s));
         async move {
             let subject = subject?;
+            let stream = js.get_stream(&stream).await?;
             let (mut count, mut last) = (0u64, 0u64);
             while Instant::now() < deadline {
                 let data = payload(count).data;
@@ -363,9 +365,31 @@ async fn raw_publishers(
                         "Nats-Expected-Last-Subject-Sequence",
                         last.to_string().as_str(),
                     );
-                    js.publish_with_headers(subject.clone(), h, data)
+                    match js
+                        .publish_with_headers(subject.clone(), h, data)
                         .await?
-                        .await?
+                        .await
+                    {
+                        Ok(ack) => ack,
+                        // A cluster's leader can refuse a guard it has not applied
+                        // yet: read the subject's last sequence, as kiln does, and
+                        // try again.
+                        Err(e) if e.to_string().contains("wrong last sequence") => {
+                            last = match stream.direct_get_last_for_subject(subject.clone()).await
+                            {
+                                Ok(m) => m.sequence,
+                                Err(e)
+                                    if e.kind()
+                                        == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+                                {
+                                    0
+                                }
+                                Err(e) => return Err(e.into()),
+                            };
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 } else {
                     js.publish(subject.clone(), data).await?.await?
                 };
