@@ -1152,6 +1152,17 @@ impl Run {
                 .filter(|v| v["snapshot"]["state"] == "refused")
                 .count() as u64;
         }
+        // Every member back in the fleet's membership (one just healed
+        // writes its record at its next heartbeat; seed 40 looked first).
+        self.until("F6: every member listed in GET /fleet", || async {
+            let (_, fleet) = self.apis[0].get("/fleet").await;
+            let listed: BTreeSet<&str> = fleet["members"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|m| m["instance"].as_str()).collect())
+                .unwrap_or_default();
+            MEMBERS.iter().all(|m| listed.contains(m)).then_some(())
+        })
+        .await;
         let (s, fleet) = self.apis[0].get("/fleet").await;
         if s != 200 || fleet["mismatches"] != json!([]) {
             self.fail(format!("F2: the fleet's digests disagree: {s} {fleet}"));

@@ -107,9 +107,11 @@ async fn writer(
 }
 
 /// The baseline a kiln append window is held to: a raw async-nats client on
-/// a connection of its own (the library's defaults), publishing plain
-/// messages to the same stream (on a probe subject, which no tail hands
-/// out) and publishing again 50 ms after each failure.
+/// a connection of its own, publishing plain messages to the same stream (on
+/// a probe subject, which no tail hands out), giving up on an ack after
+/// 1.5 s (kiln's patience; the library's default of 5 s would make most of
+/// the baseline's window its own timeout) and publishing again 50 ms after
+/// each failure.
 async fn raw_writer(
     urls: Vec<String>,
     subject: String,
@@ -119,7 +121,9 @@ async fn raw_writer(
         .connect(urls)
         .await
         .expect("a raw client connects");
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(1500))
+        .build(client);
     let mut out = Written::default();
     while !*stop.borrow() {
         let acked = match js.publish(subject.clone(), "raw".into()).await {
