@@ -255,13 +255,7 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
     }
 
     println!("live lag, append → visible in the active view {active}, all rounds:");
-    println!(
-        "  no warm-up (baseline):   p50 {}  p99 {}  max {}  ({} probes)",
-        millis(&baseline, 0.5),
-        millis(&baseline, 0.99),
-        millis(&baseline, 1.0),
-        baseline.len()
-    );
+    baseline_line("no warm-up (baseline):  ", &baseline);
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
     let first_rate = phases.first().map_or(0.0, WarmPhase::mean_rate);
     for phase in &phases {
@@ -302,6 +296,17 @@ async fn bench(args: &LagBenchArgs, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints the probes taken while `what`, and their ratios to `baseline`.
+/// The baseline's line in a lag summary: `label`, then p50, p99, max.
+pub(super) fn baseline_line(label: &str, baseline: &Histogram<u64>) {
+    println!(
+        "  {label} p50 {}  p99 {}  max {}  ({} probes)",
+        millis(baseline, 0.5),
+        millis(baseline, 0.99),
+        millis(baseline, 1.0),
+        baseline.len()
+    );
+}
+
 pub(super) fn summary(what: &str, probes: &Histogram<u64>, baseline: &Histogram<u64>) {
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
     println!(

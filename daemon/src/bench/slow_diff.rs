@@ -33,7 +33,7 @@ use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
 
-use super::lag::{millis, probe_with, summary, tally, wait_while_warming};
+use super::lag::{baseline_line, probe_with, summary, tally, wait_while_warming};
 use super::ratio;
 use crate::lifecycle::{
     CutoverPolicy, Lifecycle, LifecycleConfig, PoisonPolicy, ViewPolicy, ViewState,
@@ -284,13 +284,7 @@ async fn bench(args: &SlowDiffBenchArgs, wasm: &[u8], dir: &std::path::Path) -> 
     }
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64;
     println!("read-your-writes lag on {active}, all rounds:");
-    println!(
-        "  idle:                       p50 {}  p99 {}  max {}  ({} probes)",
-        millis(&baseline, 0.5),
-        millis(&baseline, 0.99),
-        millis(&baseline, 1.0),
-        baseline.len()
-    );
+    baseline_line("idle:                      ", &baseline);
     summary("it spins, no diff", &spinning, &baseline);
     summary("a slow diff waits", &slow_diff, &baseline);
     println!(
