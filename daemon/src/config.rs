@@ -158,6 +158,10 @@ pub struct ServeConfig {
     pub watch_debounce_ms: u64,
     /// Most events a warming version applies between yields to live views.
     pub warmup_batch: usize,
+    /// MiB of the log a warming per-stream view reads at a time and applies
+    /// grouped by stream (each stream's document decoded and encoded once
+    /// per window, not once per event); 0 = apply in log order.
+    pub warmup_group_mib: usize,
     /// Workers a warming per-stream view replays with, each the streams of
     /// its hash partition; 0 (the default) = the machine's cores minus one.
     pub warmup_workers: usize,
@@ -206,6 +210,9 @@ impl ViewOverrides {
     }
 }
 
+/// The largest `warmup_group_mib`: a window is held in memory while it applies.
+pub const MAX_WARMUP_GROUP_MIB: usize = 4096;
+
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
@@ -218,6 +225,7 @@ impl Default for ServeConfig {
             standby_grace_secs: 300,
             watch_debounce_ms: 300,
             warmup_batch: 256,
+            warmup_group_mib: 64,
             warmup_workers: 0,
             stall_after_secs: 30,
             default_policy: ViewPolicy::default(),
@@ -593,6 +601,10 @@ impl ServeConfig {
         }
         anyhow::ensure!(self.warmup_batch > 0, "warmup_batch must be above 0");
         anyhow::ensure!(
+            self.warmup_group_mib <= MAX_WARMUP_GROUP_MIB,
+            "warmup_group_mib must be at most {MAX_WARMUP_GROUP_MIB} (0 = apply in log order)"
+        );
+        anyhow::ensure!(
             self.warmup_workers <= crate::lifecycle::MAX_WARMUP_WORKERS,
             "warmup_workers must be at most {} (0 = the cores minus one)",
             crate::lifecycle::MAX_WARMUP_WORKERS
@@ -676,6 +688,7 @@ impl ServeConfig {
             .collect();
         c.standby_grace = Duration::from_secs(self.standby_grace_secs);
         c.warmup_batch = self.warmup_batch;
+        c.warmup_group_bytes = self.warmup_group_mib << 20;
         c.warmup_workers = match self.warmup_workers {
             0 => crate::lifecycle::default_warmup_workers(),
             n => n,

@@ -181,8 +181,8 @@ pub trait Projection {
     /// in the manifest). [`PerStream`] says so, and holds it by construction;
     /// a general projection may declare it when it holds. The host checks it
     /// while a warm-up is split: a document touched from two partitions makes
-    /// the version warm again from the first event with one worker (README,
-    /// "Parallel warm-up").
+    /// the version warm again from the first event with one worker
+    /// (docs/lifecycle.md, "Parallel warm-up").
     const PER_STREAM: bool = false;
     /// The typed events: an enum whose variants are the event types.
     type Event: DeserializeOwned;

@@ -169,6 +169,12 @@ struct Shared {
     /// Steps after which some version warmed with one worker because a split
     /// warm-up met a shared document.
     unsplit: std::sync::atomic::AtomicU64,
+    /// Steps after which some version had applied warm-up windows grouped
+    /// by stream.
+    grouped: std::sync::atomic::AtomicU64,
+    /// Steps after which some version warmed in log order because a grouped
+    /// window met a document shared between streams.
+    ungrouped: std::sync::atomic::AtomicU64,
     /// Restores that discarded history (a log, views and registry gone back
     /// to a backup older than the log's head).
     restored: std::sync::atomic::AtomicU64,
@@ -200,6 +206,8 @@ impl Shared {
             partitioned: std::sync::atomic::AtomicU64::new(0),
             bootstrapped: std::sync::atomic::AtomicU64::new(0),
             unsplit: std::sync::atomic::AtomicU64::new(0),
+            grouped: std::sync::atomic::AtomicU64::new(0),
+            ungrouped: std::sync::atomic::AtomicU64::new(0),
             restored: std::sync::atomic::AtomicU64::new(0),
             runtime,
             modules,
@@ -305,6 +313,13 @@ impl<'a> Run<'a> {
         // setting changing across restarts (a stored warm-up keeps its own).
         c.warmup_workers = 1 + ((self.seed + self.log.len() as u64) % 3) as usize;
         c.warmup_partition_min_events = 0;
+        // Warm-up windows grouped by stream: off, a few events each (many
+        // windows, crashes between them), or the whole backlog at once.
+        c.warmup_group_bytes = match (self.seed + self.log.len() as u64 / 7) % 3 {
+            0 => 0,
+            1 => 2048,
+            _ => 64 << 20,
+        };
         if self.seed % 2 == 1 {
             c.default_policy.cutover = CutoverPolicy::AutoIfIdentical;
         }
@@ -895,9 +910,24 @@ impl<'a> Run<'a> {
                 .partitioned
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if status.iter().any(|s| s.warning.is_some()) {
+        let warned = |what: &str| {
+            status
+                .iter()
+                .any(|s| s.warning.as_deref().is_some_and(|w| w.contains(what)))
+        };
+        if warned("partition") {
             self.shared
                 .unsplit
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if warned("warm-up window") {
+            self.shared
+                .ungrouped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if status.iter().any(|s| s.grouped_events > 0) {
+            self.shared
+                .grouped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if status.iter().any(|s| {
@@ -1076,8 +1106,10 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
         .load(std::sync::atomic::Ordering::Relaxed);
     let unsplit = shared.unsplit.load(std::sync::atomic::Ordering::Relaxed);
     let restored = shared.restored.load(std::sync::atomic::Ordering::Relaxed);
+    let grouped = shared.grouped.load(std::sync::atomic::Ordering::Relaxed);
+    let ungrouped = shared.ungrouped.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document, {restored} restores discarding history",
+        "{n} sequences of {steps} steps in {:.1} s; {partitioned} steps saw a partitioned warm-up, {bootstrapped} a version bootstrapped from a snapshot, {unsplit} a split warm-up undone for a shared document, {grouped} a warm-up grouped by stream, {ungrouped} a grouped window refused for a shared document, {restored} restores discarding history",
         started.elapsed().as_secs_f64()
     );
     assert!(
@@ -1091,6 +1123,14 @@ async fn generated_operation_sequences_keep_the_lifecycle_invariants() {
     assert!(
         n < 20 || restored > 0,
         "no sequence restored a backup older than its log"
+    );
+    assert!(
+        n < 20 || grouped > 0,
+        "no sequence warmed a version in windows grouped by stream"
+    );
+    assert!(
+        n < 20 || ungrouped > 0,
+        "no grouped window met the shared document of a `Shared` version"
     );
     assert!(
         n < 20 || unsplit > 0,

@@ -175,7 +175,10 @@ async fn a_crash_mid_warm_up_resumes_every_partition_from_its_own_checkpoint() {
     let module = users_module("1.0.0", false);
     let v = id("users-1_0_0");
 
-    let lc = start(&env, config(&env, "data", 3)).await;
+    // Grouped windows of 256 KiB: many commits per partition to crash between.
+    let mut c = config(&env, "data", 3);
+    c.warmup_group_bytes = 256 << 10;
+    let lc = start(&env, c).await;
     lc.deploy(&module, "test").await.expect("deploy");
     // Crash once the partitions have applied some of the log, not all.
     let stored = loop {
@@ -213,7 +216,9 @@ async fn a_crash_mid_warm_up_resumes_every_partition_from_its_own_checkpoint() {
 
     // Restart with one worker configured: the stored warm-up finishes as it
     // began, with three partitions, each from its own checkpoint.
-    let lc = start(&env, config(&env, "data", 1)).await;
+    let mut c = config(&env, "data", 1);
+    c.warmup_group_bytes = 256 << 10;
+    let lc = start(&env, c).await;
     wait_until("users-1_0_0 active after the restart", || {
         state(&lc, "users-1_0_0") == Some(ViewState::Active)
     })
@@ -276,5 +281,141 @@ async fn a_partitioned_warm_up_catches_up_with_a_growing_log() {
         "the warm-up did not run in partitions"
     );
     assert!(equals_clean_rebuild(&env, lc.views(), &v, head).await);
+    lc.shutdown().await;
+}
+
+// Grouped warm-up (issue 28): windows of the log applied with each stream's
+// events together, checked against log order.
+
+/// `config` with warm-up windows of `group_kib` KiB (0: log order) and
+/// `warmup_batch` events per call.
+fn grouped_config(env: &Env, data: &str, workers: usize, group_kib: usize) -> LifecycleConfig {
+    let mut c = config(env, data, workers);
+    c.warmup_group_bytes = group_kib << 10;
+    c.warmup_batch = 16;
+    c.warmup_partition_min_events = 0;
+    c
+}
+
+async fn wait_failed(lc: &Lifecycle, v: &str) -> kiln::lifecycle::ViewStatus {
+    wait_until("the version fails", || {
+        state(lc, v) == Some(ViewState::Failed)
+    })
+    .await;
+    lc.status_of(&id(v)).expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grouped_warm_up_builds_and_parks_what_log_order_does() {
+    let env = env();
+    let head = fill(&env.store, 40, 0, true).await;
+    let module = users_module("1.0.0", false);
+    let v = id("users-1_0_0");
+    // Windows of 256 KiB: many of them, one holding the poison event.
+    for (workers, data) in [(1, "grouped"), (2, "grouped-split")] {
+        let grouped = start(&env, grouped_config(&env, data, workers, 256)).await;
+        deploy_and_wait_active(&grouped, &module, "users-1_0_0").await;
+        let in_order = start(
+            &env,
+            grouped_config(&env, &format!("{data}-log"), workers, 0),
+        )
+        .await;
+        deploy_and_wait_active(&in_order, &module, "users-1_0_0").await;
+
+        let (g, o) = (
+            grouped.status_of(&v).expect("status"),
+            in_order.status_of(&v).expect("status"),
+        );
+        assert!(g.grouped_events > 0, "{data}: nothing grouped: {g:?}");
+        assert_eq!(o.grouped_events, 0, "{data}: grouped with windows off");
+        assert_eq!(g.warning, None, "{data}");
+        assert_eq!((g.checkpoint, o.checkpoint), (head, head));
+        let docs = documents(grouped.views(), &v);
+        assert_eq!(docs.len() as u64, USERS);
+        assert!(
+            docs == documents(in_order.views(), &v),
+            "{data}: grouped and log order built different documents"
+        );
+        assert!(
+            equals_clean_rebuild(&env, grouped.views(), &v, head).await,
+            "{data}: the documents differ from a clean rebuild"
+        );
+        // The poison event parked alike: the same event, position and
+        // reason (only when it was parked differs).
+        let parked = |lc: &Lifecycle| {
+            let mut all = lc.parked(&v).expect("parked");
+            all.iter_mut().for_each(|p| p.parked_at = 0);
+            all
+        };
+        let (pg, po) = (parked(&grouped), parked(&in_order));
+        assert_eq!(pg.len(), 1, "{data}");
+        assert_eq!(pg, po, "{data}: dead letters differ");
+        grouped.shutdown().await;
+        in_order.shutdown().await;
+    }
+}
+
+/// Two events the module refuses in one window: on `user-5`, then later on
+/// `user-1`, whose events come first in the window (it registered first).
+/// Grouped by stream, `user-1`'s would be met first; the version must fail
+/// on `user-5`'s, the first in log order, as it does in log order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grouped_warm_up_fails_on_the_first_poison_event_in_log_order() {
+    let env = env();
+    fill(&env.store, 6, 0, false).await;
+    let first = append(
+        &env.store,
+        5,
+        NewEvent::json("LoginFailed", &json!("poison")),
+    )
+    .await;
+    fill(&env.store, 2, 6, false).await;
+    let later = append(&env.store, 1, NewEvent::json("UserRenamed", &json!(7))).await;
+    fill(&env.store, 4, 8, false).await;
+    let module = users_module("1.0.0", false);
+    let mut outcomes = Vec::new();
+    for (data, kib) in [("grouped", 4096), ("log", 0)] {
+        let mut c = grouped_config(&env, data, 1, kib);
+        c.default_policy.poison = PoisonPolicy::Stop;
+        let lc = start(&env, c).await;
+        lc.deploy(&module, "test").await.expect("deploy");
+        let status = wait_failed(&lc, "users-1_0_0").await;
+        outcomes.push((status.failed_position, status.last_error.clone()));
+        lc.shutdown().await;
+    }
+    assert!(first < later);
+    assert_eq!(outcomes[0].0, Some(first), "grouped: {:?}", outcomes[0]);
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "grouped and log order failed apart"
+    );
+}
+
+/// `tally` declaring `per_stream` (its `all` document gathers every stream,
+/// and records the last position counted): grouped windows meet `all` from
+/// two units, apply the window in log order instead and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grouped_window_that_shares_a_document_is_applied_in_log_order() {
+    let env = env();
+    let head = fill(&env.store, 20, 0, false).await;
+    let users = users_module("1.0.0", false);
+    let mut manifest = wasm::manifest_of(&users);
+    manifest["per_stream"] = json!(true);
+    let tally = std::fs::read(wasm::TALLY).expect("the tally module");
+    let lying = with_manifest(&tally, &manifest.to_string());
+    let lc = start(&env, grouped_config(&env, "data", 1, 64)).await;
+    deploy_and_wait_active(&lc, &lying, "users-1_0_0").await;
+    let v = id("users-1_0_0");
+    let status = lc.status_of(&v).expect("status");
+    let warning = status.warning.clone().unwrap_or_default();
+    assert!(
+        warning.contains("\"all\"") && warning.contains("warm-up window"),
+        "{status:?}"
+    );
+    let loaded = wasm::runtime().load("tally", &lying).expect("tally loads");
+    assert!(
+        documents(lc.views(), &v) == rebuild(&loaded, &read_log(&env.store).await, head),
+        "the documents differ from a clean rebuild"
+    );
     lc.shutdown().await;
 }

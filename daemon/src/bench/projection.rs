@@ -130,6 +130,12 @@ pub struct ProjectionBenchArgs {
     /// cluster).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Also run the daemon's own warm-up (a lifecycle deploys the module
+    /// and replays the log) with these worker counts, comma-separated, each
+    /// in log order and in windows of `--group-window-mib` grouped by
+    /// stream (`warmup_group_mib`); empty: skip.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub warmup_workers: Vec<usize>,
 }
 
 pub async fn run(args: ProjectionBenchArgs) -> anyhow::Result<()> {
@@ -172,11 +178,14 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
         println!("  compared with {} ({})", m.view_id(), other.display());
         others.push(m);
     }
+    let wasm = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Per layout: the daemon's grouped warm-up rates (one per worker count).
+    let mut warmups: Vec<(Layout, Vec<f64>)> = Vec::new();
     for layout in &args.layout {
         let log_dir = dir.join(format!("{layout:?}"));
         let mut config = EmbeddedConfig::new(log_dir.join("log"));
         config.durability = Durability::Buffered;
-        let store = EmbeddedStore::open(config).context("opening the embedded store")?;
+        let store = Arc::new(EmbeddedStore::open(config).context("opening the embedded store")?);
         let started = Instant::now();
         fill_layout(&store, args.events, *layout, args.projection).await?;
         println!(
@@ -188,10 +197,13 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
         let (rounds, which, main) = (args.rounds.max(1), args.projection, module.clone());
         let group_window = args.group_window_mib << 20;
         let others_here = others.clone();
+        let shared = store.clone();
+        let log_dir_here = log_dir.clone();
         let (best, best_others) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Rates, Vec<Rates>)> {
                 let mut best = Rates::default();
                 let mut best_others = vec![Rates::default(); others_here.len()];
+                let (store, log_dir) = (shared, log_dir_here);
                 for round in 0..rounds {
                     let views = log_dir.join(format!("views-{round}"));
                     let (r, native_docs) =
@@ -267,12 +279,96 @@ async fn bench(args: &ProjectionBenchArgs, dir: &std::path::Path) -> anyhow::Res
             instance_cost * 1e6,
             100.0 * instance_cost / batch_secs
         );
+        if !args.warmup_workers.is_empty() {
+            let mut rates = Vec::new();
+            for &workers in &args.warmup_workers {
+                let runs = [(0, "log order"), (args.group_window_mib, "grouped")];
+                let mut pair = [0.0; 2];
+                for (i, (mib, what)) in runs.into_iter().enumerate() {
+                    let data = log_dir.join(format!("daemon-{workers}-{mib}"));
+                    let (rate, peak) =
+                        daemon_warmup(store.clone(), &wasm, &data, mib << 20, workers).await?;
+                    let _ = std::fs::remove_dir_all(&data);
+                    pair[i] = rate;
+                    println!(
+                        "  daemon warm-up, {workers} worker(s), {what:<9}     {rate:>10.0} events/s  = {:.2} × the log read{}{}",
+                        ratio(rate, log_only),
+                        if i == 1 {
+                            format!(", {:.2} × log order", ratio(rate, pair[0]))
+                        } else {
+                            String::new()
+                        },
+                        peak.map_or(String::new(), |mib| format!("; peak RSS {mib:.0} MiB"))
+                    );
+                }
+                rates.push(pair[1]);
+            }
+            if let [one, more @ ..] = &rates[..] {
+                for (w, r) in args.warmup_workers.iter().skip(1).zip(more) {
+                    println!("  grouped warm-up, {w} workers / 1: {:.2}", ratio(*r, *one));
+                }
+            }
+            warmups.push((*layout, rates));
+        }
         if let Some(url) = &args.nats_url {
             let views = dir.join(format!("{layout:?}-jetstream-views"));
             jetstream(url, args, *layout, &module, &views, log_only, wasm_view).await?;
         }
     }
+    if let Some((_, runs)) = warmups.iter().find(|(l, _)| *l == Layout::Runs) {
+        for (layout, rates) in warmups.iter().filter(|(l, _)| *l != Layout::Runs) {
+            for ((w, r), base) in args.warmup_workers.iter().zip(rates).zip(runs) {
+                println!(
+                    "daemon grouped warm-up, {layout:?} / runs, {w} worker(s): {:.2}  (goal ≥ 0.8)",
+                    ratio(*r, *base)
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The daemon's warm-up of `wasm` over `store`: a lifecycle in `data`
+/// deploys it and replays the whole log with `workers` workers and grouped
+/// windows of `group_bytes` (0: log order). Events/s from the deploy to
+/// the end of the warm-up, and the process's peak RSS meanwhile (MiB; the
+/// peak is reset first where Linux allows it).
+async fn daemon_warmup(
+    store: Arc<EmbeddedStore>,
+    wasm: &[u8],
+    data: &std::path::Path,
+    group_bytes: usize,
+    workers: usize,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    use crate::lifecycle::{CutoverPolicy, Lifecycle, LifecycleConfig, ViewPolicy};
+    let mut lc = LifecycleConfig::new(data);
+    lc.warmup_group_bytes = group_bytes;
+    lc.warmup_workers = workers.max(1);
+    lc.default_policy = ViewPolicy {
+        cutover: CutoverPolicy::Manual,
+        ..ViewPolicy::default()
+    };
+    let store: Arc<dyn EventStore> = store;
+    let lifecycle = Lifecycle::start(lc, store, Runtime::new(RuntimeConfig::default())?)
+        .await
+        .context("starting the lifecycle")?;
+    // Reset the peak RSS (Linux: "5" to clear_refs), so it is this run's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let started = Instant::now();
+    let id = lifecycle.deploy(wasm, "bench").await?.id().clone();
+    super::lag::wait_while_warming(&lifecycle, &id).await?;
+    let took = started.elapsed().as_secs_f64();
+    let applied = lifecycle.status_of(&id).map_or(0, |s| s.checkpoint);
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+        });
+    lifecycle.shutdown().await;
+    Ok((applied as f64 / took, peak))
 }
 
 /// The warm-up's read path on JetStream: the layout written to a stream of

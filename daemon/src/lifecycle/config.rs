@@ -67,6 +67,9 @@ pub struct LifecycleConfig {
     /// Most events a warming version applies per batch (it yields to live
     /// versions between batches).
     pub warmup_batch: usize,
+    /// Bytes of the log a warming per-stream view applies grouped by
+    /// stream (see `worker/grouped.rs`); 0: in log order.
+    pub warmup_group_bytes: usize,
     /// Workers a warming per-stream view (manifest `per_stream`) replays
     /// with, each the streams of its hash partition with its own instance and
     /// checkpoint; 1 = one worker, as any other view.
@@ -114,6 +117,7 @@ impl LifecycleConfig {
             policies: BTreeMap::new(),
             standby_grace: Duration::from_secs(300),
             warmup_batch: 256,
+            warmup_group_bytes: 64 << 20,
             warmup_workers: 1,
             warmup_partition_min_events: 4096,
             recover_registry: false,

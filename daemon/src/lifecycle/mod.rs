@@ -1268,6 +1268,9 @@ impl Inner {
             warmup_workers: progress
                 .map(|p| p.partitions.load(Ordering::Relaxed))
                 .filter(|n| *n > 1),
+            grouped_events: progress
+                .filter(|_| own)
+                .map_or(0, |p| p.grouped.load(Ordering::Relaxed)),
             paused: progress.and_then(|p| p.paused()),
             warning: progress.and_then(|p| p.warning()),
             host_faults: progress.map_or(0, |p| p.faults.load(Ordering::Relaxed)),

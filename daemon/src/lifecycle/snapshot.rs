@@ -1,4 +1,4 @@
-//! The lifecycle's side of view snapshots (README "Snapshots and
+//! The lifecycle's side of view snapshots (docs/fleet.md, "Snapshots and
 //! bootstrap"; the store, manifests and leases are `crate::snapshots`): a
 //! snapshot on command, the one a warm-up ships once caught up, periodic
 //! ones, and letting go of the building lease when a warm-up makes no

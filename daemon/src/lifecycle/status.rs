@@ -107,6 +107,9 @@ pub struct ViewStatus {
     /// Workers its warm-up replays (or replayed, since the daemon started)
     /// with, each the streams of one partition; `None`: one worker.
     pub warmup_workers: Option<usize>,
+    /// Events its warm-up applied in windows grouped by stream (since the
+    /// daemon started; see `warmup_group_mib`).
+    pub grouped_events: u64,
     /// Why its worker is paused by a host fault (storage I/O, a full disk,
     /// the log unreadable): it retries with backoff and resumes by itself,
     /// serving its committed documents meanwhile. Not a failure.

@@ -30,6 +30,7 @@ use crate::snapshots::{Bootstrap, SnapshotError};
 use crate::store::{Position, RecordedEvent};
 use crate::views::{Slot, ViewId};
 
+mod grouped;
 mod partitioned;
 
 /// How long a worker waits before re-opening a tail that returned an error.
@@ -96,6 +97,8 @@ pub(super) struct Progress {
     pub paused: std::sync::Mutex<Option<String>>,
     /// Host faults met since start (each one paused the worker).
     pub faults: AtomicU64,
+    /// Events its warm-up applied in windows grouped by stream.
+    pub grouped: AtomicU64,
     /// Partitions of its warm-up, while one runs or since one ran (0: none).
     pub partitions: AtomicUsize,
     /// What it is doing with snapshots (see [`crate::snapshots`]).
@@ -125,6 +128,7 @@ impl Progress {
             batch_latency: LatencyHistogram::default(),
             paused: std::sync::Mutex::new(None),
             faults: AtomicU64::new(0),
+            grouped: AtomicU64::new(0),
             partitions: AtomicUsize::new(0),
             snapshot: std::sync::Mutex::new(None),
             fleet_first: AtomicBool::new(false),
@@ -301,6 +305,8 @@ pub(super) fn spawn(
         target: None,
         open_error: None,
         slot: Slot::View,
+        gathered: grouped::Gathered::default(),
+        ungrouped: None,
     };
     let join = tokio::spawn(
         async move {
@@ -333,6 +339,10 @@ struct Worker {
     /// Whose checkpoint the projector moves: the view's, or (a worker of a
     /// partitioned warm-up) its partition's.
     slot: Slot,
+    /// Events gathered for the next grouped window (see `grouped.rs`).
+    gathered: grouped::Gathered,
+    /// Why this worker stopped grouping windows, if it did.
+    ungrouped: Option<String>,
 }
 
 /// Why a worker stopped applying.
@@ -435,10 +445,13 @@ impl Worker {
             .inner
             .tail(&self.progress.marks, self.progress.checkpoint() + 1);
         loop {
-            tokio::select! {
+            let done = tokio::select! {
                 biased;
                 _ = stop_rx.changed() => break,
-                Some(cmd) = commands.recv() => self.command(cmd).await,
+                Some(cmd) = commands.recv() => {
+                    self.command(cmd).await;
+                    continue;
+                }
                 next = tail.next() => match next {
                     None => {
                         tracing::info!("the log's tail ended (store closed)");
@@ -454,44 +467,55 @@ impl Worker {
                         if self.inner.store.head().await.is_ok() {
                             self.progress.set_paused(None);
                         }
+                        // The new tail hands over again what was gathered.
+                        self.gathered.clear();
                         tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
+                        continue;
                     }
-                    Some(Ok(batch)) => match self.batch(batch, &mut stop_rx).await {
-                        Ok(()) => backoff = FAULT_RETRY_FIRST,
-                        Err(Halt::Stopped) => break,
-                        Err(Halt::Failed { position, reason }) => {
-                            self.fail(position, reason);
+                    Some(Ok(batch)) => self.batch(batch, &mut stop_rx).await,
+                },
+                // No batch for a while: what was gathered is a window.
+                _ = tokio::time::sleep_until(self.gathered.linger_until()), if !self.gathered.is_empty() => {
+                    self.apply_window(&mut stop_rx).await
+                }
+            };
+            match done {
+                Ok(()) => backoff = FAULT_RETRY_FIRST,
+                Err(Halt::Stopped) => break,
+                Err(Halt::Failed { position, reason }) => {
+                    self.fail(position, reason);
+                    return;
+                }
+                Err(Halt::SplitDependent(violation)) => {
+                    // Only a split warm-up's partitions claim documents.
+                    self.fail(None, violation.to_string());
+                    return;
+                }
+                Err(Halt::Fault { reason }) => {
+                    // Back to the checkpoint: what failed to commit is
+                    // applied again by a fresh projector.
+                    self.projector = None;
+                    self.gathered.clear();
+                    loop {
+                        if !self.pause(&reason, &mut backoff, &mut stop_rx).await {
                             return;
                         }
-                        Err(Halt::SplitDependent(violation)) => {
-                            // Only a split warm-up's partitions claim documents.
-                            self.fail(None, violation.to_string());
-                            return;
-                        }
-                        Err(Halt::Fault { reason }) => {
-                            // Back to the checkpoint: what failed to commit is
-                            // applied again by a fresh projector.
-                            self.projector = None;
-                            loop {
-                                if !self.pause(&reason, &mut backoff, &mut stop_rx).await {
+                        match self.open().await {
+                            Ok(()) => break,
+                            Err(e) => match Halt::of(e, None) {
+                                Halt::Fault { .. } => continue,
+                                _ => {
+                                    let reason = self.open_error.take().unwrap_or_default();
+                                    self.fail(None, reason);
                                     return;
                                 }
-                                match self.open().await {
-                                    Ok(()) => break,
-                                    Err(e) => match Halt::of(e, None) {
-                                        Halt::Fault { .. } => continue,
-                                        _ => {
-                                            let reason = self.open_error.take().unwrap_or_default();
-                                            self.fail(None, reason);
-                                            return;
-                                        }
-                                    },
-                                }
-                            }
-                            tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
+                            },
                         }
-                    },
-                },
+                    }
+                    tail = self
+                        .inner
+                        .tail(&self.progress.marks, self.progress.checkpoint() + 1);
+                }
             }
         }
         tracing::info!(
@@ -614,6 +638,19 @@ impl Worker {
         if let Some(last) = batch.last() {
             self.inner.head.fetch_max(last.position, Ordering::AcqRel);
         }
+        if self.groups() {
+            if self.gathered.is_empty() {
+                // The window ends at the head as it is now (or sooner).
+                let head = self.inner.store.head().await.unwrap_or(0);
+                self.gathered.aim(head);
+            }
+            let through = batch.last().map_or(0, |e| e.position);
+            self.gathered.push(batch, through);
+            if self.window_full() {
+                return self.apply_window(stop_rx).await;
+            }
+            return Ok(());
+        }
         let batch = Arc::new(batch);
         if !self.progress.warming.load(Ordering::Acquire) {
             let priority = self.inner.priority.clone();
@@ -637,6 +674,16 @@ impl Worker {
         Ok(())
     }
 
+    /// Applies the gathered window, then checks whether the warm-up caught up.
+    async fn apply_window(&mut self, stop_rx: &mut watch::Receiver<bool>) -> Result<(), Halt> {
+        self.apply_gathered(stop_rx).await?;
+        self.check_caught_up()
+            .await
+            .map_err(|e| tracing::warn!("reading the log head: {e}"))
+            .ok();
+        Ok(())
+    }
+
     /// Applies `batch` as a warming version does: `warmup_batch` events at a
     /// time, each step once live workers are idle (or [`WARM_MAX_WAIT`] has
     /// passed).
@@ -647,11 +694,7 @@ impl Worker {
     ) -> Result<(), Halt> {
         // K partition workers step K times finer: a live batch waits for a
         // core at most as long as it would behind one warming worker.
-        let share = match self.slot {
-            Slot::View => 1,
-            Slot::Partition { of, .. } => of as usize,
-        };
-        let step = (self.inner.config.warmup_batch / share).max(1);
+        let step = self.step();
         let mut at = 0;
         while at < batch.len() {
             tokio::select! {
@@ -785,11 +828,7 @@ impl Worker {
         range: std::ops::Range<usize>,
     ) -> Result<(), ProjectionError> {
         let Some(mut projector) = self.projector.take() else {
-            return Err(ProjectionError::Instantiate {
-                projection: self.module.name().to_string(),
-                version: self.module.version().to_string(),
-                reason: "the projector was lost after an earlier failure".into(),
-            });
+            return Err(self.lost_projector());
         };
         let events = batch.clone();
         let before = projector.checkpoint();

@@ -1598,7 +1598,7 @@ impl Form {
             Form::LaidOut { reason } => format!(
                 "data and function table compared as laid out, because {reason}; a rebuild \
                  at another version may then look changed. For Rust, build with --emit-relocs \
-                 (the build.rs `kiln new` writes, see the README); an AssemblyScript module \
+                 (the build.rs `kiln new` writes, see docs/projections.md); an AssemblyScript module \
                  needs nothing: its version lives only in the manifest, so a version bump \
                  alone aliases"
             ),

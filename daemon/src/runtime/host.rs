@@ -95,6 +95,11 @@ pub(crate) struct HostState {
     /// What the batch read, kept when its view warms split (the host checks
     /// the `per_stream` promise, see `views::owners`).
     pub(super) touched: Option<Touched>,
+    /// What earlier calls of a grouped window wrote, not committed yet:
+    /// read after the call's own writes, before the committed view (see
+    /// [`super::instance::Projector::apply_unit`]). Scans do not see it: a
+    /// scan in a window of more than one unit is never committed.
+    pub(super) pending: Option<std::sync::Arc<Writes>>,
 }
 
 impl HostState {
@@ -120,6 +125,7 @@ impl HostState {
             table_total: 0,
             read_buf: Vec::new(),
             touched: None,
+            pending: None,
         }
     }
 
@@ -185,6 +191,10 @@ impl HostState {
         }
         if self.writes.contains_key(key) {
             return Ok(self.writes.get(key).and_then(|v| v.as_deref()));
+        }
+        if self.pending.as_ref().is_some_and(|p| p.contains_key(key)) {
+            let pending = self.pending.as_ref().and_then(|p| p.get(key));
+            return Ok(pending.and_then(|v| v.as_deref()));
         }
         match self.source.get_into(key, &mut self.read_buf) {
             Ok(true) => Ok(Some(&self.read_buf)),

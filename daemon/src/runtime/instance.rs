@@ -142,9 +142,26 @@ impl Instance {
         }
     }
 
+    /// Stops keeping what each batch reads (a view's own instance between
+    /// grouped windows).
+    pub fn untrack_reads(&mut self) {
+        self.tracking = false;
+    }
+
     /// Runs `events` through the projection (those its manifest does not want are
     /// skipped) and returns the batch's writes. Nothing is committed here.
     pub fn apply(&mut self, events: &[RecordedEvent]) -> Result<Writes, ProjectionError> {
+        let events: Vec<&RecordedEvent> = events.iter().collect();
+        self.apply_over(&events, None)
+    }
+
+    /// [`Self::apply`] reading `pending` (writes not committed yet) between
+    /// the batch's own writes and the committed view.
+    pub fn apply_over(
+        &mut self,
+        events: &[&RecordedEvent],
+        pending: Option<std::sync::Arc<Writes>>,
+    ) -> Result<Writes, ProjectionError> {
         self.batch.clear();
         self.positions.clear();
         self.touched = Touched::default();
@@ -161,6 +178,7 @@ impl Instance {
         let last = events.last().map_or(0, |e| e.position);
         let mut live = self.take_live()?;
         live.store.data_mut().touched = self.tracking.then(Touched::default);
+        live.store.data_mut().pending = pending;
         let result = self.call_guest(&mut live);
         let st = live.store.data_mut();
         self.touched = st.touched.take().unwrap_or_default();
@@ -332,6 +350,46 @@ pub struct Projector {
     checkpoint: Position,
     /// What this projector claimed in a split warm-up (see `views::owners`).
     held: HeldClaims,
+    /// A grouped window being applied, not committed yet.
+    window: Option<Window>,
+}
+
+/// A grouped window in progress (see `lifecycle/worker/grouped.rs`): what
+/// its calls wrote (not committed: later calls read it), what they read,
+/// and which unit touched each document.
+struct Window {
+    pending: std::sync::Arc<Writes>,
+    /// Every call's reads and scans, for a split warm-up's claims.
+    touched: Touched,
+    owners: std::collections::HashMap<Vec<u8>, Owner>,
+    /// The unit of the last call, and how many units made calls.
+    unit: Option<u32>,
+    units: u32,
+    /// A prefix some call scanned.
+    scanned: Option<Vec<u8>>,
+    first: Position,
+    events: u64,
+}
+
+/// Who touched a document in a window: the first unit, whether any unit
+/// wrote it, whether another unit touched it too.
+struct Owner {
+    unit: u32,
+    written: bool,
+    shared: bool,
+}
+
+/// Why a window's calls may differ from applying its events in log order:
+/// a document written by one unit and touched by another, or a scan in a
+/// window of more than one unit. Nothing of the window may be committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ungroupable {
+    /// The document's key, or the prefix scanned (lossy UTF-8).
+    pub key: String,
+    /// The unit that touched it first (None for a scan).
+    pub first: Option<u32>,
+    /// The unit whose call met it.
+    pub unit: u32,
 }
 
 impl Projector {
@@ -368,6 +426,7 @@ impl Projector {
             slot,
             checkpoint,
             held: HeldClaims::default(),
+            window: None,
         })
     }
 
@@ -401,7 +460,119 @@ impl Projector {
             tracing::debug_span!("batch", view = %self.view, first = events[0].position, last)
                 .entered();
         let writes = self.instance.apply(events)?;
-        self.commit(&writes, true, events[0].position, last)
+        let touched = self.instance.touched().clone();
+        self.commit(&writes, &touched, events[0].position, last)
+    }
+
+    /// Applies `events` (log order, after the checkpoint) as one call of a
+    /// grouped window on behalf of `unit` (a set of streams; calls of one
+    /// unit come one after another). The call reads what the window's
+    /// earlier calls wrote; its writes join them, uncommitted. `Ok(Err)`:
+    /// the window touched a document from two units with a write, or
+    /// scanned in a window of more than one unit, so its calls may differ
+    /// from applying its events in log order: drop the window
+    /// ([`Self::drop_window`]). On `Err` the window must be dropped too.
+    pub fn apply_unit(
+        &mut self,
+        unit: u32,
+        events: &[&RecordedEvent],
+    ) -> Result<Result<(), Ungroupable>, ProjectionError> {
+        let events: Vec<&RecordedEvent> = events
+            .iter()
+            .copied()
+            .filter(|e| e.position > self.checkpoint)
+            .collect();
+        let Some(first) = events.first().map(|e| e.position) else {
+            return Ok(Ok(()));
+        };
+        let partition = matches!(self.slot, Slot::Partition { .. });
+        let window = self.window.get_or_insert_with(|| Window {
+            pending: std::sync::Arc::default(),
+            touched: Touched::default(),
+            owners: std::collections::HashMap::new(),
+            unit: None,
+            units: 0,
+            scanned: None,
+            first,
+            events: 0,
+        });
+        self.instance.track_reads();
+        let applied = self
+            .instance
+            .apply_over(&events, Some(window.pending.clone()));
+        if !partition {
+            self.instance.untrack_reads();
+        }
+        let writes = applied?;
+        if window.unit != Some(unit) {
+            window.unit = Some(unit);
+            window.units += 1;
+        }
+        window.events += events.len() as u64;
+        let touched = self.instance.touched();
+        if window.scanned.is_none() {
+            window.scanned = touched.scans.iter().next().cloned();
+        }
+        if let Some(prefix) = &window.scanned
+            && window.units > 1
+        {
+            return Ok(Err(Ungroupable {
+                key: String::from_utf8_lossy(prefix).into_owned(),
+                first: None,
+                unit,
+            }));
+        }
+        let keys = writes.keys().map(|k| (k, true)).chain(
+            touched
+                .reads
+                .iter()
+                .filter(|k| !writes.contains_key(*k))
+                .map(|k| (k, false)),
+        );
+        for (key, written) in keys {
+            let owner = window.owners.entry(key.clone()).or_insert(Owner {
+                unit,
+                written,
+                shared: false,
+            });
+            owner.shared |= owner.unit != unit;
+            owner.written |= written;
+            if owner.shared && owner.written {
+                return Ok(Err(Ungroupable {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    first: Some(owner.unit),
+                    unit,
+                }));
+            }
+        }
+        if partition {
+            window.touched.reads.extend(touched.reads.iter().cloned());
+        }
+        std::sync::Arc::make_mut(&mut window.pending).extend(writes);
+        Ok(Ok(()))
+    }
+
+    /// Events applied by the window's calls so far (0: no window).
+    pub fn window_events(&self) -> u64 {
+        self.window.as_ref().map_or(0, |w| w.events)
+    }
+
+    /// Commits the window's writes with the checkpoint `through` in one
+    /// write batch (nothing when no call applied anything but the checkpoint).
+    pub fn commit_window(&mut self, through: Position) -> Result<(), ProjectionError> {
+        let Some(window) = self.window.take() else {
+            return self.advance_to(through);
+        };
+        if through <= self.checkpoint {
+            return Ok(());
+        }
+        let writes = std::sync::Arc::try_unwrap(window.pending).unwrap_or_else(|p| (*p).clone());
+        self.commit(&writes, &window.touched, window.first, through)
+    }
+
+    /// Forgets the window's writes: nothing of it was committed.
+    pub fn drop_window(&mut self) {
+        self.window = None;
     }
 
     /// Moves the checkpoint to `through` with no documents: the events up to
@@ -411,25 +582,24 @@ impl Projector {
         if through <= self.checkpoint {
             return Ok(());
         }
-        self.commit(&Writes::new(), false, self.checkpoint + 1, through)
+        self.commit(
+            &Writes::new(),
+            &Touched::default(),
+            self.checkpoint + 1,
+            through,
+        )
     }
 
     /// Commits `writes` and the checkpoint `last`; a split warm-up's
-    /// partition claims what the batch touched (with `claims`) and refuses
-    /// a batch that breaks `per_stream` (see `views::owners`).
+    /// partition claims what the batch touched (`touched`, and the writes)
+    /// and refuses a batch that breaks `per_stream` (see `views::owners`).
     fn commit(
         &mut self,
         writes: &Writes,
-        claims: bool,
+        touched: &Touched,
         first: Position,
         last: Position,
     ) -> Result<(), ProjectionError> {
-        let nothing = Touched::default();
-        let touched = if claims {
-            self.instance.touched()
-        } else {
-            &nothing
-        };
         self.views
             .commit_claimed(&self.view, self.slot, writes, touched, &mut self.held, last)
             .map_err(|source| ProjectionError::View {

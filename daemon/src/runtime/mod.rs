@@ -29,7 +29,7 @@ use std::time::Duration;
 use wasmtime::{Config, Engine, Linker, OptLevel};
 
 pub use fingerprint::{Fingerprint, FingerprintReport};
-pub use instance::{Instance, Projector, encode_event};
+pub use instance::{Instance, Projector, Ungroupable, encode_event};
 pub use module::Module;
 
 use crate::store::Position;

@@ -480,8 +480,8 @@ impl StoreError {
     }
 }
 
-/// A message on an event subject that is not a kiln event (see the README's
-/// wire format): tails and reads skip it, appends after it are refused.
+/// A message on an event subject that is not a kiln event (see docs/store.md,
+/// "Foreign messages"): tails and reads skip it, appends after it are refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ForeignRecord {
     pub position: Position,

@@ -64,6 +64,9 @@ struct Share {
     events: Arc<Vec<RecordedEvent>>,
     /// The batch's last position: the partition's checkpoint afterwards.
     through: Position,
+    /// The head the coordinator reads toward: a grouped window of the
+    /// partition is applied once its shares reach it.
+    head: Position,
 }
 
 /// What a partition worker tells the coordinator.
@@ -72,7 +75,11 @@ enum Report {
         index: usize,
         checkpoint: Position,
         applied: u64,
+        /// Of them, applied in windows grouped by stream.
+        grouped: u64,
         parked: usize,
+        /// Why the partition stopped grouping windows, if it did.
+        warning: Option<String>,
     },
     Halted {
         index: usize,
@@ -218,6 +225,8 @@ impl Worker {
                     index: index as u32,
                     of,
                 },
+                gathered: Default::default(),
+                ungrouped: None,
             };
             let span = tracing::info_span!("partition", index, of);
             tasks.spawn(
@@ -294,9 +303,13 @@ impl Worker {
                     }
                 },
                 report = reports.recv() => match report {
-                    Some(Report::Done { index, checkpoint, applied, parked }) => {
+                    Some(Report::Done { index, checkpoint, applied, grouped, parked, warning }) => {
                         checkpoints[index] = checkpoint;
                         self.progress.applied.fetch_add(applied, Ordering::Relaxed);
+                        self.progress.grouped.fetch_add(grouped, Ordering::Relaxed);
+                        if warning.is_some() && self.progress.warning().is_none() {
+                            self.progress.set_warning(warning);
+                        }
                         if parked > 0 {
                             self.progress.parked.store(parked, Ordering::Release);
                         }
@@ -333,7 +346,7 @@ impl Worker {
                             parts[partition_of(event.stream.as_str(), of) as usize].push(event);
                         }
                         for (part, share) in parts.into_iter().zip(shares) {
-                            let share_of = Share { events: Arc::new(part), through };
+                            let share_of = Share { events: Arc::new(part), through, head: target };
                             tokio::select! {
                                 biased;
                                 _ = stop_rx.changed() => return Err(Halt::Stopped),
@@ -371,25 +384,44 @@ impl Worker {
             return;
         }
         loop {
+            // Shares are gathered into a window (see `grouped.rs`) while more
+            // are queued and the window is not full; a view that does not
+            // group applies each share as it comes.
             let share = tokio::select! {
                 biased;
                 _ = stop_rx.changed() => return,
                 share = shares.recv() => match share {
-                    Some(share) => share,
+                    Some(share) => Some(share),
                     None => return,
                 },
+                _ = tokio::time::sleep_until(self.gathered.linger_until()), if !self.gathered.is_empty() => None,
             };
             let before = self.progress.applied.load(Ordering::Relaxed);
-            let done = match self.apply_warming(&share.events, &mut stop_rx).await {
-                Ok(()) => self.advance_to(share.through).await,
-                Err(halt) => Err(halt),
+            let grouped_before = self.progress.grouped.load(Ordering::Relaxed);
+            let done = match share {
+                Some(share) if self.groups() => {
+                    let events = Arc::try_unwrap(share.events).unwrap_or_else(|e| (*e).clone());
+                    self.gathered.aim(share.head);
+                    self.gathered.push(events, share.through);
+                    if !self.window_full() {
+                        continue;
+                    }
+                    self.apply_gathered(&mut stop_rx).await
+                }
+                Some(share) => match self.apply_warming(&share.events, &mut stop_rx).await {
+                    Ok(()) => self.advance_to(share.through).await,
+                    Err(halt) => Err(halt),
+                },
+                None => self.apply_gathered(&mut stop_rx).await,
             };
             let report = match done {
                 Ok(()) => Report::Done {
                     index,
                     checkpoint: self.progress.checkpoint(),
                     applied: self.progress.applied.load(Ordering::Relaxed) - before,
+                    grouped: self.progress.grouped.load(Ordering::Relaxed) - grouped_before,
                     parked: self.progress.parked.load(Ordering::Acquire),
+                    warning: self.ungrouped.clone(),
                 },
                 Err(Halt::Stopped) => return,
                 Err(halt) => Report::Halted { index, halt },
@@ -461,7 +493,7 @@ impl Worker {
 
     /// Moves the projector's checkpoint to `through` (nothing of its share
     /// was left to apply before it).
-    async fn advance_to(&mut self, through: Position) -> Result<(), Halt> {
+    pub(super) async fn advance_to(&mut self, through: Position) -> Result<(), Halt> {
         let Some(mut projector) = self.projector.take() else {
             return Err(Halt::Fault {
                 reason: "the projector was lost after an earlier failure".into(),

@@ -1,0 +1,487 @@
+//! Grouped warm-up: a warming per-stream view applies the log a window at a
+//! time with each stream's events together, so the SDK's per-stream form
+//! decodes and encodes a stream's document once per call rather than once
+//! per event, whatever the log's layout (issue 28).
+//!
+//! - **Window.** While warming, the worker gathers what the tail hands it
+//!   until `warmup_group_mib` of events (a partition worker: its share of
+//!   it), or the log's head read when the window began (a partition: the
+//!   head its coordinator reads toward), or [`LINGER`] without a batch (the
+//!   head may be a message that is not an event), whichever comes first.
+//!   While a comparison or a digest waits on the view, each tail batch is a
+//!   window of its own (the view must stand where the tail was cut).
+//! - **Units.** The window's streams, in order of first appearance, are
+//!   packed into units of at most `warmup_batch` events (a stream with more
+//!   is a unit of its own, applied in several calls); each call hands the
+//!   guest its unit's events **in log order**. Calls read what the window's
+//!   earlier calls wrote; nothing is committed until the window's last call.
+//! - **Commit.** The window's documents and its last position commit in one
+//!   write batch; a crash or a stop anywhere before it replays the window.
+//! - **Same documents as log order.** Units are applied one after another,
+//!   so the order changes only *between* units. The host checks, per window,
+//!   that no document is written by one unit and read or written by another,
+//!   and that no unit scans in a window of more than one unit
+//!   ([`crate::runtime::Projector::apply_unit`]). Then each document's every
+//!   touch comes from one unit, in log order, reading only documents no
+//!   other unit writes: exactly what log order computes. A window that
+//!   fails the check commits nothing and is applied in log order; the view
+//!   stops grouping (status `warning` says why) until the worker restarts.
+//! - **Failures.** A call that fails (a poison event, a trap, a limit) drops
+//!   the window, which is applied again in log order by the usual warming
+//!   path: the same event is parked or fails the version, at the same
+//!   position, with the same reason, as without grouping.
+//! - **Live views first.** Before each call the worker waits for live
+//!   workers to be idle (or [`super::WARM_MAX_WAIT`]), as a warming step does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::watch;
+
+use super::{Halt, WARM_MAX_WAIT, Worker};
+use crate::runtime::{ProjectionError, Ungroupable};
+use crate::store::{Position, RecordedEvent};
+use crate::views::Slot;
+
+/// How long a window waits for the tail's next batch before it is applied.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Events gathered for the next window, in log order.
+#[derive(Default)]
+pub(super) struct Gathered {
+    events: Vec<RecordedEvent>,
+    bytes: usize,
+    /// The last position handed over with them (a partition's share may end
+    /// past its last event).
+    through: Position,
+    /// The window is applied once `through` reaches it.
+    target: Position,
+    /// When the last batch came.
+    pushed: Option<tokio::time::Instant>,
+}
+
+impl Gathered {
+    pub(super) fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.through == 0
+    }
+
+    /// When the window is applied if no batch comes meanwhile.
+    pub(super) fn linger_until(&self) -> tokio::time::Instant {
+        self.pushed.unwrap_or_else(tokio::time::Instant::now) + LINGER
+    }
+
+    /// Sets the head the window is applied at (the first batch's caller).
+    pub(super) fn aim(&mut self, target: Position) {
+        self.target = self.target.max(target);
+    }
+
+    pub(super) fn push(&mut self, events: Vec<RecordedEvent>, through: Position) {
+        self.pushed = Some(tokio::time::Instant::now());
+        self.bytes += events.iter().map(event_bytes).sum::<usize>();
+        if self.events.is_empty() {
+            self.events = events;
+        } else {
+            self.events.extend(events);
+        }
+        self.through = self.through.max(through);
+    }
+
+    /// Forgets what was gathered (the tail is opened again from the
+    /// checkpoint).
+    pub(super) fn clear(&mut self) {
+        *self = Gathered::default();
+    }
+
+    fn take(&mut self) -> (Vec<RecordedEvent>, Position) {
+        let taken = std::mem::take(self);
+        (taken.events, taken.through)
+    }
+}
+
+/// What an event costs a window: its bytes and a fixed overhead.
+fn event_bytes(e: &RecordedEvent) -> usize {
+    e.data.len()
+        + e.event_type.len()
+        + e.stream.as_str().len()
+        + e.metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + 64
+}
+
+/// The calls of a window: `order` lists the window's events (indices, log
+/// order within each call), `calls` the unit and range of each call.
+struct Plan {
+    order: Vec<usize>,
+    calls: Vec<(u32, std::ops::Range<usize>)>,
+    /// The streams of each unit (for a warning).
+    streams: Vec<Vec<String>>,
+}
+
+/// Packs `events`' streams into units of at most `step` events (see the
+/// module docs). `None` when the window is one unit (log order already).
+fn plan(events: &[RecordedEvent], step: usize) -> Option<Plan> {
+    let step = step.max(1);
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut by_stream: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let s = e.stream.as_str();
+        let at = *index.entry(s).or_insert_with(|| {
+            by_stream.push((s, Vec::new()));
+            by_stream.len() - 1
+        });
+        by_stream[at].1.push(i);
+    }
+    let mut units: Vec<(Vec<usize>, Vec<String>)> = Vec::new();
+    let mut open: (Vec<usize>, Vec<String>) = (Vec::new(), Vec::new());
+    for (stream, idx) in by_stream {
+        if idx.len() >= step {
+            units.push((idx, vec![stream.to_string()]));
+            continue;
+        }
+        if open.0.len() + idx.len() > step {
+            units.push(std::mem::take(&mut open));
+        }
+        open.0.extend(idx);
+        open.1.push(stream.to_string());
+    }
+    if !open.0.is_empty() {
+        units.push(open);
+    }
+    if units.len() < 2 {
+        return None;
+    }
+    let mut plan = Plan {
+        order: Vec::with_capacity(events.len()),
+        calls: Vec::new(),
+        streams: Vec::with_capacity(units.len()),
+    };
+    for (unit, (mut idx, streams)) in units.into_iter().enumerate() {
+        // Log order within the unit.
+        idx.sort_unstable();
+        for chunk in idx.chunks(step) {
+            let at = plan.order.len();
+            plan.order.extend_from_slice(chunk);
+            plan.calls.push((unit as u32, at..plan.order.len()));
+        }
+        plan.streams.push(streams);
+    }
+    Some(plan)
+}
+
+/// How applying a window grouped ended.
+enum Grouped {
+    Committed,
+    /// Not committed: apply the window in log order (`Some`: and stop
+    /// grouping, for this reason).
+    InLogOrder(Option<String>),
+}
+
+impl Worker {
+    /// Whether this worker gathers windows: the view is warming, declares
+    /// `per_stream`, windows are on and no window of it met a shared
+    /// document since the worker started.
+    pub(super) fn groups(&self) -> bool {
+        self.inner.config.warmup_group_bytes > 0
+            && self.ungrouped.is_none()
+            && self.module.manifest().per_stream
+            && self.progress.warming.load(Ordering::Acquire)
+    }
+
+    /// Whether the gathered events make a window now.
+    pub(super) fn window_full(&self) -> bool {
+        let share = match self.slot {
+            Slot::View => 1,
+            Slot::Partition { of, .. } => of as usize,
+        };
+        self.gathered.bytes >= (self.inner.config.warmup_group_bytes / share).max(1)
+            || self.gathered.through >= self.gathered.target
+            || self.progress.marks.awaited() > 0
+    }
+
+    /// Applies what was gathered: grouped by stream when it can, else in log
+    /// order; then the checkpoint stands at the last position gathered.
+    pub(super) async fn apply_gathered(
+        &mut self,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), Halt> {
+        let (events, through) = self.gathered.take();
+        let checkpoint = self.progress.checkpoint();
+        let start = events.partition_point(|e| e.position <= checkpoint);
+        let events: Arc<Vec<RecordedEvent>> = Arc::new(if start == 0 {
+            events
+        } else {
+            events[start..].to_vec()
+        });
+        let grouped = match plan(&events, self.step()) {
+            Some(plan) if self.groups() => {
+                self.apply_grouped(&events, plan, through, stop_rx).await?
+            }
+            _ => Grouped::InLogOrder(None),
+        };
+        if let Grouped::InLogOrder(reason) = grouped {
+            if let Some(reason) = reason {
+                tracing::warn!("{reason}: this warm-up goes on in log order");
+                self.progress.set_warning(Some(reason.clone()));
+                self.ungrouped = Some(reason);
+            }
+            self.apply_warming(&events, stop_rx).await?;
+        }
+        if let Slot::Partition { .. } = self.slot {
+            self.advance_to(through).await?;
+        }
+        Ok(())
+    }
+
+    /// Events per warming step (K partition workers step K times finer).
+    pub(super) fn step(&self) -> usize {
+        let share = match self.slot {
+            Slot::View => 1,
+            Slot::Partition { of, .. } => of as usize,
+        };
+        (self.inner.config.warmup_batch / share).max(1)
+    }
+
+    async fn apply_grouped(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        plan: Plan,
+        through: Position,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<Grouped, Halt> {
+        let Some(last) = events.last().map(|e| e.position) else {
+            return Ok(Grouped::InLogOrder(None));
+        };
+        // A partition commits its share's end; the view its last event.
+        let through = match self.slot {
+            Slot::View => last,
+            Slot::Partition { .. } => through.max(last),
+        };
+        let plan = Arc::new(plan);
+        for call in 0..plan.calls.len() {
+            let fleet_first = self.progress.fleet_first.load(Ordering::Acquire);
+            let priority = self.inner.priority.clone();
+            let _busy = if fleet_first {
+                Some(priority.enter())
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stop_rx.changed() => {
+                        self.drop_window().await;
+                        return Err(Halt::Stopped);
+                    }
+                    _ = priority.wait_idle() => {}
+                    _ = tokio::time::sleep(WARM_MAX_WAIT) => {}
+                }
+                None
+            };
+            match self.call_unit(events, &plan, call).await {
+                Ok(Ok(())) => {}
+                Ok(Err(shared)) => {
+                    self.drop_window().await;
+                    return Ok(Grouped::InLogOrder(Some(explain(&shared, &plan))));
+                }
+                Err(e) if is_host(&e) => {
+                    self.drop_window().await;
+                    return Err(Halt::of(e, None));
+                }
+                Err(e) => {
+                    // The window is applied again in log order, which finds
+                    // (and parks or fails on) the same event as it would alone.
+                    tracing::warn!("a grouped call failed, applying the window in log order: {e}");
+                    self.drop_window().await;
+                    return Ok(Grouped::InLogOrder(None));
+                }
+            }
+        }
+        self.commit_window(events, through).await?;
+        Ok(Grouped::Committed)
+    }
+
+    /// Runs call `call` of `plan` on a blocking thread.
+    async fn call_unit(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        plan: &Arc<Plan>,
+        call: usize,
+    ) -> Result<Result<(), Ungroupable>, ProjectionError> {
+        let Some(mut projector) = self.projector.take() else {
+            return Err(self.lost_projector());
+        };
+        let (events, plan) = (events.clone(), plan.clone());
+        let started = std::time::Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            let (unit, range) = plan.calls[call].clone();
+            let refs: Vec<&RecordedEvent> = plan.order[range].iter().map(|&i| &events[i]).collect();
+            let result = projector.apply_unit(unit, &refs);
+            (projector, result)
+        })
+        .await;
+        match joined {
+            Ok((projector, result)) => {
+                self.projector = Some(projector);
+                self.progress.batch_latency.record(started.elapsed());
+                result
+            }
+            Err(e) => Err(ProjectionError::Instantiate {
+                projection: self.module.name().to_string(),
+                version: self.module.version().to_string(),
+                reason: format!("applying a grouped call panicked: {e}"),
+            }),
+        }
+    }
+
+    pub(super) fn lost_projector(&self) -> ProjectionError {
+        ProjectionError::Instantiate {
+            projection: self.module.name().to_string(),
+            version: self.module.version().to_string(),
+            reason: "the projector was lost after an earlier failure".into(),
+        }
+    }
+
+    async fn drop_window(&mut self) {
+        if let Some(p) = self.projector.as_mut() {
+            p.drop_window();
+        }
+    }
+
+    /// Commits the window's documents with the checkpoint `through`.
+    async fn commit_window(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        through: Position,
+    ) -> Result<(), Halt> {
+        let Some(mut projector) = self.projector.take() else {
+            return Err(Halt::of(self.lost_projector(), None));
+        };
+        let before = projector.checkpoint();
+        let applied = projector.window_events();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = projector.commit_window(through);
+            (projector, result)
+        })
+        .await;
+        let (projector, result) = joined.map_err(|e| Halt::Fault {
+            reason: format!("committing a grouped window panicked: {e}"),
+        })?;
+        self.projector = Some(projector);
+        match result {
+            Ok(()) => {}
+            Err(ProjectionError::SplitDependent { mut violation, .. }) => {
+                violation.streams = self
+                    .streams_touching(events, 0..events.len(), &violation.key)
+                    .await;
+                return Err(Halt::SplitDependent(violation));
+            }
+            Err(e) => return Err(Halt::of(e, None)),
+        }
+        self.progress.applied.fetch_add(applied, Ordering::Relaxed);
+        self.progress.grouped.fetch_add(applied, Ordering::Relaxed);
+        if self.progress.paused().is_some() {
+            tracing::info!(checkpoint = through, "resumed after a host fault");
+            self.progress.set_paused(None);
+        }
+        self.progress.advance(through);
+        if self.slot == Slot::View {
+            self.progress
+                .marks
+                .committed(&self.inner.views, &self.view, before, events, through);
+        }
+        Ok(())
+    }
+}
+
+/// An error of the host (storage, instantiation), not of the window's events.
+fn is_host(e: &ProjectionError) -> bool {
+    matches!(
+        e,
+        ProjectionError::View { .. } | ProjectionError::Instantiate { .. }
+    )
+}
+
+/// Why a window could not be applied grouped, naming the streams involved.
+fn explain(shared: &Ungroupable, plan: &Plan) -> String {
+    let names = |unit: u32| {
+        let streams = plan.streams.get(unit as usize).map_or(&[][..], |s| &s[..]);
+        let shown: Vec<&str> = streams.iter().take(3).map(String::as_str).collect();
+        let more = streams.len().saturating_sub(3);
+        if more > 0 {
+            format!("{} and {more} more", shown.join(", "))
+        } else {
+            shown.join(", ")
+        }
+    };
+    match shared.first {
+        None => format!(
+            "a grouped warm-up window scanned documents under {:?} (streams {}): it cannot be applied grouped by stream",
+            shared.key,
+            names(shared.unit)
+        ),
+        Some(first) => format!(
+            "the view declares per_stream but document {:?} is touched by the events of streams {} and of streams {} in one warm-up window: it depends on more than one stream",
+            shared.key,
+            names(first),
+            names(shared.unit)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan;
+    use crate::store::{RecordedEvent, StreamId};
+
+    fn ev(position: u64, stream: &str) -> RecordedEvent {
+        RecordedEvent {
+            id: uuid::Uuid::nil(),
+            stream: StreamId::new(stream).expect("stream"),
+            event_type: "T".into(),
+            version: 1,
+            position,
+            timestamp: 0,
+            metadata: Default::default(),
+            tags: Vec::new(),
+            data: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_plan_keeps_log_order_within_each_call_and_every_event_once() {
+        let streams = ["a-1", "b-1", "a-1", "c-1", "b-1", "a-1", "d-1", "c-1"];
+        let events: Vec<RecordedEvent> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ev(i as u64 + 1, s))
+            .collect();
+        let p = plan(&events, 3).expect("more than one unit");
+        let mut seen = p.order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..events.len()).collect::<Vec<_>>());
+        for (_, range) in &p.calls {
+            let idx = &p.order[range.clone()];
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "log order in {idx:?}");
+            assert!(idx.len() <= 3);
+        }
+        // a-1 (3 events) is a unit alone; each stream sits in one unit.
+        assert_eq!(p.streams[0], vec!["a-1".to_string()]);
+        let mut all: Vec<&String> = p.streams.iter().flatten().collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 4);
+        assert_eq!(p.streams.iter().map(Vec::len).sum::<usize>(), 4);
+    }
+
+    #[test]
+    fn one_unit_is_no_plan() {
+        let events: Vec<RecordedEvent> = (1..=4).map(|i| ev(i, "a-1")).collect();
+        assert!(plan(&events, 256).is_none());
+        let two: Vec<RecordedEvent> = vec![ev(1, "a-1"), ev(2, "b-1")];
+        assert!(
+            plan(&two, 256).is_none(),
+            "two small streams share one unit"
+        );
+        assert!(plan(&two, 1).is_some());
+    }
+}
