@@ -50,7 +50,8 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// Events gathered for the next window, in log order.
 #[derive(Default)]
 pub(super) struct Gathered {
-    events: Vec<RecordedEvent>,
+    /// The batches as they came (joined off the runtime's threads).
+    events: Vec<Vec<RecordedEvent>>,
     bytes: usize,
     /// The last position handed over with them (a partition's share may end
     /// past its last event).
@@ -79,11 +80,7 @@ impl Gathered {
     pub(super) fn push(&mut self, events: Vec<RecordedEvent>, through: Position) {
         self.pushed = Some(tokio::time::Instant::now());
         self.bytes += events.iter().map(event_bytes).sum::<usize>();
-        if self.events.is_empty() {
-            self.events = events;
-        } else {
-            self.events.extend(events);
-        }
+        self.events.push(events);
         self.through = self.through.max(through);
     }
 
@@ -93,7 +90,7 @@ impl Gathered {
         *self = Gathered::default();
     }
 
-    fn take(&mut self) -> (Vec<RecordedEvent>, Position) {
+    fn take(&mut self) -> (Vec<Vec<RecordedEvent>>, Position) {
         let taken = std::mem::take(self);
         (taken.events, taken.through)
     }
@@ -207,17 +204,40 @@ impl Worker {
         &mut self,
         stop_rx: &mut watch::Receiver<bool>,
     ) -> Result<(), Halt> {
-        let (events, through) = self.gathered.take();
+        let (batches, through) = self.gathered.take();
         let checkpoint = self.progress.checkpoint();
-        let start = events.partition_point(|e| e.position <= checkpoint);
-        let events: Arc<Vec<RecordedEvent>> = Arc::new(if start == 0 {
-            events
-        } else {
-            events[start..].to_vec()
-        });
-        let grouped = match plan(&events, self.step()) {
+        let (groups, step) = (self.groups(), self.step());
+        // Joining the batches and planning a window of many MiB takes
+        // milliseconds: off the runtime's threads, which serve live views.
+        let (events, plan) = tokio::task::spawn_blocking(move || {
+            let events: Vec<RecordedEvent> = batches
+                .into_iter()
+                .flatten()
+                .filter(|e| e.position > checkpoint)
+                .collect();
+            let plan = if groups { plan(&events, step) } else { None };
+            (Arc::new(events), plan)
+        })
+        .await
+        .map_err(|e| Halt::Fault {
+            reason: format!("planning a grouped window panicked: {e}"),
+        })?;
+        let outcome = self.apply_planned(&events, plan, through, stop_rx).await;
+        // Freeing a window's events takes milliseconds too.
+        tokio::task::spawn_blocking(move || drop(events));
+        outcome
+    }
+
+    async fn apply_planned(
+        &mut self,
+        events: &Arc<Vec<RecordedEvent>>,
+        plan: Option<Plan>,
+        through: Position,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), Halt> {
+        let grouped = match plan {
             Some(plan) if self.groups() => {
-                self.apply_grouped(&events, plan, through, stop_rx).await?
+                self.apply_grouped(events, plan, through, stop_rx).await?
             }
             _ => Grouped::InLogOrder(None),
         };
@@ -227,7 +247,7 @@ impl Worker {
                 self.progress.set_warning(Some(reason.clone()));
                 self.ungrouped = Some(reason);
             }
-            self.apply_warming(&events, stop_rx).await?;
+            self.apply_warming(events, stop_rx).await?;
         }
         if let Slot::Partition { .. } = self.slot {
             self.advance_to(through).await?;
