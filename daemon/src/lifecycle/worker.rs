@@ -638,6 +638,11 @@ impl Worker {
         if let Some(last) = batch.last() {
             self.inner.head.fetch_max(last.position, Ordering::AcqRel);
         }
+        if !self.gathered.is_empty() && !self.groups() {
+            // Gathered while grouping: applied before anything after it (a
+            // view only stops warming between windows, but never skip them).
+            self.apply_gathered(stop_rx).await?;
+        }
         if self.groups() {
             if self.gathered.is_empty() {
                 // The window ends at the head as it is now (or sooner).
