@@ -69,6 +69,11 @@ impl Instance {
         &self.touched
     }
 
+    /// [`Self::touched`], taken.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
     fn error_ctx(&self) -> (String, String) {
         (
             self.module.name().to_string(),
@@ -460,7 +465,7 @@ impl Projector {
             tracing::debug_span!("batch", view = %self.view, first = events[0].position, last)
                 .entered();
         let writes = self.instance.apply(events)?;
-        let touched = self.instance.touched().clone();
+        let touched = self.instance.take_touched();
         self.commit(&writes, &touched, events[0].position, last)
     }
 

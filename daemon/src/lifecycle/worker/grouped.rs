@@ -247,7 +247,14 @@ impl Worker {
                 self.progress.set_warning(Some(reason.clone()));
                 self.ungrouped = Some(reason);
             }
-            self.apply_warming(events, stop_rx).await?;
+            if self.progress.fleet_first.load(Ordering::Acquire) {
+                // What the fleet serves warms at the live views' priority.
+                let priority = self.inner.priority.clone();
+                let _busy = priority.enter();
+                self.apply(events, 0..events.len()).await?;
+            } else {
+                self.apply_warming(events, stop_rx).await?;
+            }
         }
         if let Slot::Partition { .. } = self.slot {
             self.advance_to(through).await?;
@@ -281,6 +288,10 @@ impl Worker {
         };
         let plan = Arc::new(plan);
         for call in 0..plan.calls.len() {
+            if *stop_rx.borrow() {
+                self.drop_window().await;
+                return Err(Halt::Stopped);
+            }
             let fleet_first = self.progress.fleet_first.load(Ordering::Acquire);
             let priority = self.inner.priority.clone();
             let _busy = if fleet_first {

@@ -396,6 +396,15 @@ impl Worker {
                 },
                 _ = tokio::time::sleep_until(self.gathered.linger_until()), if !self.gathered.is_empty() => None,
             };
+            if share.is_some() && !self.gathered.is_empty() && !self.groups() {
+                // Gathered while grouping: applied before the share after it.
+                if let Err(halt) = self.apply_gathered(&mut stop_rx).await {
+                    if !matches!(halt, Halt::Stopped) {
+                        let _ = reports.send(Report::Halted { index, halt });
+                    }
+                    return;
+                }
+            }
             let before = self.progress.applied.load(Ordering::Relaxed);
             let grouped_before = self.progress.grouped.load(Ordering::Relaxed);
             let done = match share {
