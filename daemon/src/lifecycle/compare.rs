@@ -266,7 +266,7 @@ impl Marks {
         views: &ViewStore,
         view: &ViewId,
         before: Position,
-        applied: &[RecordedEvent],
+        applied: &[&[RecordedEvent]],
         after: Position,
     ) {
         let mut set = self.lock();
@@ -281,6 +281,8 @@ impl Marks {
         for m in reached {
             let first = applied
                 .iter()
+                .copied()
+                .flatten()
                 .find(|e| e.position > before && e.position >= m.at)
                 .map(|e| e.position);
             let answer = if before < m.at && first == Some(after) {
@@ -330,9 +332,11 @@ fn cut(tail: EventBatches, marks: Arc<Marks>, from: Position) -> EventBatches {
 }
 
 impl Inner {
-    /// The log from `from` for a view's worker, cut at the marks on it.
-    pub(super) fn tail(&self, marks: &Arc<Marks>, from: Position) -> EventBatches {
-        cut(self.store.tail(from), marks.clone(), from)
+    /// The log from `from` for a view's worker, read `ahead` bytes ahead
+    /// (see `worker::ahead`), cut at the marks on it.
+    pub(super) fn tail(&self, marks: &Arc<Marks>, from: Position, ahead: usize) -> EventBatches {
+        let read = super::worker::ahead::ahead(self.store.tail(from), ahead);
+        cut(read, marks.clone(), from)
     }
 
     /// The progress of the version `r` reads, if it is caught up and its

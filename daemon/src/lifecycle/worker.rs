@@ -30,6 +30,7 @@ use crate::snapshots::{Bootstrap, SnapshotError};
 use crate::store::{Position, RecordedEvent};
 use crate::views::{Slot, ViewId};
 
+pub(super) mod ahead;
 mod grouped;
 mod partitioned;
 
@@ -68,12 +69,17 @@ impl Priority {
         Busy(self)
     }
 
+    /// No live worker is applying a batch.
+    fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+    }
+
     async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.busy.load(Ordering::Acquire) == 0 {
+            if self.is_idle() {
                 return;
             }
             notified.await;
@@ -441,9 +447,7 @@ impl Worker {
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
-        let mut tail = self
-            .inner
-            .tail(&self.progress.marks, self.progress.checkpoint() + 1);
+        let mut tail = self.open_tail();
         loop {
             let done = tokio::select! {
                 biased;
@@ -469,7 +473,7 @@ impl Worker {
                         }
                         // The new tail hands over again what was gathered.
                         self.gathered.clear();
-                        tail = self.inner.tail(&self.progress.marks, self.progress.checkpoint() + 1);
+                        tail = self.open_tail();
                         continue;
                     }
                     Some(Ok(batch)) => self.batch(batch, &mut stop_rx).await,
@@ -512,9 +516,7 @@ impl Worker {
                             },
                         }
                     }
-                    tail = self
-                        .inner
-                        .tail(&self.progress.marks, self.progress.checkpoint() + 1);
+                    tail = self.open_tail();
                 }
             }
         }
@@ -522,6 +524,21 @@ impl Worker {
             checkpoint = self.progress.checkpoint(),
             "view worker stopped"
         );
+    }
+
+    /// The log from the checkpoint, cut at the marks on the view and, while
+    /// warming, read ahead of what is applied (see `ahead.rs`): by a window
+    /// when it gathers windows.
+    fn open_tail(&self) -> crate::store::EventBatches {
+        let budget = if !self.progress.warming.load(Ordering::Acquire) {
+            0
+        } else if self.groups() {
+            self.inner.config.warmup_group_bytes
+        } else {
+            ahead::LOG_ORDER_AHEAD
+        };
+        self.inner
+            .tail(&self.progress.marks, self.progress.checkpoint() + 1, budget)
     }
 
     /// Before a warming view opens: fills it from a snapshot when one of
@@ -879,7 +896,7 @@ impl Worker {
                     &self.inner.views,
                     &self.view,
                     before,
-                    &batch[handed],
+                    &[&batch[handed]],
                     after,
                 );
             }

@@ -121,8 +121,18 @@ impl Drop for Inner {
         if let Some(handle) = self.writer.lock().ok().and_then(|mut w| w.take()) {
             let _ = handle.join();
         }
+        // A tail's read in flight on a blocking thread holds the database
+        // for as long as one batch takes: wait for it (bounded), so that
+        // the database can be opened again at once here too.
+        let until = std::time::Instant::now() + READERS_WAIT;
+        while Arc::strong_count(&self.db) > 1 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
+
+/// How long dropping the store waits for reads in flight to end.
+const READERS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 enum Job {
     Append {
@@ -861,12 +871,19 @@ impl EventStore for EmbeddedStore {
     }
 
     fn tail(&self, from: Position) -> EventBatches {
-        let state = (self.inner.db.clone(), self.inner.head.clone(), from.max(1));
+        // Weak: a tail (or a task reading it ahead) never keeps the database
+        // open after the store is dropped; a read in flight holds it until
+        // it ends, and the store's drop waits for that (see `Inner::drop`).
+        let state = (
+            Arc::downgrade(&self.inner.db),
+            self.inner.head.clone(),
+            from.max(1),
+        );
         futures::stream::unfold(state, |(db, mut head_rx, next)| async move {
             loop {
                 let head = *head_rx.borrow_and_update();
                 if head >= next {
-                    let reader = db.clone();
+                    let reader = db.upgrade()?;
                     let got = blocking("tailing the log", move || {
                         read_range(&reader, next, head, TAIL_BATCH, TAIL_BATCH_BYTES)
                     })

@@ -30,8 +30,14 @@
 //!   the window, which is applied again in log order by the usual warming
 //!   path: the same event is parked or fails the version, at the same
 //!   position, with the same reason, as without grouping.
-//! - **Live views first.** Before each call the worker waits for live
-//!   workers to be idle (or [`super::WARM_MAX_WAIT`]), as a warming step does.
+//! - **Live views first.** The worker waits for live workers to be idle (or
+//!   [`super::WARM_MAX_WAIT`]), as a warming step does, then hands calls to
+//!   a blocking thread, which runs them one after another until a live
+//!   worker is busy, a stop is asked for, or [`SLICE`] has passed.
+//! - **Pipelined.** The first window is a sixteenth of the full size and
+//!   each one doubles the last ([`RAMP`]); the tail is read a window ahead
+//!   (`ahead.rs`), so the next window is read while this one is applied.
+//!   The window's events are the tail's batches as they came, never copied.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +49,16 @@ use super::{Halt, WARM_MAX_WAIT, Worker};
 use crate::runtime::{ProjectionError, Ungroupable};
 use crate::store::{Position, RecordedEvent};
 use crate::views::Slot;
+
+/// The first window is `warmup_group_mib` halved this many times, and each
+/// window doubles the last: applying starts once a sixteenth of a window is
+/// read, and each window is read (ahead, see `ahead.rs`) while the one
+/// before it is applied.
+const RAMP: u32 = 4;
+
+/// How long one hand-off of calls to a blocking thread runs at most (it also
+/// ends before any call a live worker would wait behind).
+const SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How long a window waits for the tail's next batch before it is applied.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
@@ -60,6 +76,8 @@ pub(super) struct Gathered {
     target: Position,
     /// When the last batch came.
     pushed: Option<tokio::time::Instant>,
+    /// Windows applied since the tail was opened.
+    windows: u32,
 }
 
 impl Gathered {
@@ -92,12 +110,70 @@ impl Gathered {
 
     fn take(&mut self) -> (Vec<Vec<RecordedEvent>>, Position) {
         let taken = std::mem::take(self);
+        self.windows = taken.windows.saturating_add(1);
         (taken.events, taken.through)
+    }
+
+    /// The size of the next window: the first ones are smaller (see
+    /// [`RAMP`]).
+    fn limit(&self, full: usize) -> usize {
+        let halvings = RAMP.saturating_sub(self.windows);
+        (full >> halvings).max(1)
+    }
+}
+
+/// A window's events: the tail's batches as they came, never copied (a
+/// 64 MiB window's copy took a fifth of its time).
+pub(super) struct Window {
+    batches: Vec<Vec<RecordedEvent>>,
+}
+
+/// Where an event sits in a [`Window`]: (batch, index).
+type At = (u32, u32);
+
+impl Window {
+    fn get(&self, (batch, i): At) -> &RecordedEvent {
+        &self.batches[batch as usize][i as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &RecordedEvent> {
+        self.batches.iter().flatten()
+    }
+
+    fn last(&self) -> Option<&RecordedEvent> {
+        self.batches.iter().rev().find_map(|b| b.last())
+    }
+
+    fn slices(&self) -> Vec<&[RecordedEvent]> {
+        self.batches.iter().map(Vec::as_slice).collect()
+    }
+
+    /// The window's events after `checkpoint` in one batch (to apply it in
+    /// log order): a window of one batch is not copied.
+    fn into_log(this: Arc<Window>, checkpoint: Position) -> Vec<RecordedEvent> {
+        match Arc::try_unwrap(this) {
+            Ok(mut w) if w.batches.len() == 1 => {
+                let mut only = w.batches.pop().unwrap_or_default();
+                only.retain(|e| e.position > checkpoint);
+                only
+            }
+            Ok(w) => w
+                .batches
+                .into_iter()
+                .flatten()
+                .filter(|e| e.position > checkpoint)
+                .collect(),
+            Err(shared) => shared
+                .iter()
+                .filter(|e| e.position > checkpoint)
+                .cloned()
+                .collect(),
+        }
     }
 }
 
 /// What an event costs a window: its bytes and a fixed overhead.
-fn event_bytes(e: &RecordedEvent) -> usize {
+pub(super) fn event_bytes(e: &RecordedEvent) -> usize {
     e.data.len()
         + e.event_type.len()
         + e.stream.as_str().len()
@@ -108,31 +184,37 @@ fn event_bytes(e: &RecordedEvent) -> usize {
         + 64
 }
 
-/// The calls of a window: `order` lists the window's events (indices, log
-/// order within each call), `calls` the unit and range of each call.
+/// The calls of a window: `order` lists the window's events (log order
+/// within each call), `calls` the unit and range of each call.
 struct Plan {
-    order: Vec<usize>,
+    order: Vec<At>,
     calls: Vec<(u32, std::ops::Range<usize>)>,
     /// The streams of each unit (for a warning).
     streams: Vec<Vec<String>>,
 }
 
-/// Packs `events`' streams into units of at most `step` events (see the
-/// module docs). `None` when the window is one unit (log order already).
-fn plan(events: &[RecordedEvent], step: usize) -> Option<Plan> {
+/// Packs the streams of `window`'s events after `checkpoint` into units of
+/// at most `step` events (see the module docs). `None` when that is one
+/// unit (log order already).
+fn plan(window: &Window, checkpoint: Position, step: usize) -> Option<Plan> {
     let step = step.max(1);
     let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut by_stream: Vec<(&str, Vec<usize>)> = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        let s = e.stream.as_str();
-        let at = *index.entry(s).or_insert_with(|| {
-            by_stream.push((s, Vec::new()));
-            by_stream.len() - 1
-        });
-        by_stream[at].1.push(i);
+    let mut by_stream: Vec<(&str, Vec<At>)> = Vec::new();
+    for (b, batch) in window.batches.iter().enumerate() {
+        for (i, e) in batch.iter().enumerate() {
+            if e.position <= checkpoint {
+                continue;
+            }
+            let s = e.stream.as_str();
+            let at = *index.entry(s).or_insert_with(|| {
+                by_stream.push((s, Vec::new()));
+                by_stream.len() - 1
+            });
+            by_stream[at].1.push((b as u32, i as u32));
+        }
     }
-    let mut units: Vec<(Vec<usize>, Vec<String>)> = Vec::new();
-    let mut open: (Vec<usize>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut units: Vec<(Vec<At>, Vec<String>)> = Vec::new();
+    let mut open: (Vec<At>, Vec<String>) = (Vec::new(), Vec::new());
     for (stream, idx) in by_stream {
         if idx.len() >= step {
             units.push((idx, vec![stream.to_string()]));
@@ -150,13 +232,14 @@ fn plan(events: &[RecordedEvent], step: usize) -> Option<Plan> {
     if units.len() < 2 {
         return None;
     }
+    let total = units.iter().map(|u| u.0.len()).sum();
     let mut plan = Plan {
-        order: Vec::with_capacity(events.len()),
+        order: Vec::with_capacity(total),
         calls: Vec::new(),
         streams: Vec::with_capacity(units.len()),
     };
     for (unit, (mut idx, streams)) in units.into_iter().enumerate() {
-        // Log order within the unit.
+        // Log order within the unit ((batch, index) sorts as the log does).
         idx.sort_unstable();
         for chunk in idx.chunks(step) {
             let at = plan.order.len();
@@ -189,11 +272,8 @@ impl Worker {
 
     /// Whether the gathered events make a window now.
     pub(super) fn window_full(&self) -> bool {
-        let share = match self.slot {
-            Slot::View => 1,
-            Slot::Partition { of, .. } => of as usize,
-        };
-        self.gathered.bytes >= (self.inner.config.warmup_group_bytes / share).max(1)
+        let full = self.inner.config.warmup_group_bytes / self.share();
+        self.gathered.bytes >= self.gathered.limit(full)
             || self.gathered.through >= self.gathered.target
             || self.progress.marks.awaited() > 0
     }
@@ -207,78 +287,101 @@ impl Worker {
         let (batches, through) = self.gathered.take();
         let checkpoint = self.progress.checkpoint();
         let (groups, step) = (self.groups(), self.step());
-        // Joining the batches and planning a window of many MiB takes
-        // milliseconds: off the runtime's threads, which serve live views.
-        let (events, plan) = tokio::task::spawn_blocking(move || {
-            let events: Vec<RecordedEvent> = batches
-                .into_iter()
-                .flatten()
-                .filter(|e| e.position > checkpoint)
-                .collect();
-            let plan = if groups { plan(&events, step) } else { None };
-            (Arc::new(events), plan)
+        // Planning a window of many MiB takes milliseconds: off the
+        // runtime's threads, which serve live views.
+        let (window, plan) = tokio::task::spawn_blocking(move || {
+            let window = Window { batches };
+            let plan = if groups {
+                plan(&window, checkpoint, step)
+            } else {
+                None
+            };
+            (Arc::new(window), plan)
         })
         .await
         .map_err(|e| Halt::Fault {
             reason: format!("planning a grouped window panicked: {e}"),
         })?;
-        let outcome = self.apply_planned(&events, plan, through, stop_rx).await;
-        // Freeing a window's events takes milliseconds too.
-        tokio::task::spawn_blocking(move || drop(events));
-        outcome
-    }
-
-    async fn apply_planned(
-        &mut self,
-        events: &Arc<Vec<RecordedEvent>>,
-        plan: Option<Plan>,
-        through: Position,
-        stop_rx: &mut watch::Receiver<bool>,
-    ) -> Result<(), Halt> {
         let grouped = match plan {
             Some(plan) if self.groups() => {
-                self.apply_grouped(events, plan, through, stop_rx).await?
+                self.apply_grouped(&window, plan, through, stop_rx).await
             }
-            _ => Grouped::InLogOrder(None),
+            _ => Ok(Grouped::InLogOrder(None)),
         };
-        if let Grouped::InLogOrder(reason) = grouped {
-            if let Some(reason) = reason {
-                tracing::warn!("{reason}: this warm-up goes on in log order");
-                self.progress.set_warning(Some(reason.clone()));
-                self.ungrouped = Some(reason);
+        let outcome = match grouped {
+            Ok(Grouped::InLogOrder(reason)) => {
+                self.apply_in_log_order(window, reason, stop_rx).await
             }
-            if self.progress.fleet_first.load(Ordering::Acquire) {
-                // What the fleet serves warms at the live views' priority.
-                let priority = self.inner.priority.clone();
-                let _busy = priority.enter();
-                self.apply(events, 0..events.len()).await?;
-            } else {
-                self.apply_warming(events, stop_rx).await?;
+            Ok(Grouped::Committed) => {
+                // Freeing a window's events takes milliseconds too.
+                tokio::task::spawn_blocking(move || drop(window));
+                Ok(())
             }
-        }
+            Err(halt) => {
+                tokio::task::spawn_blocking(move || drop(window));
+                Err(halt)
+            }
+        };
+        outcome?;
         if let Slot::Partition { .. } = self.slot {
             self.advance_to(through).await?;
         }
         Ok(())
     }
 
+    /// Applies `window` in log order, as a warming step does (`reason`: and
+    /// stops grouping for it).
+    async fn apply_in_log_order(
+        &mut self,
+        window: Arc<Window>,
+        reason: Option<String>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), Halt> {
+        if let Some(reason) = reason {
+            tracing::warn!("{reason}: this warm-up goes on in log order");
+            self.progress.set_warning(Some(reason.clone()));
+            self.ungrouped = Some(reason);
+        }
+        let checkpoint = self.progress.checkpoint();
+        let events =
+            tokio::task::spawn_blocking(move || Arc::new(Window::into_log(window, checkpoint)))
+                .await
+                .map_err(|e| Halt::Fault {
+                    reason: format!("joining a window's events panicked: {e}"),
+                })?;
+        let outcome = if self.progress.fleet_first.load(Ordering::Acquire) {
+            // What the fleet serves warms at the live views' priority.
+            let priority = self.inner.priority.clone();
+            let _busy = priority.enter();
+            self.apply(&events, 0..events.len()).await
+        } else {
+            self.apply_warming(&events, stop_rx).await
+        };
+        tokio::task::spawn_blocking(move || drop(events));
+        outcome
+    }
+
     /// Events per warming step (K partition workers step K times finer).
     pub(super) fn step(&self) -> usize {
-        let share = match self.slot {
+        (self.inner.config.warmup_batch / self.share()).max(1)
+    }
+
+    /// The partitions this worker's view warms in (1: not split).
+    fn share(&self) -> usize {
+        match self.slot {
             Slot::View => 1,
-            Slot::Partition { of, .. } => of as usize,
-        };
-        (self.inner.config.warmup_batch / share).max(1)
+            Slot::Partition { of, .. } => (of as usize).max(1),
+        }
     }
 
     async fn apply_grouped(
         &mut self,
-        events: &Arc<Vec<RecordedEvent>>,
+        window: &Arc<Window>,
         plan: Plan,
         through: Position,
         stop_rx: &mut watch::Receiver<bool>,
     ) -> Result<Grouped, Halt> {
-        let Some(last) = events.last().map(|e| e.position) else {
+        let Some(last) = window.last().map(|e| e.position) else {
             return Ok(Grouped::InLogOrder(None));
         };
         // A partition commits its share's end; the view its last event.
@@ -287,7 +390,8 @@ impl Worker {
             Slot::Partition { .. } => through.max(last),
         };
         let plan = Arc::new(plan);
-        for call in 0..plan.calls.len() {
+        let mut call = 0;
+        while call < plan.calls.len() {
             if *stop_rx.borrow() {
                 self.drop_window().await;
                 return Err(Halt::Stopped);
@@ -308,7 +412,11 @@ impl Worker {
                 }
                 None
             };
-            match self.call_unit(events, &plan, call).await {
+            let (next, result) = self
+                .call_units(window, &plan, call, fleet_first, stop_rx)
+                .await;
+            call = next;
+            match result {
                 Ok(Ok(())) => {}
                 Ok(Err(shared)) => {
                     self.drop_window().await;
@@ -327,40 +435,63 @@ impl Worker {
                 }
             }
         }
-        self.commit_window(events, through).await?;
+        self.commit_window(window, through).await?;
         Ok(Grouped::Committed)
     }
 
-    /// Runs call `call` of `plan` on a blocking thread.
-    async fn call_unit(
+    /// Runs calls of `plan` from `from` on a blocking thread, one after
+    /// another while live workers stay idle (unless this view warms at their
+    /// priority), no stop is asked for and [`SLICE`] has not passed; answers
+    /// the next call to run and how the last one went.
+    async fn call_units(
         &mut self,
-        events: &Arc<Vec<RecordedEvent>>,
+        window: &Arc<Window>,
         plan: &Arc<Plan>,
-        call: usize,
-    ) -> Result<Result<(), Ungroupable>, ProjectionError> {
+        from: usize,
+        fleet_first: bool,
+        stop_rx: &watch::Receiver<bool>,
+    ) -> (usize, Result<Result<(), Ungroupable>, ProjectionError>) {
         let Some(mut projector) = self.projector.take() else {
-            return Err(self.lost_projector());
+            return (from, Err(self.lost_projector()));
         };
-        let (events, plan) = (events.clone(), plan.clone());
+        let (window, plan) = (window.clone(), plan.clone());
+        let (priority, stop) = (self.inner.priority.clone(), stop_rx.clone());
         let started = std::time::Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
-            let (unit, range) = plan.calls[call].clone();
-            let refs: Vec<&RecordedEvent> = plan.order[range].iter().map(|&i| &events[i]).collect();
-            let result = projector.apply_unit(unit, &refs);
-            (projector, result)
+            let mut refs: Vec<&RecordedEvent> = Vec::new();
+            let mut call = from;
+            loop {
+                let (unit, range) = plan.calls[call].clone();
+                refs.clear();
+                refs.extend(plan.order[range].iter().map(|&at| window.get(at)));
+                let result = projector.apply_unit(unit, &refs);
+                call += 1;
+                let go_on = matches!(result, Ok(Ok(())))
+                    && call < plan.calls.len()
+                    && started.elapsed() < SLICE
+                    && !*stop.borrow()
+                    && (fleet_first || priority.is_idle());
+                if !go_on {
+                    drop(refs);
+                    return (projector, call, result);
+                }
+            }
         })
         .await;
         match joined {
-            Ok((projector, result)) => {
+            Ok((projector, next, result)) => {
                 self.projector = Some(projector);
                 self.progress.batch_latency.record(started.elapsed());
-                result
+                (next, result)
             }
-            Err(e) => Err(ProjectionError::Instantiate {
-                projection: self.module.name().to_string(),
-                version: self.module.version().to_string(),
-                reason: format!("applying a grouped call panicked: {e}"),
-            }),
+            Err(e) => (
+                from,
+                Err(ProjectionError::Instantiate {
+                    projection: self.module.name().to_string(),
+                    version: self.module.version().to_string(),
+                    reason: format!("applying a grouped call panicked: {e}"),
+                }),
+            ),
         }
     }
 
@@ -379,11 +510,7 @@ impl Worker {
     }
 
     /// Commits the window's documents with the checkpoint `through`.
-    async fn commit_window(
-        &mut self,
-        events: &Arc<Vec<RecordedEvent>>,
-        through: Position,
-    ) -> Result<(), Halt> {
+    async fn commit_window(&mut self, window: &Arc<Window>, through: Position) -> Result<(), Halt> {
         let Some(mut projector) = self.projector.take() else {
             return Err(Halt::of(self.lost_projector(), None));
         };
@@ -401,8 +528,9 @@ impl Worker {
         match result {
             Ok(()) => {}
             Err(ProjectionError::SplitDependent { mut violation, .. }) => {
+                let events: Arc<Vec<RecordedEvent>> = Arc::new(window.iter().cloned().collect());
                 violation.streams = self
-                    .streams_touching(events, 0..events.len(), &violation.key)
+                    .streams_touching(&events, 0..events.len(), &violation.key)
                     .await;
                 return Err(Halt::SplitDependent(violation));
             }
@@ -416,9 +544,13 @@ impl Worker {
         }
         self.progress.advance(through);
         if self.slot == Slot::View {
-            self.progress
-                .marks
-                .committed(&self.inner.views, &self.view, before, events, through);
+            self.progress.marks.committed(
+                &self.inner.views,
+                &self.view,
+                before,
+                &window.slices(),
+                through,
+            );
         }
         Ok(())
     }
@@ -461,7 +593,7 @@ fn explain(shared: &Ungroupable, plan: &Plan) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::plan;
+    use super::{Window, plan};
     use crate::store::{RecordedEvent, StreamId};
 
     fn ev(position: u64, stream: &str) -> RecordedEvent {
@@ -478,6 +610,13 @@ mod tests {
         }
     }
 
+    /// `events` split into batches of `per`, as the tail hands them over.
+    fn window(events: &[RecordedEvent], per: usize) -> Window {
+        Window {
+            batches: events.chunks(per).map(<[_]>::to_vec).collect(),
+        }
+    }
+
     #[test]
     fn a_plan_keeps_log_order_within_each_call_and_every_event_once() {
         let streams = ["a-1", "b-1", "a-1", "c-1", "b-1", "a-1", "d-1", "c-1"];
@@ -486,14 +625,21 @@ mod tests {
             .enumerate()
             .map(|(i, s)| ev(i as u64 + 1, s))
             .collect();
-        let p = plan(&events, 3).expect("more than one unit");
-        let mut seen = p.order.clone();
+        let w = window(&events, 3);
+        let p = plan(&w, 0, 3).expect("more than one unit");
+        let mut seen: Vec<u64> = p.order.iter().map(|&at| w.get(at).position).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..events.len()).collect::<Vec<_>>());
+        assert_eq!(seen, (1..=events.len() as u64).collect::<Vec<_>>());
         for (_, range) in &p.calls {
-            let idx = &p.order[range.clone()];
-            assert!(idx.windows(2).all(|w| w[0] < w[1]), "log order in {idx:?}");
-            assert!(idx.len() <= 3);
+            let positions: Vec<u64> = p.order[range.clone()]
+                .iter()
+                .map(|&at| w.get(at).position)
+                .collect();
+            assert!(
+                positions.windows(2).all(|w| w[0] < w[1]),
+                "log order in {positions:?}"
+            );
+            assert!(positions.len() <= 3);
         }
         // a-1 (3 events) is a unit alone; each stream sits in one unit.
         assert_eq!(p.streams[0], vec!["a-1".to_string()]);
@@ -505,14 +651,32 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_leaves_out_what_the_checkpoint_passed() {
+        let streams = ["a-1", "b-1", "a-1", "c-1", "b-1", "a-1"];
+        let events: Vec<RecordedEvent> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ev(i as u64 + 1, s))
+            .collect();
+        let w = window(&events, 4);
+        let p = plan(&w, 2, 2).expect("more than one unit");
+        let mut seen: Vec<u64> = p.order.iter().map(|&at| w.get(at).position).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, vec![3, 4, 5, 6]);
+        let joined = Window::into_log(std::sync::Arc::new(w), 2);
+        let positions: Vec<u64> = joined.iter().map(|e| e.position).collect();
+        assert_eq!(positions, vec![3, 4, 5, 6]);
+    }
+
+    #[test]
     fn one_unit_is_no_plan() {
         let events: Vec<RecordedEvent> = (1..=4).map(|i| ev(i, "a-1")).collect();
-        assert!(plan(&events, 256).is_none());
+        assert!(plan(&window(&events, 2), 0, 256).is_none());
         let two: Vec<RecordedEvent> = vec![ev(1, "a-1"), ev(2, "b-1")];
         assert!(
-            plan(&two, 256).is_none(),
+            plan(&window(&two, 1), 0, 256).is_none(),
             "two small streams share one unit"
         );
-        assert!(plan(&two, 1).is_some());
+        assert!(plan(&window(&two, 1), 0, 1).is_some());
     }
 }

@@ -269,8 +269,13 @@ impl Worker {
         }
         let mut target = 0;
         let mut closing = false;
-        // The store's own tail: comparisons hold only caught-up views' tails.
-        let mut tail = self.inner.store.tail(handed_out + 1);
+        // The store's own tail (comparisons hold only caught-up views'
+        // tails), read ahead of the partitions by their windows.
+        let budget = match self.inner.config.warmup_group_bytes {
+            0 => super::ahead::LOG_ORDER_AHEAD,
+            window => window,
+        };
+        let mut tail = super::ahead::ahead(self.inner.store.tail(handed_out + 1), budget);
         loop {
             let low = lowest(&checkpoints);
             let high = checkpoints.iter().copied().max().unwrap_or(0);
