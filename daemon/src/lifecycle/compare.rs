@@ -334,8 +334,14 @@ fn cut(tail: EventBatches, marks: Arc<Marks>, from: Position) -> EventBatches {
 impl Inner {
     /// The log from `from` for a view's worker, read `ahead` bytes ahead
     /// (see `worker::ahead`), cut at the marks on it.
-    pub(super) fn tail(&self, marks: &Arc<Marks>, from: Position, ahead: usize) -> EventBatches {
-        let read = super::worker::ahead::ahead(self.store.tail(from), ahead);
+    pub(super) fn tail(
+        &self,
+        marks: &Arc<Marks>,
+        from: Position,
+        ahead: usize,
+        gate: Option<super::worker::ahead::Gate>,
+    ) -> EventBatches {
+        let read = super::worker::ahead::ahead(self.store.tail(from), ahead, gate);
         cut(read, marks.clone(), from)
     }
 

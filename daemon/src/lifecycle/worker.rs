@@ -537,8 +537,20 @@ impl Worker {
         } else {
             ahead::LOG_ORDER_AHEAD
         };
-        self.inner
-            .tail(&self.progress.marks, self.progress.checkpoint() + 1, budget)
+        self.inner.tail(
+            &self.progress.marks,
+            self.progress.checkpoint() + 1,
+            budget,
+            Some(self.gate()),
+        )
+    }
+
+    /// What reading ahead gives way to (see `ahead.rs`).
+    fn gate(&self) -> ahead::Gate {
+        ahead::Gate {
+            priority: self.inner.priority.clone(),
+            progress: self.progress.clone(),
+        }
     }
 
     /// Before a warming view opens: fills it from a snapshot when one of

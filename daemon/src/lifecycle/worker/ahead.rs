@@ -7,6 +7,7 @@
 //! at most `budget` bytes (as [`super::grouped::event_bytes`] counts them),
 //! so the next window is read while this one is applied.
 //!
+//! Each read first gives way to live workers, as a warming step does.
 //! It changes only when a batch is read, never what the worker is handed:
 //! the same batches, errors and end, in the same order. Marks cut the
 //! batches after this (see `compare::cut`). Dropping the stream ends the
@@ -27,8 +28,37 @@ pub(super) const LOG_ORDER_AHEAD: usize = 8 << 20;
 
 type Item = Result<Vec<RecordedEvent>, StoreError>;
 
-/// `tail`, read ahead by up to `budget` bytes (0: as it is).
-pub(in crate::lifecycle) fn ahead(tail: EventBatches, budget: usize) -> EventBatches {
+/// Whom reading ahead gives way to: before each read it waits, as a
+/// warming step does, for live workers to be idle (or
+/// [`super::WARM_MAX_WAIT`]), unless the view warms at their priority.
+pub(in crate::lifecycle) struct Gate {
+    pub priority: Arc<super::Priority>,
+    pub progress: Arc<super::Progress>,
+}
+
+impl Gate {
+    async fn pass(&self) {
+        if self
+            .progress
+            .fleet_first
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        tokio::select! {
+            _ = self.priority.wait_idle() => {}
+            _ = tokio::time::sleep(super::WARM_MAX_WAIT) => {}
+        }
+    }
+}
+
+/// `tail`, read ahead by up to `budget` bytes (0: as it is), each read
+/// once `gate` lets it.
+pub(in crate::lifecycle) fn ahead(
+    tail: EventBatches,
+    budget: usize,
+    gate: Option<Gate>,
+) -> EventBatches {
     if budget == 0 {
         return tail;
     }
@@ -40,6 +70,12 @@ pub(in crate::lifecycle) fn ahead(tail: EventBatches, budget: usize) -> EventBat
         async move {
             let mut tail = tail;
             loop {
+                if let Some(gate) = &gate {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = gate.pass() => {}
+                    }
+                }
                 let next = tokio::select! {
                     _ = tx.closed() => return,
                     next = tail.next() => next,
@@ -114,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn hands_over_the_same_batches_errors_and_end() {
         let read = Arc::new(AtomicUsize::new(0));
-        let got: Vec<_> = ahead(source(5, read), 1 << 20).collect().await;
+        let got: Vec<_> = ahead(source(5, read), 1 << 20, None).collect().await;
         assert_eq!(got.len(), 6);
         for (i, item) in got.iter().take(5).enumerate() {
             let positions: Vec<u64> = item
@@ -134,7 +170,7 @@ mod tests {
         let read = Arc::new(AtomicUsize::new(0));
         // One event costs 2 + 1 + 3 + 64 = 70 bytes: a batch 700; a budget
         // of two batches.
-        let mut tail = ahead(source(100, read.clone()), 1400);
+        let mut tail = ahead(source(100, read.clone()), 1400, None);
         let first = tail.next().await;
         assert!(matches!(first, Some(Ok(_))));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -165,7 +201,7 @@ mod tests {
                 }
             })
             .boxed();
-        let mut tail = ahead(slow, 1 << 30);
+        let mut tail = ahead(slow, 1 << 30, None);
         assert!(matches!(tail.next().await, Some(Ok(_))));
         drop(tail);
         for _ in 0..100 {

@@ -275,7 +275,11 @@ impl Worker {
             0 => super::ahead::LOG_ORDER_AHEAD,
             window => window,
         };
-        let mut tail = super::ahead::ahead(self.inner.store.tail(handed_out + 1), budget);
+        let mut tail = super::ahead::ahead(
+            self.inner.store.tail(handed_out + 1),
+            budget,
+            Some(self.gate()),
+        );
         loop {
             let low = lowest(&checkpoints);
             let high = checkpoints.iter().copied().max().unwrap_or(0);
