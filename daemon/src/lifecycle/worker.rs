@@ -447,7 +447,7 @@ impl Worker {
         if warming && let Err(e) = self.check_caught_up().await {
             tracing::warn!("reading the log head: {e}");
         }
-        let mut tail = self.open_tail();
+        let (mut tail, mut reads_ahead) = self.open_tail();
         loop {
             let done = tokio::select! {
                 biased;
@@ -473,7 +473,7 @@ impl Worker {
                         }
                         // The new tail hands over again what was gathered.
                         self.gathered.clear();
-                        tail = self.open_tail();
+                        (tail, reads_ahead) = self.open_tail();
                         continue;
                     }
                     Some(Ok(batch)) => self.batch(batch, &mut stop_rx).await,
@@ -516,8 +516,17 @@ impl Worker {
                             },
                         }
                     }
-                    tail = self.open_tail();
+                    (tail, reads_ahead) = self.open_tail();
                 }
+            }
+            if reads_ahead
+                && !self.progress.warming.load(Ordering::Acquire)
+                && self.gathered.is_empty()
+            {
+                // Caught up: live views read the log as it grows, without a
+                // task between them and it. Nothing past the checkpoint was
+                // applied, so the new tail starts there.
+                (tail, reads_ahead) = self.open_tail();
             }
         }
         tracing::info!(
@@ -529,7 +538,8 @@ impl Worker {
     /// The log from the checkpoint, cut at the marks on the view and, while
     /// warming, read ahead of what is applied (see `ahead.rs`): by a window
     /// when it gathers windows.
-    fn open_tail(&self) -> crate::store::EventBatches {
+    /// Answers whether the tail reads ahead.
+    fn open_tail(&self) -> (crate::store::EventBatches, bool) {
         let budget = if !self.progress.warming.load(Ordering::Acquire) {
             0
         } else if self.groups() {
@@ -537,12 +547,13 @@ impl Worker {
         } else {
             ahead::LOG_ORDER_AHEAD
         };
-        self.inner.tail(
+        let tail = self.inner.tail(
             &self.progress.marks,
             self.progress.checkpoint() + 1,
             budget,
             Some(self.gate()),
-        )
+        );
+        (tail, budget > 0)
     }
 
     /// What reading ahead gives way to (see `ahead.rs`).

@@ -102,7 +102,8 @@ pub struct EmbeddedStore {
 }
 
 struct Inner {
-    db: Arc<DB>,
+    /// Always `Some` until the store is dropped (see [`Inner::db`]).
+    db: Option<Arc<DB>>,
     stats: Arc<WriterStats>,
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<Position>,
@@ -123,11 +124,36 @@ impl Drop for Inner {
         }
         // A tail's read in flight on a blocking thread holds the database
         // for as long as one batch takes: wait for it (bounded), so that
-        // the database can be opened again at once here too.
+        // the database can be opened again at once here too. Taking sole
+        // ownership (not just seeing one owner) makes every later upgrade
+        // of a tail's weak reference fail.
         let until = std::time::Instant::now() + READERS_WAIT;
-        while Arc::strong_count(&self.db) > 1 && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        let mut db = self.db.take();
+        while let Some(shared) = db {
+            match Arc::try_unwrap(shared) {
+                Ok(sole) => {
+                    drop(sole);
+                    break;
+                }
+                Err(shared) if std::time::Instant::now() >= until => {
+                    tracing::warn!("the event log closes after a read still in flight");
+                    drop(shared);
+                    break;
+                }
+                Err(shared) => {
+                    db = Some(shared);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
         }
+    }
+}
+
+impl Inner {
+    fn db(&self) -> &Arc<DB> {
+        self.db
+            .as_ref()
+            .expect("the log's database is open until the store is dropped")
     }
 }
 
@@ -169,7 +195,7 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::backend("starting the store writer thread", e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
-                db,
+                db: Some(db),
                 stats,
                 jobs,
                 head: head_rx,
@@ -189,7 +215,7 @@ impl EmbeddedStore {
     /// `dir` is on the same file system), and the head it holds.
     pub fn checkpoint_to(&self, dir: &Path) -> Result<Position, StoreError> {
         let op = || format!("copying the event log into {}", dir.display());
-        rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
+        rocksdb::checkpoint::Checkpoint::new(self.inner.db())
             .and_then(|c| c.create_checkpoint(dir))
             .map_err(|e| StoreError::backend(op(), e))?;
         // The head of the copy, not of the live log (which moved on).
@@ -823,7 +849,7 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn latest(&self, stream: &StreamId) -> Result<StreamHead, StoreError> {
-        read_head(&self.inner.db, stream)
+        read_head(self.inner.db(), stream)
     }
 
     async fn read_stream(
@@ -832,7 +858,7 @@ impl EventStore for EmbeddedStore {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let db = self.inner.db.clone();
+        let db = self.inner.db().clone();
         let stream = stream.clone();
         blocking("reading a stream", move || {
             let prefix_len = stream.as_str().len() + 1;
@@ -875,7 +901,7 @@ impl EventStore for EmbeddedStore {
         // open after the store is dropped; a read in flight holds it until
         // it ends, and the store's drop waits for that (see `Inner::drop`).
         let state = (
-            Arc::downgrade(&self.inner.db),
+            Arc::downgrade(self.inner.db()),
             self.inner.head.clone(),
             from.max(1),
         );
@@ -940,7 +966,7 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn latest_snapshot(&self, stream: &StreamId) -> Result<Snapshot, StoreError> {
-        let db = &self.inner.db;
+        let db = self.inner.db();
         let value = db
             .get_pinned_cf(cf(db, CF_SNAPSHOTS), stream.as_str())
             .map_err(|e| StoreError::backend(format!("reading the snapshot of '{stream}'"), e))?
@@ -961,5 +987,5 @@ pub fn scan_log(
     from: Position,
     max: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    read_range(&store.inner.db, from, Position::MAX, max, usize::MAX)
+    read_range(store.inner.db(), from, Position::MAX, max, usize::MAX)
 }

@@ -38,11 +38,8 @@ pub(in crate::lifecycle) struct Gate {
 
 impl Gate {
     async fn pass(&self) {
-        if self
-            .progress
-            .fleet_first
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.progress.fleet_first.load(Acquire) || !self.progress.warming.load(Acquire) {
             return;
         }
         tokio::select! {
@@ -81,10 +78,13 @@ pub(in crate::lifecycle) fn ahead(
                     next = tail.next() => next,
                 };
                 let Some(item) = next else { return };
-                // A batch larger than the budget waits for an empty queue.
+                // A batch larger than the budget waits for an empty queue;
+                // an error waits for one too, and nothing is read after it
+                // until it is received (the reader of a failing store would
+                // spin, queueing errors, while the worker waits to retry).
                 let cost = match &item {
                     Ok(batch) => batch.iter().map(event_bytes).sum::<usize>().min(budget),
-                    Err(_) => 0,
+                    Err(_) => budget,
                 } as u32;
                 let permit = tokio::select! {
                     _ = tx.closed() => return,
@@ -179,6 +179,27 @@ mod tests {
         assert!((3..=4).contains(&taken), "read {taken} batches");
         let rest: Vec<_> = tail.collect().await;
         assert_eq!(rest.len(), 100, "99 batches and the error");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_read_past_an_error_until_it_is_received() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let counted = read.clone();
+        // Errors only, as a store that fails every read.
+        let failing = futures::stream::repeat_with(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Err::<Vec<RecordedEvent>, _>(StoreError::Closed)
+        })
+        .boxed();
+        let mut tail = ahead(failing, 1 << 20, None);
+        assert!(matches!(tail.next().await, Some(Err(_))));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Handed one; one queued; one read and waiting for it to be taken.
+        let taken = read.load(Ordering::SeqCst);
+        assert!(
+            taken <= 3,
+            "read {taken} times past an error not yet received"
+        );
     }
 
     #[tokio::test]

@@ -34,10 +34,11 @@
 //!   [`super::WARM_MAX_WAIT`]), as a warming step does, then hands calls to
 //!   a blocking thread, which runs them one after another until a live
 //!   worker is busy, a stop is asked for, or [`SLICE`] has passed.
-//! - **Pipelined.** The first window is a sixteenth of the full size and
-//!   each one doubles the last ([`RAMP`]); the tail is read a window ahead
-//!   (`ahead.rs`), so the next window is read while this one is applied.
-//!   The window's events are the tail's batches as they came, never copied.
+//! - **Pipelined.** The tail is read a window ahead (`ahead.rs`), so the
+//!   next window is read while this one is applied. The window's events are
+//!   the tail's batches as they came, never copied. (Smaller first windows,
+//!   to start applying sooner, were measured: they cost the live views'
+//!   p99 more than they saved, see BENCHMARKS.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,12 +50,6 @@ use super::{Halt, WARM_MAX_WAIT, Worker};
 use crate::runtime::{ProjectionError, Ungroupable};
 use crate::store::{Position, RecordedEvent};
 use crate::views::Slot;
-
-/// The first window is `warmup_group_mib` halved this many times, and each
-/// window doubles the last: applying starts once a sixteenth of a window is
-/// read, and each window is read (ahead, see `ahead.rs`) while the one
-/// before it is applied.
-const RAMP: u32 = 4;
 
 /// How long one hand-off of calls to a blocking thread runs at most (it also
 /// ends before any call a live worker would wait behind).
@@ -76,8 +71,6 @@ pub(super) struct Gathered {
     target: Position,
     /// When the last batch came.
     pushed: Option<tokio::time::Instant>,
-    /// Windows applied since the tail was opened.
-    windows: u32,
 }
 
 impl Gathered {
@@ -110,15 +103,7 @@ impl Gathered {
 
     fn take(&mut self) -> (Vec<Vec<RecordedEvent>>, Position) {
         let taken = std::mem::take(self);
-        self.windows = taken.windows.saturating_add(1);
         (taken.events, taken.through)
-    }
-
-    /// The size of the next window: the first ones are smaller (see
-    /// [`RAMP`]).
-    fn limit(&self, full: usize) -> usize {
-        let halvings = RAMP.saturating_sub(self.windows);
-        (full >> halvings).max(1)
     }
 }
 
@@ -273,7 +258,7 @@ impl Worker {
     /// Whether the gathered events make a window now.
     pub(super) fn window_full(&self) -> bool {
         let full = self.inner.config.warmup_group_bytes / self.share();
-        self.gathered.bytes >= self.gathered.limit(full)
+        self.gathered.bytes >= full.max(1)
             || self.gathered.through >= self.gathered.target
             || self.progress.marks.awaited() > 0
     }
