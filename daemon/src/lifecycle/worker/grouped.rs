@@ -52,8 +52,10 @@ use crate::store::{Position, RecordedEvent};
 use crate::views::Slot;
 
 /// How long one hand-off of calls to a blocking thread runs at most (it also
-/// ends before any call a live worker would wait behind).
-const SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+/// ends before any call a live worker would wait behind). Measured with
+/// `kiln bench lag`: 10 ms slices held the live views' p99 at 14.8 ms during
+/// a warm-up, 1 ms at 6.8 ms (idle 3.1 ms), for 13 % of the warm-up's rate.
+const SLICE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How long a window waits for the tail's next batch before it is applied.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
