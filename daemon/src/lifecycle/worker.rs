@@ -537,8 +537,7 @@ impl Worker {
 
     /// The log from the checkpoint, cut at the marks on the view and, while
     /// warming, read ahead of what is applied (see `ahead.rs`): by a window
-    /// when it gathers windows.
-    /// Answers whether the tail reads ahead.
+    /// when it gathers windows. The flag says whether it reads ahead.
     fn open_tail(&self) -> (crate::store::EventBatches, bool) {
         let budget = if !self.progress.warming.load(Ordering::Acquire) {
             0

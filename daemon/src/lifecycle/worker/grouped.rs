@@ -597,6 +597,21 @@ mod tests {
         }
     }
 
+    fn sorted_positions(w: &Window, order: &[super::At]) -> Vec<u64> {
+        let mut seen: Vec<u64> = order.iter().map(|&at| w.get(at).position).collect();
+        seen.sort_unstable();
+        seen
+    }
+
+    /// One event per name, at positions 1, 2, …
+    fn in_streams(streams: &[&str]) -> Vec<RecordedEvent> {
+        streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ev(i as u64 + 1, s))
+            .collect()
+    }
+
     /// `events` split into batches of `per`, as the tail hands them over.
     fn window(events: &[RecordedEvent], per: usize) -> Window {
         Window {
@@ -607,15 +622,10 @@ mod tests {
     #[test]
     fn a_plan_keeps_log_order_within_each_call_and_every_event_once() {
         let streams = ["a-1", "b-1", "a-1", "c-1", "b-1", "a-1", "d-1", "c-1"];
-        let events: Vec<RecordedEvent> = streams
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ev(i as u64 + 1, s))
-            .collect();
+        let events = in_streams(&streams);
         let w = window(&events, 3);
         let p = plan(&w, 0, 3).expect("more than one unit");
-        let mut seen: Vec<u64> = p.order.iter().map(|&at| w.get(at).position).collect();
-        seen.sort_unstable();
+        let seen = sorted_positions(&w, &p.order);
         assert_eq!(seen, (1..=events.len() as u64).collect::<Vec<_>>());
         for (_, range) in &p.calls {
             let positions: Vec<u64> = p.order[range.clone()]
@@ -640,15 +650,10 @@ mod tests {
     #[test]
     fn a_plan_leaves_out_what_the_checkpoint_passed() {
         let streams = ["a-1", "b-1", "a-1", "c-1", "b-1", "a-1"];
-        let events: Vec<RecordedEvent> = streams
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ev(i as u64 + 1, s))
-            .collect();
+        let events = in_streams(&streams);
         let w = window(&events, 4);
         let p = plan(&w, 2, 2).expect("more than one unit");
-        let mut seen: Vec<u64> = p.order.iter().map(|&at| w.get(at).position).collect();
-        seen.sort_unstable();
+        let seen = sorted_positions(&w, &p.order);
         assert_eq!(seen, vec![3, 4, 5, 6]);
         let joined = Window::into_log(std::sync::Arc::new(w), 2);
         let positions: Vec<u64> = joined.iter().map(|e| e.position).collect();
