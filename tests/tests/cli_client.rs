@@ -298,6 +298,45 @@ async fn status_shows_progress_with_eta_while_warming_and_waits_for_it() {
     );
 }
 
+/// Regression (found in a walk): `kiln status --wait` run right after a
+/// module was copied into the watched directory returned at once, before the
+/// watcher's debounce had passed and the version existed, so a deploy script
+/// went on as if the new version were ready. It now waits for the files the
+/// watcher has seen change, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_wait_waits_for_a_module_just_copied_into_the_watched_directory() {
+    let dir = tempfile::tempdir().expect("temp projections dir");
+    // A long debounce: without the fix the CLI answers well inside it.
+    let d = Daemon::start_with(
+        Options::default()
+            .projections(dir.path())
+            .arg("--watch-debounce-ms")
+            .arg("1500"),
+    );
+    let (code, out, err) = kiln_cli(&d, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["deploys_pending"], 0, "{out}");
+    // As scripts/build-projections does: a hidden name, then a rename.
+    let hidden = dir.path().join(".users.wasm");
+    std::fs::copy(USERS, &hidden).expect("copy the module");
+    std::fs::rename(&hidden, dir.path().join("users.wasm")).expect("rename it in");
+
+    let (code, out, err) = kiln_cli(&d, &["status", "--wait", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let frames: Vec<Value> = out.lines().map(json_of).collect();
+    let last = frames.last().expect("output");
+    assert_eq!(last["deploys_pending"], 0, "{last}");
+    let users = last["views"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["id"] == "users-1_0_0"))
+        .unwrap_or_else(|| panic!("status --wait returned before users-1_0_0 was deployed: {out}"));
+    assert_eq!(users["state"], "active", "{last}");
+    assert!(
+        frames.iter().any(|f| f["deploys_pending"] == 1),
+        "the file was reported pending while the debounce ran: {out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_wait_promote_rollback_from_the_command_line() {
     let d = Daemon::start_with(Options::default().admin_token("tok"));

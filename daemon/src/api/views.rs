@@ -30,10 +30,13 @@ use crate::store::StreamId;
 /// Longest key accepted, in bytes.
 pub use crate::views::MAX_KEY_LEN;
 
-/// `GET /views`: every version the daemon knows, with state and progress.
+/// `GET /views`: every version the daemon knows, with state and progress,
+/// and how many changed module files the directory watcher has not deployed
+/// (or retired) yet.
 pub async fn list_views(State(state): State<AppState>) -> Json<Value> {
+    let pending = state.lifecycle.watch_pending();
     let views = state.lifecycle.status();
-    Json(json!({ "views": views }))
+    Json(json!({ "views": views, "deploys_pending": pending }))
 }
 
 /// Read-your-writes parameters, shared by the document and listing queries.

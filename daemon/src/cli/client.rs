@@ -125,7 +125,8 @@ pub struct FleetStatusArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub conn: Conn,
-    /// Keep redrawing until no version is warming.
+    /// Keep redrawing until no version is warming and no module file the
+    /// daemon's directory watcher has seen change is waiting to deploy.
     #[arg(long, short)]
     pub wait: bool,
     /// With --wait: give up after this many seconds (exit code 6).
@@ -506,11 +507,19 @@ async fn status(a: StatusArgs) -> Outcome {
     loop {
         let body = client.get("/views").await?;
         let views = body["views"].as_array().cloned().unwrap_or_default();
-        let warming = views.iter().any(|v| v["state"] == "warming");
+        // A module file just copied into the watched directory is waited
+        // for too (older daemons do not report it: 0).
+        let pending = body["deploys_pending"].as_u64().unwrap_or(0);
+        let warming = pending > 0 || views.iter().any(|v| v["state"] == "warming");
         if a.conn.json {
             print_json(&body);
         } else {
-            let text = status_table(&views);
+            let mut text = status_table(&views);
+            if pending > 0 {
+                text.push_str(&format!(
+                    "{pending} changed module file(s) in the projections directory, not deployed yet\n"
+                ));
+            }
             let mut out = std::io::stdout().lock();
             if tty && drawn > 0 {
                 // Move up over the previous frame and clear it, like a package manager.

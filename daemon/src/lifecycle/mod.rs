@@ -119,6 +119,9 @@ struct Inner {
     auto_rollbacks: AtomicU64,
     /// Module files the watcher read (an idle directory reads none).
     watch_reads: AtomicU64,
+    /// Files of the watched directory that changed and are not settled yet
+    /// (waiting out the debounce, or being read and deployed).
+    watch_pending: AtomicUsize,
     /// Last log head seen (by a worker or the head poller).
     head: AtomicU64,
     priority: Arc<Priority>,
@@ -193,6 +196,7 @@ impl Lifecycle {
             ops: tokio::sync::Mutex::new(()),
             auto_rollbacks: AtomicU64::new(0),
             watch_reads: AtomicU64::new(0),
+            watch_pending: AtomicUsize::new(0),
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             warmup_workers: AtomicUsize::new(warmup_workers),
@@ -358,6 +362,13 @@ impl Lifecycle {
     /// `/metrics` (an idle directory reads none).
     pub fn watch_reads(&self) -> u64 {
         self.inner.watch_reads.load(Ordering::Relaxed)
+    }
+
+    /// Files of the watched directory that changed and are not deployed (or
+    /// retired) yet: `kiln status --wait` waits for them too, so a module
+    /// copied in just before it is not missed.
+    pub fn watch_pending(&self) -> usize {
+        self.inner.watch_pending.load(Ordering::Acquire)
     }
 
     /// Every version's status, in view id order.

@@ -186,6 +186,7 @@ impl DirWatch {
         let debounce = self.lifecycle.config().watch_debounce;
         let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
         loop {
+            self.publish_pending(&pending);
             let next_due = pending.values().min().map(|t| *t + debounce);
             let got = match next_due {
                 Some(due) => {
@@ -211,15 +212,25 @@ impl DirWatch {
                         .map(|(p, _)| p.clone())
                         .collect();
                     for path in due {
-                        pending.remove(&path);
-                        if !self.settle(&path).await {
+                        // Still counted as pending while it is read and deployed.
+                        if self.settle(&path).await {
+                            pending.remove(&path);
+                        } else {
                             // Still changing: look again after another quiet period.
                             pending.insert(path, Instant::now());
                         }
+                        self.publish_pending(&pending);
                     }
                 }
             }
         }
+    }
+
+    fn publish_pending(&self, pending: &HashMap<PathBuf, Instant>) {
+        self.lifecycle
+            .inner
+            .watch_pending
+            .store(pending.len(), std::sync::atomic::Ordering::Release);
     }
 
     /// Handles a quiet path: a removed file retires its version, a present one
