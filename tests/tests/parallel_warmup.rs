@@ -288,7 +288,7 @@ async fn a_partitioned_warm_up_catches_up_with_a_growing_log() {
 // events together, checked against log order.
 
 /// `config` with warm-up windows of `group_kib` KiB (0: log order) and
-/// `warmup_batch` events per call.
+/// `warmup_batch` events per warming step (a grouped call: 4 × that).
 fn grouped_config(env: &Env, data: &str, workers: usize, group_kib: usize) -> LifecycleConfig {
     let mut c = config(env, data, workers);
     c.warmup_group_bytes = group_kib << 10;
