@@ -298,6 +298,16 @@ async fn status_shows_progress_with_eta_while_warming_and_waits_for_it() {
     );
 }
 
+/// A daemon watching `dir` with a debounce of `debounce_ms`.
+fn watching(dir: &std::path::Path, debounce_ms: u64) -> Daemon {
+    Daemon::start_with(
+        Options::default()
+            .projections(dir)
+            .arg("--watch-debounce-ms")
+            .arg(&debounce_ms.to_string()),
+    )
+}
+
 /// Regression (found in a walk): `kiln status --wait` run right after a
 /// module was copied into the watched directory returned at once, before the
 /// watcher's debounce had passed and the version existed, so a deploy script
@@ -307,12 +317,7 @@ async fn status_shows_progress_with_eta_while_warming_and_waits_for_it() {
 async fn status_wait_waits_for_a_module_just_copied_into_the_watched_directory() {
     let dir = tempfile::tempdir().expect("temp projections dir");
     // A long debounce: without the fix the CLI answers well inside it.
-    let d = Daemon::start_with(
-        Options::default()
-            .projections(dir.path())
-            .arg("--watch-debounce-ms")
-            .arg("1500"),
-    );
+    let d = watching(dir.path(), 1500);
     let (code, out, err) = kiln_cli(&d, &["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json_of(&out)["deploys_pending"], 0, "{out}");
@@ -334,6 +339,32 @@ async fn status_wait_waits_for_a_module_just_copied_into_the_watched_directory()
     assert!(
         frames.iter().any(|f| f["deploys_pending"] == 1),
         "the file was reported pending while the debounce ran: {out}"
+    );
+}
+
+/// Regression (found in review): a FIFO named like a module in the watched
+/// directory blocked the watcher on its read forever, so no later module
+/// deployed and `kiln status --wait` waited for it until its timeout. A file
+/// that is not a regular file is not loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_the_watched_directory_does_not_stop_the_watcher() {
+    let dir = tempfile::tempdir().expect("temp projections dir");
+    let d = watching(dir.path(), 100);
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.path().join("stuck.wasm"))
+        .status()
+        .expect("running mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    std::fs::copy(USERS, dir.path().join("users.wasm")).expect("copy the module");
+    let (code, out, err) = kiln_cli(&d, &["status", "--wait", "--json", "--timeout-secs", "20"]);
+    assert_eq!(code, 0, "status --wait gave up: {err}");
+    let last = out.lines().last().map(json_of).expect("output");
+    assert_eq!(last["deploys_pending"], 0, "{last}");
+    assert!(
+        last["views"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|v| v["id"] == "users-1_0_0" && v["state"] == "active")),
+        "users-1_0_0 deployed next to the FIFO: {last}"
     );
 }
 

@@ -308,8 +308,9 @@ impl<'a> Run<'a> {
         c.projections_dir = Some(self.projections());
         c.watch_debounce = DEBOUNCE;
         c.standby_grace = Duration::from_secs(3600);
-        // Steps of 4 events; a grouped call holds 4 steps (16 events), so a
-        // window of this small log is still several units.
+        // Steps of 4 events (log order, partitions, the caught-up slack); a
+        // grouped call holds 4 steps (16 events), so a window of this small
+        // log is still several units.
         c.warmup_batch = 4;
         // Warm-ups by 1, 2 or 3 stream partitions, whatever their length, the
         // setting changing across restarts (a stored warm-up keeps its own).

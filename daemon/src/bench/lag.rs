@@ -74,7 +74,8 @@ pub struct LagBenchArgs {
     /// Durability of the embedded store.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
     pub durability: DurabilityArg,
-    /// Events a warming version applies at a time (`warmup_batch`).
+    /// Events a warming version applies at a time (`warmup_batch`; a grouped
+    /// call: 4 × that).
     #[arg(long, default_value_t = crate::lifecycle::LifecycleConfig::new(".").warmup_batch)]
     pub warmup_batch: usize,
     /// Workers each warm-up replays with (a list: every round warms once with

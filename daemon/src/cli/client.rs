@@ -535,7 +535,14 @@ async fn status(a: StatusArgs) -> Outcome {
         if Instant::now() >= deadline {
             return Err(Failure::new(
                 exit::TIMEOUT,
-                format!("versions still warming after {} s", a.timeout_secs),
+                if pending > 0 {
+                    format!(
+                        "module files in the projections directory still not deployed after {} s (still being written?)",
+                        a.timeout_secs
+                    )
+                } else {
+                    format!("versions still warming after {} s", a.timeout_secs)
+                },
             ));
         }
         tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 1000 })).await;

@@ -122,6 +122,8 @@ struct Inner {
     /// Files of the watched directory that changed and are not settled yet
     /// (waiting out the debounce, or being read and deployed).
     watch_pending: AtomicUsize,
+    /// Changes notify reported that the watcher has not taken in yet.
+    watch_queued: Arc<AtomicUsize>,
     /// Last log head seen (by a worker or the head poller).
     head: AtomicU64,
     priority: Arc<Priority>,
@@ -197,6 +199,7 @@ impl Lifecycle {
             auto_rollbacks: AtomicU64::new(0),
             watch_reads: AtomicU64::new(0),
             watch_pending: AtomicUsize::new(0),
+            watch_queued: Arc::new(AtomicUsize::new(0)),
             head: AtomicU64::new(head),
             priority: Arc::new(Priority::default()),
             warmup_workers: AtomicUsize::new(warmup_workers),
@@ -368,7 +371,10 @@ impl Lifecycle {
     /// retired) yet: `kiln status --wait` waits for them too, so a module
     /// copied in just before it is not missed.
     pub fn watch_pending(&self) -> usize {
-        self.inner.watch_pending.load(Ordering::Acquire)
+        // Queued first: the watcher counts a change as pending before it
+        // takes it off the queue, so one of the two always holds it.
+        let queued = self.inner.watch_queued.load(Ordering::Acquire);
+        queued + self.inner.watch_pending.load(Ordering::Acquire)
     }
 
     /// Every version's status, in view id order.

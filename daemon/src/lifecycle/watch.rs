@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -52,12 +53,18 @@ pub(super) async fn start(
         &dir,
     ))?;
     let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
+    // Counted from here, before the watcher's task takes the change in, so
+    // `kiln status --wait` sees a change as soon as notify reports it.
+    let queued = lifecycle.inner.watch_queued.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
             && may_change_content(&event.kind)
         {
             for path in event.paths {
-                let _ = tx.send(path);
+                queued.fetch_add(1, Ordering::AcqRel);
+                if tx.send(path).is_err() {
+                    unqueue(&queued);
+                }
             }
         }
     })
@@ -72,10 +79,30 @@ pub(super) async fn start(
     };
     w.initial_scan().await;
     tracing::info!(dir = %dir.display(), "watching the projections directory");
+    let reset = NothingPending(w.lifecycle.inner.clone());
     Ok(tokio::spawn(async move {
         let _watcher = watcher; // Dropping it stops the notifications.
+        let _reset = reset;
         w.run(rx).await;
     }))
+}
+
+/// One queued change taken in (never below 0: see [`NothingPending`]).
+fn unqueue(queued: &AtomicUsize) {
+    let _ = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        Some(n.saturating_sub(1))
+    });
+}
+
+/// When the watcher's task ends (the watcher gone, or a panic), nothing is
+/// pending any more: `kiln status --wait` must not wait for it.
+struct NothingPending(std::sync::Arc<super::Inner>);
+
+impl Drop for NothingPending {
+    fn drop(&mut self) {
+        self.0.watch_pending.store(0, Ordering::Release);
+        self.0.watch_queued.store(0, Ordering::Release);
+    }
 }
 
 /// Can an event of this kind change a file's content or presence? (Our own
@@ -202,7 +229,10 @@ impl DirWatch {
                 Some(Some(path)) => {
                     if is_module(&path) && path.parent() == Some(self.dir.as_path()) {
                         pending.insert(path, Instant::now());
+                        self.publish_pending(&pending);
                     }
+                    // Pending now (published before it leaves the queue).
+                    unqueue(&self.lifecycle.inner.watch_queued);
                 }
                 Some(None) => {
                     let now = Instant::now();
@@ -230,7 +260,7 @@ impl DirWatch {
         self.lifecycle
             .inner
             .watch_pending
-            .store(pending.len(), std::sync::atomic::Ordering::Release);
+            .store(pending.len(), Ordering::Release);
     }
 
     /// Handles a quiet path: a removed file retires its version, a present one
@@ -258,6 +288,11 @@ impl DirWatch {
             .is_some_and(|(_, seen)| *seen == stamp(path))
         {
             return true; // Not changed since it was read.
+        }
+        if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            // A FIFO or a device would block the read (and the watcher).
+            tracing::warn!(file = %path.display(), "not a regular file: not loaded");
+            return true;
         }
         self.load(path).await
     }

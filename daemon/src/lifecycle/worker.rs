@@ -2,8 +2,8 @@
 //! checkpoint and applies batches through its [`Projector`] (documents and
 //! checkpoint in one RocksDB batch), on a blocking thread.
 //!
-//! A warming worker applies at most `warmup_batch` events at a time and, before
-//! each, waits until no live worker (ready, active, standby) is applying a
+//! A warming worker applies at most `warmup_batch` events at a time (a
+//! grouped call: 4 × that, see `grouped.rs`) and, before each, waits until no live worker (ready, active, standby) is applying a
 //! batch, or [`WARM_MAX_WAIT`] has passed: live views get the CPU first, and a
 //! warm-up still moves while live views are busy all the time.
 //!
